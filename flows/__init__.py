@@ -1,0 +1,1 @@
+"""Prefect flows and deployments that call shards, pipelines and training; the CLI."""

@@ -1,0 +1,13 @@
+"""The `shardtrain` console script: each package's commands, merged into one typer app."""
+
+import typer
+
+from shards.cli import app as shards_app
+
+app = typer.Typer(
+    help="Raw image folders to verified shards, and timm models trained on them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(shards_app)

@@ -1,0 +1,1 @@
+"""A shard store to batches on the device: readers, splitting, decoding, augmentation, loaders."""
