@@ -3,6 +3,7 @@
 import typer
 
 from shards.cli import app as shards_app
+from training.doctor import app as doctor_app
 
 app = typer.Typer(
     help="Raw image folders to verified shards, and timm models trained on them.",
@@ -11,3 +12,4 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(shards_app)
+app.add_typer(doctor_app)
