@@ -22,7 +22,7 @@ from rich.table import Table
 
 app = typer.Typer()
 
-SHM_MIN_BYTES = 1 << 30  # below 1 GiB, DataLoader workers die with "bus error" in containers
+SHM_MIN_BYTES = 10**9  # below 1 GB, DataLoader workers die with "bus error" in containers
 MIN_PYTHON = (3, 10)
 
 
@@ -97,7 +97,7 @@ def h2d_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
     return round(host.numel() * repeats / seconds / 1e9, 1)
 
 
-def shm_info(path: str = "/dev/shm") -> dict[str, Any]:
+def shm_info(path: str = "/dev/shm", min_bytes: int = SHM_MIN_BYTES) -> dict[str, Any]:
     """Size of the shared memory DataLoader workers pass batches through."""
     try:
         stat = os.statvfs(path)
@@ -105,9 +105,9 @@ def shm_info(path: str = "/dev/shm") -> dict[str, Any]:
         return {"path": path, "total_gb": None, "warning": f"{path} is missing ({e.strerror})"}
     total = stat.f_blocks * stat.f_frsize
     warning = None
-    if total < SHM_MIN_BYTES:
+    if total < min_bytes:
         warning = (
-            f"{path} is {total / 1e9:.2f} GB (< 1 GB): DataLoader workers may crash with 'bus error'; "
+            f"{path} is {total / 1e9:.2f} GB (< {min_bytes / 1e9:.2f} GB): DataLoader workers may crash with 'bus error'; "
             "run the container with --shm-size=8g or --ipc=host"
         )
     return {
