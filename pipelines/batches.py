@@ -1,0 +1,116 @@
+"""Raw samples of one batch to a batch of uint8 tensors, per task (runs in the workers).
+
+Every function takes the batch's samples with one seed per position and returns the
+batch dict and the samples it could not decode. Augmentation is seeded per sample, so a
+sample's pixels depend on (run seed, epoch, rank, position) only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import albumentations as A
+import numpy as np
+import torch
+
+from pipelines import presets
+from pipelines.config import AugmentConfig
+from pipelines.decode import decode_image
+from pipelines.store import BadSample, RawSample
+
+
+@dataclass
+class BatchSpec:
+    """What the batch functions need: task settings and the (picklable) presets."""
+
+    size: int
+    train: bool
+    aug: AugmentConfig
+    transforms: list[A.Compose]
+
+
+Decoded = tuple[RawSample, int, np.ndarray]  # sample, seed, HxWx3 uint8
+BatchFn = Callable[[list[RawSample], list[int], BatchSpec], tuple[dict, list[BadSample]]]
+
+
+def decode_all(samples: list[RawSample], seeds: list[int], min_side: int) -> tuple[list[Decoded], list[BadSample]]:
+    good, bad = [], []
+    for raw, seed in zip(samples, seeds):
+        try:
+            good.append((raw, seed, decode_image(raw.image, min_side)))
+        except Exception as e:  # PIL raises many types for bad bytes; each is a corrupt sample
+            bad.append(BadSample(raw.shard, raw.key, f"cannot decode {raw.ext}: {type(e).__name__}: {e}"))
+    return good, bad
+
+
+def apply(transform: A.Compose, seed: int, **data) -> dict:
+    transform.set_random_seed(seed)
+    return transform(**data)
+
+
+def chw(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """Stack HxWx3 uint8 arrays into one (N,3,H,W) uint8 tensor."""
+    if not images:
+        return torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def classify_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
+    min_side = spec.size if spec.train else presets.classify_eval_resize(spec.size, spec.aug)
+    good, bad = decode_all(samples, seeds, min_side)
+    images = [apply(spec.transforms[0], seed, image=img)["image"] for _, seed, img in good]
+    labels = torch.tensor([raw.meta["cls"] for raw, _, _ in good], dtype=torch.int64)
+    return {"image": chw(images, spec.size), "label": labels}, bad
+
+
+def dino_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
+    good, bad = decode_all(samples, seeds, spec.size)
+    crops = []
+    for v, view in enumerate(spec.transforms):
+        size = spec.size if v < spec.aug.global_crops else spec.aug.local_size
+        # every view of a sample gets its own seed derived from the sample's
+        crops.append(chw([apply(view, seed * 131 + v, image=img)["image"] for _, seed, img in good], size))
+    return {"crops": crops}, bad
+
+
+def yolo_to_pixels(meta: dict, width: int, height: int) -> tuple[np.ndarray, list[int]]:
+    """YOLO-normalised (cx, cy, w, h) to pascal_voc pixel (x0, y0, x1, y1), clipped to the image."""
+    boxes = np.asarray(meta.get("boxes", []), dtype=np.float32).reshape(-1, 4)
+    xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
+    xyxy = np.clip(xyxy * [width, height, width, height], 0, [width, height, width, height]).astype(np.float32)
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    return xyxy[keep], [int(label) for label, k in zip(meta.get("labels", []), keep) if k]
+
+
+def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
+    good, bad = decode_all(samples, seeds, spec.size)
+    items = []
+    for raw, _, img in good:
+        boxes, labels = yolo_to_pixels(raw.meta, img.shape[1], img.shape[0])
+        items.append({"image": img, "bboxes": boxes, "labels": labels})
+    images, boxes, labels = [], [], []
+    for i, (_, seed, _) in enumerate(good):
+        data = dict(items[i])
+        if spec.train:
+            # mosaic partners: 3 other samples of this batch, chosen from the sample's seed
+            others = [j for j in range(len(items)) if j != i]
+            picks = np.random.default_rng(seed).permutation(others)[:3] if others else []
+            data["mosaic_metadata"] = [items[j] for j in picks]
+        out = apply(spec.transforms[0], seed, **data)
+        images.append(out["image"])
+        boxes.append(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)))
+        labels.append(torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)))
+    return {"image": chw(images, spec.size), "boxes": boxes, "labels": labels}, bad
+
+
+def make_spec(task: str, train: bool, size: int, aug: AugmentConfig) -> BatchSpec:
+    if task == "classify":
+        transforms = [(presets.classify_train if train else presets.classify_eval)(size, aug)]
+    elif task == "dino":
+        transforms = presets.dino_views(size, aug)
+    else:
+        transforms = [(presets.detect_train if train else presets.detect_eval)(size, aug)]
+    return BatchSpec(size=size, train=train, aug=aug, transforms=transforms)
+
+

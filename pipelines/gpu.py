@@ -1,0 +1,157 @@
+"""decode: gpu. Workers send encoded bytes and crop boxes; the training process decodes the
+batch with nvjpeg (`torchvision.io.decode_jpeg(..., device="cuda")`) and crops, resizes and
+flips it with one `torchvision.ops.roi_align` per group of images. Without CUDA the same
+code decodes on the CPU, which is how the tests run it.
+
+Classification only. Colour jitter is not applied in this mode (crop, flip and resize are).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+from pipelines.batches import BatchSpec
+from pipelines.decode import probe_image
+from pipelines.store import BadSample, RawSample
+
+SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
+CANVAS_BYTES = 512 << 20  # float32 budget of one roi_align call's padded input
+
+
+def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """torchvision's RandomResizedCrop.get_params, on a numpy Generator: (x0, y0, x1, y1)."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return x, y, x + cw, y + ch
+    in_ratio = w / h  # fallback: central crop at the nearest allowed ratio
+    cw, ch = (w, round(w / min(ratio))) if in_ratio < min(ratio) else (round(h * max(ratio)), h) if in_ratio > max(ratio) else (w, h)
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return x, y, x + cw, y + ch
+
+
+def center_crop_box(w: int, h: int, crop_pct: float) -> tuple[float, float, float, float]:
+    """Resize-shorter-side-to-size/crop_pct then centre-crop-size, as a box on the original."""
+    side = min(w, h) * crop_pct
+    x, y = (w - side) / 2, (h - side) / 2
+    return x, y, x + side, y + side
+
+
+def worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
+    """The worker half: probe headers, draw crop boxes and flips; no pixel decoding."""
+    data, orient, boxes, flips, labels, keys, bad = [], [], [], [], [], [], []
+    for raw, seed in zip(samples, seeds):
+        try:
+            w, h, o = probe_image(raw.image)
+        except Exception as e:  # unreadable header: a corrupt sample
+            bad.append(BadSample(raw.shard, raw.key, f"cannot read {raw.ext} header: {type(e).__name__}: {e}"))
+            continue
+        if o in SWAPS_AXES:
+            w, h = h, w
+        rng = np.random.default_rng(seed)
+        if spec.train:
+            boxes.append(random_resized_crop_box(w, h, spec.aug.scale, spec.aug.ratio, rng))
+            flips.append(bool(rng.random() < spec.aug.hflip))
+        else:
+            boxes.append(center_crop_box(w, h, spec.aug.eval_crop_pct))
+            flips.append(False)
+        data.append(torch.frombuffer(bytearray(raw.image), dtype=torch.uint8))
+        orient.append(o)
+        labels.append(raw.meta["cls"])
+        keys.append((raw.shard, raw.key, raw.ext))
+    batch = {
+        "data": data,
+        "orientation": torch.tensor(orient, dtype=torch.int64),
+        "box": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "flip": torch.tensor(flips, dtype=torch.bool),
+        "label": torch.tensor(labels, dtype=torch.int64),
+        "keys": keys,
+    }
+    return batch, bad
+
+
+def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """EXIF orientation on a CHW tensor, matching PIL's ImageOps.exif_transpose."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1, -2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(img, -1, (-2, -1))
+    if orientation == 7:
+        return img.flip(-1, -2).transpose(-1, -2)
+    if orientation == 8:
+        return torch.rot90(img, 1, (-2, -1))
+    return img
+
+
+def decode_one(data: torch.Tensor, ext: str, device: torch.device) -> torch.Tensor:
+    if ext in ("jpg", "jpeg"):
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    return decode_image(data, mode=ImageReadMode.RGB).to(device)  # png/webp: CPU decode
+
+
+def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]], device: torch.device) -> list[torch.Tensor | Exception]:
+    """Decode all JPEGs in one batched call; if one is corrupt, retry one by one to find it."""
+    out: list[torch.Tensor | Exception] = [None] * len(data)  # type: ignore[list-item]
+    jpegs = [i for i, k in enumerate(keys) if k[2] in ("jpg", "jpeg")]
+    try:
+        for i, img in zip(jpegs, decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []):
+            out[i] = img
+        todo = sorted(set(range(len(data))) - set(jpegs))
+    except RuntimeError:
+        todo = list(range(len(data)))
+    for i in todo:
+        try:
+            out[i] = decode_one(data[i], keys[i][2], device)
+        except RuntimeError as e:
+            out[i] = e
+    return out
+
+
+def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each box and resize it to size x size (bilinear, averaging when shrinking),
+    in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
+    out = []
+    start = 0
+    while start < len(images):
+        stop, h, w = start, 0, 0
+        while stop < len(images):
+            nh, nw = max(h, images[stop].shape[1]), max(w, images[stop].shape[2])
+            if stop > start and (stop - start + 1) * 3 * nh * nw * 4 > CANVAS_BYTES:
+                break
+            h, w, stop = nh, nw, stop + 1
+        canvas = images[start].new_zeros((stop - start, 3, h, w), dtype=torch.float32)
+        for i in range(start, stop):
+            canvas[i - start, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
+        idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device)[:, None]
+        rois = torch.cat([idx, boxes[start:stop].to(canvas.device)], dim=1)
+        out.append(roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True))
+        start = stop
+    return torch.cat(out) if out else torch.zeros((0, 3, size, size))
+
+
+def device_batch(batch: dict, size: int, device: torch.device) -> tuple[dict, list[BadSample]]:
+    """The device half: decode, orient, crop+resize, flip. Returns float 0..255 images."""
+    decoded = decode_batch(batch["data"], batch["keys"], device)
+    keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
+    bad = [BadSample(batch["keys"][i][0], batch["keys"][i][1], f"cannot decode: {decoded[i]}") for i in range(len(decoded)) if i not in keep]
+    images = [apply_orientation(decoded[i], int(batch["orientation"][i])) for i in keep]
+    out = crop_resize(images, batch["box"][keep], size)
+    flip = batch["flip"][keep].to(out.device)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return {"image": out, "label": batch["label"][keep]}, bad

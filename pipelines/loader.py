@@ -1,0 +1,191 @@
+"""build_loader: a shard store split to batches on the device, resumable mid-epoch.
+
+One `Loader` per split per process keeps its DataLoader (and persistent workers) across
+epochs. The DataLoader is map-style with batch_size=None: the sampler below yields one
+(epoch, batch number, sample numbers) reference per batch, a worker turns it into a
+uint8 batch, and the Loader moves it to the device, where it becomes float.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Literal
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipelines import gpu, plan
+from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch, make_spec
+from pipelines.config import DataConfig, DataError
+from pipelines.readers import ShardReader, make_reader
+from pipelines.store import BadSample, StoreSplit, open_split
+
+Task = Literal["classify", "dino", "detect"]
+BatchRef = tuple[int, int, np.ndarray]  # (epoch, batch number in the rank's epoch, global sample numbers)
+BATCH_FNS: dict[str, BatchFn] = {
+    "classify": classify_batch, "dino": dino_batch, "detect": detect_batch, "classify-gpu": gpu.worker_batch,
+}
+LAYOUTS = {"classify": ("imagefolder",), "detect": ("yolo",), "dino": ("imagefolder", "unlabeled", "yolo")}
+
+
+class EpochBatches(Sampler):
+    """Yields this rank's batch references for one epoch, from `start` on (see plan.py)."""
+
+    def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int, workers: int, shuffle_buffer: int):
+        self.store, self.train, self.seed = store, train, seed
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.workers = workers
+        self.window = max(1, shuffle_buffer // batch_size)
+        self.epoch, self.start = 0, 0
+        lo, hi = plan.rank_span(store.num_samples, rank=rank, world_size=world_size, batch_size=batch_size, train=train)
+        self.num_batches = -(-(hi - lo) // batch_size)
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start, 0)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        seq = plan.epoch_sequence(self.store.counts, self.store.fmt, train=self.train, seed=self.seed, epoch=epoch)
+        span = plan.rank_span(len(seq), rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, train=self.train)
+        batches = plan.rank_batches(seq, span, self.batch_size)
+        if self.train and self.store.fmt == "wds":
+            batches = plan.window_shuffle(batches, workers=self.workers, window=self.window, seed=self.seed, epoch=epoch, rank=self.rank)
+        return batches
+
+    def __iter__(self) -> Iterator[BatchRef]:
+        epoch = self.epoch
+        for j, samples in enumerate(self.batches(epoch)[self.start :], start=self.start):
+            yield epoch, j, samples
+
+
+class StoreBatches(Dataset):
+    """Map-style: a batch reference in, (uint8 batch, skipped count, failure or None) out."""
+
+    def __init__(self, reader: ShardReader, spec: BatchSpec, *, task: str, seed: int, rank: int, on_error: str):
+        self.reader, self.spec, self.task = reader, spec, task
+        self.seed, self.rank, self.on_error = seed, rank, on_error
+
+    def __getitem__(self, ref: BatchRef) -> tuple[dict | None, int, str | None]:
+        epoch, batch, indices = ref
+        seeds = plan.sample_seeds(self.seed, epoch, self.rank, batch, len(indices))
+        seed_globals(seeds[0] if seeds else self.seed)  # anything outside the presets sees a positional RNG too
+        raws = self.reader.read(indices)
+        bad = [r for r in raws if isinstance(r, BadSample)]
+        good = [(r, s) for r, s in zip(raws, seeds) if not isinstance(r, BadSample)]
+        out, more_bad = BATCH_FNS[self.task]([r for r, _ in good], [s for _, s in good], self.spec)
+        bad += more_bad
+        if bad and self.on_error == "fail":
+            return None, len(bad), describe(bad[0])
+        return out, len(bad), None
+
+
+def describe(bad: BadSample) -> str:
+    where = f"key {bad.key}" if bad.key else "a sample"
+    return f"corrupt data in shard {bad.shard}, {where}: {bad.reason} (set data.on_error=skip to skip such samples)"
+
+
+def seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def init_worker(_: int) -> None:
+    # One thread each: the workers are the parallelism; more would oversubscribe the cores.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class Loader:
+    """One split for one process; see the package docstring for what an epoch covers."""
+
+    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: str, device: torch.device):
+        self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
+        self.task, self.device = task, device
+        self.num_samples = store.num_samples
+        self.classes = store.classes
+        self.skipped = 0
+        self._epoch, self._batch = 0, 0
+        self._mean = torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._epoch, self._batch = epoch, start_batch
+        self.sampler.epoch, self.sampler.start = epoch, start_batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.set_epoch(int(d["epoch"]), int(d["batch"]))
+
+    def __iter__(self) -> Iterator[dict]:
+        self.sampler.epoch, self.sampler.start = self._epoch, self._batch
+        for batch, skipped, failure in self.dataloader:
+            if failure:
+                raise DataError(failure)
+            if self.cfg.decode == "gpu":
+                batch, bad = gpu.device_batch(batch, self.cfg.image_size, self.device)
+                if bad and self.cfg.on_error == "fail":
+                    raise DataError(describe(bad[0]))
+                skipped += len(bad)
+            self.skipped += skipped
+            self._batch += 1
+            yield self._to_device(batch)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().sub_(self._mean).div_(self._std)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def _to_device(self, batch: dict) -> dict:
+        if self.task == "dino":
+            return {"crops": [self._normalise(c) for c in batch["crops"]]}
+        out = {"image": self._normalise(batch["image"])}
+        if self.task == "classify":
+            out["label"] = batch["label"].to(self.device, non_blocking=True)
+        else:
+            out["boxes"] = [b.to(self.device, non_blocking=True) for b in batch["boxes"]]
+            out["labels"] = [b.to(self.device, non_blocking=True) for b in batch["labels"]]
+        return out
+
+
+def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool, world_size: int) -> None:
+    if store.layout not in LAYOUTS[task]:
+        raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(LAYOUTS[task])}, this one is {store.layout!r}")
+    if cfg.decode == "gpu" and task != "classify":
+        raise DataError(f"data.decode=gpu supports task classify only, not {task}; use data.decode=cpu")
+    if train and store.num_samples < world_size * cfg.batch_size:
+        raise DataError(
+            f"{cfg.path}: split {store.split!r} has {store.num_samples} samples, fewer than one batch per rank "
+            f"({world_size} x data.batch_size {cfg.batch_size}); lower data.batch_size"
+        )
+
+
+def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: int, world_size: int, seed: int, device: torch.device) -> Loader:
+    """The loader of one split for this process (rank of world_size); see README `## Data pipelines`."""
+    store = open_split(cfg.path, split)
+    check_settings(cfg, store, task, train=train, world_size=world_size)
+    reader = make_reader(store)
+    spec = make_spec(task, train, cfg.image_size, cfg.augment)
+    batch_task = "classify-gpu" if cfg.decode == "gpu" else task
+    dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error)
+    sampler = EpochBatches(
+        store, train=train, seed=seed, rank=rank, world_size=world_size,
+        batch_size=cfg.batch_size, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
+    )
+    workers = cfg.workers
+    dataloader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=cfg.pin_memory and device.type == "cuda",
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        worker_init_fn=init_worker if workers > 0 else None,
+    )
+    return Loader(cfg, store, sampler, dataloader, task=task, device=device)

@@ -1,0 +1,100 @@
+"""albumentations presets: HxWx3 uint8 in, uint8 out (normalisation happens on the device).
+
+Each preset is an `A.Compose`; callers seed it per sample (`set_random_seed`) so that the
+augmentation of a sample is a function of its position in the epoch, not of worker history.
+"""
+
+from __future__ import annotations
+
+import math
+
+import albumentations as A
+import cv2
+
+from pipelines.config import AugmentConfig
+
+PAD_VALUE = 114  # the letterbox grey of YOLO detectors
+
+
+def classify_train(size: int, aug: AugmentConfig) -> A.Compose:
+    cj = aug.color_jitter
+    return A.Compose([
+        A.RandomResizedCrop((size, size), scale=aug.scale, ratio=aug.ratio),
+        A.HorizontalFlip(p=aug.hflip),
+        A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=0.0, p=1.0 if cj > 0 else 0.0),
+    ])
+
+
+def classify_eval_resize(size: int, aug: AugmentConfig) -> int:
+    """Shorter side before the centre crop (timm's crop_pct convention)."""
+    return math.floor(size / aug.eval_crop_pct)
+
+
+def classify_eval(size: int, aug: AugmentConfig) -> A.Compose:
+    return A.Compose([
+        A.SmallestMaxSize(max_size=classify_eval_resize(size, aug), area_for_downscale="image"),
+        A.CenterCrop(size, size),
+    ])
+
+
+def _dino_view(size: int, scale: tuple[float, float], aug: AugmentConfig, blur: float, solarize: float) -> A.Compose:
+    """One DINO view (Caron et al. 2021): crop, flip, colour jitter, grey, blur, solarize."""
+    return A.Compose([
+        A.RandomResizedCrop((size, size), scale=scale, interpolation=cv2.INTER_CUBIC),
+        A.HorizontalFlip(p=aug.hflip),
+        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
+        A.ToGray(p=0.2),
+        A.GaussianBlur(sigma_limit=(0.1, 2.0), p=blur),
+        A.Solarize(threshold_range=(0.5, 0.5), p=solarize),
+    ])
+
+
+def dino_views(size: int, aug: AugmentConfig) -> list[A.Compose]:
+    """global_crops global views (the first always blurred, the second sometimes solarized,
+    as in DINO), then local_crops local views."""
+    globals_ = [
+        _dino_view(size, aug.global_scale, aug, blur=1.0 if i == 0 else 0.1, solarize=0.0 if i == 0 else 0.2)
+        for i in range(aug.global_crops)
+    ]
+    local = _dino_view(aug.local_size, aug.local_scale, aug, blur=0.5, solarize=0.0)
+    return globals_ + [local] * aug.local_crops
+
+
+def _bbox_params(aug: AugmentConfig) -> A.BboxParams:
+    return A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True,
+        min_width=aug.min_box_px, min_height=aug.min_box_px, min_visibility=0.1,
+    )
+
+
+def _letterbox(size: int) -> list[A.BasicTransform]:
+    return [
+        A.LongestMaxSize(max_size=size, area_for_downscale="image"),
+        A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE),
+    ]
+
+
+def detect_train(size: int, aug: AugmentConfig) -> A.Compose:
+    """Mosaic of 4 (partners passed as `mosaic_metadata`), letterbox, affine, flip, HSV.
+
+    Boxes are pascal_voc pixels; those clipped to under `min_box_px` wide or high, or less
+    than 10% visible, are dropped with their labels.
+    """
+    h, s, v = aug.hsv
+    return A.Compose(
+        [
+            A.Mosaic(grid_yx=(2, 2), target_size=(size, size), cell_shape=(size, size), fill=PAD_VALUE, p=aug.mosaic),
+            *_letterbox(size),
+            A.Affine(
+                scale=(1 - aug.scale_jitter, 1 + aug.scale_jitter), translate_percent=(-aug.translate, aug.translate),
+                border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0,
+            ),
+            A.HorizontalFlip(p=aug.hflip),
+            A.HueSaturationValue(hue_shift_limit=h * 180, sat_shift_limit=s * 255, val_shift_limit=v * 255, p=1.0),
+        ],
+        bbox_params=_bbox_params(aug),
+    )
+
+
+def detect_eval(size: int, aug: AugmentConfig) -> A.Compose:
+    return A.Compose(_letterbox(size), bbox_params=_bbox_params(aug))

@@ -1,0 +1,204 @@
+"""Random access to the samples of a split's shards: WebDataset tars and LMDB environments.
+
+Both readers open files lazily in the process that reads (a DataLoader worker), never in
+the parent, so forked and persistent workers are safe; a reader that finds itself in a
+new process drops what the parent had open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tarfile
+from collections import OrderedDict
+from typing import NamedTuple
+
+import fsspec
+import numpy as np
+
+from pipelines.config import DataError
+from pipelines.plan import shard_starts
+from pipelines.store import BadSample, RawSample, StoreSplit
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+READ_BLOCK = 4 << 20  # fsspec readahead for remote shards: streams, never a whole-shard download
+OPEN_FILES = 4
+
+
+class Member(NamedTuple):
+    ext: str
+    offset: int
+    size: int
+
+
+class TarIndex(NamedTuple):
+    samples: list[tuple[str, list[Member]]]  # (key, members) in tar order
+    error: str | None  # why the scan stopped before the manifest's count, if it did
+
+
+def scan_tar(fileobj, expected: int) -> TarIndex:
+    """Walk the tar headers (member data is seeked over, not read) and group members by key."""
+    samples: list[tuple[str, list[Member]]] = []
+    error = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, _, ext = os.path.basename(info.name).partition(".")
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, []))
+                samples[-1][1].append(Member(ext.lower(), info.offset_data, info.size))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        error = f"{type(e).__name__}: {e}"
+    if len(samples) < expected and error is None:
+        error = f"tar ends after {len(samples)} of {expected} samples"
+    return TarIndex(samples, error)
+
+
+def parse_meta(members: dict[str, bytes]) -> dict:
+    meta: dict = {}
+    if "cls" in members:
+        meta["cls"] = int(members["cls"].decode())
+    if "json" in members:
+        meta.update(json.loads(members["json"]))
+    return meta
+
+
+class ShardReader:
+    """Common part: map global sample numbers to (shard, index) and keep the batch's order."""
+
+    def __init__(self, split: StoreSplit):
+        self.split = split
+        self.starts = shard_starts(split.counts)
+        self._pid = -1
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._reset()
+
+    def read(self, indices: np.ndarray) -> list[RawSample | BadSample]:
+        self._check_process()
+        shards = np.searchsorted(self.starts, indices, side="right") - 1
+        out: list[RawSample | BadSample | None] = [None] * len(indices)
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            local = indices[where] - self.starts[shard]
+            order = np.argsort(local, kind="stable")  # ascending: sequential reads
+            got = self._read_shard(int(shard), [int(i) for i in local[order]])
+            for pos, sample in zip(where[order], got):
+                out[pos] = sample
+        return out  # type: ignore[return-value]
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
+        raise NotImplementedError
+
+
+class TarReader(ShardReader):
+    """WebDataset tars from a local path, NAS or any fsspec URL, read by byte range.
+
+    The first touch of a shard in a worker scans its headers into an index (kept for
+    later epochs: persistent workers); each read then seeks straight to the members.
+    """
+
+    def _reset(self) -> None:
+        self._index: dict[int, TarIndex] = {}
+        self._files: OrderedDict[int, object] = OrderedDict()
+
+    def _file(self, shard: int):
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        if len(self._files) >= OPEN_FILES:
+            self._files.popitem(last=False)[1].close()
+        f = fsspec.open(self.split.shards[shard], "rb", block_size=READ_BLOCK).open()
+        self._files[shard] = f
+        return f
+
+    def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
+        name = os.path.basename(self.split.shards[shard])
+        f = self._file(shard)
+        if shard not in self._index:
+            self._index[shard] = scan_tar(f, self.split.counts[shard])
+        index = self._index[shard]
+        out: list[RawSample | BadSample] = []
+        for i in local:
+            if i >= len(index.samples):
+                out.append(BadSample(name, None, f"sample #{i} unreachable: {index.error}"))
+                continue
+            key, members = index.samples[i]
+            try:
+                data = {}
+                for m in members:
+                    f.seek(m.offset)
+                    data[m.ext] = f.read(m.size)
+                image_ext = next((e for e in IMAGE_EXTS if e in data), None)
+                if image_ext is None:
+                    out.append(BadSample(name, key, f"no image member among {sorted(data)}"))
+                    continue
+                out.append(RawSample(name, key, image_ext, data[image_ext], parse_meta(data)))
+            except (OSError, ValueError) as e:
+                out.append(BadSample(name, key, f"{type(e).__name__}: {e}"))
+        return out
+
+
+class LmdbReader(ShardReader):
+    """Single-file LMDB environments on a local (or mounted NAS) path."""
+
+    def __init__(self, split: StoreSplit):
+        if split.protocol not in ("file", "local"):
+            raise DataError(
+                f"{split.path}: LMDB stores must be on a local or mounted path (LMDB maps files into memory); "
+                f"copy it first, e.g. `aws s3 sync {split.path} /data/store`, and set data.path to the copy"
+            )
+        super().__init__(split)
+
+    def _reset(self) -> None:
+        self._envs: dict[int, object] = {}
+
+    def _env(self, shard: int):
+        import lmdb
+
+        if shard not in self._envs:
+            path = fsspec.core.url_to_fs(self.split.shards[shard])[1]
+            self._envs[shard] = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False)
+        return self._envs[shard]
+
+    def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
+        name = os.path.basename(self.split.shards[shard])
+        out: list[RawSample | BadSample] = []
+        try:
+            env = self._env(shard)
+        except Exception as e:  # lmdb.Error and OSError: the whole shard is unreadable
+            return [BadSample(name, None, f"sample #{i}: cannot open: {e}") for i in local]
+        with env.begin(buffers=False) as txn:
+            for i in local:
+                value = txn.get(b"%08d" % i)
+                if value is None:
+                    out.append(BadSample(name, None, f"sample #{i}: key {i:08d} missing"))
+                    continue
+                out.append(parse_lmdb_value(name, i, value))
+        return out
+
+
+def parse_lmdb_value(shard: str, i: int, value: bytes) -> RawSample | BadSample:
+    try:
+        (length,) = struct.unpack(">I", value[:4])
+        meta = json.loads(value[4 : 4 + length])
+    except (struct.error, ValueError) as e:
+        return BadSample(shard, None, f"sample #{i}: bad header: {e}")
+    key, ext = meta.pop("key", f"#{i}"), meta.pop("ext", "jpg")
+    return RawSample(shard, key, ext, value[4 + length :], meta)
+
+
+def make_reader(split: StoreSplit) -> ShardReader:
+    if split.fmt == "wds":
+        return TarReader(split)
+    if split.fmt == "lmdb":
+        return LmdbReader(split)
+    raise DataError(f"{split.path}: unknown store format {split.fmt!r} (expected wds or lmdb)")
