@@ -1,0 +1,329 @@
+"""`convert`: a raw folder to a shard store (docs/store-format.md), resumable and appendable.
+
+Workers decode inputs in parallel; the parent packs their results into shards in input
+order, so the shards are the same whatever the worker count. Each shard is written under a
+temporary name and renamed (or uploaded in one PUT), then its `_index/` entry is written; a
+rerun after a kill skips the inputs that finished shards already cover. manifest.json last.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import fsspec
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shards.decode import Digest, Reject, Result, Sample, Settings, process
+from shards.keys import sample_key
+from shards.layouts import Input, Listing, list_source
+from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, ShardEntry, ShardIndex,
+                             SplitEntry, Totals, load_manifest, now_utc, read_indexes, read_rejects,
+                             write_index, write_manifest, write_rejects, write_timm_info)
+from shards.progress import console, image_progress
+from shards.storage import StoreError, is_local, join, open_fs, public_url, publish_file
+from shards.writers import WRITERS, file_digest, payload_bytes, shard_name
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(samples?|[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+@dataclass(frozen=True)
+class ShardLimit:
+    max_bytes: int | None = None
+    max_samples: int | None = None
+
+    def full(self, samples: int, nbytes: int, incoming: int) -> bool:
+        """Whether a shard holding `samples`/`nbytes` must be closed before adding `incoming` bytes."""
+        if self.max_samples is not None:
+            return samples >= self.max_samples
+        return samples > 0 and nbytes + incoming > self.max_bytes
+
+
+def parse_shard_size(text: str) -> ShardLimit:
+    """"256MB", "1GB", "500KB", "64MiB" (bytes) or "1000" / "1000samples" (samples per shard)."""
+    m = _SIZE.match(text)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"shard size {text!r} is not like 256MB, 1GB, 500KB or 1000samples")
+    n, unit = int(m.group(1)), (m.group(2) or "").upper()
+    if unit == "" or unit.startswith("SAMPLE"):
+        return ShardLimit(max_samples=n)
+    return ShardLimit(max_bytes=n * _UNITS[unit.removesuffix("B") or "B"])
+
+
+class ConvertOptions(BaseModel):
+    """What `shardtrain convert` takes; also the Prefect flow's parameter model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    src: str
+    dest: str
+    format: Literal["wds", "lmdb"] = "wds"
+    layout: Literal["auto", "imagefolder", "unlabeled", "yolo"] = "auto"
+    shard_size: str = "256MB"
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    max_side: int | None = Field(default=None, ge=1)
+    max_pixels: int = Field(default=89_478_485, ge=1)  # PIL's own decompression-bomb limit
+    append: bool = False
+    on_error: Literal["skip", "fail"] = "skip"
+
+    @field_validator("shard_size")
+    @classmethod
+    def _valid_shard_size(cls, v: str) -> str:
+        parse_shard_size(v)
+        return v
+
+
+class ConvertSummary(BaseModel):
+    layout: str
+    format: str
+    version: int  # the store's version after this run
+    added: int  # samples added to the store by this run (a resumed run counts its earlier shards)
+    rejected: int  # new rejects recorded by this run
+    unchanged: int  # inputs already in the store (or already rejected with the same content)
+    shards_written: list[str]  # shards this run added to the store
+    splits: dict[str, int]  # samples per split in the whole store
+
+
+@dataclass
+class OpenShard:
+    """The shard being filled for one split, with the rejects met while filling it."""
+
+    split: str
+    number: int
+    samples: list[Sample] = field(default_factory=list)
+    nbytes: int = 0
+    rejects: list[RejectRecord] = field(default_factory=list)
+
+
+@dataclass
+class StoreState:
+    """What is already in DEST: the committed store and the finished shards of an interrupted run."""
+
+    manifest: Manifest | None
+    committed: dict[str, ShardIndex]
+    resumed: dict[str, ShardIndex]
+    old_rejects: list[RejectRecord]
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version + 1 if self.manifest else 1
+
+
+def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
+    """Convert `opts.src` into the store at `opts.dest`; see the module docstring."""
+    src_fs, src_root = open_fs(opts.src)
+    fs, root = open_fs(opts.dest)
+    listing = list_source(src_fs, src_root, opts.layout)
+    if progress:
+        how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
+        console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
+    state = load_state(fs, root, opts, listing)
+    fs.makedirs(root, exist_ok=True)
+    limit = parse_shard_size(opts.shard_size)
+    settings = Settings(src_fs, src_root, opts.max_side, opts.max_pixels, len(listing.classes))
+
+    covered = {sample_key(r.path) for idx in state.resumed.values() for r in idx.rejects}
+    covered |= {it.key for idx in state.resumed.values() for it in idx.items}
+    known = {it.key: it.sha1 for idx in state.committed.values() for it in idx.items}
+    tasks = [(inp, inp.key in known) for inp in listing.inputs if inp.key not in covered]
+    if progress and state.resumed:
+        console.print(f"resuming: {len(state.resumed)} finished shards kept, {len(tasks)} inputs left")
+
+    with tempfile.TemporaryDirectory(prefix="shardtrain-convert-") as tmp:
+        build_dir = root if is_local(fs) else tmp
+        packer = Packer(fs, root, build_dir, opts.format, limit, state)
+        with image_progress(progress) as bar:
+            task = bar.add_task("converting", total=len(tasks))
+            for result in run_workers(settings, tasks, opts.workers):
+                packer.take(result, known, fail=opts.on_error == "fail")
+                bar.advance(task)
+            packer.finish()
+    return commit(fs, root, opts, listing, state, packer)
+
+
+def load_state(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listing: Listing) -> StoreState:
+    manifest = load_manifest(fs, root)
+    if manifest is not None:
+        if not opts.append:
+            raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
+                             "pass --append to add new inputs")
+        for what, old, new in (("format", manifest.format, opts.format), ("layout", manifest.layout, listing.layout),
+                               ("classes", manifest.classes, listing.classes)):
+            if old != new:
+                raise StoreError(f"cannot append: the store's {what} is {old}, the source's is {new}")
+    in_store = {s.name for split in (manifest.splits.values() if manifest else []) for s in split.shards}
+    indexes = read_indexes(fs, root)
+    version = manifest.version + 1 if manifest else 1
+    resumed = {
+        name: idx for name, idx in indexes.items()
+        if name not in in_store and idx.version == version and shard_is_whole(fs, root, idx)
+    }
+    return StoreState(
+        manifest=manifest,
+        committed={n: idx for n, idx in indexes.items() if n in in_store},
+        resumed=resumed,
+        old_rejects=read_rejects(fs, root) if manifest else [],
+    )
+
+
+def shard_is_whole(fs: fsspec.AbstractFileSystem, root: str, index: ShardIndex) -> bool:
+    try:
+        return fs.size(join(root, index.shard)) == index.bytes
+    except FileNotFoundError:
+        return False
+
+
+def run_workers(settings: Settings, tasks: list[tuple[Input, bool]], workers: int) -> Iterator[Result]:
+    """Results in task order, from a process pool (or in this process for one worker)."""
+    work = partial(process, settings)
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(work, tasks)
+        return
+    chunksize = max(1, min(32, len(tasks) // (workers * 8)))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(work, tasks, chunksize=chunksize)
+
+
+class Packer:
+    """Takes results in input order and packs samples into shards, one open shard per split."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: str,
+                 limit: ShardLimit, state: StoreState) -> None:
+        self.fs, self.root, self.build_dir, self.fmt, self.limit = fs, root, build_dir, fmt, limit
+        self.version = state.version
+        self.old_rejects = {(r.path, r.sha1) for r in state.old_rejects}
+        stored = [*state.committed.values(), *state.resumed.values()]
+        self.first_of = {it.sha1: it.key for idx in stored for it in idx.items}  # for duplicates
+        self.next_number: dict[str, int] = {}
+        for idx in stored:
+            number = int(idx.shard.rsplit("-", 1)[1].split(".")[0])
+            self.next_number[idx.split] = max(self.next_number.get(idx.split, 0), number + 1)
+        self.open: dict[str, OpenShard] = {}
+        self.written: list[ShardIndex] = list(state.resumed.values())
+        self.trailing: list[RejectRecord] = []
+        self.unchanged = 0
+
+    def take(self, result: Result, known: dict[str, str], fail: bool) -> None:
+        item = result.input
+        if isinstance(result, Digest):
+            if result.sha1 == known[item.key] or (item.relpath, result.sha1) in self.old_rejects:
+                self.unchanged += 1
+                return
+            result = Reject(item, result.sha1, "changed",
+                            f"content differs from the stored sample {item.key} (kept)")
+        if isinstance(result, Sample) and result.sha1 in self.first_of:
+            first = self.first_of[result.sha1]
+            result = Reject(item, result.sha1, "duplicate", f"same content as {first}", of=first)
+        if isinstance(result, Reject):
+            self.reject(result, fail)
+        else:
+            self.first_of[result.sha1] = item.key
+            self.add(result)
+
+    def reject(self, r: Reject, fail: bool) -> None:
+        if (r.input.relpath, r.sha1) in self.old_rejects:
+            self.unchanged += 1  # rejected before with this same content
+            return
+        if fail:
+            raise StoreError(f"{r.input.relpath}: {r.reason}: {r.detail}")
+        record = RejectRecord(path=r.input.relpath, reason=r.reason, detail=r.detail, sha1=r.sha1, of=r.of)
+        self.shard_for(r.input.split).rejects.append(record)
+
+    def shard_for(self, split: str) -> OpenShard:
+        if split not in self.open:
+            self.open[split] = OpenShard(split, self.next_number.get(split, 0))
+        return self.open[split]
+
+    def add(self, sample: Sample) -> None:
+        shard = self.shard_for(sample.input.split)
+        size = payload_bytes(sample)
+        if self.limit.full(len(shard.samples), shard.nbytes, size):
+            self.close(shard)
+            shard = self.shard_for(sample.input.split)
+        shard.samples.append(sample)
+        shard.nbytes += size
+
+    def close(self, shard: OpenShard) -> None:
+        """Write the shard under a temporary name, publish it, then its index."""
+        del self.open[shard.split]
+        self.next_number[shard.split] = shard.number + 1
+        name = shard_name(shard.split, shard.number, self.fmt)
+        build = join(self.build_dir, f".{name}.partial")
+        WRITERS[self.fmt](build, shard.samples)
+        nbytes, sha256 = file_digest(build)
+        publish_file(self.fs, build, join(self.root, name))
+        index = ShardIndex(
+            shard=name, split=shard.split, version=self.version, samples=len(shard.samples), bytes=nbytes,
+            sha256=sha256, rejects=shard.rejects,
+            items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1) for s in shard.samples],
+        )
+        write_index(self.fs, self.root, index)
+        self.written.append(index)
+
+    def finish(self) -> None:
+        for shard in list(self.open.values()):
+            if shard.samples:
+                self.close(shard)
+            else:
+                self.trailing.extend(shard.rejects)
+                del self.open[shard.split]
+
+    def new_rejects(self) -> list[RejectRecord]:
+        found = [r for idx in self.written for r in idx.rejects] + self.trailing
+        return sorted(found, key=lambda r: r.path)
+
+
+def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listing: Listing,
+           state: StoreState, packer: Packer) -> ConvertSummary:
+    """Write rejects.jsonl, _info.json and, last, manifest.json (unless nothing changed)."""
+    added = sum(idx.samples for idx in packer.written)
+    new_rejects = packer.new_rejects()
+    old = state.manifest
+    version = state.version if added or old is None else old.version
+    for r in new_rejects:
+        r.version = version
+    if old is not None and not added and not new_rejects:
+        manifest = old  # nothing new: the store stays byte for byte as it was
+    else:
+        manifest = build_manifest(opts, listing, old, version, packer.written,
+                                  rejects=len(state.old_rejects) + len(new_rejects))
+        write_rejects(fs, root, state.old_rejects + new_rejects)
+        if manifest.format == "wds":
+            write_timm_info(fs, root, manifest)
+        write_manifest(fs, root, manifest)
+    return ConvertSummary(
+        layout=listing.layout, format=manifest.format, version=manifest.version, added=added,
+        rejected=len(new_rejects), unchanged=packer.unchanged,
+        shards_written=[idx.shard for idx in packer.written],
+        splits={name: split.samples for name, split in manifest.splits.items()},
+    )
+
+
+def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None, version: int,
+                   written: Iterable[ShardIndex], rejects: int) -> Manifest:
+    shards: dict[str, list[ShardEntry]] = {n: list(s.shards) for n, s in (old.splits.items() if old else [])}
+    for idx in written:
+        shards.setdefault(idx.split, []).append(idx.entry())
+    splits = {
+        name: SplitEntry(samples=sum(s.samples for s in entries), bytes=sum(s.bytes for s in entries),
+                         shards=sorted(entries, key=lambda s: s.name))
+        for name, entries in sorted(shards.items())
+    }
+    now = now_utc()
+    return Manifest(
+        format=opts.format, format_version=FORMAT_VERSION, version=version,
+        created=old.created if old else now, updated=now, layout=listing.layout, classes=listing.classes,
+        source=public_url(opts.src),
+        settings={"shard_size": opts.shard_size, "max_side": opts.max_side, "max_pixels": opts.max_pixels},
+        rejects=rejects, splits=splits,
+        totals=Totals(samples=sum(s.samples for s in splits.values()), bytes=sum(s.bytes for s in splits.values()),
+                      shards=sum(len(s.shards) for s in splits.values())),
+    )

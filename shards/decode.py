@@ -1,0 +1,193 @@
+"""The per-input work done in the worker processes: read, hash, fully decode, keep or re-encode."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shards.layouts import Input
+from shards.storage import join
+
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO"}  # re-encoded as PNG, others JPEG
+JPEG_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a worker needs besides the input: where SRC is and the conversion limits."""
+
+    fs: fsspec.AbstractFileSystem
+    root: str
+    max_side: int | None
+    max_pixels: int
+    num_classes: int
+
+
+@dataclass
+class Sample:
+    input: Input
+    sha1: str
+    ext: str  # jpg | png | webp
+    image: bytes
+    meta: dict = field(default_factory=dict)  # {"cls": i} or {"boxes": [...], "labels": [...]}
+
+
+@dataclass
+class Reject:
+    input: Input
+    sha1: str | None
+    reason: str
+    detail: str
+    of: str | None = None  # for duplicates: the key of the first input with this content
+
+
+@dataclass
+class Digest:
+    """An input already in the store: only its content hash is needed (for `changed`)."""
+
+    input: Input
+    sha1: str
+
+
+Result = Sample | Reject | Digest
+
+
+class BadInput(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def process(settings: Settings, task: tuple[Input, bool]) -> Result:
+    """Turn one input into a Sample or a Reject; with `digest_only`, just hash it."""
+    item, digest_only = task
+    sha1 = None
+    try:
+        data = read_source(settings.fs, join(settings.root, item.relpath))
+        sha1 = hashlib.sha1(data).hexdigest()
+        if digest_only:
+            return Digest(item, sha1)
+        ext, image = encode_for_store(data, settings.max_side, settings.max_pixels)
+        meta = label_meta(settings, item)
+    except BadInput as e:
+        return Reject(item, sha1, e.reason, e.detail)
+    return Sample(item, sha1, ext, image, meta)
+
+
+def read_source(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    try:
+        data = fs.cat_file(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        raise BadInput("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
+    except OSError as e:
+        raise BadInput("unreadable", f"{type(e).__name__}: {e}") from None
+    if not data:
+        raise BadInput("empty", "file has 0 bytes")
+    return data
+
+
+def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tuple[str, bytes]:
+    """(extension, bytes) to store: the original bytes when they are fine, else a re-encode.
+
+    The image is always fully decoded here, so a corrupt file never reaches training.
+    """
+    img = open_image(data, max_pixels)
+    eight_bit = not any("16" in str(t.args) for t in img.tile)  # tile args are cleared by load()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked in open_image
+            img.load()
+    except Image.DecompressionBombError as e:
+        raise BadInput("too_large", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadInput("truncated", str(e) or type(e).__name__) from None
+    fits = max_side is None or max(img.size) <= max_side
+    if img.format in KEPT_FORMATS and img.mode in ("RGB", "L") and eight_bit and fits \
+            and "transparency" not in img.info:
+        return KEPT_FORMATS[img.format], data
+    lossless = img.format in LOSSLESS_FORMATS
+    rgb = to_rgb(ImageOps.exif_transpose(img))  # the orientation tag is not carried into a re-encode
+    if not fits:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    if lossless:
+        rgb.save(out, "PNG")
+        return "png", out.getvalue()
+    rgb.save(out, "JPEG", quality=JPEG_QUALITY)
+    return "jpg", out.getvalue()
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadInput("too_large", str(e)) from None
+    except UnidentifiedImageError:
+        raise BadInput("not_an_image", "cannot identify image file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadInput("truncated", str(e) or type(e).__name__) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadInput("too_large", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: alpha composited on white, 16-bit scaled (not clipped), CMYK/palette converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
+        return Image.fromarray(np.round(wide / 257).astype(np.uint8), "L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def label_meta(settings: Settings, item: Input) -> dict:
+    """The non-image members of a sample: class index, YOLO boxes, or nothing (unlabeled)."""
+    if item.cls is not None:
+        return {"cls": item.cls}
+    if item.label_relpath is None:
+        return {}
+    try:
+        text = settings.fs.cat_file(join(settings.root, item.label_relpath)).decode("utf-8")
+    except FileNotFoundError:
+        text = ""  # a missing label file means no objects, as in YOLO itself
+    except (PermissionError, OSError, UnicodeDecodeError) as e:
+        raise BadInput("unreadable", f"label {item.label_relpath}: {e}") from None
+    return parse_yolo_labels(text, settings.num_classes)
+
+
+def parse_yolo_labels(text: str, num_classes: int) -> dict:
+    """`class cx cy w h` per line, normalised to [0, 1]; empty lines are skipped."""
+    boxes, labels = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 5:
+            raise BadInput("bad_label", f"line {n}: {len(fields)} fields, expected 5 (class cx cy w h)")
+        try:
+            cls = int(fields[0])
+            cx, cy, w, h = (float(f) for f in fields[1:])
+        except ValueError:
+            raise BadInput("bad_label", f"line {n}: not numbers: {line.strip()!r}") from None
+        if not all(math.isfinite(v) and 0 <= v <= 1 for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
+            raise BadInput("bad_label", f"line {n}: box outside [0, 1] or empty: {line.strip()!r}")
+        if not 0 <= cls < num_classes:
+            raise BadInput("unknown_class", f"line {n}: class {cls} not in data.yaml names (0..{num_classes - 1})")
+        boxes.append([cx, cy, w, h])
+        labels.append(cls)
+    return {"boxes": boxes, "labels": labels}

@@ -1,0 +1,150 @@
+"""The three raw layouts (imagefolder, unlabeled, yolo): detecting them and listing their inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import fsspec
+import yaml
+
+from shards.keys import sample_key
+from shards.storage import StoreError, join
+
+Layout = Literal["imagefolder", "unlabeled", "yolo"]
+
+# torchvision's ImageFolder extensions, plus GIF; anything else in SRC is not an input.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+SPLIT_DIRS = ("train", "val", "test")
+YOLO_YAMLS = ("data.yaml", "data.yml")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One raw image to convert: its path relative to SRC, its split and its label source."""
+
+    relpath: str
+    key: str
+    split: str
+    cls: int | None = None  # imagefolder class index
+    label_relpath: str | None = None  # yolo label file (may not exist: no objects)
+
+
+@dataclass(frozen=True)
+class Listing:
+    layout: Layout
+    classes: list[str]
+    inputs: list[Input]
+    reason: str  # why auto detection chose this layout (or "given")
+
+
+def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str) -> Listing:
+    """Every input under `root` in listing order (sorted relative paths), for `layout` or auto."""
+    relpaths = image_relpaths(fs, root)
+    if layout == "auto":
+        layout, reason = detect_layout(fs, root, relpaths)
+    else:
+        reason = "given"
+    if not relpaths:
+        raise StoreError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    if layout == "imagefolder":
+        classes, inputs = imagefolder_inputs(relpaths)
+    elif layout == "unlabeled":
+        classes, inputs = [], unlabeled_inputs(relpaths)
+    else:
+        classes, inputs = yolo_classes(fs, root), yolo_inputs(relpaths)
+        if not inputs:
+            raise StoreError(f"yolo layout: no images under {join(root, 'images')}")
+    return Listing(layout, classes, inputs, reason)
+
+
+def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Sorted posix paths relative to `root` of the files with image extensions, hidden ones left out.
+
+    Broken symlinks are listed too: they become `unreadable` rejects rather than vanishing.
+    """
+    if not fs.isdir(root):
+        what = "is not a directory" if fs.exists(root) else "does not exist"
+        raise StoreError(f"source {root} {what}")
+    found = fs.find(root, withdirs=False)
+    prefix = root.rstrip("/") + "/"
+    rels = (p[len(prefix):] for p in found if p.startswith(prefix))
+    return sorted(
+        r for r in rels
+        if r.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in r.split("/"))
+    )
+
+
+def detect_layout(fs: fsspec.AbstractFileSystem, root: str, relpaths: list[str]) -> tuple[Layout, str]:
+    if any(fs.exists(join(root, name)) for name in YOLO_YAMLS) and any(r.startswith("images/") for r in relpaths):
+        return "yolo", "data.yaml and images/ found"
+    depths = {r.count("/") for r in relpaths}
+    tops = {r.split("/", 1)[0] for r in relpaths}
+    if depths == {1}:
+        return "imagefolder", "every image is in a class folder SRC/<class>/"
+    if depths == {2} and tops <= set(SPLIT_DIRS):
+        return "imagefolder", "every image is in SRC/<split>/<class>/"
+    return "unlabeled", "images are not all exactly one class folder deep"
+
+
+def _split_of(parts: list[str]) -> tuple[str | None, list[str]]:
+    """The split named by the first directory (train/val/test), and the rest of the path."""
+    if len(parts) > 1 and parts[0] in SPLIT_DIRS:
+        return parts[0], parts[1:]
+    return None, parts
+
+
+def imagefolder_inputs(relpaths: list[str]) -> tuple[list[str], list[Input]]:
+    """SRC/<class>/... or SRC/<split>/<class>/...; classes sorted as torchvision's ImageFolder does."""
+    with_splits = all(_split_of(r.split("/"))[0] for r in relpaths)
+    placed = []
+    for r in relpaths:
+        split, rest = _split_of(r.split("/")) if with_splits else (None, r.split("/"))
+        if len(rest) < 2:
+            where = f"{split}/" if split else ""
+            raise StoreError(f"imagefolder layout: {r} is not inside a class folder SRC/{where}<class>/")
+        placed.append((r, split or "train", rest[0]))
+    classes = sorted({c for _, _, c in placed})
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [Input(r, sample_key(r), split, cls=index[c]) for r, split, c in placed]
+
+
+def unlabeled_inputs(relpaths: list[str]) -> list[Input]:
+    """Any tree; top-level train/val/test folders become splits, everything else is train."""
+    return [Input(r, sample_key(r), _split_of(r.split("/"))[0] or "train") for r in relpaths]
+
+
+def yolo_inputs(relpaths: list[str]) -> list[Input]:
+    """images/<split>/...; the label of images/<split>/a/b.jpg is labels/<split>/a/b.txt."""
+    inputs = []
+    for r in relpaths:
+        parts = r.split("/")
+        if parts[0] != "images":
+            continue  # not part of a YOLO set (previews, plots next to data.yaml)
+        split = parts[1] if len(parts) > 2 else "train"
+        label = "/".join(["labels", *parts[1:]]).rpartition(".")[0] + ".txt"
+        inputs.append(Input(r, sample_key(r), split, label_relpath=label))
+    return inputs
+
+
+def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The class names from data.yaml's `names`, a list or a dict {0: name, 1: name, ...}."""
+    path = next((join(root, n) for n in YOLO_YAMLS if fs.exists(join(root, n))), None)
+    if path is None:
+        raise StoreError(f"yolo layout: no data.yaml in {root}")
+    try:
+        data = yaml.safe_load(fs.cat_file(path))
+    except yaml.YAMLError as e:
+        raise StoreError(f"yolo layout: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    names = data.get("names") if isinstance(data, dict) else None
+    if isinstance(names, dict):
+        try:
+            ids = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            ids = []
+        if ids != list(range(len(names))):
+            raise StoreError(f"yolo layout: {path} `names` keys must be 0..{len(names) - 1}")
+        names = [names[k] if k in names else names[str(k)] for k in ids]
+    if not isinstance(names, list) or not names:
+        raise StoreError(f"yolo layout: {path} has no `names` list or dict")
+    return [str(n) for n in names]

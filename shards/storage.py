@@ -1,0 +1,68 @@
+"""Where stores live: fsspec filesystems for local paths, NAS paths and `s3://` URLs."""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StoreError(Exception):
+    """A user-facing problem with a source or a store; its message is one line."""
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path within it for a local path or URL.
+
+    S3 credentials and endpoint come from the usual AWS environment variables.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"cannot open {public_url(url)}: {e}") from None
+    return fs, path.rstrip("/") or "/"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def public_url(url: str) -> str:
+    """`url` without any user:password part, so it is safe to print or store."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def join(root: str, *names: str) -> str:
+    return "/".join([root.rstrip("/"), *names])
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `path` so that readers see the old file or the whole new one, never a part.
+
+    Locally a temp file is renamed over it; on object stores a single PUT is atomic already.
+    """
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def publish_file(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
+    """Move the finished local file `local` to `path` atomically (rename, or one upload)."""
+    if is_local(fs):
+        os.replace(local, path)  # `local` was built beside `path`, so this is a rename
+    else:
+        fs.put_file(local, path)
+        os.remove(local)

@@ -1,0 +1,142 @@
+"""`verify` (every shard against the manifest) and `inspect_store` (the store at a glance)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+
+import fsspec
+import lmdb
+from PIL import Image
+
+from shards.manifest import Manifest, ShardEntry, read_manifest, read_rejects
+from shards.storage import is_local, join, open_fs
+from shards.writers import file_digest
+
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def verify(dest: str, deep: bool = False) -> list[str]:
+    """Problems found, each naming its shard; [] means every shard matches the manifest.
+
+    Checks each shard's size, sha256 and sample count; `deep` also decodes every image.
+    """
+    manifest = read_manifest(dest)
+    fs, root = open_fs(dest)
+    problems = []
+    for split in manifest.splits.values():
+        for entry in split.shards:
+            problems += [f"{entry.name}: {p}" for p in check_shard(fs, root, manifest.format, entry, deep)]
+    return problems
+
+
+def check_shard(fs: fsspec.AbstractFileSystem, root: str, fmt: str, entry: ShardEntry, deep: bool) -> list[str]:
+    path = join(root, entry.name)
+    if not fs.exists(path):
+        return ["missing"]
+    problems = []
+    with local_copy(fs, path) as local:
+        size, sha256 = file_digest(local)
+        if size != entry.bytes:
+            problems.append(f"size {size} bytes, manifest says {entry.bytes}")
+        if sha256 != entry.sha256:
+            problems.append(f"sha256 {sha256[:16]}... does not match the manifest's {entry.sha256[:16]}...")
+        count = 0
+        try:
+            for key, ext, image in (read_tar(local) if fmt == "wds" else read_lmdb(local)):
+                count += 1
+                if deep:
+                    problems += [f"sample {key}: {p}" for p in check_image(ext, image)]
+        except (tarfile.TarError, lmdb.Error, ValueError, KeyError) as e:
+            problems.append(f"unreadable {fmt} shard after {count} samples: {e}")
+            return problems
+        if count != entry.samples:
+            problems.append(f"{count} samples, manifest says {entry.samples}")
+    return problems
+
+
+@contextlib.contextmanager
+def local_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """A local file path for `path`: itself when local, else a downloaded temp copy."""
+    if is_local(fs):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="shardtrain-verify-") as tmp:
+        local = os.path.join(tmp, path.rsplit("/", 1)[-1])
+        fs.get_file(path, local)
+        yield local
+
+
+def read_tar(path: str) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, image extension, image bytes) per sample, grouping adjacent members by key."""
+    key, ext, image = None, None, None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            k, _, e = member.name.partition(".")
+            if k != key and key is not None:
+                yield key, ext, image
+                ext, image = None, None
+            key = k
+            if e in IMAGE_EXTS:
+                ext, image = e, tar.extractfile(member).read()
+    if key is not None:
+        yield key, ext, image
+
+
+def read_lmdb(path: str) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, image bytes) per sample of an LMDB shard, in index order."""
+    env = lmdb.open(path, subdir=False, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            n = int(txn.get(b"__len__"))
+            for i in range(n):
+                record = txn.get(b"%08d" % i)
+                if record is None:
+                    raise ValueError(f"record {i} of {n} is missing")
+                size = int.from_bytes(record[:4], "big")
+                header = json.loads(record[4:4 + size])
+                yield header["key"], header["ext"], bytes(record[4 + size:])
+    finally:
+        env.close()
+
+
+def check_image(ext: str | None, image: bytes | None) -> list[str]:
+    if image is None:
+        return ["no image member"]
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img.load()
+    except Exception as e:  # any decode failure is a problem to report, not to raise
+        return [f"{ext} does not decode: {e}"]
+    return []
+
+
+def inspect_store(dest: str) -> dict:
+    """The store at a glance (what `shardtrain inspect --json` prints)."""
+    manifest: Manifest = read_manifest(dest)
+    fs, root = open_fs(dest)
+    reasons = Counter(r.reason for r in read_rejects(fs, root))
+    return {
+        "format": manifest.format,
+        "format_version": manifest.format_version,
+        "version": manifest.version,
+        "created": manifest.created,
+        "updated": manifest.updated,
+        "layout": manifest.layout,
+        "source": manifest.source,
+        "classes": manifest.classes,
+        "settings": manifest.settings,
+        "rejects": manifest.rejects,
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "splits": {
+            name: {"samples": s.samples, "shards": len(s.shards), "bytes": s.bytes}
+            for name, s in manifest.splits.items()
+        },
+        "totals": manifest.totals.model_dump(),
+    }
