@@ -4,6 +4,7 @@ import typer
 
 from shards.cli import app as shards_app
 from training.doctor import app as doctor_app
+from training.cli import app as training_app
 
 app = typer.Typer(
     help="Raw image folders to verified shards, and timm models trained on them.",
@@ -13,3 +14,4 @@ app = typer.Typer(
 )
 app.add_typer(shards_app)
 app.add_typer(doctor_app)
+app.add_typer(training_app)

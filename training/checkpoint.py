@@ -1,0 +1,125 @@
+"""Checkpoint files: what they hold, atomic writes, completion markers, the last K kept.
+
+Layout of `<run_dir>/checkpoints/`:
+  step_00000120.pt           one file per save, the newest `keep` kept
+  step_00000120.pt.complete  its marker (JSON: step, epoch), written after the file is in place
+  last.pt                    a hard link to the newest step file (for people and tools)
+  best.pt (+ .complete)      a hard link to the step file with the best eval metric
+The same names are used in storage, where a marker also carries the file's sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MARKER = ".complete"
+STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and lists, so `torch.load(weights_only=True)` reads them."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_link(src: Path, dest: Path) -> None:
+    """Point `dest` at `src`'s data (a hard link; a copy where links are not supported), atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def write_marker(path: Path, info: dict) -> None:
+    marker = path.with_name(path.name + MARKER)
+    tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, marker)
+
+
+def read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.with_name(path.name + MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save(ckpt_dir: Path, state: dict, keep: int) -> Path:
+    """Write `step_N.pt` and its marker, repoint last.pt, drop step files beyond the newest `keep`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / step_name(state["step"])
+    atomic_save(state, path)
+    write_marker(path, {"step": state["step"], "epoch": state["epoch"]})
+    atomic_link(path, ckpt_dir / "last.pt")
+    write_marker(ckpt_dir / "last.pt", {"step": state["step"], "epoch": state["epoch"]})
+    for old in step_files(ckpt_dir)[:-keep]:
+        old.with_name(old.name + MARKER).unlink(missing_ok=True)  # marker first: never a marker without its file
+        old.unlink(missing_ok=True)
+    return path
+
+
+def mark_best(ckpt_dir: Path, path: Path, info: dict) -> Path:
+    best = ckpt_dir / "best.pt"
+    best.with_name(best.name + MARKER).unlink(missing_ok=True)
+    atomic_link(path, best)
+    write_marker(best, info)
+    return best
+
+
+def step_files(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoint files with markers, oldest first."""
+    found = [p for p in ckpt_dir.glob("step_*.pt") if STEP_FILE.match(p.name)]
+    return sorted((p for p in found if p.with_name(p.name + MARKER).exists()), key=lambda p: p.name)
+
+
+def latest_local(ckpt_dir: Path) -> dict | None:
+    files = step_files(ckpt_dir) if ckpt_dir.is_dir() else []
+    for path in reversed(files):
+        info = read_marker(path)
+        if info is not None:
+            return {"path": str(path), "step": int(info["step"]), "epoch": int(info["epoch"]), "remote": False}
+    return None
+
+
+def load(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,91 @@
+"""torchrun's environment to a process group; the few collectives the loop needs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+    # A CPU (gloo) group for control flags, so agreeing on "stop now" never syncs the GPU.
+    control: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup() -> World:
+    """Read torchrun's env (or default to one process), pick the device, init the process group."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(minutes=30))
+        control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        return World(rank, local_rank, size, device, control)
+    return World(rank, local_rank, size, device)
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_tensor(world: World, t: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks (in place); a no-op in one process."""
+    if world.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(world: World, flag: bool) -> bool:
+    """True when the flag is set on any rank, so every rank takes the same branch (no hang)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=world.control)
+    return bool(t.item() > 0)
+
+
+def gather(world: World, obj: object) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if not world.distributed:
+        return [obj]
+    out: list = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(world: World, obj: object) -> object:
+    """Rank 0's `obj` on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

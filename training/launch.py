@@ -1,0 +1,107 @@
+"""`launch`: run the loop under torchrun in a subprocess, stream its output, return its exit code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from training.config import TrainError, load_config, run_dir
+from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
+
+
+def torchrun_command(
+    config: str | Path,
+    overrides: Sequence[str],
+    *,
+    run_id: str,
+    nproc_per_node: int,
+    nnodes: int,
+    node_rank: int,
+    rdzv_endpoint: str | None,
+    shutdown_timeout: int,
+) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise TrainError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id}"]
+    elif rdzv_endpoint:
+        cmd += ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += [f"--shutdown-timeout={shutdown_timeout}", "-m", "training", str(config), *overrides]
+    return cmd
+
+
+def launch(
+    config: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> int:
+    """Run `torchrun ... -m training CONFIG OVERRIDES`; return its exit code.
+
+    The config is validated here first, so a bad key fails before any process starts
+    (TrainError). With `stream=None` the workers inherit this process's stdout (a
+    terminal keeps its live progress bar); otherwise each output line goes to `stream`.
+    After a SIGTERM/SIGINT the workers save a checkpoint and the result is EXIT_PREEMPTED.
+    """
+    if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise TrainError("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
+    cfg = load_config(config, overrides)
+    cmd = torchrun_command(
+        config, overrides, run_id=cfg.name, nproc_per_node=nproc_per_node, nnodes=nnodes,
+        node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+        shutdown_timeout=int(cfg.checkpoint.preempt_timeout) + 60,
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+    pipe = subprocess.PIPE if stream is not None else None
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
+    with forward_signals(proc):
+        if proc.stdout is not None:
+            for line in proc.stdout:
+                stream(line.rstrip("\n"))
+        code = proc.wait()
+    return EXIT_PREEMPTED if code != 0 and preempted_since(run_dir(cfg), started) else code
+
+
+class forward_signals:
+    """While the child runs, pass SIGTERM/SIGINT on to it (it asks its workers to save and stop)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> forward_signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def _forward(self, signum: int, frame: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def preempted_since(directory: Path, started: float) -> bool:
+    """Did a worker of this launch save on a signal? (It leaves PREEMPTED_FILE in the run dir.)"""
+    marker = directory / PREEMPTED_FILE
+    return marker.exists() and marker.stat().st_mtime >= started - 1

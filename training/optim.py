@@ -1,0 +1,54 @@
+"""Optimizer (timm's create_optimizer_v2), the step plan (accumulation and its ramp), the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from training.config import OptimConfig, TrainConfig
+
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """Linear scaling rule: lr * global_batch / lr_base_batch when lr_base_batch is set."""
+    return cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    extra = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
+    return create_optimizer_v2(model, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay,
+                               layer_decay=cfg.layer_decay, **extra)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many micro-batches make one optimizer step in each epoch, and so the steps per epoch."""
+
+    batches_per_epoch: int
+    accum_steps: int
+    batch_ramp: int
+    epochs: int
+    max_steps: int | None
+
+    def accum(self, epoch: int) -> int:
+        # Batch-size ramp-up through accumulation: a smaller effective batch for the first epochs.
+        return max(1, math.ceil(self.accum_steps * (epoch + 1) / (self.batch_ramp + 1))) if epoch < self.batch_ramp \
+            else self.accum_steps
+
+    def steps_in(self, epoch: int) -> int:
+        return math.ceil(self.batches_per_epoch / self.accum(epoch))
+
+    @property
+    def total_steps(self) -> int:
+        total = sum(self.steps_in(e) for e in range(self.epochs))
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, plan: StepPlan) -> CosineLRScheduler:
+    """Warmup then cosine to min_lr, stepped per optimizer step (a pure function of the step)."""
+    warmup = round(cfg.warmup_epochs * plan.steps_in(0))
+    return CosineLRScheduler(optimizer, t_initial=max(1, plan.total_steps - warmup), lr_min=cfg.min_lr,
+                             warmup_t=warmup, warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)

@@ -1,0 +1,35 @@
+"""SIGTERM/SIGINT inside a worker: finish the step, save, exit EXIT_PREEMPTED; a second signal exits at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+EXIT_PREEMPTED: int = 75  # EX_TEMPFAIL: "saved on a signal, requeue me"
+PREEMPTED_FILE = "preempted.json"  # left in the run dir by a preempted save; `launch` reads it
+
+# torchrun forwards the signal it got to its workers, and a scheduler or a terminal often signals the
+# workers directly as well: one request can arrive twice within moments. Only a signal after this
+# many seconds counts as the user insisting.
+DUPLICATE_WINDOW_S = 2.0
+
+
+class Preemption:
+    """Installs the handlers; `requested` turns true on the first signal."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.first_at is not None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at = now
+        elif now - self.first_at > DUPLICATE_WINDOW_S:
+            os._exit(128 + signum)

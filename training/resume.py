@@ -1,0 +1,64 @@
+"""Which checkpoint a run starts from: the newest complete one locally, else in storage, or a given one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training import checkpoint, storage
+from training.config import RunConfig, TrainError, run_dir
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    return run_dir(cfg) / "checkpoints"
+
+
+def latest_checkpoint(cfg: RunConfig) -> dict | None:
+    """Newest complete checkpoint: {"path", "step", "epoch", "remote"}, from the run dir, else storage."""
+    found = checkpoint.latest_local(checkpoint_dir(cfg))
+    if found is None and cfg.checkpoint.storage:
+        remote = storage.latest_remote(cfg.checkpoint.storage, cfg.name)
+        if remote is not None:
+            found = {"path": remote["path"], "step": remote["step"], "epoch": remote["epoch"], "remote": True}
+    return found
+
+
+def fetch(cfg: RunConfig) -> Path | None:
+    """The local path of the checkpoint `cfg.resume` asks for (downloaded when remote), or None to start fresh."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        local = checkpoint.latest_local(checkpoint_dir(cfg))
+        if local is not None:
+            return Path(local["path"])
+        if not cfg.checkpoint.storage:
+            return None
+        remote = storage.latest_remote(cfg.checkpoint.storage, cfg.name)
+        if remote is None:
+            return None
+        dest = checkpoint_dir(cfg) / Path(remote["path"]).name
+        return storage.download(remote["path"], dest, remote["sha256"])
+    return fetch_explicit(cfg.resume, checkpoint_dir(cfg))
+
+
+def fetch_named(cfg: RunConfig, name: str) -> Path:
+    """Download `<storage>/<name>/checkpoints/NAME` into this node's run dir (for nodes without a shared disk)."""
+    if not cfg.checkpoint.storage:
+        raise TrainError(f"checkpoint {name} is not on this node's disk and checkpoint.storage is not set: "
+                         "use a shared runs_dir or a storage")
+    url = f"{storage.remote_dir(cfg.checkpoint.storage, cfg.name)}/checkpoints/{name}"
+    return fetch_explicit(url, checkpoint_dir(cfg), dest_name=name)
+
+
+def fetch_explicit(url: str, ckpt_dir: Path, dest_name: str | None = None) -> Path:
+    if "://" not in url:
+        if not Path(url).is_file():
+            raise TrainError(f"bad value for resume: no checkpoint file {url}")
+        return Path(url)
+    fs, path = storage.filesystem(url)
+    try:
+        marker = fs.cat_file(path + checkpoint.MARKER)
+    except FileNotFoundError:
+        raise TrainError(f"bad value for resume: {url} has no {checkpoint.MARKER} marker (incomplete upload?)") from None
+    dest = ckpt_dir / (dest_name or f"resume_{Path(path).name}")
+    return storage.download(url, dest, json.loads(marker).get("sha256"))
