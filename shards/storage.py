@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -49,7 +48,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     """
     if is_local(fs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}.tmp"  # a fixed name: a rerun after a kill overwrites any leftover
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

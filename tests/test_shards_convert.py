@@ -1,0 +1,171 @@
+"""shards.convert on good inputs: every input in exactly one shard with its label, determinism,
+shard sizes, --append, and an S3 round trip against the moto server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shards import ConvertOptions, StoreError, convert, inspect_store, read_manifest, samples, verify
+from shards.keys import sample_key
+from test_shards_reader import read_store
+
+
+def run(src, dest, **kw):
+    return convert(ConvertOptions(src=str(src), dest=str(dest), workers=kw.pop("workers", 1), **kw), progress=False)
+
+
+def image_files(src: Path) -> list[str]:
+    return sorted(p.relative_to(src).as_posix() for p in src.rglob("*.jpg"))
+
+
+def manifest_digests(dest) -> dict[str, str]:
+    m = read_manifest(str(dest))
+    return {s.name: s.sha256 for split in m.splits.values() for s in split.shards}
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_imagefolder_every_input_once_with_its_class(imagefolder_src, tmp_path, fmt):
+    summary = run(imagefolder_src, tmp_path / "s", format=fmt, shard_size="7samples")
+    stored = read_store(tmp_path / "s")
+    manifest = read_manifest(str(tmp_path / "s"))
+    files = image_files(imagefolder_src)
+    assert summary.added == len(files) == len(stored) and summary.rejected == 0
+    assert manifest.classes == sorted(p.name for p in (imagefolder_src / "train").iterdir())
+    for rel in files:
+        split, cls_name, _ = rel.split("/")
+        sample = stored[sample_key(rel)]
+        assert sample["split"] == split
+        assert manifest.classes[sample["cls"]] == cls_name
+        assert sample["image"] == (imagefolder_src / rel).read_bytes()  # original bytes kept
+    assert all(s.samples <= 7 for split in manifest.splits.values() for s in split.shards)
+    assert manifest.totals.samples == len(files) and manifest.layout == "imagefolder"
+    assert verify(str(tmp_path / "s"), deep=True) == []
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_yolo_boxes_and_labels(yolo_src, tmp_path, fmt):
+    summary = run(yolo_src, tmp_path / "s", format=fmt)
+    stored = read_store(tmp_path / "s")
+    assert summary.layout == "yolo" and summary.added == len(image_files(yolo_src)) == len(stored)
+    assert read_manifest(str(tmp_path / "s")).classes == samples.class_names()
+    for rel in image_files(yolo_src):
+        label = (yolo_src / rel.replace("images/", "labels/", 1)).with_suffix(".txt").read_text().split("\n")
+        rows = [list(map(float, line.split())) for line in label if line.strip()]
+        sample = stored[sample_key(rel)]
+        assert sample["split"] == rel.split("/")[1]
+        assert sample["labels"] == [int(r[0]) for r in rows]
+        assert sample["boxes"] == [r[1:] for r in rows]
+
+
+def test_unlabeled_tree_and_split_folders(tmp_path):
+    src = tmp_path / "src"
+    for seed, folder in enumerate(["train/day1", "val", "misc", "."]):
+        samples.make_unlabeled(src / folder, count=6, size=32, seed=seed)
+    summary = run(src, tmp_path / "s", format="lmdb")
+    stored = read_store(tmp_path / "s")
+    assert summary.layout == "unlabeled"  # images at several depths: not class folders
+    for rel in image_files(src):
+        sample = stored[sample_key(rel)]
+        assert sample["split"] == ("val" if rel.startswith("val/") else "train")
+        assert set(sample) == {"split", "shard", "ext", "image"}  # image alone, no label
+    assert len(stored) == len(image_files(src)) and read_manifest(str(tmp_path / "s")).classes == []
+
+
+def test_imagefolder_without_splits_and_forced_layout(imagefolder_src, tmp_path):
+    src = imagefolder_src / "train"
+    auto = run(src, tmp_path / "a", format="wds")
+    assert auto.layout == "imagefolder" and auto.splits == {"train": len(image_files(src))}
+    forced = run(src, tmp_path / "b", layout="unlabeled")
+    assert forced.layout == "unlabeled"
+    assert {s["split"] for s in read_store(tmp_path / "b").values()} == {"train"}
+    with pytest.raises(StoreError, match="not inside a class folder"):
+        run(imagefolder_src / "train" / "chelsea", tmp_path / "c", layout="imagefolder")
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_same_shards_whatever_the_worker_count(imagefolder_src, tmp_path, fmt):
+    one = run(imagefolder_src, tmp_path / "w1", format=fmt, shard_size="40KB", workers=1)
+    two = run(imagefolder_src, tmp_path / "w2", format=fmt, shard_size="40KB", workers=2)
+    assert one.shards_written == two.shards_written and len(one.shards_written) > 2
+    assert manifest_digests(tmp_path / "w1") == manifest_digests(tmp_path / "w2")
+    for name in one.shards_written:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
+
+
+def test_shard_size_in_bytes(imagefolder_src, tmp_path):
+    run(imagefolder_src, tmp_path / "s", shard_size="20KB")
+    manifest = read_manifest(str(tmp_path / "s"))
+    train = manifest.splits["train"].shards
+    assert len(train) > 3
+    # every shard but the last is as full as 20KB allows (one more sample would pass it)
+    assert all(s.bytes < 20_000 + 12_000 for s in train)
+    with pytest.raises(ValueError, match="shard size"):
+        ConvertOptions(src="a", dest="b", shard_size="12 parsecs")
+
+
+def test_append_adds_only_new_inputs_then_is_a_noop(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 3, "val": 1}, size=32)
+    first = run(src, tmp_path / "s", format="lmdb")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir() if p.is_file()}
+    samples.make_imagefolder(src, per_class={"train": 2}, size=32, seed=1, start=100)
+    second = run(src, tmp_path / "s", format="lmdb", append=True)
+    assert second.version == 2 and second.added == 2 * len(samples.class_names())
+    assert second.unchanged == first.added
+    manifest = read_manifest(str(tmp_path / "s"))
+    for name in first.shards_written:
+        assert (tmp_path / "s" / name).stat().st_mtime_ns == before[name]  # old shards untouched
+    assert [s.version for s in manifest.splits["train"].shards] == [1, 2]
+    assert len(read_store(tmp_path / "s")) == len(image_files(src))
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    third = run(src, tmp_path / "s", format="lmdb", append=True)
+    assert third.added == 0 and third.version == 2 and third.shards_written == []
+    assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == snapshot
+    assert verify(str(tmp_path / "s")) == []
+
+
+def test_append_rejects_changed_content_and_keeps_the_stored_sample(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea", "rocket"])
+    run(src, tmp_path / "s")
+    victim = src / "train" / "rocket" / "rocket_0000.jpg"
+    original = victim.read_bytes()
+    shutil.copy(samples.PHOTOS_DIR / "coffee.jpg", victim)
+    summary = run(src, tmp_path / "s", append=True)
+    assert (summary.added, summary.rejected, summary.version) == (0, 1, 1)
+    reject = json.loads((tmp_path / "s" / "rejects.jsonl").read_text())
+    assert (reject["path"], reject["reason"]) == ("train/rocket/rocket_0000.jpg", "changed")
+    assert read_store(tmp_path / "s")[sample_key("train/rocket/rocket_0000.jpg")]["image"] == original
+    again = run(src, tmp_path / "s", append=True)  # the same change is not reported twice
+    assert (again.added, again.rejected) == (0, 0)
+    assert read_manifest(str(tmp_path / "s")).rejects == 1
+
+
+def test_existing_store_needs_append(imagefolder_src, tmp_path):
+    run(imagefolder_src, tmp_path / "s")
+    with pytest.raises(StoreError, match="--append"):
+        run(imagefolder_src, tmp_path / "s")
+    with pytest.raises(StoreError, match="format"):
+        run(imagefolder_src, tmp_path / "s", format="lmdb", append=True)
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_s3_round_trip(imagefolder_src, s3_bucket, fmt):
+    dest = f"{s3_bucket}/stores/pets"
+    summary = run(imagefolder_src, dest, format=fmt, shard_size="30samples", workers=2)
+    info = inspect_store(dest)
+    assert info["format"] == fmt and info["version"] == 1
+    assert {k: v["samples"] for k, v in info["splits"].items()} == summary.splits
+    assert sum(summary.splits.values()) == len(image_files(imagefolder_src))
+    assert verify(dest, deep=True) == []
+    manifest = read_manifest(dest)
+    assert "testing" not in manifest.model_dump_json()  # no credentials in the manifest
+    from shards import open_fs
+
+    fs, root = open_fs(dest)
+    first = manifest.splits["train"].shards[0]
+    assert hashlib.sha256(fs.cat_file(f"{root}/{first.name}")).hexdigest() == first.sha256
+    assert not [p for p in fs.find(root) if ".partial" in p or p.endswith(".tmp")]
