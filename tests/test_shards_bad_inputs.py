@@ -1,0 +1,193 @@
+"""The bad-input corpus: each file is converted correctly or lands in rejects.jsonl with its reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from shards import ConvertOptions, StoreError, convert, read_manifest, samples
+from shards.keys import sample_key
+from test_shards_reader import decode, read_store
+
+MAX_PIXELS = 150 * 150
+
+
+def jpeg(img: Image.Image, **kw) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=90, **kw)
+    return out.getvalue()
+
+
+def png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "PNG")
+    return out.getvalue()
+
+
+def rotated_jpeg() -> bytes:
+    """40x20 stored pixels, left half red, with EXIF orientation 6 (display rotated 90 degrees)."""
+    img = Image.new("RGB", (40, 20), "blue")
+    img.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return jpeg(img, exif=exif.tobytes())
+
+
+def make_corpus(root: Path) -> dict[str, str | None]:
+    """Write the corpus under root/train/<class>/; returns relpath -> expected reject reason (None: kept)."""
+    samples.make_imagefolder(root, per_class={"train": 2}, size=32, classes=["chelsea", "rocket"])
+    good = root / "train" / "chelsea" / "chelsea_0000.jpg"
+    odd = root / "train" / "odd"
+    odd.mkdir()
+    gray16 = Image.fromarray(np.array([[0, 257 * 100], [65535, 257 * 7]], dtype=np.uint16).repeat(8, 0).repeat(8, 1))
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 255, 255))
+    rgba.paste((255, 0, 0, 0), (0, 0, 8, 16))  # left half fully transparent red
+    files = {
+        "truncated.jpg": (good.read_bytes()[: good.stat().st_size // 2], "truncated"),
+        "zero.jpg": (b"", "empty"),
+        "random.jpg": (np.random.default_rng(0).bytes(3000), "not_an_image"),
+        "cmyk.jpg": (jpeg(Image.new("CMYK", (24, 24), (0, 255, 255, 0))), None),
+        "gray16.png": (png(gray16), None),
+        "palette.png": (png(Image.open(good).convert("P", palette=Image.Palette.ADAPTIVE)), None),
+        "rgba.png": (png(rgba), None),
+        "rotated.jpg": (rotated_jpeg(), None),
+        "huge.png": (png(Image.new("RGB", (200, 200), "green")), "too_large"),
+        "with space ü.v2.jpg": (jpeg(Image.new("RGB", (20, 20), "white")), None),
+        "with_space_ü_v2.jpg": (jpeg(Image.new("RGB", (20, 20), "black")), None),
+        "copy.jpg": (good.read_bytes(), "duplicate"),
+        "notes.txt": (b"not an input", "ignored"),
+    }
+    expected: dict[str, str | None] = {}
+    for name, (data, reason) in files.items():
+        (odd / name).write_bytes(data)
+        if reason != "ignored":
+            expected[f"train/odd/{name}"] = reason
+    (odd / "broken.jpg").symlink_to(root / "nowhere.jpg")
+    expected["train/odd/broken.jpg"] = "unreadable"
+    for p in root.rglob("*.jpg"):
+        expected.setdefault(p.relative_to(root).as_posix(), None)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("corpus") / "src"
+    return root, make_corpus(root)
+
+
+def rejects_of(dest: Path) -> dict[str, dict]:
+    lines = (dest / "rejects.jsonl").read_text().splitlines()
+    return {r["path"]: r for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_corpus_is_converted_or_rejected_with_its_reason(corpus, tmp_path, fmt):
+    src, expected = corpus
+    summary = convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), format=fmt, max_pixels=MAX_PIXELS,
+                                     workers=2, shard_size="5samples"), progress=False)
+    stored, rejects = read_store(tmp_path / "s"), rejects_of(tmp_path / "s")
+    assert {p: r["reason"] for p, r in rejects.items()} == {p: r for p, r in expected.items() if r}
+    assert {k for k in stored} == {sample_key(p) for p, r in expected.items() if r is None}
+    assert summary.added + summary.rejected == len(expected) == len(stored) + len(rejects)
+    assert read_manifest(str(tmp_path / "s")).rejects == len(rejects)
+    assert rejects["train/odd/copy.jpg"]["of"] == sample_key("train/chelsea/chelsea_0000.jpg")
+    assert all(r["detail"] and r["version"] == 1 for r in rejects.values())
+    for rel, reason in expected.items():
+        if reason is None:
+            img = decode(stored[sample_key(rel)]["image"])
+            assert img.mode in ("RGB", "L"), rel
+
+
+def test_odd_modes_become_correct_8bit_rgb(corpus, tmp_path):
+    src, _ = corpus
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), max_pixels=MAX_PIXELS, workers=1),
+            progress=False)
+    stored = read_store(tmp_path / "s")
+
+    def pixels(name: str) -> tuple[str, np.ndarray]:
+        sample = stored[sample_key(f"train/odd/{name}")]
+        img = decode(sample["image"])
+        assert img.mode == "RGB", name
+        return sample["ext"], np.asarray(img)
+
+    ext, gray = pixels("gray16.png")
+    assert ext == "png" and gray[0, 0].tolist() == [0, 0, 0] and gray[0, 8].tolist() == [100] * 3
+    assert gray[8, 0].tolist() == [255] * 3 and gray[8, 8].tolist() == [7] * 3  # scaled, not clipped
+    ext, rgba = pixels("rgba.png")
+    assert ext == "png" and rgba[0, 0].tolist() == [255, 255, 255] and rgba[0, 15].tolist() == [0, 0, 255]
+    ext, cmyk = pixels("cmyk.jpg")
+    assert ext == "jpg" and abs(cmyk[12, 12].astype(int) - [255, 0, 0]).max() < 10  # CMY(0,255,255) is red
+    ext, palette = pixels("palette.png")
+    original = np.asarray(Image.open(src / "train/odd/palette.png").convert("RGB"))
+    assert ext == "png" and (palette == original).all()
+
+
+def test_exif_orientation_kept_in_bytes_or_applied_when_shrunk(corpus, tmp_path):
+    src, _ = corpus
+    key = sample_key("train/odd/rotated.jpg")
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "kept"), max_pixels=MAX_PIXELS, workers=1),
+            progress=False)
+    kept = read_store(tmp_path / "kept")[key]["image"]
+    assert kept == (src / "train/odd/rotated.jpg").read_bytes()  # tag stays: readers apply it
+    upright = np.asarray(ImageOps.exif_transpose(decode(kept)))
+    assert upright.shape[:2] == (40, 20)
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "small"), max_pixels=MAX_PIXELS, max_side=16,
+                           workers=1), progress=False)
+    stored = read_store(tmp_path / "small")
+    shrunk = decode(stored[key]["image"])
+    assert shrunk.size == (8, 16) and shrunk.getexif().get(0x0112, 1) == 1  # upright, no tag left
+    for y in (2, 13):  # the same colours as the upright original at the same place
+        assert abs(np.asarray(shrunk)[y, 4].astype(int) - upright[y * 40 // 16, 10]).max() < 40
+    assert all(max(decode(s["image"]).size) <= 16 for s in stored.values())
+
+
+def test_on_error_fail_stops_with_one_line_naming_the_file(corpus, tmp_path):
+    src, _ = corpus
+    with pytest.raises(StoreError) as err:
+        convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), on_error="fail", workers=2), progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train/odd/") and ": " in message
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_unreadable_file(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 1}, size=32, classes=["chelsea"])
+    locked = src / "train" / "chelsea" / "locked.jpg"
+    shutil.copy(samples.PHOTOS_DIR / "rocket.jpg", locked)
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):
+        pytest.skip("running as root: chmod 0 does not make a file unreadable")
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert rejects_of(tmp_path / "s")["train/chelsea/locked.jpg"]["reason"] == "unreadable"
+
+
+def test_yolo_bad_labels(tmp_path):
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 8}, size=64)
+    labels = src / "labels" / "train"
+    bad = {
+        "img_0000": ("0 0.5 0.5 0.2\n", "bad_label"),  # 4 fields
+        "img_0001": ("0 0.5 half 0.2 0.2\n", "bad_label"),
+        "img_0002": ("1 0.5 0.5 1.5 0.2\n", "bad_label"),  # outside [0, 1]
+        "img_0003": ("1 0.5 0.5 0.0 0.2\n", "bad_label"),  # empty box
+        "img_0004": ("0 0.5 0.5 0.2 0.2\n99 0.5 0.5 0.2 0.2\n", "unknown_class"),
+        "img_0005": ("", None),  # empty label file: no objects
+    }
+    for stem, (text, _) in bad.items():
+        (labels / f"{stem}.txt").write_text(text)
+    (labels / "img_0006.txt").unlink()  # missing label file: no objects
+    (src / "data.yaml").write_text("names: [" + ", ".join(samples.class_names()) + "]\n")  # list form
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), format="lmdb", workers=1), progress=False)
+    rejects, stored = rejects_of(tmp_path / "s"), read_store(tmp_path / "s")
+    assert {p: r["reason"] for p, r in rejects.items()} == {
+        f"images/train/{stem}.jpg": reason for stem, (_, reason) in bad.items() if reason
+    }
+    for stem in ("img_0005", "img_0006"):
+        assert stored[sample_key(f"images/train/{stem}.jpg")]["boxes"] == []
+    assert len(stored[sample_key("images/train/img_0007.jpg")]["boxes"]) >= 1
