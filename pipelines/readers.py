@@ -93,7 +93,7 @@ class ShardReader:
         return out  # type: ignore[return-value]
 
     def _reset(self) -> None:
-        raise NotImplementedError
+        """Forget what the parent process had open."""
 
     def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
         raise NotImplementedError
@@ -116,7 +116,8 @@ class TarReader(ShardReader):
             return self._files[shard]
         if len(self._files) >= OPEN_FILES:
             self._files.popitem(last=False)[1].close()
-        f = fsspec.open(self.split.shards[shard], "rb", block_size=READ_BLOCK).open()
+        fs, path = fsspec.core.url_to_fs(self.split.shards[shard])
+        f = fs.open(path, "rb", block_size=READ_BLOCK)
         self._files[shard] = f
         return f
 
@@ -158,22 +159,11 @@ class LmdbReader(ShardReader):
             )
         super().__init__(split)
 
-    def _reset(self) -> None:
-        self._envs: dict[int, object] = {}
-
-    def _env(self, shard: int):
-        import lmdb
-
-        if shard not in self._envs:
-            path = fsspec.core.url_to_fs(self.split.shards[shard])[1]
-            self._envs[shard] = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False)
-        return self._envs[shard]
-
     def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
         name = os.path.basename(self.split.shards[shard])
         out: list[RawSample | BadSample] = []
         try:
-            env = self._env(shard)
+            env = open_env(fsspec.core.url_to_fs(self.split.shards[shard])[1])
         except Exception as e:  # lmdb.Error and OSError: the whole shard is unreadable
             return [BadSample(name, None, f"sample #{i}: cannot open: {e}") for i in local]
         with env.begin(buffers=False) as txn:
@@ -184,6 +174,26 @@ class LmdbReader(ShardReader):
                     continue
                 out.append(parse_lmdb_value(name, i, value))
         return out
+
+
+_ENVS: dict[str, object] = {}
+_ENVS_PID = -1
+
+
+def open_env(path: str):
+    """The process's one environment for `path`: LMDB allows only one per file and process,
+    and one inherited over fork must not be used, so a new process closes the parent's."""
+    global _ENVS_PID
+    import lmdb
+
+    if _ENVS_PID != os.getpid():
+        for env in _ENVS.values():
+            env.close()
+        _ENVS.clear()
+        _ENVS_PID = os.getpid()
+    if path not in _ENVS:
+        _ENVS[path] = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False)
+    return _ENVS[path]
 
 
 def parse_lmdb_value(shard: str, i: int, value: bytes) -> RawSample | BadSample:

@@ -1,0 +1,252 @@
+"""build_loader on real stores made by shards.convert: splitting, epochs, resume, S3, errors.
+
+Samples are told apart by their pixels: with a deterministic transform (eval, or train with
+every random op switched off) each of the bundled crops gives a distinct tensor.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import lmdb
+import pytest
+import torch
+
+from pipelines import AugmentConfig, DataConfig, DataError, build_loader
+from shards import ConvertOptions, convert, samples
+
+CPU = torch.device("cpu")
+FIXED = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, color_jitter=0.0)  # train, but deterministic
+
+
+def make_store(root: Path, fmt: str, per_class: dict[str, int], shard_size: str, dest: str | None = None) -> str:
+    src = root / "src"
+    if not src.exists():
+        samples.make_imagefolder(src, per_class=per_class, size=40, seed=1)
+    dest = dest or str(root / fmt)
+    convert(ConvertOptions(src=str(src), dest=dest, format=fmt, shard_size=shard_size, workers=1), progress=False)
+    return dest
+
+
+@pytest.fixture(scope="module", params=["wds", "lmdb"])
+def store(request, tmp_path_factory) -> str:
+    """6 classes x (9 train, 3 val) in shards of 5 samples: uneven last shards in both splits."""
+    return make_store(tmp_path_factory.mktemp("store"), request.param, {"train": 9, "val": 3}, "5")
+
+
+def cfg_for(path: str, **kw) -> DataConfig:
+    base = dict(path=path, image_size=32, batch_size=4, workers=2, shuffle_buffer=8, augment=FIXED)
+    return DataConfig(**{**base, **kw})
+
+
+def digest(image: torch.Tensor) -> str:
+    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
+
+
+def epoch_digests(loader, epoch: int) -> list[list[str]]:
+    loader.set_epoch(epoch)
+    out = [[digest(img) for img in batch["image"]] for batch in loader]
+    assert loader.skipped == 0
+    return out
+
+
+def loaders(cfg: DataConfig, split: str, *, train: bool, world_size: int, seed: int = 0):
+    return [
+        build_loader(cfg, split, train=train, task="classify", rank=r, world_size=world_size, seed=seed, device=CPU)
+        for r in range(world_size)
+    ]
+
+
+def test_eval_yields_every_sample_exactly_once_across_ranks_and_workers(store):
+    cfg = cfg_for(store)
+    (whole,) = loaders(cfg.model_copy(update={"workers": 0}), "val", train=False, world_size=1)
+    reference = [d for b in epoch_digests(whole, 0) for d in b]
+    assert len(reference) == whole.num_samples == 18 and len(set(reference)) == 18
+
+    per_rank = [epoch_digests(ld, 0) for ld in loaders(cfg, "val", train=False, world_size=2)]
+    got = [d for rank in per_rank for b in rank for d in b]
+    assert sorted(got) == sorted(reference)
+    assert got == reference  # eval keeps store order: rank 0 then rank 1, no shuffling
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+
+
+def test_train_ranks_get_equal_full_batches_and_a_new_order_each_epoch(store):
+    cfg = cfg_for(store)
+    ranks = loaders(cfg, "train", train=True, world_size=2)
+    # 54 samples, 2 ranks x batch 4 -> 6 batches each, 6 samples dropped
+    assert [len(ld) for ld in ranks] == [6, 6]
+    epochs = []
+    for epoch in range(2):
+        per_rank = [epoch_digests(ld, epoch) for ld in ranks]
+        assert [len(b) for b in per_rank] == [6, 6]
+        assert all(len(batch) == 4 for rank in per_rank for batch in rank)
+        flat = [d for rank in per_rank for b in rank for d in b]
+        assert len(flat) == len(set(flat)) == 48  # no sample twice in an epoch
+        epochs.append(flat)
+    assert epochs[0] != epochs[1]
+    # and the same seed gives the same epoch again, in a fresh loader
+    again = [epoch_digests(ld, 1) for ld in loaders(cfg, "train", train=True, world_size=2)]
+    assert [d for rank in again for b in rank for d in b] == epochs[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_a_kill_yields_exactly_the_rest_bitwise(store, workers):
+    cfg = cfg_for(store, workers=workers, augment=AugmentConfig())  # real random augmentation
+    (full,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+    full.set_epoch(3)
+    expected = [(b["image"].clone(), b["label"].clone()) for b in full]
+
+    (killed,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+    killed.set_epoch(3)
+    stop_at = 1 + int(torch.randint(len(expected) - 2, ()).item())
+    first = []
+    for batch in killed:
+        first.append((batch["image"].clone(), batch["label"].clone()))
+        if len(first) == stop_at:
+            break
+    state = killed.state_dict()
+    assert state == {"epoch": 3, "batch": stop_at}
+
+    (resumed,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+    resumed.load_state_dict(state)
+    rest = [(b["image"], b["label"]) for b in resumed]
+    assert len(first) + len(rest) == len(expected)
+    for (img, lab), (img2, lab2) in zip(first + rest, expected):
+        assert torch.equal(img, img2) and torch.equal(lab, lab2)
+
+
+def test_one_shard_feeds_four_consumers(tmp_path):
+    path = make_store(tmp_path, "wds", {"train": 3, "val": 2}, "1000")  # everything in one shard per split
+    cfg = cfg_for(path, batch_size=2)
+    per_rank = [epoch_digests(ld, 0) for ld in loaders(cfg, "val", train=False, world_size=2)]
+    flat = [d for rank in per_rank for b in rank for d in b]
+    assert len(flat) == len(set(flat)) == 12
+    # train: 2 ranks x 2 workers each all get batches out of the single shard
+    ranks = loaders(cfg, "train", train=True, world_size=2)
+    assert [len(ld) for ld in ranks] == [4, 4]
+    flat = [d for ld in ranks for b in epoch_digests(ld, 0) for d in b]
+    assert len(flat) == len(set(flat)) == 16
+
+
+def test_store_on_s3_is_streamed(tmp_path, s3_bucket):
+    path = make_store(tmp_path, "wds", {"train": 2, "val": 2}, "5", dest=f"{s3_bucket}/store")
+    cfg = cfg_for(path, batch_size=3)
+    per_rank = [epoch_digests(ld, 0) for ld in loaders(cfg, "val", train=False, world_size=2)]
+    flat = [d for rank in per_rank for b in rank for d in b]
+    assert len(flat) == len(set(flat)) == 12
+
+
+def test_lmdb_store_on_s3_asks_for_a_local_copy(tmp_path, s3_bucket):
+    path = make_store(tmp_path, "lmdb", {"train": 2, "val": 1}, "5", dest=f"{s3_bucket}/store")
+    with pytest.raises(DataError, match="local or mounted path.*copy it"):
+        build_loader(cfg_for(path), "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU)
+
+
+def worker_rss_mb() -> dict[int, float]:
+    """RSS of this process's children (the DataLoader workers), from /proc."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    out = {}
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out[pid] = int(line.split()[1]) / 1024
+    return out
+
+
+def test_worker_memory_stays_flat_over_epochs(store):
+    (ld,) = loaders(cfg_for(store, augment=AugmentConfig()), "train", train=True, world_size=1)
+    epoch_digests(ld, 0)
+    epoch_digests(ld, 1)
+    before = worker_rss_mb()
+    assert len(before) == 2  # persistent workers: the same two processes every epoch
+    for epoch in range(2, 6):
+        epoch_digests(ld, epoch)
+    after = worker_rss_mb()
+    assert after.keys() == before.keys()
+    assert all(after[p] - before[p] < 8 for p in before), (before, after)
+
+
+def corrupt_first_image(store: str, fmt: str) -> tuple[str, str]:
+    """Zero the JPEG header of one stored image in place; returns (shard, key)."""
+    shard = sorted(Path(store).glob(f"val-*.{'tar' if fmt == 'wds' else 'lmdb'}"))[0]
+    data = shard.read_bytes()
+    if fmt == "wds":
+        with tarfile.open(shard) as tar:
+            member = next(m for m in tar if m.name.endswith(".jpg"))
+        key = member.name.split(".")[0]
+        start = member.offset_data
+        data = data[:start] + bytes(32) + data[start + 32 :]
+    else:
+        env = lmdb.open(str(shard), subdir=False, readonly=True, lock=False)
+        with env.begin() as txn:
+            value = txn.get(b"00000000")
+        env.close()
+        head = int.from_bytes(value[:4], "big")
+        key = json.loads(value[4 : 4 + head])["key"]
+        broken = value[: 4 + head] + bytes(32) + value[4 + head + 32 :]
+        data = data.replace(value, broken)  # every copy of the value's pages
+    shard.write_bytes(data)
+    return shard.name, key
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_corrupt_sample_is_skipped_and_counted_or_named(tmp_path, fmt):
+    path = make_store(tmp_path, fmt, {"train": 2, "val": 3}, "5")
+    shard, key = corrupt_first_image(path, fmt)
+    ranks = loaders(cfg_for(path), "val", train=False, world_size=2)
+    seen = sum(len(b["image"]) for ld in ranks for b in ld)
+    assert seen == 17 and sum(ld.skipped for ld in ranks) == 1
+
+    (ld,) = loaders(cfg_for(path, on_error="fail"), "val", train=False, world_size=1)
+    with pytest.raises(DataError) as err:
+        list(ld)
+    message = str(err.value)
+    assert shard in message and key in message and "\n" not in message
+    del err, ld  # the traceback holds the loader: let its workers go now, not in a later test
+    gc.collect()
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, store):
+    with pytest.raises(DataError, match="no manifest|no shard store"):
+        build_loader(cfg_for(str(tmp_path)), "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU)
+    with pytest.raises(DataError, match="no split 'test'"):
+        build_loader(cfg_for(store), "test", train=False, task="classify", rank=0, world_size=1, seed=0, device=CPU)
+    with pytest.raises(DataError, match="fewer than one batch per rank"):
+        build_loader(cfg_for(store, batch_size=64), "val", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU)
+    with pytest.raises(DataError, match="needs a store of layout yolo"):
+        build_loader(cfg_for(store), "val", train=False, task="detect", rank=0, world_size=1, seed=0, device=CPU)
+
+
+def test_gpu_decode_path_on_cpu_matches_the_cpu_path(store):
+    cpu_cfg = cfg_for(store, workers=0)
+    gpu_cfg = cfg_for(store, workers=0, decode="gpu")
+    (a,) = loaders(cpu_cfg, "val", train=False, world_size=1)
+    (b,) = loaders(gpu_cfg, "val", train=False, world_size=1)
+    for x, y in zip(a, b):
+        assert torch.equal(x["label"], y["label"])
+        assert x["image"].shape == y["image"].shape and y["image"].dtype == torch.float32
+        # different resamplers, same crop: close on average (normalised units, range ~[-2, 2.6])
+        assert (x["image"] - y["image"]).abs().mean() < 0.1
+    (t,) = loaders(gpu_cfg.model_copy(update={"augment": AugmentConfig()}), "train", train=True, world_size=1)
+    t.set_epoch(0)
+    batches = list(t)
+    assert len(batches) == len(t) and all(b["image"].shape == (4, 3, 32, 32) for b in batches)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_on_cuda(store):
+    cfg = cfg_for(store, decode="gpu", augment=AugmentConfig())
+    ld = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=torch.device("cuda"))
+    ld.set_epoch(0)
+    for batch in ld:
+        assert batch["image"].is_cuda and batch["image"].shape == (4, 3, 32, 32)
+        assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+        assert batch["label"].is_cuda
