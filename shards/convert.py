@@ -121,11 +121,15 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     """Convert `opts.src` into the store at `opts.dest`; see the module docstring."""
     src_fs, src_root = open_fs(opts.src)
     fs, root = open_fs(opts.dest)
+    manifest = load_manifest(fs, root)
+    if manifest is not None and not opts.append:
+        raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
+                         "pass --append to add new inputs")
     listing = list_source(src_fs, src_root, opts.layout)
     if progress:
         how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
         console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
-    state = load_state(fs, root, opts, listing)
+    state = load_state(fs, root, manifest, opts, listing)
     fs.makedirs(root, exist_ok=True)
     limit = parse_shard_size(opts.shard_size)
     settings = Settings(src_fs, src_root, opts.max_side, opts.max_pixels, len(listing.classes))
@@ -149,12 +153,9 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     return commit(fs, root, opts, listing, state, packer)
 
 
-def load_state(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listing: Listing) -> StoreState:
-    manifest = load_manifest(fs, root)
+def load_state(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest | None, opts: ConvertOptions,
+               listing: Listing) -> StoreState:
     if manifest is not None:
-        if not opts.append:
-            raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
-                             "pass --append to add new inputs")
         for what, old, new in (("format", manifest.format, opts.format), ("layout", manifest.layout, listing.layout),
                                ("classes", manifest.classes, listing.classes)):
             if old != new:

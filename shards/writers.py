@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 
 import lmdb
-import webdataset as wds
 
 from shards.decode import Sample
 
@@ -35,6 +34,8 @@ def meta_members(sample: Sample) -> dict[str, bytes]:
 
 def write_wds(path: str, samples: Sequence[Sample]) -> None:
     """A plain USTAR tar with fixed mtime/owner, so equal samples give byte-identical shards."""
+    import webdataset as wds  # here, not at the top: the package imports torch (seconds), convert alone needs it
+
     with open(path, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as tar:
         for s in samples:
             tar.write({"__key__": s.input.key, s.ext: s.image, **meta_members(s)})

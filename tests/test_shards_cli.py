@@ -1,0 +1,81 @@
+"""`shardtrain convert | inspect | verify`: outputs, errors, exit codes.
+
+The root app (flows.cli) runs in-process through typer's CliRunner; the console script itself
+runs once as a subprocess (its start-up imports every package, which takes seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from shards import ConvertOptions, convert, read_manifest, verify
+
+SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
+
+
+def shardtrain(*args: str):
+    """The root CLI in this process; the result has exit_code, stdout and stderr."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int, *words: str) -> None:
+    assert result.exit_code == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_convert_inspect_verify(imagefolder_src, tmp_path):
+    dest = tmp_path / "store"
+    result = shardtrain("convert", imagefolder_src, dest, "--format", "lmdb", "--workers", "2",
+                        "--shard-size", "50samples")
+    assert result.exit_code == 0, result.stderr
+    assert "layout: imagefolder (auto" in result.stderr and "added" in result.stderr
+    info = json.loads(shardtrain("inspect", dest, "--json").stdout)
+    manifest = read_manifest(str(dest))
+    assert info["format"] == "lmdb" and info["version"] == 1 and info["classes"] == manifest.classes
+    assert info["rejects"] == 0
+    assert info["splits"]["train"] == {"samples": manifest.splits["train"].samples,
+                                       "shards": len(manifest.splits["train"].shards),
+                                       "bytes": manifest.splits["train"].bytes}
+    assert shardtrain("verify", dest, "--deep").exit_code == 0
+    plain = shardtrain("inspect", dest)
+    assert plain.exit_code == 0 and "train" in plain.stdout + plain.stderr
+
+    assert_one_line_error(shardtrain("convert", imagefolder_src, dest), 1, "--append")
+
+
+def test_console_script_missing_src_is_one_line(tmp_path):
+    result = subprocess.run([SHARDTRAIN, "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip() == f"error: source {tmp_path / 'missing'} does not exist"
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path):
+    assert_one_line_error(shardtrain("convert", tmp_path / "missing", tmp_path / "out"), 1, "missing", "does not exist")
+    assert_one_line_error(shardtrain("convert", tmp_path, tmp_path / "out", "--shard-size", "lots"), 2, "--shard-size")
+    assert_one_line_error(shardtrain("verify", tmp_path / "nothing"), 1, "no shard store")
+    assert shardtrain("convert", tmp_path, tmp_path / "out", "--format", "zip").exit_code == 2
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_a_flipped_byte_is_caught(imagefolder_src, tmp_path, fmt):
+    dest = tmp_path / "store"
+    convert(ConvertOptions(src=str(imagefolder_src), dest=str(dest), format=fmt, shard_size="40samples",
+                           workers=1), progress=False)
+    victim = read_manifest(str(dest)).splits["train"].shards[1].name
+    data = bytearray((dest / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dest / victim).write_bytes(bytes(data))
+    problems = verify(str(dest))
+    assert problems and all(p.startswith(f"{victim}: ") for p in problems)
+    if fmt == "wds":  # the CLI once is enough
+        result = shardtrain("verify", dest)
+        assert result.exit_code == 1 and victim in result.stderr and "sha256" in result.stderr
