@@ -169,3 +169,14 @@ def test_s3_round_trip(imagefolder_src, s3_bucket, fmt):
     first = manifest.splits["train"].shards[0]
     assert hashlib.sha256(fs.cat_file(f"{root}/{first.name}")).hexdigest() == first.sha256
     assert not [p for p in fs.find(root) if ".partial" in p or p.endswith(".tmp")]
+
+
+def test_s3_source_gives_the_same_shards_as_local(imagefolder_src, s3_bucket, tmp_path):
+    from shards import open_fs
+
+    fs, root = open_fs(f"{s3_bucket}/raw")
+    fs.put(f"{imagefolder_src}/", root, recursive=True)
+    from_s3 = run(f"{s3_bucket}/raw", tmp_path / "a", shard_size="30samples", workers=2)
+    run(imagefolder_src, tmp_path / "b", shard_size="30samples")
+    assert from_s3.added == len(image_files(imagefolder_src))
+    assert manifest_digests(tmp_path / "a") == manifest_digests(tmp_path / "b")
