@@ -8,6 +8,7 @@ from typing import Literal, TypeVar
 
 import typer
 from pydantic import ValidationError
+from rich.console import Console
 from rich.table import Table
 
 from shards.convert import ConvertOptions, convert as run_convert
@@ -17,6 +18,7 @@ from shards.verify import inspect_store, verify as run_verify
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 T = TypeVar("T")
+stdout = Console()  # what a command reports; progress, summaries and errors go to stderr
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -34,6 +36,8 @@ def guarded(work: Callable[[], T]) -> T:
         raise fail(f"{type(e).__name__}: {e}") from None
     except KeyboardInterrupt:
         raise fail("interrupted; rerun the same command to finish", 130) from None
+    except Exception as e:  # e.g. botocore's credential errors: still one line, never a traceback
+        raise fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 @app.command()
@@ -90,7 +94,7 @@ def inspect(
         table.add_row(name, str(s["samples"]), str(s["shards"]), f"{s['bytes']:,}")
     typer.echo(f"classes ({len(info['classes'])}): {', '.join(info['classes'])}")
     typer.echo(f"rejects: {info['rejects']} " + json.dumps(info["rejects_by_reason"]))
-    console.print(table)
+    stdout.print(table)
 
 
 @app.command()

@@ -28,7 +28,7 @@ from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, 
                              write_index, write_manifest, write_rejects, write_timm_info)
 from shards.progress import console, image_progress
 from shards.storage import StoreError, is_local, join, open_fs, public_url, publish_file
-from shards.writers import WRITERS, file_digest, payload_bytes, shard_name
+from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(samples?|[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -68,7 +68,7 @@ class ConvertOptions(BaseModel):
     format: Literal["wds", "lmdb"] = "wds"
     layout: Literal["auto", "imagefolder", "unlabeled", "yolo"] = "auto"
     shard_size: str = "256MB"
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = Field(default=os.cpu_count() or 1, ge=1)
     max_side: int | None = Field(default=None, ge=1)
     max_pixels: int = Field(default=89_478_485, ge=1)  # PIL's own decompression-bomb limit
     append: bool = False
@@ -167,6 +167,10 @@ def load_state(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest | No
         name: idx for name, idx in indexes.items()
         if name not in in_store and idx.version == version and shard_is_whole(fs, root, idx)
     }
+    other = next((n for n in resumed if not n.endswith("." + SUFFIX[opts.format])), None)
+    if other is not None:
+        raise StoreError(f"{public_url(opts.dest)} holds an unfinished conversion to another format ({other}); "
+                         "rerun that command, or convert into an empty DEST")
     return StoreState(
         manifest=manifest,
         committed={n: idx for n, idx in indexes.items() if n in in_store},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shards import ConvertOptions, convert, read_manifest, samples, verify
+from shards import ConvertOptions, StoreError, convert, read_manifest, samples, verify
 from test_shards_reader import read_store
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
@@ -89,3 +89,14 @@ def test_kill_during_append_then_rerun_lmdb(tmp_path):
     assert manifest.version == 2 and manifest.totals.samples == len(list(src.rglob("*.jpg")))
     assert {s.version for s in manifest.splits["train"].shards} == {1, 2}
     assert verify(str(dest)) == []
+
+
+def test_unfinished_run_in_another_format_is_refused(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 8}, size=32, classes=["chelsea"])
+    dest = tmp_path / "store"
+    convert(ConvertOptions(src=str(src), dest=str(dest), shard_size="4samples", workers=1), progress=False)
+    (dest / "manifest.json").unlink()  # as if killed just before the manifest
+    with pytest.raises(StoreError, match="another format"):
+        convert(ConvertOptions(src=str(src), dest=str(dest), format="lmdb", workers=1), progress=False)
+    summary = convert(ConvertOptions(src=str(src), dest=str(dest), shard_size="4samples", workers=1), progress=False)
+    assert summary.added == 8 and summary.shards_written == ["train-000000.tar", "train-000001.tar"]
