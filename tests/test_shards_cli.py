@@ -79,3 +79,27 @@ def test_a_flipped_byte_is_caught(imagefolder_src, tmp_path, fmt):
     if fmt == "wds":  # the CLI once is enough
         result = shardtrain("verify", dest)
         assert result.exit_code == 1 and victim in result.stderr and "sha256" in result.stderr
+
+
+def test_deep_verify_decodes_every_image(imagefolder_src, tmp_path):
+    """A shard whose bytes match the manifest but hold an undecodable image: only --deep sees it."""
+    import hashlib
+    import tarfile
+
+    dest = tmp_path / "store"
+    convert(ConvertOptions(src=str(imagefolder_src), dest=str(dest), shard_size="40samples", workers=1),
+            progress=False)
+    manifest = read_manifest(str(dest))
+    entry = manifest.splits["val"].shards[0]
+    path = dest / entry.name
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+    data = bytearray(path.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = b"\0" * member.size
+    path.write_bytes(bytes(data))
+    entry.sha256 = hashlib.sha256(data).hexdigest()  # as if the shard had been written this way
+    (dest / "manifest.json").write_text(manifest.model_dump_json())
+    assert verify(str(dest)) == []
+    problems = verify(str(dest), deep=True)
+    key = member.name.partition(".")[0]
+    assert len(problems) == 1 and problems[0].startswith(f"{entry.name}: sample {key}: jpg does not decode")
