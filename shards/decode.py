@@ -101,6 +101,10 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
     """
     img = open_image(data, max_pixels)
     eight_bit = not any("16" in str(t.args) for t in img.tile)  # tile args are cleared by load()
+    fits = max_side is None or max(img.size) <= max_side
+    if not fits and img.format == "JPEG":
+        # DCT scaling: decode at 1/2..1/8 size, never below max_side; every byte is still read
+        img.draft(img.mode, (max_side, max_side))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked in open_image
@@ -109,7 +113,6 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
         raise BadInput("too_large", str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadInput("truncated", str(e) or type(e).__name__) from None
-    fits = max_side is None or max(img.size) <= max_side
     if img.format in KEPT_FORMATS and img.mode in ("RGB", "L") and eight_bit and fits \
             and "transparency" not in img.info:
         return KEPT_FORMATS[img.format], data
