@@ -146,6 +146,7 @@ def test_exif_orientation_kept_in_bytes_or_applied_when_shrunk(corpus, tmp_path)
     for y in (2, 13):  # the same colours as the upright original at the same place
         assert abs(np.asarray(shrunk)[y, 4].astype(int) - upright[y * 40 // 16, 10]).max() < 40
     assert all(max(decode(s["image"]).size) <= 16 for s in stored.values())
+    assert rejects_of(tmp_path / "small")["train/odd/truncated.jpg"]["reason"] == "truncated"  # scaled decode too
 
 
 def test_on_error_fail_stops_with_one_line_naming_the_file(corpus, tmp_path):
