@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,7 +10,7 @@ import fsspec
 import yaml
 
 from shards.keys import sample_key
-from shards.storage import StoreError, join
+from shards.storage import StoreError, is_local, join
 
 Layout = Literal["imagefolder", "unlabeled", "yolo"]
 
@@ -66,13 +67,19 @@ def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if not fs.isdir(root):
         what = "is not a directory" if fs.exists(root) else "does not exist"
         raise StoreError(f"source {root} {what}")
-    found = fs.find(root, withdirs=False)
+    found = walk_local(root) if is_local(fs) else fs.find(root, withdirs=False)
     prefix = root.rstrip("/") + "/"
     rels = (p[len(prefix):] for p in found if p.startswith(prefix))
     return sorted(
         r for r in rels
         if r.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in r.split("/"))
     )
+
+
+def walk_local(root: str) -> list[str]:
+    """Every file under `root`, following symlinked folders as torchvision's ImageFolder does
+    (fsspec's local find does not descend into them)."""
+    return [os.path.join(d, f).replace(os.sep, "/") for d, _, files in os.walk(root, followlinks=True) for f in files]
 
 
 def detect_layout(fs: fsspec.AbstractFileSystem, root: str, relpaths: list[str]) -> tuple[Layout, str]:

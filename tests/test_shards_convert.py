@@ -76,6 +76,15 @@ def test_unlabeled_tree_and_split_folders(tmp_path):
     assert len(stored) == len(image_files(src)) and read_manifest(str(tmp_path / "s")).classes == []
 
 
+def test_symlinked_class_folder_is_followed(imagefolder_src, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for cls in ("chelsea", "rocket"):
+        (src / cls).symlink_to(imagefolder_src / "train" / cls, target_is_directory=True)
+    summary = run(src, tmp_path / "s")
+    assert summary.layout == "imagefolder" and summary.added == 2 * len(image_files(imagefolder_src / "train" / "rocket"))
+
+
 def test_imagefolder_without_splits_and_forced_layout(imagefolder_src, tmp_path):
     src = imagefolder_src / "train"
     auto = run(src, tmp_path / "a", format="wds")
