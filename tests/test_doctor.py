@@ -11,10 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import s3fs
 import torch
 import yaml
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from training import doctor
@@ -93,6 +91,8 @@ def test_s3_storage_writable_and_probe_removed(s3_bucket, tmp_path):
     code, report = run_doctor("--config", str(write_config(tmp_path, checkpoint={"storage": storage})))
     assert code == 0, report["problems"]
     assert report["storage"] == {"url": storage, "writable": True, "error": None}
+    import s3fs
+
     assert s3fs.S3FileSystem(skip_instance_cache=True).find(s3_bucket) == []
 
 
@@ -161,6 +161,8 @@ def test_small_shm_warns():
 
 
 def test_prefect_api_unreachable_warns():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     url = f"http://127.0.0.1:{closed_port()}/api"
     with temporary_settings({PREFECT_API_URL: url}):
         code, report = run_doctor()

@@ -164,8 +164,11 @@ def storage_check(url: str) -> dict[str, Any]:
 def prefect_check(timeout: float = 3.0) -> dict[str, Any]:
     """The Prefect API the flows would use, and whether it answers /health."""
     import httpx
-    from prefect.settings import PREFECT_API_URL
 
+    try:
+        from prefect.settings import PREFECT_API_URL
+    except ImportError as e:
+        return {"api_url": None, "healthy": False, "error": f"prefect does not import: {e}"}
     url = PREFECT_API_URL.value()
     if not url:
         return {"api_url": None, "healthy": None, "error": None}  # flows run in ephemeral mode
@@ -219,7 +222,7 @@ def diagnose(config: dict[str, Any] | None = None, require_gpu: bool = False) ->
         problems.append(f"checkpoint storage {storage} is not writable: {report['storage']['error']}")
     report["prefect"] = prefect_check()
     if report["prefect"]["healthy"] is False:
-        warnings.append(f"Prefect API {report['prefect']['api_url']} does not answer: {report['prefect']['error']}")
+        warnings.append(f"Prefect API {report['prefect']['api_url']}: {report['prefect']['error']}")
     report["problems"], report["warnings"] = problems, warnings
     report["ok"] = not problems
     return report
@@ -251,7 +254,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_row("storage", f"{s['url']} {'writable' if s['writable'] else 'NOT writable: ' + s['error']}")
     p = report["prefect"]
     if p["api_url"] is None:
-        table.add_row("prefect", "no PREFECT_API_URL: flows run in ephemeral mode (no server)")
+        table.add_row("prefect", p["error"] or "no PREFECT_API_URL: flows run in ephemeral mode (no server)")
     else:
         table.add_row("prefect", f"{p['api_url']} {'healthy' if p['healthy'] else 'unreachable: ' + p['error']}")
     console.print(table)
