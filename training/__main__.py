@@ -6,6 +6,7 @@ import sys
 
 from pipelines import DataError
 from training.config import TrainError, load_config
+from training.dist import die_with_launcher
 from training.preempt import EXIT_PREEMPTED
 from training.train import Preempted, run
 
@@ -14,6 +15,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m training CONFIG [key.sub=value ...]", file=sys.stderr)
         return 2
+    die_with_launcher()
     try:
         run(load_config(argv[0], argv[1:]))
     except Preempted:

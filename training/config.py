@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines import DataConfig
 
@@ -76,9 +76,50 @@ class CheckpointConfig(_Section):
     preempt_timeout: float = Field(60.0, ge=0)  # seconds a preempted run waits for its last upload
 
 
+class DetectConfig(_Section):
+    """task: detect: a torchvision detector on the timm `model.name` backbone (features_only) with an FPN."""
+
+    head: Literal["fcos", "retinanet"] = "fcos"
+    out_indices: tuple[int, ...] = (2, 3, 4)  # timm feature levels into the FPN (strides 8, 16, 32 on a resnet)
+    p6p7: bool = True  # two more FPN levels (strides x2, x4) from the last one, as FCOS/RetinaNet do
+    fpn_channels: int = Field(256, ge=32, multiple_of=32)
+    head_convs: int = Field(4, ge=1)  # FCOS head depth
+    score_thresh: float = Field(0.05, ge=0, le=1)  # detections kept for evaluation (COCO mAP wants a low one)
+    nms_thresh: float = Field(0.6, gt=0, le=1)  # IoU above which NMS drops the lower-scored box
+    detections_per_img: int = Field(100, ge=1)
+    topk_candidates: int = Field(1000, ge=1)  # per level, before NMS
+    predict_score_thresh: float = Field(0.25, ge=0, le=1)  # `shardtrain predict`'s default --conf
+
+
+class DinoConfig(_Section):
+    """task: dino (Caron et al. 2021); defaults are DINO's ViT-S/16 recipe."""
+
+    out_dim: int = Field(65536, ge=1)  # prototypes (the head's output)
+    hidden_dim: int = Field(2048, ge=1)
+    bottleneck_dim: int = Field(256, ge=1)
+    head_layers: int = Field(3, ge=1)
+    norm_last_layer: bool = True  # prototypes kept unit-norm (weight-norm magnitude frozen at 1)
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)  # after the warm-up
+    warmup_teacher_temp: float = Field(0.04, gt=0)  # linear to teacher_temp over warmup_teacher_temp_epochs
+    warmup_teacher_temp_epochs: float = Field(0.0, ge=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    momentum_teacher: float = Field(0.996, ge=0, le=1)  # teacher EMA momentum, to 1 along a cosine
+    weight_decay_end: float | None = Field(0.4, ge=0)  # optim.weight_decay to this along a cosine; null = constant
+    freeze_last_layer: float = Field(1.0, ge=0)  # epochs the prototype layer is not updated
+    koleo_weight: float = Field(0.0, ge=0)  # DINOv2's KoLeo regulariser on the student's global features; 0 = off
+
+
+TASK_METRICS = {"detect": "val_map", "dino": "val_knn_top1"}  # eval.metric's default where it is not val_top1
+
+
 class EvalConfig(_Section):
-    metric: Literal["val_top1", "val_top5", "ema_val_top1", "ema_val_top5"] = "val_top1"
+    metric: Literal["val_top1", "val_top5", "ema_val_top1", "ema_val_top5",
+                    "val_map", "val_map50", "ema_val_map", "ema_val_map50", "val_knn_top1"] = "val_top1"
     every_epochs: int = Field(1, ge=1)
+    knn_path: str | None = None  # dino: the labeled store of the k-NN eval; null = data.path
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.07, gt=0)
 
 
 class RunConfig(_Section):
@@ -93,6 +134,14 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: str = "auto"  # auto | never | a checkpoint path or URL
     eval: EvalConfig = EvalConfig()
+    detect: DetectConfig = DetectConfig()
+    dino: DinoConfig = DinoConfig()
+
+    @model_validator(mode="after")
+    def _task_metric(self) -> RunConfig:
+        if "metric" not in self.eval.model_fields_set and self.task in TASK_METRICS:
+            self.eval = self.eval.model_copy(update={"metric": TASK_METRICS[self.task]})
+        return self
 
 
 def run_dir(cfg: RunConfig) -> Path:

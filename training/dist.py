@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,15 @@ def setup() -> World:
         control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
         return World(rank, local_rank, size, device, control)
     return World(rank, local_rank, size, device)
+
+
+def die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so a `kill -9` of torchrun would leave the
+    workers training on as orphans (still writing checkpoints). Ask the kernel to kill us with it."""
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before the call above
+            os._exit(1)
 
 
 def teardown(world: World) -> None:

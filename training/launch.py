@@ -78,7 +78,11 @@ def launch(
 
 
 class forward_signals:
-    """While the child runs, pass SIGTERM/SIGINT on to it (it asks its workers to save and stop)."""
+    """While the child runs, pass a SIGTERM on to it (torchrun asks its workers to save and stop).
+
+    A terminal's Ctrl-C already reaches torchrun itself (same process group): SIGINT is not passed
+    on, as a second signal would cut torchrun's wait for its workers' save short.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -93,7 +97,7 @@ class forward_signals:
         return self
 
     def _forward(self, signum: int, frame: object) -> None:
-        if self.proc.poll() is None:
+        if signum == signal.SIGTERM and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 RESULTS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_top1", "val_top5",
-                  "ema_val_top1", "ema_val_top5", "lr", "images_per_s")
+                  "ema_val_top1", "ema_val_top5", "val_map50", "val_map", "ema_val_map50", "ema_val_map",
+                  "val_knn_top1", "lr", "images_per_s")
 
 
 def read_results(path: Path) -> list[dict]:
@@ -63,11 +64,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("train_loss", "val_loss"):
         ax_loss.plot(steps, [r[key] for r in rows], marker="o", label=key)
-    for key in ("val_top1", "val_top5", "ema_val_top1"):
-        if any(r[key] is not None for r in rows):
-            ax_acc.plot(steps, [r[key] for r in rows], marker="o", label=key)
+    for key in ("val_top1", "val_top5", "ema_val_top1", "val_map50", "val_map", "val_knn_top1"):
+        if any(r.get(key) is not None for r in rows):
+            ax_acc.plot(steps, [r.get(key) for r in rows], marker="o", label=key)
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="step", ylabel="accuracy (%)", title="validation accuracy")
+    ax_acc.set(xlabel="step", ylabel="accuracy (%) or mAP", title="validation")
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)

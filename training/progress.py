@@ -90,6 +90,15 @@ class Reporter:
         self.loss_sum.zero_()
         self.samples, self.wait_s, self.window_start = 0, 0.0, time.perf_counter()
 
+    def epoch_totals(self) -> tuple[float, int]:
+        """This epoch's loss summed over batches and ranks, and the batches per rank. Collective."""
+        return sum_tensor(self.world, self.epoch_loss.clone()).item(), self.epoch_batches
+
+    def resume_epoch(self, loss: float, batches: int) -> None:
+        """Carry a resumed epoch's loss so far (the sum over ranks goes to rank 0 alone)."""
+        self.epoch_loss.fill_(loss if self.world.is_main else 0.0)
+        self.epoch_batches = batches
+
     def eval_row(self, epoch: int, step: int, results: dict[str, float], lr: float) -> None:
         """One results.csv row (rank 0) and the eval scalars; the train loss is this epoch's mean over all ranks."""
         train_loss = sum_tensor(self.world, self.epoch_loss.clone()) / max(1, self.epoch_batches * self.world.size)

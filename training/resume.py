@@ -36,8 +36,9 @@ def fetch(cfg: RunConfig) -> Path | None:
         remote = storage.latest_remote(cfg.checkpoint.storage, cfg.name)
         if remote is None:
             return None
-        dest = checkpoint_dir(cfg) / Path(remote["path"]).name
-        return storage.download(remote["path"], dest, remote["sha256"])
+        dest = storage.download(remote["path"], checkpoint_dir(cfg) / Path(remote["path"]).name, remote["sha256"])
+        checkpoint.write_marker(dest, {"step": remote["step"], "epoch": remote["epoch"]})  # complete here too
+        return dest
     return fetch_explicit(cfg.resume, checkpoint_dir(cfg))
 
 

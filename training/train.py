@@ -27,7 +27,7 @@ from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, Preemption
 from training.progress import Reporter
 from training.storage import Uploader
-from training.tasks import build_task
+from training.tasks import build_task, hook
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Progress:
     best: float | None = None
     best_step: int | None = None
     last_eval_step: int = -1
+    epoch_loss: float = 0.0  # this epoch's train loss so far, summed over batches and ranks (for results.csv)
+    epoch_batches: int = 0  # batches per rank behind epoch_loss
 
 
 class Preempted(Exception):
@@ -85,8 +87,10 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
 
     loader_args = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed, device=world.device)
     train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
-    val_loader = build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
     task = build_task(cfg, train_loader.classes, world, rdir / "pretrained")
+    val_loader = task.val_loader(**loader_args) if hasattr(task, "val_loader") else \
+        build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
+    start_hook, before_step, after_step = (hook(task, name) for name in ("start", "before_step", "after_step"))
 
     model = task.build_model().to(world.device)
     if cfg.data.channels_last:
@@ -114,6 +118,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
         checkpoint.set_rng_state(rng)  # mid-epoch states are set after the epoch's first batch (see below)
         rng = None
     scheduler.step_update(state.step)
+    start_hook(optimizer, plan, state.step)
 
     train_model: torch.nn.Module = DDP(model) if world.distributed else model
     if cfg.train.compile:
@@ -124,8 +129,11 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
     if world.is_main and source:
         metrics.keep_results_until(rdir / "results.csv", state.last_eval_step)
         reporter.line(f"resumed from {source} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
+    if source:
+        reporter.resume_epoch(state.epoch_loss, state.epoch_batches)
 
     def save(best_info: dict | None = None) -> None:
+        state.epoch_loss, state.epoch_batches = reporter.epoch_totals()
         ckpt = checkpoint_state(cfg, state, world, model, optimizer, scheduler, scaler, ema, train_loader)
         if not world.is_main:
             return
@@ -190,11 +198,13 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
             if cfg.optim.clip_grad or log_now:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
+            before_step(model, state.step)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             scheduler.step_update(state.step)
+            after_step(model, state.step)
             if ema is not None:
                 ema.update(model, step=state.step)
             reporter.step(state.step, optimizer.param_groups[0]["lr"], grad_norm, log_now)
@@ -277,11 +287,13 @@ def checkpoint_state(cfg: RunConfig, state: Progress, world: dist.World, model: 
         "step": state.step,
         "epoch": state.epoch,
         "progress": {"batch": state.batch, "best": state.best, "best_step": state.best_step,
-                     "last_eval_step": state.last_eval_step},
+                     "last_eval_step": state.last_eval_step, "epoch_loss": state.epoch_loss,
+                     "epoch_batches": state.epoch_batches},
         "rng": rng,  # one entry per rank
         "loader": {"epoch": state.epoch, "batch": state.batch},
         "world_size": world.size,
         "config": to_dict(cfg),
+        "classes": loader.classes,  # so predictions can be named without the store
     }
 
 
@@ -311,8 +323,7 @@ def restore(ckpt: dict, world: dist.World, model, optimizer, scheduler, scaler, 
         changed = diff_keys(ckpt["config"], to_dict(cfg))
         print(f"warning: config differs from the checkpoint's: {', '.join(changed)}")
     p = ckpt["progress"]
-    return Progress(step=ckpt["step"], epoch=ckpt["epoch"], batch=p["batch"], best=p["best"],
-                    best_step=p["best_step"], last_eval_step=p["last_eval_step"]), rng
+    return Progress(step=ckpt["step"], epoch=ckpt["epoch"], **p), rng
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:

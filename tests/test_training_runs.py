@@ -1,0 +1,261 @@
+"""Real training runs: torchrun subprocesses (gloo on CPU), kills, resume, S3 (moto) and NAS storage.
+
+Every run trains timm's `test_resnet` at 32 px on the small ImageFolder store, with deterministic
+algorithms, so an interrupted-and-resumed run must end with exactly the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shards import ConvertOptions, convert
+
+SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
+STEPS = 18  # 1 process: 12 batches of 8 per epoch, so the run ends mid-epoch 2 (and checkpoints fall mid-epoch)
+
+
+@pytest.fixture(scope="module")
+def store(imagefolder_src, tmp_path_factory) -> str:
+    dest = tmp_path_factory.mktemp("train-store") / "store"
+    convert(ConvertOptions(src=str(imagefolder_src), dest=str(dest), format="wds"), progress=False)
+    return str(dest)
+
+
+def write_config(path: Path, store: str, **sections) -> Path:
+    cfg = {
+        "name": "t",
+        "runs_dir": str(path.parent / "runs"),
+        "seed": 3,
+        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
+                 "channels_last": False},
+        "model": {"name": "test_resnet"},
+        "optim": {"lr": 3e-3, "warmup_epochs": 0.5},
+        "train": {"epochs": 3, "max_steps": STEPS, "log_every": 3, "deterministic": True},
+        "checkpoint": {"every_steps": 3, "keep": 2, "upload_timeout": 120},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg[section] = {**cfg.get(section, {}), **values}
+        else:
+            cfg[section] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(config: Path, *args: str, torchrun: bool = True, env: dict | None = None) -> subprocess.Popen:
+    """`shardtrain train CONFIG ...` (or, cheaper, the worker alone: `python -m training CONFIG`) in its own
+    process group, its output in a log file beside the config."""
+    log = open(config.with_name(f"log-{time.monotonic_ns()}.txt"), "w+")
+    cmd = [SHARDTRAIN, "train", str(config), *args] if torchrun else [sys.executable, "-m", "training", str(config)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    proc.wait(timeout=timeout)
+    return proc.returncode, output(proc)
+
+
+def train(config: Path, *args: str, torchrun: bool = True) -> str:
+    code, out = finish(start(config, *args, torchrun=torchrun))
+    assert code == 0, out[-3000:]
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name} appeared:\n{output(proc)[-3000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to `shardtrain train` and torchrun (one group); the workers die with torchrun (PDEATHSIG)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def final_state(runs: Path) -> dict:
+    return torch.load(runs / "t" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == STEPS
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), f"{key} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"optimizer {key} differs after resume"
+
+
+def results(runs: Path) -> list[dict]:
+    with open(runs / "t" / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def kill_at_random_checkpoint(config: Path, runs: Path, steps: list[int], *args: str, torchrun: bool = True) -> int:
+    """Start a run, SIGKILL its whole process group once the checkpoint of a random step is complete."""
+    step = random.choice(steps)
+    print(f"killing after the checkpoint of step {step}")
+    proc = start(config, *args, torchrun=torchrun)
+    wait_for(runs / "t" / "checkpoints" / f"step_{step:08d}.pt.complete", proc)
+    kill_group(proc)
+    return step
+
+
+# ---- one process -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baseline_1proc(store, tmp_path_factory) -> dict:
+    """The uninterrupted single-process run every interrupted one must match."""
+    tmp = tmp_path_factory.mktemp("baseline1")
+    train(write_config(tmp / "run.yaml", store), torchrun=False)
+    return final_state(tmp / "runs")
+
+
+def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc, s3_bucket, tmp_path):
+    """kill -9 mid-epoch while uploads run; the run dir is lost; resume: auto takes the newest complete
+    checkpoint from S3 (never a partial one) and ends with exactly the uninterrupted weights."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "run.yaml", store, checkpoint={"storage": f"{s3_bucket}/ckpt"})
+    kill_at_random_checkpoint(config, runs, [3, 6, 9, 15], torchrun=False)
+    shutil.rmtree(runs)  # a new machine: only storage is left
+
+    out = train(config, torchrun=False)
+    assert "resumed from" in out
+    assert_same_weights(baseline_1proc, final_state(runs))
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    marker = json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/step_{STEPS:08d}.pt.complete"))
+    assert marker["step"] == STEPS and len(marker["sha256"]) == 64
+    assert json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/metrics.json"))["step"] == STEPS
+
+
+def test_sigterm_saves_exits_75_and_resumes_exactly(store, baseline_1proc, tmp_path):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "run.yaml", store)
+    proc = start(config)
+    wait_for(runs / "t" / "checkpoints" / "step_00000003.pt.complete", proc)
+    proc.send_signal(signal.SIGTERM)  # to `shardtrain train` only: it forwards to torchrun, torchrun to workers
+    code, out = finish(proc)
+    assert code == 75, out[-3000:]
+    saved = json.loads((runs / "t" / "preempted.json").read_text())["step"]
+    assert (runs / "t" / "checkpoints" / f"step_{saved:08d}.pt.complete").exists()
+
+    out = train(config, torchrun=False)
+    assert f"at step {saved}" in out
+    assert_same_weights(baseline_1proc, final_state(runs))
+    assert [int(r["step"]) for r in results(runs)] == [12, STEPS]  # no row lost or repeated
+
+
+def test_s3_outage_mid_run_uploads_catch_up(store, moto_server, s3_bucket, tmp_path):
+    runs = tmp_path / "runs"
+    bucket = s3_bucket.removeprefix("s3://")
+    config = write_config(tmp_path / "run.yaml", store, checkpoint={"storage": s3_bucket, "every_steps": 2})
+    proc = start(config, torchrun=False)
+    wait_for(runs / "t" / "checkpoints" / "step_00000002.pt.complete", proc)
+    moto_server.stop()
+    try:
+        wait_for(runs / "t" / "metrics.json", proc)  # training went on and finished while S3 was down
+    finally:
+        moto_server.start(buckets=(bucket,))  # a restarted moto is empty: uploads must redo what is needed
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    assert "EndpointConnectionError" in out  # the failures were logged
+
+    from training import latest_checkpoint, load_config
+
+    shutil.rmtree(runs)
+    latest = latest_checkpoint(load_config(config))
+    assert latest == {"path": f"{s3_bucket}/t/checkpoints/step_{STEPS:08d}.pt", "step": STEPS, "epoch": 1,
+                      "remote": True}
+
+
+# ---- two processes, two nodes ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def baseline_2proc(store, tmp_path_factory) -> tuple[Path, str]:
+    """A 2-process gloo DDP run through the CLI, with a NAS-style storage folder."""
+    tmp = tmp_path_factory.mktemp("baseline2")
+    config = write_config(tmp / "run.yaml", store, train={"max_steps": 12, "epochs": 2},
+                          checkpoint={"storage": str(tmp / "nas")})
+    out = train(config, "--nproc-per-node", "2")
+    return tmp, out
+
+
+def test_ddp_two_processes_learns_and_records(baseline_2proc):
+    tmp, out = baseline_2proc
+    rows = results(tmp / "runs")
+    assert [int(r["step"]) for r in rows] == [6, 12]  # 96 samples / (2 ranks x 8) = 6 steps per epoch
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    run = tmp / "runs" / "t"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "plot.png").stat().st_size > 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["metric"] == "val_top1" and metrics["step"] == 12 and metrics["epoch"] == 2
+    assert metrics["best"] == pytest.approx(max(float(r["val_top1"]) for r in rows), abs=1e-5)
+    nas = tmp / "nas" / "t" / "checkpoints"  # the NAS copy: file, then its marker with the right sha256
+    marker = json.loads((nas / "step_00000012.pt.complete").read_text())
+    import hashlib
+
+    assert hashlib.sha256((nas / "step_00000012.pt").read_bytes()).hexdigest() == marker["sha256"]
+    assert (nas / "best.pt.complete").exists() and (nas / "metrics.json").exists()
+
+
+def test_ddp_two_processes_kill9_resume_exact(store, baseline_2proc, tmp_path):
+    tmp, _ = baseline_2proc
+    baseline = torch.load(tmp / "runs" / "t" / "checkpoints" / "last.pt", weights_only=True)
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 12, "epochs": 2})
+    kill_at_random_checkpoint(config, runs, [3, 6, 9], "--nproc-per-node", "2")
+    train(config, "--nproc-per-node", "2")
+    final = final_state(runs)
+    assert final["step"] == 12
+    for key in baseline["model"]:
+        assert torch.equal(baseline["model"][key], final["model"][key]), key
+
+
+def test_two_nodes_rendezvous_match_two_processes(store, baseline_2proc, tmp_path):
+    """--nnodes 2 with one process each (c10d rendezvous on 127.0.0.1) trains exactly like 2 local processes."""
+    tmp, _ = baseline_2proc
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 12, "epochs": 2})
+    # torchrun sets OMP_NUM_THREADS=1 only for several processes per node; the float sums must match that run
+    nodes = [start(config, "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}",
+                   env={"OMP_NUM_THREADS": "1"}) for r in (0, 1)]
+    for node in nodes:
+        code, out = finish(node)
+        assert code == 0, out[-3000:]
+    baseline = torch.load(tmp / "runs" / "t" / "checkpoints" / "last.pt", weights_only=True)
+    final = final_state(tmp_path / "runs")
+    for key in baseline["model"]:
+        assert torch.equal(baseline["model"][key], final["model"][key]), key
