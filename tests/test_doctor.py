@@ -173,7 +173,13 @@ def test_prefect_api_unreachable_warns():
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "cannot read config"), ("data: [unclosed", "not valid YAML"), ("- a list", "not a YAML mapping")],
+    [
+        (None, "cannot read config"),
+        ("data: [unclosed", "not valid YAML"),
+        ("- a list", "not a YAML mapping"),
+        ("data: {workers: many}", "data.workers"),
+        ("checkpoint: {storage: [a, b]}", "checkpoint.storage"),
+    ],
 )
 def test_bad_config_is_one_line_error(content, message, tmp_path):
     path = tmp_path / "bad.yaml"

@@ -199,9 +199,18 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def diagnose(config: dict[str, Any] | None = None, require_gpu: bool = False) -> dict[str, Any]:
+def checked_settings(config: dict[str, Any]) -> tuple[int | None, str | None]:
+    """The two keys doctor checks against this machine: data.workers and checkpoint.storage."""
+    workers, storage = config_value(config, "data.workers"), config_value(config, "checkpoint.storage")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ValueError(f"data.workers: expected a whole number >= 0, got {workers!r}")
+    if storage is not None and not isinstance(storage, str):
+        raise ValueError(f"checkpoint.storage: expected a path or URL, got {storage!r}")
+    return workers, storage
+
+
+def diagnose(workers: int | None = None, storage: str | None = None, require_gpu: bool = False) -> dict[str, Any]:
     """Every check, and the lists of required things missing (`problems`) and warnings."""
-    config = config or {}
     report: dict[str, Any] = {"python": python_info(), "torch": torch_info()}
     problems, warnings = [], []
     if not report["python"]["ok"]:
@@ -214,15 +223,16 @@ def diagnose(config: dict[str, Any] | None = None, require_gpu: bool = False) ->
     if not report["gpus"]:
         (problems if require_gpu else warnings).append("no CUDA GPU visible: training runs on CPU")
     report["shm"] = shm_info()
-    report["cpu"] = cpu_info(config_value(config, "data.workers"), max(1, len(report["gpus"])))
+    report["cpu"] = cpu_info(workers, max(1, len(report["gpus"])))
     warnings += [w for w in (report["shm"]["warning"], report["cpu"]["warning"]) if w]
-    storage = config_value(config, "checkpoint.storage")
-    report["storage"] = storage_check(str(storage)) if storage else None
+    report["storage"] = storage_check(storage) if storage else None
     if storage and not report["storage"]["writable"]:
         problems.append(f"checkpoint storage {storage} is not writable: {report['storage']['error']}")
     report["prefect"] = prefect_check()
-    if report["prefect"]["healthy"] is False:
-        warnings.append(f"Prefect API {report['prefect']['api_url']}: {report['prefect']['error']}")
+    prefect = report["prefect"]
+    if prefect["healthy"] is False:
+        where = f"Prefect API {prefect['api_url']}" if prefect["api_url"] else "Prefect"
+        warnings.append(f"{where}: {prefect['error']}")
     report["problems"], report["warnings"] = problems, warnings
     report["ok"] = not problems
     return report
@@ -273,11 +283,11 @@ def doctor(
 ) -> None:
     """Check this machine for training: Python, torch/CUDA/NCCL, GPUs, /dev/shm, CPUs, storage, Prefect."""
     try:
-        settings = read_config(config) if config else None
+        workers, storage = checked_settings(read_config(config)) if config else (None, None)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    report = diagnose(settings, require_gpu=require_gpu)
+    report = diagnose(workers, storage, require_gpu=require_gpu)
     if as_json:
         typer.echo(json.dumps(report))
     else:
