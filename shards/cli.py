@@ -92,7 +92,8 @@ def inspect(
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, s in info["splits"].items():
         table.add_row(name, str(s["samples"]), str(s["shards"]), f"{s['bytes']:,}")
-    typer.echo(f"classes ({len(info['classes'])}): {', '.join(info['classes'])}")
+    shown = ", ".join(info["classes"][:20]) + (", ..." if len(info["classes"]) > 20 else "")
+    typer.echo(f"classes ({len(info['classes'])}): {shown}")
     typer.echo(f"rejects: {info['rejects']} " + json.dumps(info["rejects_by_reason"]))
     stdout.print(table)
 
@@ -103,7 +104,7 @@ def verify(
     deep: bool = typer.Option(False, "--deep", help="also decode every image"),
 ) -> None:
     """Check every shard's sha256, size and sample count against the manifest (exit 1 on a mismatch)."""
-    problems = guarded(lambda: run_verify(dest, deep=deep))
+    problems = guarded(lambda: run_verify(dest, deep=deep, progress=True))
     for p in problems:
         console.print(f"error: {p}", markup=False, highlight=False, soft_wrap=True)
     if problems:

@@ -26,7 +26,7 @@ from shards.layouts import Input, Listing, list_source
 from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, ShardEntry, ShardIndex,
                              SplitEntry, Totals, load_manifest, now_utc, read_indexes, read_rejects,
                              write_index, write_manifest, write_rejects, write_timm_info)
-from shards.progress import console, image_progress
+from shards.progress import console, progress_bar
 from shards.storage import StoreError, is_local, join, open_fs, public_url, publish_file
 from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
@@ -144,7 +144,7 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     with tempfile.TemporaryDirectory(prefix="shardtrain-convert-") as tmp:
         build_dir = root if is_local(fs) else tmp
         packer = Packer(fs, root, build_dir, opts.format, limit, state)
-        with image_progress(progress) as bar:
+        with progress_bar(progress, "images") as bar:
             task = bar.add_task("converting", total=len(tasks))
             for result in run_workers(settings, tasks, opts.workers):
                 packer.take(result, known, fail=opts.on_error == "fail")

@@ -1,4 +1,4 @@
-"""The rich progress bar for long work: images done, images/s, ETA."""
+"""The rich progress bar for long work: items done, items/s, ETA."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ console = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:.0f} images/s", style="progress.data.speed")
+        return Text(f"{task.speed or 0:.1f} {self.unit}/s", style="progress.data.speed")
 
 
-def image_progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool, unit: str) -> Progress:
+    """A bar on stderr counting `unit`s (images, shards); does nothing when not `enabled`."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        RateColumn(),
+        RateColumn(unit),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -16,22 +16,24 @@ import lmdb
 from PIL import Image
 
 from shards.manifest import Manifest, ShardEntry, read_manifest, read_rejects
+from shards.progress import progress_bar
 from shards.storage import is_local, join, open_fs
 from shards.writers import file_digest
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
 
-def verify(dest: str, deep: bool = False) -> list[str]:
+def verify(dest: str, deep: bool = False, progress: bool = False) -> list[str]:
     """Problems found, each naming its shard; [] means every shard matches the manifest.
 
     Checks each shard's size, sha256 and sample count; `deep` also decodes every image.
     """
     manifest = read_manifest(dest)
     fs, root = open_fs(dest)
+    entries = [entry for split in manifest.splits.values() for entry in split.shards]
     problems = []
-    for split in manifest.splits.values():
-        for entry in split.shards:
+    with progress_bar(progress, "shards") as bar:
+        for entry in bar.track(entries, description="verifying"):
             problems += [f"{entry.name}: {p}" for p in check_shard(fs, root, manifest.format, entry, deep)]
     return problems
 
