@@ -2,6 +2,7 @@
 
 import typer
 
+from flows.demo import demo
 from shards.cli import app as shards_app
 from training.doctor import app as doctor_app
 from training.cli import app as training_app
@@ -15,3 +16,4 @@ app = typer.Typer(
 app.add_typer(shards_app)
 app.add_typer(doctor_app)
 app.add_typer(training_app)
+app.command()(demo)

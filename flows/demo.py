@@ -1,0 +1,112 @@
+"""`shardtrain demo`: the nightly flow twice on the bundled photos, in Prefect's ephemeral mode.
+
+Night one converts a fresh raw folder and trains from scratch; night two finds new images,
+appends them, resumes from night one's checkpoint and decides whether to promote. Storage is
+a local folder, as a NAS mount would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import shards
+import training
+from shards import StoreError, samples
+from training import TrainError
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# Written into --out so a rerun knows it may clear what an earlier demo left there.
+STAMP = ".shardtrain-demo"
+
+console = Console(soft_wrap=True)  # paths stay whole, so they can be copied
+
+
+def use_ephemeral_prefect(home: Path) -> None:
+    """Run flows without a server: Prefect starts a temporary one on a SQLite file in `home`.
+
+    Set in the environment before prefect is imported, since it reads its settings then.
+    """
+    os.environ.pop("PREFECT_API_URL", None)
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "true"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The temporary server can take longer than the 20 s default to start on a busy small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+class DemoError(Exception):
+    """A problem with the demo's own arguments; one line."""
+
+
+def prepare_out(out: Path) -> None:
+    """Start from an empty `out`; refuse to clear a non-empty folder that no demo made."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / STAMP).exists():
+            raise DemoError(f"--out {out} is not empty and was not made by `shardtrain demo`; pick another folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STAMP).touch()
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo writes (cleared first).")] = Path(
+        "demo-output"
+    ),
+    images: Annotated[int, typer.Option(min=2, help="New training images per class each night.")] = 16,
+    size: Annotated[int, typer.Option(min=32, help="Side of the generated images in pixels.")] = 64,
+) -> None:
+    """Two nights of the nightly flow on the bundled photos: convert, train, resume, promote."""
+    try:
+        run_demo(out.resolve(), images, size)
+    except (DemoError, StoreError, TrainError) as e:
+        Console(stderr=True).print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def run_demo(out: Path, images: int, size: int) -> None:
+    prepare_out(out)
+    use_ephemeral_prefect(out / "prefect")
+    from flows.nightly import nightly_retrain  # after use_ephemeral_prefect: prefect reads settings on import
+
+    raw, store, storage, runs = out / "raw", out / "store", out / "storage", out / "runs"
+    per_class = {"train": images, "val": max(1, images // 4)}
+    overrides = (f"runs_dir={runs}", f"data.image_size={size}")
+
+    def night(number: int, start: int) -> dict:
+        samples.make_imagefolder(raw, per_class=per_class, size=size, seed=number, start=start)
+        console.rule(f"[bold]Night {number}[/]: {sum(per_class.values())} new images per class in {raw}")
+        return nightly_retrain(
+            raw_dir=str(raw), store=str(store), config=str(DEMO_CONFIG), storage=str(storage),
+            epochs=1, overrides=overrides,
+        )
+
+    first = night(1, start=0)
+    console.rule("[bold]The store after night 1[/]: shardtrain inspect, shardtrain verify")
+    console.print_json(json.dumps(shards.inspect_store(str(store))))
+    problems = shards.verify(str(store))
+    if problems:
+        raise StoreError(f"verify found {len(problems)} problems: {problems[0]}")
+    console.print("verify: [green]ok[/] (every shard's size, sha256 and sample count match the manifest)")
+    second = night(2, start=images)
+
+    console.rule("[bold]Done[/]")
+    for label, decision in (("night 1", first), ("night 2", second)):
+        production = "none" if decision["production"] is None else f"{decision['production']:.4f}"
+        console.print(
+            f"{label}: {decision['metric']} {decision['candidate']:.4f} vs production {production}"
+            f" -> {'promoted' if decision['promoted'] else 'kept production'}"
+        )
+    cfg = training.load_config(DEMO_CONFIG, [*overrides, f"data.path={store}"])
+    console.print(f"run directory:    {training.run_dir(cfg)}  (results.csv, plot.png, checkpoints/)")
+    console.print(f"TensorBoard:      tensorboard --logdir {runs}")
+    console.print(f"shard store:      {store}  (shardtrain inspect {store})")
+    console.print(f"storage (NAS):    {storage}")
+    console.print(f"production model: {second['model']}")
+    console.print(f"flow runs:        PREFECT_HOME={out / 'prefect'} prefect server start, then http://127.0.0.1:4200")

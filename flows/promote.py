@@ -1,0 +1,45 @@
+"""The production model in storage: `<storage>/models/production/{model.pt, metrics.json}`.
+
+The marker `model.pt.complete` is removed before and written after the two files, so a
+reader that finds the marker finds a complete, matching pair (never half a promotion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from fsspec.core import url_to_fs
+
+MARKER = "model.pt.complete"
+
+
+def production_url(storage: str) -> str:
+    return storage.rstrip("/") + "/models/production"
+
+
+def read_production(storage: str) -> dict | None:
+    """The promoted model's metrics.json, or None when nothing was promoted yet."""
+    fs, root = url_to_fs(production_url(storage))
+    if not fs.exists(f"{root}/{MARKER}"):
+        return None
+    return json.loads(fs.cat_file(f"{root}/metrics.json"))
+
+
+def beats(candidate: dict, production: dict | None) -> bool:
+    """Whether the candidate's best eval metric (an accuracy: higher is better) beats production's."""
+    return production is None or candidate["best"] > production["best"]
+
+
+def promote(storage: str, model: Path, metrics: dict) -> str:
+    """Copy `model` and its metrics to production, marker last; returns the model's URL."""
+    fs, root = url_to_fs(production_url(storage))
+    fs.makedirs(root, exist_ok=True)
+    if fs.exists(f"{root}/{MARKER}"):
+        fs.rm(f"{root}/{MARKER}")
+    fs.put_file(str(model), f"{root}/model.pt")
+    fs.pipe_file(f"{root}/metrics.json", json.dumps(metrics, indent=2).encode())
+    marker = {"sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "metric": metrics["metric"], "best": metrics["best"]}
+    fs.pipe_file(f"{root}/{MARKER}", json.dumps(marker).encode())
+    return production_url(storage) + "/model.pt"

@@ -1,0 +1,68 @@
+"""`shardtrain demo`: two nights of the nightly flow in Prefect's ephemeral mode, on a small setting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import shards
+import training
+from shards import samples
+
+SHARDTRAIN = Path(sys.executable).with_name("shardtrain")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    return subprocess.run(
+        [str(SHARDTRAIN), "demo", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_demo_two_nights(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo("--out", str(out), "--images", "4", "--size", "32")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output
+
+    # The store: night 1's images, then night 2's appended as a new version; verified.
+    per_night = len(samples.class_names()) * (4 + 1)
+    manifest = shards.read_manifest(str(out / "store"))
+    assert (manifest.version, manifest.totals.samples) == (2, 2 * per_night)
+    assert shards.verify(str(out / "store"), deep=True) == []
+    assert '"format": "wds"' in output and "verify: ok" in output
+
+    # Training: night 2 resumed night 1's run and trained one more epoch.
+    cfg = training.load_config(REPO / "configs/demo.yaml", [f"runs_dir={out / 'runs'}"])
+    metrics = json.loads((training.run_dir(cfg) / "metrics.json").read_text())
+    assert metrics["epoch"] == 2
+    assert "resumed from" in output
+    in_storage = training.latest_checkpoint(
+        training.load_config(REPO / "configs/demo.yaml", [f"runs_dir={tmp_path / 'none'}", f"checkpoint.storage={out / 'storage'}"])
+    )
+    assert in_storage["remote"] and in_storage["step"] == metrics["step"]
+
+    # Production: a complete model whose metrics are the best promoted so far.
+    production = out / "storage" / "models" / "production"
+    assert (production / "model.pt.complete").exists()
+    promoted = json.loads((production / "metrics.json").read_text())
+    model = torch.load(production / "model.pt", map_location="cpu", weights_only=True)
+    assert set(model) >= {"model", "step", "epoch", "config"}
+    assert promoted["best"] == metrics["best"]
+    assert f"production model: {production / 'model.pt'}" in output
+    assert f"tensorboard --logdir {out / 'runs'}" in output
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = run_demo("--out", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --out") and "Traceback" not in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
