@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shards.layouts import Input
-from shards.storage import join
+from shards.storage import is_local, join
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO"}  # re-encoded as PNG, others JPEG
@@ -83,11 +83,15 @@ def process(settings: Settings, task: tuple[Input, bool]) -> Result:
 
 
 def read_source(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """The file's bytes; a file that cannot be read is a reject, but a remote store's other
+    errors (network, throttling) propagate: the run stops, and rerunning it resumes."""
     try:
         data = fs.cat_file(path)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         raise BadInput("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
     except OSError as e:
+        if not is_local(fs):
+            raise
         raise BadInput("unreadable", f"{type(e).__name__}: {e}") from None
     if not data:
         raise BadInput("empty", "file has 0 bytes")
