@@ -1,0 +1,168 @@
+"""Run config, overrides and their one-line errors; the step plan and LR scaling; checkpoint files and
+storage markers (real moto S3); weights from a path. All in-process and quick, except one CLI call."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from training import TrainError, latest_checkpoint, load_config, run_dir
+from training import checkpoint, storage
+from training.config import ModelConfig, OptimConfig
+from training.model import build_model
+from training.optim import StepPlan, scaled_lr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, **cfg) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "runs_dir": str(tmp_path / "runs"), "data": {"path": "x"}, **cfg}))
+    return path
+
+
+def test_shipped_configs_load():
+    for name in ("demo", "resnet50", "deit_small"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        assert cfg.name == name
+    deit = load_config(REPO / "configs" / "deit_small.yaml")
+    assert (deit.optim.layer_decay, deit.train.mixup, deit.train.cutmix, deit.train.label_smoothing) == (
+        0.65, 0.8, 1.0, 0.1)
+
+
+def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
+    cfg = load_config(write(tmp_path), ["train.max_steps=20", "optim.lr=1e-4", "checkpoint.storage=s3://b/p",
+                                        "model.kwargs={img_size: 32}", "train.ema_decay=null"])
+    assert cfg.train.max_steps == 20 and cfg.optim.lr == 1e-4 and cfg.checkpoint.storage == "s3://b/p"
+    assert cfg.model.kwargs == {"img_size": 32} and cfg.train.ema_decay is None
+    assert run_dir(cfg) == tmp_path / "runs" / "t"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.bogus=1"], "unknown config key train.bogus"),
+        (["optim.lr=-1"], "bad value for optim.lr: Input should be greater than 0 (got -1)"),
+        (["train.amp=fp8"], "bad value for train.amp"),
+        (["data.batch_size=many"], "bad value for data.batch_size"),
+        (["model.pretrained=true"], "bad value for model.pretrained: weights are never downloaded from a hub"),
+        (["name=a/b"], "bad value for name"),
+        (["train=3"], "bad value for train"),
+        (["max_steps"], "override 'max_steps' must look like key.sub=value"),
+    ],
+)
+def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(TrainError) as err:
+        load_config(write(tmp_path), overrides)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_data_section_and_bad_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: t\n")
+    with pytest.raises(TrainError, match="^missing config key data$"):
+        load_config(path)
+    path.write_text("name: [t\n")
+    with pytest.raises(TrainError, match="is not valid YAML"):
+        load_config(path)
+
+
+def test_cli_prints_error_line_and_exits_2(tmp_path):
+    shardtrain = Path(sys.executable).with_name("shardtrain")
+    proc = subprocess.run([str(shardtrain), "train", str(write(tmp_path)), "train.epochs=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: bad value for train.epochs: Input should be greater than or equal to 1 (got 0)"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_lr_scales_with_global_batch():
+    assert scaled_lr(OptimConfig(lr=5e-4, lr_base_batch=512), 1024) == pytest.approx(1e-3)
+    assert scaled_lr(OptimConfig(lr=5e-4), 1024) == 5e-4
+
+
+def test_step_plan_accumulation_ramp():
+    plan = StepPlan(batches_per_epoch=10, accum_steps=4, batch_ramp=3, epochs=6, max_steps=None)
+    assert [plan.accum(e) for e in range(6)] == [1, 2, 3, 4, 4, 4]
+    assert [plan.steps_in(e) for e in range(6)] == [10, 5, 4, 3, 3, 3]  # a short last group still steps
+    assert plan.total_steps == 28
+    assert StepPlan(10, 4, 3, 6, max_steps=7).total_steps == 7
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = tmp_path / "c.pt"
+    checkpoint.atomic_save({"rng": checkpoint.rng_state()}, path)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load(path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_local_checkpoints_keep_last_k_and_latest(tmp_path):
+    cfg = load_config(write(tmp_path))
+    ckpt_dir = run_dir(cfg) / "checkpoints"
+    assert latest_checkpoint(cfg) is None
+    for step in (2, 4, 6):
+        checkpoint.save(ckpt_dir, {"step": step, "epoch": step // 4, "model": {}}, keep=2)
+    (ckpt_dir / checkpoint.step_name(8)).write_bytes(b"partial")  # no marker: never counts
+    assert sorted(p.name for p in ckpt_dir.glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (4, 6, 8)]
+    assert latest_checkpoint(cfg) == {"path": str(ckpt_dir / "step_00000006.pt"), "step": 6, "epoch": 1,
+                                      "remote": False}
+    assert checkpoint.load(ckpt_dir / "last.pt")["step"] == 6
+
+
+def test_remote_partial_never_loaded(tmp_path, s3_bucket):
+    """Storage: only files with a marker count, and the marker's sha256 must match the bytes."""
+    cfg = load_config(write(tmp_path), [f"checkpoint.storage={s3_bucket}/p"])
+    local = tmp_path / "step_00000004.pt"
+    checkpoint.atomic_save({"step": 4, "epoch": 0}, local)
+    fs, root = storage.filesystem(f"{s3_bucket}/p/t/checkpoints")
+    storage.upload(fs, local, f"{root}/step_00000004.pt", {"step": 4, "epoch": 0})
+    fs.pipe_file(f"{root}/step_00000009.pt", b"half an upload")  # newer, but no marker
+    latest = latest_checkpoint(cfg)
+    assert (latest["step"], latest["remote"]) == (4, True)
+
+    fs.pipe_file(f"{root}/step_00000004.pt", b"overwritten")  # bytes no longer match the marker
+    with pytest.raises(TrainError, match="does not match its marker's sha256"):
+        storage.download(latest["path"], tmp_path / "dl.pt", storage.latest_remote(f"{s3_bucket}/p", "t")["sha256"])
+    assert not (tmp_path / "dl.pt").exists()
+
+
+def test_uploader_retries_until_storage_is_back(tmp_path):
+    """A NAS path that is missing (unmounted) at first: the upload is retried and lands when it appears."""
+    nas_parent = tmp_path / "mnt"
+    local = tmp_path / "step_00000002.pt"
+    local.write_bytes(b"x" * 1000)
+    nas_parent.write_text("not a directory yet")  # makedirs under a file fails like an absent mount
+    logs: list[str] = []
+    up = storage.Uploader(str(nas_parent / "nas"), "t", log=logs.append)
+    up.submit(local, "checkpoints/step_00000002.pt", {"step": 2, "epoch": 0}, keep=2)
+    assert not up.wait(1.5)
+    assert any("retrying" in line for line in logs)
+    nas_parent.unlink()
+    assert up.wait(30)
+    up.close()
+    marker = json.loads((nas_parent / "nas" / "t" / "checkpoints" / "step_00000002.pt.complete").read_text())
+    assert marker["step"] == 2 and marker["bytes"] == 1000
+
+
+def test_pretrained_weights_from_a_path_never_the_hub(tmp_path):
+    source = build_model(ModelConfig(name="test_resnet"), num_classes=10, cache_dir=tmp_path)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    model = build_model(ModelConfig(name="test_resnet", pretrained=str(tmp_path / "w.pth")), 3, tmp_path)
+    assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
+    assert model.get_classifier().out_features == 3  # the head is new: the store has 3 classes
+    with pytest.raises(TrainError, match="model.pretrained: no such file"):
+        build_model(ModelConfig(name="test_resnet", pretrained=str(tmp_path / "nope.pth")), 3, tmp_path)
+    with pytest.raises(TrainError, match="no timm model named 'resnet_nope'"):
+        build_model(ModelConfig(name="resnet_nope"), 3, tmp_path)
