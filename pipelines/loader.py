@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from typing import Iterator, Literal
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -92,9 +91,7 @@ def seed_globals(seed: int) -> None:
 
 
 def init_worker(_: int) -> None:
-    # One thread each: the workers are the parallelism; more would oversubscribe the cores.
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the workers are the parallelism; more would oversubscribe the cores
 
 
 class Loader:

@@ -15,6 +15,10 @@ from pipelines.config import AugmentConfig
 
 PAD_VALUE = 114  # the letterbox grey of YOLO detectors
 
+# OpenCV's thread pool does not survive fork: a DataLoader worker forked after the parent
+# ran an OpenCV op in parallel hangs on its first one. Our parallelism is the workers.
+cv2.setNumThreads(0)
+
 
 def classify_train(size: int, aug: AugmentConfig) -> A.Compose:
     cj = aug.color_jitter
