@@ -47,7 +47,7 @@ def convert(
     format: Literal["wds", "lmdb"] = typer.Option("wds"),
     layout: Literal["auto", "imagefolder", "unlabeled", "yolo"] = typer.Option("auto"),
     shard_size: str = typer.Option("256MB", help="bytes per shard (256MB, 1GB, 500KB) or samples (1000samples)"),
-    workers: int | None = typer.Option(None, min=1, help="decoding processes [default: CPU count]"),
+    workers: int | None = typer.Option(None, min=1, help="decoding processes (default: the CPU count)"),
     max_side: int | None = typer.Option(None, min=1, help="shrink images whose longer side is larger"),
     max_pixels: int = typer.Option(89_478_485, min=1, help="reject images with more pixels (too_large)"),
     append: bool = typer.Option(False, "--append", help="add new inputs to an existing store"),
