@@ -123,6 +123,32 @@ def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]], dev
     return out
 
 
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, str]], device: torch.device) -> list[torch.Tensor | Exception]:
+    """`decode_batch` on CUDA, made safe against nvJPEG's hardware decoder.
+
+    That decoder writes its outputs before the work already queued on its stream has run
+    (pytorch/vision#9606), so on the training stream it can overwrite memory a queued kernel
+    still reads (seen here as NaN losses under torch.compile). On a stream of its own that we
+    drain first, nothing is queued ahead of it; `record_stream` keeps the caching allocator
+    from handing its outputs to the decoder again before the training stream is done with them.
+    """
+    if device.type != "cuda":
+        return decode_batch(data, keys, device)
+    stream = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    consumer = torch.cuda.current_stream(device)
+    stream.synchronize()  # waits for this stream's own last decode only, never for the training step
+    with torch.cuda.stream(stream):
+        out = decode_batch(data, keys, device)
+    consumer.wait_stream(stream)
+    for img in out:
+        if isinstance(img, torch.Tensor):
+            img.record_stream(consumer)
+    return out
+
+
 def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each box and resize it to size x size (bilinear, averaging when shrinking),
     in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
@@ -147,7 +173,7 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
 
 def device_batch(batch: dict, size: int, device: torch.device) -> tuple[dict, list[BadSample]]:
     """The device half: decode, orient, crop+resize, flip. Returns float 0..255 images."""
-    decoded = decode_batch(batch["data"], batch["keys"], device)
+    decoded = decode_on_own_stream(batch["data"], batch["keys"], device)
     keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
     bad = [BadSample(batch["keys"][i][0], batch["keys"][i][1], f"cannot decode: {decoded[i]}") for i in range(len(decoded)) if i not in keep]
     images = [apply_orientation(decoded[i], int(batch["orientation"][i])) for i in keep]

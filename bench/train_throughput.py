@@ -1,0 +1,356 @@
+"""GPU training throughput: shardtrain's own loop from a shard store against the synthetic-data ceiling.
+
+Run on a GPU host, from the repo root (everything that belongs together, in one go):
+
+    python bench/train_throughput.py                      # ceilings + end-to-end, resnet50 and deit_small
+    python bench/train_throughput.py --models resnet50    # one model
+    torchrun is not needed: each end-to-end run is `python -m training CONFIG` in a subprocess
+    python bench/train_throughput.py --scaling 1,2        # DDP: images/s per GPU on 1 and 2 GPUs (torchrun)
+
+What it does:
+1. Makes `--images` JPEGs of ImageNet-like size (~500x375) from the bundled real photos (one class
+   per photo) and converts them with `shards.convert(..., max_side=--max-side)` to WebDataset and LMDB,
+   as a user would.
+2. Ceiling: the same model, optimizer (AdamW), bf16 autocast, channels_last and torch.compile, stepping
+   on one fixed random batch already on the GPU.
+3. End to end: `python -m training` on the store with the production settings, for each input path
+   (gpu decode from wds and lmdb, cpu decode from wds); images/s is the median of the loop's own
+   logged windows (train/images_per_s in TensorBoard) after warm-up.
+4. Checkpoints: the training stall per checkpoint save, and the time from process start to the first
+   step of a resumed run.
+The last line is one JSON object, also appended to bench/results/train_throughput.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shards import ConvertOptions, convert  # noqa: E402
+from shards.samples import photo_paths  # noqa: E402
+
+
+def machine() -> dict:
+    return {
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__,
+    }
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def _make_one(args: tuple[str, int, str]) -> None:
+    from PIL import Image
+
+    photo, seed, out = args
+    rng = random.Random(seed)
+    img = Image.open(photo).convert("RGB")
+    w, h = img.size
+    aspect = rng.uniform(3 / 4, 4 / 3)
+    cw = rng.randint(min(w, h) // 2, min(w, h))
+    ch = min(h, round(cw / aspect))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    tw = rng.randint(440, 560)
+    crop = img.crop((x, y, x + cw, y + ch)).resize((tw, round(tw * ch / cw)), Image.BICUBIC)
+    crop.save(out, quality=90)
+
+
+def make_raw(dest: Path, n_train: int, n_val: int, workers: int) -> Path:
+    """`dest/{train,val}/<photo>/<i>.jpg`: random crops of the bundled photos at ~500x375."""
+    photos = photo_paths()
+    jobs = []
+    for s, (split, n) in enumerate((("train", n_train), ("val", n_val))):
+        for i in range(n):
+            photo = photos[i % len(photos)]
+            folder = dest / split / photo.stem
+            folder.mkdir(parents=True, exist_ok=True)
+            jobs.append((str(photo), 2 * i + s, str(folder / f"{i:06d}.jpg")))
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_make_one, jobs, chunksize=64))
+    return dest
+
+
+def make_stores(work: Path, n_train: int, n_val: int, max_side: int) -> dict[str, str]:
+    raw = work / "raw"
+    if not (raw / "train").exists():
+        t = time.perf_counter()
+        make_raw(raw, n_train, n_val, os.cpu_count() or 1)
+        print(f"made {n_train + n_val} JPEGs in {time.perf_counter() - t:.1f}s", flush=True)
+    stores = {}
+    for fmt in ("wds", "lmdb"):
+        dest = work / f"store-{fmt}"
+        if not (dest / "manifest.json").exists():
+            t = time.perf_counter()
+            convert(ConvertOptions(src=str(raw), dest=str(dest), format=fmt, max_side=max_side,
+                                   workers=os.cpu_count() or 1), progress=False)
+            print(f"converted {fmt} in {time.perf_counter() - t:.1f}s", flush=True)
+        stores[fmt] = str(dest)
+    return stores
+
+
+# ---- ceiling ------------------------------------------------------------------------------------------------------
+
+
+def ceiling(model_name: str, batch: int, num_classes: int, compile: bool, warmup: int, steps: int) -> float:
+    """images/s of the bare step (model, AdamW, bf16 autocast, channels_last) on one random GPU batch."""
+    import timm
+
+    device = torch.device("cuda")
+    model = timm.create_model(model_name, num_classes=num_classes).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    step_model = torch.compile(model) if compile else model
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(step_model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - t)
+
+
+# ---- input alone ---------------------------------------------------------------------------------------------------
+
+
+def loader_rate(store: str, decode: str, batch: int, workers: int, warmup: int = 8, batches: int = 40) -> float:
+    """images/s of the train loader alone (decode, augment, copy, normalise on the GPU), no model."""
+    from pipelines import DataConfig, build_loader
+
+    cfg = DataConfig(path=store, image_size=224, batch_size=batch, workers=workers, decode=decode)
+    loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0,
+                          device=torch.device("cuda"))
+    if len(loader) < warmup + batches:
+        raise RuntimeError(f"{store} has {len(loader)} batches per epoch; raise --images")
+    loader.set_epoch(0)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    torch.cuda.synchronize()
+    return batch * batches / (time.perf_counter() - t)
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+
+
+def run_config(name: str, store: str, model: str, decode: str, batch: int, workers: int, steps: int,
+               compile: bool, runs: Path, every_steps: int, storage: str | None) -> dict:
+    return {
+        "name": name,
+        "runs_dir": str(runs),
+        "task": "classify",
+        "seed": 0,
+        "data": {"path": store, "image_size": 224, "batch_size": batch, "workers": workers, "decode": decode,
+                 "prefetch_factor": 4},
+        "model": {"name": model},
+        "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05},
+        "train": {"epochs": 1000, "max_steps": steps, "amp": "bf16", "compile": compile, "log_every": 10},
+        "checkpoint": {"every_steps": every_steps, "keep": 2, "storage": storage},
+        "eval": {"every_epochs": 1000},
+        "resume": "never",
+    }
+
+
+def launch(cfg: dict, runs: Path, nproc: int = 1) -> tuple[list[tuple[float, str]], float]:
+    """Run the config (under torchrun when nproc > 1); returns (seconds since start, line) pairs and the total."""
+    if cfg["resume"] == "never":
+        shutil.rmtree(runs / cfg["name"], ignore_errors=True)  # a fresh run, not the last bench's checkpoints
+    path = runs / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "training", str(path)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "training", str(path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append((time.perf_counter() - start, line.rstrip()))
+        print(f"  [{cfg['name']} {lines[-1][0]:6.1f}s] {line.rstrip()}", flush=True)
+    if proc.wait() != 0:
+        tail = "\n".join(text for _, text in lines[-30:])
+        raise RuntimeError(f"{cfg['name']} failed:\n{tail}")
+    return lines, time.perf_counter() - start
+
+
+STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) .* ([\d.]+) img/s data-wait (\d+)%")
+
+
+def steady_rate(lines: list[tuple[float, str]], skip_steps: int) -> tuple[float, float]:
+    """Median images/s and data-wait share of the logged windows after `skip_steps` (compile, warm-up).
+
+    Windows that span an epoch boundary are left out: the bench's epochs are a few dozen steps
+    (ImageNet's are thousands), so their restart and epoch-end checkpoint would weigh far more here
+    than in a real run. The epoch-end cost is measured on its own (--checkpoint).
+    """
+    rates, waits, last_epoch = [], [], None
+    for _, text in lines:
+        m = STEP_LINE.match(text)
+        if not m:
+            continue
+        epoch = int(m.group(2))
+        if int(m.group(1)) > skip_steps and epoch == last_epoch:
+            rates.append(float(m.group(3)))
+            waits.append(float(m.group(4)) / 100)
+        last_epoch = epoch
+    if not rates:
+        raise RuntimeError("no step lines after warm-up: raise --steps")
+    return statistics.median(rates), statistics.median(waits)
+
+
+def checkpoint_costs(lines: list[tuple[float, str]]) -> list[float]:
+    """Stall of each checkpoint save, from the loop's own `checkpoint ... stalled X.XXXs` lines."""
+    return [float(m.group(1)) for _, text in lines if (m := re.search(r"stalled ([\d.]+)s", text))]
+
+
+def first_step_after(lines: list[tuple[float, str]]) -> float:
+    for t, text in lines:
+        if text.startswith("step "):
+            return t
+    raise RuntimeError("the resumed run logged no step")
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/shardtrain-bench")
+    p.add_argument("--images", type=int, default=16384)
+    p.add_argument("--val-images", type=int, default=512)
+    p.add_argument("--max-side", type=int, default=256)
+    p.add_argument("--models", default="resnet50,deit_small_patch16_224")
+    p.add_argument("--paths", default="wds-gpu,lmdb-gpu,wds-cpu", help="end-to-end input paths: FORMAT-DECODE")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup-steps", type=int, default=60)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--scaling", default=None, help="comma-separated GPU counts for the DDP scaling runs")
+    p.add_argument("--checkpoint", action="store_true", help="also measure checkpoint stall and resume time")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: this benchmark needs a CUDA GPU")
+
+    work = Path(args.work)
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stores = make_stores(work, args.images, args.val_images, args.max_side)
+    compile = not args.no_compile
+    num_classes = len(photo_paths())
+    out: dict = {"bench": "train_throughput", "machine": machine(), "images": args.images,
+                 "max_side": args.max_side, "batch": args.batch, "workers": args.workers, "compile": compile}
+    table = []
+
+    if args.scaling:
+        model = args.models.split(",")[0]
+        counts = [int(c) for c in args.scaling.split(",")]
+        per_gpu = {}
+        workers = max(1, (os.cpu_count() or 2) // max(counts) - 1)
+        for n in counts:
+            cfg = run_config(f"scale-{model}-{n}", stores["wds"], model, "gpu", args.batch, workers, args.steps,
+                             compile, runs, 10**9, None)
+            lines, _ = launch(cfg, runs, nproc=n)
+            total, wait = steady_rate(lines, args.warmup_steps)
+            per_gpu[n] = total / n
+            table.append((f"{model} DDP x{n} (wds, gpu decode)", total, total / n, wait))
+        base = per_gpu[counts[0]] * counts[0] if counts[0] == 1 else None
+        out["scaling"] = {str(n): round(per_gpu[n], 1) for n in counts}
+        if base:
+            out["scaling_efficiency"] = {str(n): round(per_gpu[n] / per_gpu[1], 3) for n in counts}
+        out["model"] = model
+    else:
+        for path in args.paths.split(","):
+            fmt, decode = path.split("-")
+            rate = loader_rate(stores[fmt], decode, args.batch, args.workers)
+            table.append((f"input alone: {fmt} {decode}-decode", rate, None, None))
+            out[f"loader_images_per_s_{fmt}_{decode}"] = round(rate, 1)
+            print(f"input alone {path}: {rate:.0f} images/s", flush=True)
+        for model in args.models.split(","):
+            key = model.split("_patch")[0].replace("_patch16_224", "")
+            ceil = ceiling(model, args.batch, num_classes, compile, warmup=30, steps=60)
+            table.append((f"{model} ceiling (synthetic)", ceil, None, None))
+            print(f"ceiling {model}: {ceil:.0f} images/s", flush=True)
+            out[f"ceiling_{key}"] = round(ceil, 1)
+            for path in args.paths.split(","):
+                fmt, decode = path.split("-")
+                name = f"e2e-{key}-{path}"
+                cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, args.steps, compile,
+                                 runs, 10**9, None)
+                lines, _ = launch(cfg, runs)
+                rate, wait = steady_rate(lines, args.warmup_steps)
+                table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))
+                print(f"{name}: {rate:.0f} images/s, {rate / ceil:.3f} of the ceiling, data wait {wait:.0%}", flush=True)
+                out[f"images_per_s_{key}_{fmt}_{decode}"] = round(rate, 1)
+                out[f"ratio_{key}_{fmt}_{decode}"] = round(rate / ceil, 3)
+            # The headline ratio is the best input path's: the one a user should pick on this host.
+            paths = {k: v for k, v in out.items() if k.startswith(f"ratio_{key}_")}
+            best = max(paths, key=paths.get)
+            out[f"ratio_{key}"], out[f"best_path_{key}"] = paths[best], best.removeprefix(f"ratio_{key}_")
+        if args.checkpoint:
+            model = args.models.split(",")[0]
+            name = "ckpt-" + model
+            storage = str(work / "nas")
+            cfg = run_config(name, stores["wds"], model, "gpu", args.batch, args.workers, 120, compile, runs, 25,
+                             storage)
+            lines, _ = launch(cfg, runs)
+            stalls = checkpoint_costs(lines)
+            cfg["resume"] = "auto"
+            cfg["train"]["max_steps"] = 130
+            cfg["train"]["log_every"] = 1
+            lines, _ = launch(cfg, runs)
+            out["checkpoint_stall_s"] = round(statistics.median(stalls), 3) if stalls else None
+            out["checkpoint_stall_max_s"] = round(max(stalls), 3) if stalls else None
+            out["resume_to_first_step_s"] = round(first_step_after(lines), 1)
+
+    print()
+    print(f"{'run':52s} {'images/s':>10s} {'ratio':>7s} {'wait':>6s}")
+    for name, rate, ratio, wait in table:
+        r = f"{ratio:.3f}" if ratio is not None else ""
+        w = f"{wait:.0%}" if wait is not None else ""
+        print(f"{name:52s} {rate:10.0f} {r:>7s} {w:>6s}")
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / "train_throughput.jsonl", "a") as f:
+        f.write(json.dumps(out) + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "train_throughput.json").write_text(json.dumps(out))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
