@@ -126,6 +126,9 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
     uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) if cfg.checkpoint.storage and world.is_main \
         else None
     reporter = Reporter(rdir, world, plan.total_steps, state.step, cfg.train.log_every)
+    reporter.line(f"{cfg.task} {cfg.model.name}: {world.size} process(es) on {world.device.type}, "
+                  f"amp {str(dtype).removeprefix('torch.') if dtype else 'off'}, {plan.total_steps} steps, "
+                  f"global batch {global_batch}")
     if world.is_main and source:
         metrics.keep_results_until(rdir / "results.csv", state.last_eval_step)
         reporter.line(f"resumed from {source} at step {state.step} (epoch {state.epoch}, batch {state.batch})")

@@ -1,0 +1,60 @@
+"""One GPU: AMP bf16 and fp16 (+ GradScaler), channels_last, torch.compile, through the real trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shards import ConvertOptions, convert
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def store(imagefolder_src, tmp_path_factory) -> str:
+    dest = tmp_path_factory.mktemp("gpu-store") / "store"
+    convert(ConvertOptions(src=str(imagefolder_src), dest=str(dest), format="wds"), progress=False)
+    return str(dest)
+
+
+def train_once(tmp_path: Path, store: str, *overrides: str) -> tuple[dict, str]:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "g", "runs_dir": str(tmp_path / "runs"),
+        "data": {"path": store, "image_size": 64, "batch_size": 16, "workers": 1},
+        "model": {"name": "resnet18"},
+        "train": {"epochs": 2, "max_steps": 8, "log_every": 2},
+        "checkpoint": {"every_steps": 4},
+    }))
+    proc = subprocess.run([sys.executable, "-m", "training", str(config), *overrides], capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = tmp_path / "runs" / "g"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 8 and math.isfinite(metrics["final"]["train_loss"])
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True), proc.stdout
+
+
+def test_bf16_channels_last_compile(store, tmp_path):
+    ckpt, out = train_once(tmp_path, store, "train.amp=bf16", "data.channels_last=true", "train.compile=true")
+    assert "on cuda, amp bfloat16" in out
+    assert ckpt["scaler"] == {}  # no GradScaler with bf16
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_fp16_uses_grad_scaler(store, tmp_path):
+    ckpt, out = train_once(tmp_path, store, "train.amp=fp16")
+    assert "on cuda, amp float16" in out
+    assert ckpt["scaler"]["scale"] > 0
+
+
+def test_auto_amp_picks_bf16_where_supported(store, tmp_path):
+    _, out = train_once(tmp_path, store, "train.ema_decay=0.99")
+    assert f"amp {'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'}" in out
