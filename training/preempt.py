@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 EXIT_PREEMPTED: int = 75  # EX_TEMPFAIL: "saved on a signal, requeue me"
@@ -20,8 +21,9 @@ class Preemption:
 
     def __init__(self) -> None:
         self.first_at: float | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # `run` called from a thread: no handlers
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
 
     @property
     def requested(self) -> bool:
