@@ -50,10 +50,11 @@ def apply(transform: A.Compose, seed: int, **data) -> dict:
 
 
 def chw(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """Stack HxWx3 uint8 arrays into one (N,3,H,W) uint8 tensor."""
+    """Stack HxWx3 uint8 arrays into one (N,3,H,W) uint8 tensor, channels_last in memory:
+    no transposing copy here, and none on the device when channels_last is wanted."""
     if not images:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 def classify_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:

@@ -20,8 +20,9 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
     img = Image.open(io.BytesIO(data))
     if min_side and img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))
-    img = ImageOps.exif_transpose(img)
-    return np.asarray(img.convert("RGB"))
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+        img = ImageOps.exif_transpose(img)
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def probe_image(data: bytes) -> tuple[int, int, int]:

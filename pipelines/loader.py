@@ -104,8 +104,8 @@ class Loader:
         self.classes = store.classes
         self.skipped = 0
         self._epoch, self._batch = 0, 0
-        self._mean = torch.tensor(cfg.augment.mean, device=device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(cfg.augment.std, device=device).view(1, 3, 1, 1) * 255
+        self._mean = torch.tensor(cfg.augment.mean, device=device) * 255
+        self._std = torch.tensor(cfg.augment.std, device=device) * 255
 
     def __len__(self) -> int:
         return self.sampler.num_batches
@@ -135,8 +135,11 @@ class Loader:
             yield self._to_device(batch)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().sub_(self._mean).div_(self._std)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        """uint8 (N,3,H,W) -> float normalised, on the device. Worker batches are
+        channels_last in memory, so the arithmetic runs on the contiguous NHWC view."""
+        nhwc = images.to(self.device, non_blocking=True).permute(0, 2, 3, 1)
+        x = nhwc.float().sub_(self._mean).div_(self._std).permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=torch.channels_last if self.cfg.channels_last else torch.contiguous_format)
 
     def _to_device(self, batch: dict) -> dict:
         if self.task == "dino":

@@ -1,0 +1,136 @@
+"""Loader throughput: our wds and lmdb readers vs torchvision ImageFolder, same run.
+
+    python bench/loader.py SRC [--workers N] [--batch-size B] [--size S] [--make 500]
+
+SRC is an ImageFolder tree (SRC/train/<class>/*.jpg); with --make N it is first filled with
+N photos of 400x300 cut from the bundled samples. SRC is converted to wds and lmdb in a temp
+dir, then each loader runs the classify train preset over the same images with the same
+workers and batch size: ours via `build_loader` (draft JPEG decode, uint8 batches, float and
+normalised in the main process as the trainer gets them); the baseline is `ImageFolder` with
+PIL decode and the same albumentations preset plus Normalize/ToTensorV2 in the workers (the
+common recipe). One untimed epoch first (worker start, page cache, tar index), then the
+best of --epochs timed epochs. Prints images/s and the ratios; the last line is one JSON
+object, also appended to bench/results/loader.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from pipelines import AugmentConfig, DataConfig, build_loader, presets
+from shards import ConvertOptions, convert, samples
+
+RESULTS = Path(__file__).parent / "results" / "loader.jsonl"
+
+
+def make_photos(dest: Path, count: int, seed: int = 0) -> None:
+    """`count` 400x300 crops of the bundled photos in dest/train/<photo>/."""
+    rng = random.Random(seed)
+    photos = {p.stem: Image.open(p).convert("RGB") for p in samples.photo_paths()}
+    names = sorted(photos)
+    for i in range(count):
+        name = names[i % len(names)]
+        img = photos[name]
+        w, h = img.size
+        cw = rng.randint(min(w, h * 4 // 3) // 2, min(w, h * 4 // 3))
+        ch = cw * 3 // 4
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        folder = dest / "train" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        img.crop((x, y, x + cw, y + ch)).resize((400, 300), Image.BILINEAR).save(folder / f"{name}_{i:05d}.jpg", quality=90)
+
+
+def time_epochs(run_epoch, epochs: int) -> float:
+    """Best images/s over `epochs` timed epochs, after one untimed one."""
+    run_epoch(0)
+    best = 0.0
+    for e in range(1, epochs + 1):
+        start = time.perf_counter()
+        n = run_epoch(e)
+        best = max(best, n / (time.perf_counter() - start))
+    return best
+
+
+def ours(store: str, args, aug: AugmentConfig) -> float:
+    cfg = DataConfig(path=store, image_size=args.size, batch_size=args.batch_size, workers=args.workers, augment=aug)
+    loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+
+    def epoch(e: int) -> int:
+        loader.set_epoch(e)
+        return sum(len(b["label"]) for b in loader)
+
+    return time_epochs(epoch, args.epochs)
+
+
+def imagefolder(src: Path, args, aug: AugmentConfig) -> float:
+    transform = A.Compose([presets.classify_train(args.size, aug), A.Normalize(aug.mean, aug.std), ToTensorV2()])
+    dataset = ImageFolder(str(src / "train"), transform=lambda img: transform(image=np.asarray(img))["image"])
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
+        persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers > 0 else None,
+    )
+
+    def epoch(e: int) -> int:
+        return sum(len(labels) for _, labels in loader)
+
+    return time_epochs(epoch, args.epochs)
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_count": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (best is kept)")
+    parser.add_argument("--make", type=int, default=0, help="first write this many 400x300 photos into SRC")
+    args = parser.parse_args()
+    if args.make:
+        make_photos(args.src, args.make)
+    aug = AugmentConfig()
+    count = sum(1 for _ in (args.src / "train").rglob("*.jpg"))
+    rates = {}
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        for fmt in ("wds", "lmdb"):
+            convert(ConvertOptions(src=str(args.src), dest=f"{tmp}/{fmt}", format=fmt, workers=max(args.workers, 1)), progress=False)
+        rates["imagefolder"] = imagefolder(args.src, args, aug)
+        for fmt in ("wds", "lmdb"):
+            rates[fmt] = ours(f"{tmp}/{fmt}", args, aug)
+    print(f"{count} images, {args.workers} workers, batch {args.batch_size}, size {args.size}")
+    for name, rate in rates.items():
+        print(f"{name:12s} {rate:8.1f} images/s")
+    wds_ratio, lmdb_ratio = rates["wds"] / rates["imagefolder"], rates["lmdb"] / rates["imagefolder"]
+    print(f"ratio wds/imagefolder {wds_ratio:.2f}, lmdb/imagefolder {lmdb_ratio:.2f} (aim >= 1.5)")
+    result = {
+        "bench": "loader", "images": count, "workers": args.workers, "batch_size": args.batch_size, "size": args.size,
+        "imagefolder_images_per_s": round(rates["imagefolder"], 1), "wds_images_per_s": round(rates["wds"], 1),
+        "lmdb_images_per_s": round(rates["lmdb"], 1),
+        "ratio_wds_vs_imagefolder": round(wds_ratio, 3), "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3), **machine(),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
