@@ -69,7 +69,10 @@ class StoreBatches(Dataset):
         epoch, batch, indices = ref
         seeds = plan.sample_seeds(self.seed, epoch, self.rank, batch, len(indices))
         seed_globals(seeds[0] if seeds else self.seed)  # anything outside the presets sees a positional RNG too
-        raws = self.reader.read(indices)
+        try:
+            raws = self.reader.read(indices)
+        except DataError as e:  # storage failed: the run stops with this line (a resume continues)
+            return None, 0, str(e)
         bad = [r for r in raws if isinstance(r, BadSample)]
         good = [(r, s) for r, s in zip(raws, seeds) if not isinstance(r, BadSample)]
         out, more_bad = BATCH_FNS[self.task]([r for r, _ in good], [s for _, s in good], self.spec)

@@ -50,7 +50,7 @@ def scan_tar(fileobj, expected: int) -> TarIndex:
                 if not samples or samples[-1][0] != key:
                     samples.append((key, []))
                 samples[-1][1].append(Member(ext.lower(), info.offset_data, info.size))
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, EOFError) as e:  # corrupt bytes; an OSError (storage) propagates
         error = f"{type(e).__name__}: {e}"
     if len(samples) < expected and error is None:
         error = f"tar ends after {len(samples)} of {expected} samples"
@@ -122,6 +122,14 @@ class TarReader(ShardReader):
         return f
 
     def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
+        try:
+            return self._read_members(shard, local)
+        except Exception as e:  # storage failed (OSError, or a backend's own type such as botocore's
+            # EndpointConnectionError): not a corrupt sample, so never skipped
+            self._files.pop(shard, None)
+            raise DataError(f"cannot read shard {self.split.shards[shard]}: {type(e).__name__}: {e}") from None
+
+    def _read_members(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
         name = os.path.basename(self.split.shards[shard])
         f = self._file(shard)
         if shard not in self._index:
@@ -133,18 +141,18 @@ class TarReader(ShardReader):
                 out.append(BadSample(name, None, f"sample #{i} unreachable: {index.error}"))
                 continue
             key, members = index.samples[i]
+            data = {}
+            for m in members:
+                f.seek(m.offset)
+                data[m.ext] = f.read(m.size)
+            image_ext = next((e for e in IMAGE_EXTS if e in data), None)
+            if image_ext is None:
+                out.append(BadSample(name, key, f"no image member among {sorted(data)}"))
+                continue
             try:
-                data = {}
-                for m in members:
-                    f.seek(m.offset)
-                    data[m.ext] = f.read(m.size)
-                image_ext = next((e for e in IMAGE_EXTS if e in data), None)
-                if image_ext is None:
-                    out.append(BadSample(name, key, f"no image member among {sorted(data)}"))
-                    continue
                 out.append(RawSample(name, key, image_ext, data[image_ext], parse_meta(data)))
-            except (OSError, ValueError) as e:
-                out.append(BadSample(name, key, f"{type(e).__name__}: {e}"))
+            except ValueError as e:  # a bad .cls or .json member
+                out.append(BadSample(name, key, f"bad label: {e}"))
         return out
 
 

@@ -250,3 +250,17 @@ def test_gpu_decode_on_cuda(store):
         assert batch["image"].is_cuda and batch["image"].shape == (4, 3, 32, 32)
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
         assert batch["label"].is_cuda
+
+
+def test_s3_outage_stops_the_epoch_with_a_one_line_error_not_skips(tmp_path, s3_bucket, moto_server):
+    path = make_store(tmp_path, "wds", {"train": 1, "val": 2}, "4", dest=f"{s3_bucket}/store")
+    (ld,) = loaders(cfg_for(path, workers=0), "val", train=False, world_size=1)
+    batches = iter(ld)
+    next(batches)  # the first shard, read whole into fsspec's readahead block
+    moto_server.stop()
+    try:
+        with pytest.raises(DataError, match="cannot read shard .*val-00000[1-2].tar") as err:
+            list(batches)
+        assert "\n" not in str(err.value) and ld.skipped == 0
+    finally:
+        moto_server.start(buckets=(s3_bucket.removeprefix("s3://"),))
