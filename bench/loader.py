@@ -8,9 +8,10 @@ dir, then each loader runs the classify train preset over the same images with t
 workers and batch size: ours via `build_loader` (draft JPEG decode, uint8 batches, float and
 normalised in the main process as the trainer gets them); the baseline is `ImageFolder` with
 PIL decode and the same albumentations preset plus Normalize/ToTensorV2 in the workers (the
-common recipe). One untimed epoch first (worker start, page cache, tar index), then the
-best of --epochs timed epochs. Prints images/s and the ratios; the last line is one JSON
-object, also appended to bench/results/loader.jsonl.
+common recipe). All three keep their workers; after one untimed epoch each (worker start,
+page cache, tar index) they take turns, one timed epoch each per round, so that load from
+other processes falls on all three alike; each one's best round counts. Prints images/s and
+the ratios; the last line is one JSON object, also appended to bench/results/loader.jsonl.
 """
 
 from __future__ import annotations
@@ -54,18 +55,20 @@ def make_photos(dest: Path, count: int, seed: int = 0) -> None:
         img.crop((x, y, x + cw, y + ch)).resize((400, 300), Image.BILINEAR).save(folder / f"{name}_{i:05d}.jpg", quality=90)
 
 
-def time_epochs(run_epoch, epochs: int) -> float:
-    """Best images/s over `epochs` timed epochs, after one untimed one."""
-    run_epoch(0)
-    best = 0.0
-    for e in range(1, epochs + 1):
-        start = time.perf_counter()
-        n = run_epoch(e)
-        best = max(best, n / (time.perf_counter() - start))
+def interleaved_rates(epoch_fns: dict, rounds: int) -> dict[str, float]:
+    """Best images/s of each epoch function, run in turns after one untimed epoch each."""
+    for fn in epoch_fns.values():
+        fn(0)
+    best = dict.fromkeys(epoch_fns, 0.0)
+    for e in range(1, rounds + 1):
+        for name, fn in epoch_fns.items():
+            start = time.perf_counter()
+            n = fn(e)
+            best[name] = max(best[name], n / (time.perf_counter() - start))
     return best
 
 
-def ours(store: str, args, aug: AugmentConfig) -> float:
+def ours(store: str, args, aug: AugmentConfig):
     cfg = DataConfig(path=store, image_size=args.size, batch_size=args.batch_size, workers=args.workers, augment=aug)
     loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=torch.device("cpu"))
 
@@ -73,10 +76,10 @@ def ours(store: str, args, aug: AugmentConfig) -> float:
         loader.set_epoch(e)
         return sum(len(b["label"]) for b in loader)
 
-    return time_epochs(epoch, args.epochs)
+    return epoch
 
 
-def imagefolder(src: Path, args, aug: AugmentConfig) -> float:
+def imagefolder(src: Path, args, aug: AugmentConfig):
     transform = A.Compose([presets.classify_train(args.size, aug), A.Normalize(aug.mean, aug.std), ToTensorV2()])
     dataset = ImageFolder(str(src / "train"), transform=lambda img: transform(image=np.asarray(img))["image"])
     loader = DataLoader(
@@ -87,7 +90,7 @@ def imagefolder(src: Path, args, aug: AugmentConfig) -> float:
     def epoch(e: int) -> int:
         return sum(len(labels) for _, labels in loader)
 
-    return time_epochs(epoch, args.epochs)
+    return epoch
 
 
 def machine() -> dict:
@@ -101,20 +104,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (best is kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed epochs per loader, taken in turns (best counts)")
     parser.add_argument("--make", type=int, default=0, help="first write this many 400x300 photos into SRC")
     args = parser.parse_args()
     if args.make:
         make_photos(args.src, args.make)
     aug = AugmentConfig()
     count = sum(1 for _ in (args.src / "train").rglob("*.jpg"))
-    rates = {}
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for fmt in ("wds", "lmdb"):
             convert(ConvertOptions(src=str(args.src), dest=f"{tmp}/{fmt}", format=fmt, workers=max(args.workers, 1)), progress=False)
-        rates["imagefolder"] = imagefolder(args.src, args, aug)
-        for fmt in ("wds", "lmdb"):
-            rates[fmt] = ours(f"{tmp}/{fmt}", args, aug)
+        epochs = {"imagefolder": imagefolder(args.src, args, aug)}
+        epochs.update({fmt: ours(f"{tmp}/{fmt}", args, aug) for fmt in ("wds", "lmdb")})
+        rates = interleaved_rates(epochs, args.rounds)
     print(f"{count} images, {args.workers} workers, batch {args.batch_size}, size {args.size}")
     for name, rate in rates.items():
         print(f"{name:12s} {rate:8.1f} images/s")
@@ -122,7 +124,7 @@ def main() -> None:
     print(f"ratio wds/imagefolder {wds_ratio:.2f}, lmdb/imagefolder {lmdb_ratio:.2f} (aim >= 1.5)")
     result = {
         "bench": "loader", "images": count, "workers": args.workers, "batch_size": args.batch_size, "size": args.size,
-        "imagefolder_images_per_s": round(rates["imagefolder"], 1), "wds_images_per_s": round(rates["wds"], 1),
+        "rounds": args.rounds, "imagefolder_images_per_s": round(rates["imagefolder"], 1), "wds_images_per_s": round(rates["wds"], 1),
         "lmdb_images_per_s": round(rates["lmdb"], 1),
         "ratio_wds_vs_imagefolder": round(wds_ratio, 3), "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3), **machine(),
     }

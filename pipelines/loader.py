@@ -9,7 +9,8 @@ uint8 batch, and the Loader moves it to the device, where it becomes float.
 from __future__ import annotations
 
 import random
-from typing import Iterator, Literal
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -61,9 +62,10 @@ class EpochBatches(Sampler):
 class StoreBatches(Dataset):
     """Map-style: a batch reference in, (uint8 batch, skipped count, failure or None) out."""
 
-    def __init__(self, reader: ShardReader, spec: BatchSpec, *, task: str, seed: int, rank: int, on_error: str):
+    def __init__(self, reader: ShardReader, spec: BatchSpec, *, task: str, seed: int, rank: int, on_error: str, normalise: Normalise | None):
         self.reader, self.spec, self.task = reader, spec, task
         self.seed, self.rank, self.on_error = seed, rank, on_error
+        self.normalise = normalise  # set when the device is the CPU: no copy to save, so do it in parallel here
 
     def __getitem__(self, ref: BatchRef) -> tuple[dict | None, int, str | None]:
         epoch, batch, indices = ref
@@ -79,7 +81,35 @@ class StoreBatches(Dataset):
         bad += more_bad
         if bad and self.on_error == "fail":
             return None, len(bad), describe(bad[0])
+        if self.normalise is not None:
+            out = map_images(out, self.normalise)
         return out, len(bad), None
+
+
+@dataclass(frozen=True)
+class Normalise:
+    """uint8 (N,3,H,W) -> float (x - mean) / std. Worker batches are channels_last in memory,
+    so the arithmetic runs on the contiguous NHWC view."""
+
+    mean: torch.Tensor  # (3,), on the 0..255 scale
+    std: torch.Tensor
+    channels_last: bool
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 2, 3, 1).float().sub_(self.mean).div_(self.std).permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+
+def make_normalise(cfg: DataConfig, device: torch.device) -> Normalise:
+    mean = torch.tensor(cfg.augment.mean, device=device) * 255
+    std = torch.tensor(cfg.augment.std, device=device) * 255
+    return Normalise(mean, std, cfg.channels_last)
+
+
+def map_images(batch: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    if "crops" in batch:
+        return {**batch, "crops": [fn(c) for c in batch["crops"]]}
+    return {**batch, "image": fn(batch["image"])}
 
 
 def describe(bad: BadSample) -> str:
@@ -100,15 +130,14 @@ def init_worker(_: int) -> None:
 class Loader:
     """One split for one process; see the package docstring for what an epoch covers."""
 
-    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: str, device: torch.device):
+    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: str, device: torch.device, normalise: Normalise | None):
         self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
         self.task, self.device = task, device
         self.num_samples = store.num_samples
         self.classes = store.classes
         self.skipped = 0
         self._epoch, self._batch = 0, 0
-        self._mean = torch.tensor(cfg.augment.mean, device=device) * 255
-        self._std = torch.tensor(cfg.augment.std, device=device) * 255
+        self._normalise = normalise  # None: the workers did it
 
     def __len__(self) -> int:
         return self.sampler.num_batches
@@ -137,23 +166,19 @@ class Loader:
             self._batch += 1
             yield self._to_device(batch)
 
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N,3,H,W) -> float normalised, on the device. Worker batches are
-        channels_last in memory, so the arithmetic runs on the contiguous NHWC view."""
-        nhwc = images.to(self.device, non_blocking=True).permute(0, 2, 3, 1)
-        x = nhwc.float().sub_(self._mean).div_(self._std).permute(0, 3, 1, 2)
-        return x.contiguous(memory_format=torch.channels_last if self.cfg.channels_last else torch.contiguous_format)
-
     def _to_device(self, batch: dict) -> dict:
-        if self.task == "dino":
-            return {"crops": [self._normalise(c) for c in batch["crops"]]}
-        out = {"image": self._normalise(batch["image"])}
+        batch = map_images(batch, lambda t: t.to(self.device, non_blocking=True))
+        if self._normalise is not None:
+            batch = map_images(batch, self._normalise)
         if self.task == "classify":
-            out["label"] = batch["label"].to(self.device, non_blocking=True)
-        else:
-            out["boxes"] = [b.to(self.device, non_blocking=True) for b in batch["boxes"]]
-            out["labels"] = [b.to(self.device, non_blocking=True) for b in batch["labels"]]
-        return out
+            return {"image": batch["image"], "label": batch["label"].to(self.device, non_blocking=True)}
+        if self.task == "detect":
+            return {
+                "image": batch["image"],
+                "boxes": [b.to(self.device, non_blocking=True) for b in batch["boxes"]],
+                "labels": [b.to(self.device, non_blocking=True) for b in batch["labels"]],
+            }
+        return {"crops": batch["crops"]}
 
 
 def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool, world_size: int) -> None:
@@ -175,7 +200,10 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: 
     reader = make_reader(store)
     spec = make_spec(task, train, cfg.image_size, cfg.augment)
     batch_task = "classify-gpu" if cfg.decode == "gpu" else task
-    dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error)
+    normalise = make_normalise(cfg, device)
+    in_workers = device.type == "cpu" and cfg.decode == "cpu"  # no device copy to save: normalise in parallel
+    dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error,
+                           normalise=normalise if in_workers else None)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,
         batch_size=cfg.batch_size, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
@@ -191,4 +219,4 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: 
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         worker_init_fn=init_worker if workers > 0 else None,
     )
-    return Loader(cfg, store, sampler, dataloader, task=task, device=device)
+    return Loader(cfg, store, sampler, dataloader, task=task, device=device, normalise=None if in_workers else normalise)
