@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import shards
@@ -25,6 +26,7 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_demo_two_nights(tmp_path):
     out = tmp_path / "demo"
     result = run_demo("--out", str(out), "--images", "4", "--size", "32")

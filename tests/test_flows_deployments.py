@@ -1,0 +1,320 @@
+"""The Prefect deployments end to end: a real `prefect server start`, a process work pool and
+worker, `prefect deploy --all` from prefect.yaml, `prefect deployment run`, moto S3 as storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import timezone
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+import s3fs
+from conftest import free_port
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.concurrency.sync import concurrency
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+import shards
+import training
+from shards import samples
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = Path(sys.executable).with_name("prefect")
+POOL = "shardtrain"
+# Tiny training: 32 px images, a few dozen of them, one DataLoader worker at most.
+TRAIN_OVERRIDES = ["data.image_size=32", "data.batch_size=8", "data.workers=0"]
+PER_CLASS = {"train": 4, "val": 2}
+CONFIG = "configs/demo.yaml"  # relative: flow runs start in the repo root (prefect.yaml's pull step)
+
+
+def start_group(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a long-lived process in its own process group, so teardown can end all of it."""
+    return subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"prefect server exited:\n{log.read_text()}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"prefect server not healthy after {timeout}s:\n{log.read_text()}")
+
+
+def prefect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(PREFECT), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory, moto_server) -> dict[str, str]:
+    """A real Prefect server (SQLite in a temp dir); returns the env for its CLI and worker.
+
+    Built after moto_server, so the env carries the AWS_* variables to the worker's flow runs.
+    """
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
+    log = home / "server.log"
+    server = start_group(
+        [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
+    )
+    try:
+        wait_healthy(env["PREFECT_API_URL"], server, log)
+        yield env
+    finally:
+        stop_group(server)
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_env) -> dict[str, str]:
+    """The work pool, `prefect deploy --all` from the repo's prefect.yaml, and a running worker."""
+    created = prefect_cli(prefect_env, "work-pool", "create", "--type", "process", POOL)
+    assert created.returncode == 0, created.stdout + created.stderr
+    deploy = prefect_cli(prefect_env, "--no-prompt", "deploy", "--all")
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    log = Path(prefect_env["PREFECT_HOME"]) / "worker.log"
+    worker = start_group([str(PREFECT), "worker", "start", "--pool", POOL], prefect_env, log)
+    try:
+        yield prefect_env
+    finally:
+        stop_group(worker)
+
+
+@pytest.fixture(scope="module")
+def client(prefect_env) -> SyncPrefectClient:
+    with temporary_settings(updates={PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as c:
+            yield c
+
+
+def run_deployment(env: dict[str, str], name: str, **params) -> UUID:
+    """`prefect deployment run NAME --param k=v ...`; returns the flow run's id."""
+    args = ["deployment", "run", name]
+    for key, value in params.items():
+        args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    out = prefect_cli(env, *args)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return UUID(re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1))
+
+
+def flow_logs(client: SyncPrefectClient, run_id: UUID) -> str:
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def wait_for_log(client: SyncPrefectClient, run_id: UUID, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in flow_logs(client, run_id):
+        assert time.monotonic() < deadline, f"no log line {text!r} from {run_id}:\n{flow_logs(client, run_id)}"
+        time.sleep(1)
+
+
+def task_runs(client: SyncPrefectClient, run_id: UUID) -> list:
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+
+
+def wait_final(client: SyncPrefectClient, run_id: UUID, timeout: float = 600) -> FlowRun:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise TimeoutError(f"flow run {run_id} not finished after {timeout}s:\n{flow_logs(client, run_id)}")
+
+
+def assert_completed(client: SyncPrefectClient, run_id: UUID) -> FlowRun:
+    run = wait_final(client, run_id)
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{flow_logs(client, run_id)}"
+    return run
+
+
+def decision_artifact(client: SyncPrefectClient, run_id: UUID) -> str:
+    artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    [decision] = [a for a in artifacts if a.key == "nightly-decision"]
+    return decision.data
+
+
+def remote_checkpoint(storage: str, tmp_path: Path) -> dict | None:
+    """The newest complete checkpoint in storage (an empty runs_dir, so nothing local is found)."""
+    cfg = training.load_config(REPO / CONFIG, [f"runs_dir={tmp_path / 'no-runs'}", f"checkpoint.storage={storage}"])
+    return training.latest_checkpoint(cfg)
+
+
+def test_deploy_creates_the_three_deployments(deployed, client):
+    names = {(client.read_flow(d.flow_id).name, d.name) for d in client.read_deployments()}
+    assert names == {("convert-shards", "manual"), ("train", "manual"), ("nightly-retrain", "nightly")}
+    nightly = client.read_deployment_by_name("nightly-retrain/nightly")
+    assert nightly.global_concurrency_limit.limit == 1
+    [schedule] = nightly.schedules
+    assert schedule.schedule.cron == "0 2 * * *"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="prefect 3.8.8's scheduler service fails with SQLAlchemy 2.1 ('Can't evaluate bulk DML "
+    "statement'), so cron schedules create no runs; SQLAlchemy 2.0.x works: pin sqlalchemy<2.1",
+)
+def test_nightly_schedule_creates_runs(deployed, client):
+    nightly = client.read_deployment_by_name("nightly-retrain/nightly")
+    deadline = time.monotonic() + 15  # the scheduler looks at new deployments every 5 s
+    while time.monotonic() < deadline:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))
+        )
+        scheduled = [r for r in runs if r.state is not None and r.state.is_scheduled()]
+        if scheduled:
+            break
+        time.sleep(2)
+    assert scheduled, "the scheduler created no runs for the nightly cron"
+    assert all(r.expected_start_time.astimezone(timezone.utc).hour == 2 for r in scheduled)
+
+
+def test_bad_parameter_is_refused_naming_it(deployed, tmp_path):
+    out = prefect_cli(
+        deployed, "deployment", "run", "nightly-retrain/nightly", "--param", "epochs=-3"
+    )
+    assert out.returncode != 0
+    assert "epochs" in out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_train_fails_when_torchrun_fails(deployed, client, tmp_path):
+    run_id = run_deployment(
+        deployed, "train/manual", config=CONFIG,
+        overrides=[*TRAIN_OVERRIDES, f"runs_dir={tmp_path}", f"data.path={tmp_path / 'no-store'}"],
+    )
+    run = wait_final(client, run_id)
+    assert run.state.is_failed()
+    assert re.search(r"torchrun exited with code [1-9]", run.state.message), run.state.message
+    assert "no-store" in flow_logs(client, run_id)  # the trainer's own error, streamed into the flow's log
+
+
+@pytest.mark.slow
+def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
+    raw, store, runs = tmp_path / "raw", tmp_path / "store", tmp_path / "runs"
+    storage = f"{s3_bucket}/shardtrain"
+    samples.make_imagefolder(raw, per_class=PER_CLASS, size=32)
+    params = {
+        "raw_dir": str(raw),
+        "store": str(store),
+        "storage": storage,
+        "config": CONFIG,
+        "epochs": 1,
+        "overrides": [*TRAIN_OVERRIDES, f"runs_dir={runs}"],
+    }
+    classes = len(samples.class_names())
+    per_night = classes * sum(PER_CLASS.values())
+
+    # Night 1: a new store, training from scratch, the first model promoted.
+    night1 = run_deployment(deployed, "nightly-retrain/nightly", **params)
+    assert_completed(client, night1)
+    manifest = shards.read_manifest(str(store))
+    assert manifest.totals.samples == per_night
+    first = remote_checkpoint(storage, tmp_path)
+    assert first is not None and first["epoch"] == 1
+    assert "| promoted | True |" in decision_artifact(client, night1)
+    production = s3fs.S3FileSystem(skip_instance_cache=True).ls(f"{storage}/models/production", detail=False)
+    assert sorted(p.rsplit("/", 1)[-1] for p in production) == ["metrics.json", "model.pt", "model.pt.complete"]
+
+    # Night 2 while something else holds the nightly slot: it waits; then, nothing new, a no-op.
+    with concurrency("nightly-retrain", occupy=1, strict=True):
+        night2 = run_deployment(deployed, "nightly-retrain/nightly", **params)
+        wait_for_log(client, night2, "acquiring the 'nightly-retrain' concurrency slot")
+        time.sleep(5)
+        assert task_runs(client, night2) == []
+    assert_completed(client, night2)
+    assert shards.read_manifest(str(store)).version == manifest.version
+    assert remote_checkpoint(storage, tmp_path) == first
+    assert "nothing new" in decision_artifact(client, night2).lower()
+
+    # Night 3: new images are appended, training resumes from night 1's checkpoint.
+    samples.make_imagefolder(raw, per_class=PER_CLASS, size=32, seed=1, start=100)
+    night3 = run_deployment(deployed, "nightly-retrain/nightly", **params)
+    assert_completed(client, night3)
+    after = shards.read_manifest(str(store))
+    assert after.totals.samples == 2 * per_night
+    assert after.version == manifest.version + 1
+    resumed = remote_checkpoint(storage, tmp_path)
+    assert resumed["epoch"] == 2 and resumed["step"] > first["step"]
+    [train_run] = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[night3]))
+    )
+    # Matched across whitespace: the trainer's console wraps long lines when its output is a pipe.
+    resumed_line = rf"resumed from .+?at\s+step\s+{first['step']}\s+\(epoch\s+1,\s+batch\s+0\)"
+    assert re.search(resumed_line, flow_logs(client, train_run.id), re.S)
+    decision = decision_artifact(client, night3)
+    assert "production before" in decision and "none yet" not in decision
+
+
+def test_transient_storage_outage_is_retried(deployed, client, moto_server, s3_bucket, imagefolder_src):
+    """moto goes down before the conversion starts and comes back once the task waits to retry."""
+    dest = f"{s3_bucket}/store"
+    bucket = s3_bucket.removeprefix("s3://")
+    moto_server.stop()
+    try:
+        run_id = run_deployment(
+            deployed, "convert-shards/manual", options={"src": str(imagefolder_src), "dest": dest, "workers": 1}
+        )
+        wait_for_retry(client, run_id)
+    finally:
+        moto_server.start(buckets=(bucket,))
+    assert_completed(client, run_id)
+    assert shards.verify(dest) == []
+    assert shards.read_manifest(dest).totals.samples > 0
+
+
+def wait_for_retry(client: SyncPrefectClient, run_id: UUID, timeout: float = 300) -> None:
+    """Block until a task run of `run_id` failed once and waits for its retry."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task_run in task_runs(client, run_id):
+            if task_run.state is not None and task_run.state.name in ("AwaitingRetry", "Retrying"):
+                return
+        run = client.read_flow_run(run_id)
+        assert not run.state.is_final(), f"finished before any retry: {run.state.name}\n{flow_logs(client, run_id)}"
+        time.sleep(0.5)
+    raise TimeoutError(f"no retry of {run_id} after {timeout}s:\n{flow_logs(client, run_id)}")
