@@ -3,7 +3,8 @@
 One `Loader` per split per process keeps its DataLoader (and persistent workers) across
 epochs. The DataLoader is map-style with batch_size=None: the sampler below yields one
 (epoch, batch number, sample numbers) reference per batch, a worker turns it into a
-uint8 batch, and the Loader moves it to the device, where it becomes float.
+uint8 batch, and the Loader moves it to the device, where it becomes float (when the device
+is the CPU there is no copy to save, and the workers normalise instead).
 """
 
 from __future__ import annotations
