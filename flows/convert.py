@@ -6,29 +6,11 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from botocore.exceptions import BotoCoreError
 from prefect import flow, get_run_logger, task
-from prefect.client.schemas.objects import State, TaskRun
-from prefect.tasks import Task
 
 import shards
+from flows.retries import STORAGE_RETRIES
 from shards import ConvertOptions, ConvertSummary, StoreError
-
-# Seconds before each retry: an object store blip or a NAS remount usually heals within a minute.
-RETRY_DELAYS = [5, 20, 60]
-
-
-def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry network and storage I/O failures; a StoreError (bad input, bad store) fails at once."""
-    try:
-        state.result()
-    except StoreError:
-        return False
-    except (OSError, ConnectionError, BotoCoreError):
-        return True
-    except Exception:
-        return False
-    return False
 
 
 @contextmanager
@@ -45,7 +27,7 @@ def default_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient)
+@task(**STORAGE_RETRIES)
 def convert_task(options: ConvertOptions) -> ConvertSummary:
     # A rerun after a failure resumes: finished shards are kept (see docs/store-format.md).
     with default_sigterm():
@@ -57,7 +39,7 @@ def convert_task(options: ConvertOptions) -> ConvertSummary:
     return summary
 
 
-@task
+@task(**STORAGE_RETRIES)
 def verify_task(dest: str) -> None:
     """Check every shard's size, sha256 and sample count against the manifest; fail naming the first bad one."""
     problems = shards.verify(dest)

@@ -13,6 +13,7 @@ import training
 from flows.artifacts import publish_decision, publish_no_op
 from flows.convert import convert_task, verify_task
 from flows.promote import beats, production_url, promote, read_production
+from flows.retries import STORAGE_RETRIES
 from flows.train import train
 from shards import ConvertOptions
 
@@ -34,7 +35,7 @@ def continue_from_latest(config: str, overrides: list[str], epochs: int) -> list
     return [*overrides, f"train.epochs={latest['epoch'] + epochs}", f"resume={latest['path']}"]
 
 
-@task
+@task(**STORAGE_RETRIES)  # promotion is idempotent: a retry rewrites the pair, marker last
 def decide(storage: str, run_dir: Path, metrics: dict) -> dict:
     """Promote the run's best checkpoint if its eval metric beats production's; returns the decision."""
     production = read_production(storage)

@@ -184,6 +184,16 @@ def remote_checkpoint(storage: str, tmp_path: Path) -> dict | None:
     return training.latest_checkpoint(cfg)
 
 
+def production_best(storage: str) -> float:
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    return json.loads(fs.cat(f"{storage}/models/production/metrics.json"))["best"]
+
+
+def run_best(runs: Path) -> float:
+    run_dir = training.run_dir(training.load_config(REPO / CONFIG, [f"runs_dir={runs}"]))
+    return json.loads((run_dir / "metrics.json").read_text())["best"]
+
+
 def test_deploy_creates_the_three_deployments(deployed, client):
     names = {(client.read_flow(d.flow_id).name, d.name) for d in client.read_deployments()}
     assert names == {("convert-shards", "manual"), ("train", "manual"), ("nightly-retrain", "nightly")}
@@ -259,6 +269,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     assert "| promoted | True |" in decision_artifact(client, night1)
     production = s3fs.S3FileSystem(skip_instance_cache=True).ls(f"{storage}/models/production", detail=False)
     assert sorted(p.rsplit("/", 1)[-1] for p in production) == ["metrics.json", "model.pt", "model.pt.complete"]
+    assert production_best(storage) == run_best(runs)
 
     # Night 2 while something else holds the nightly slot: it waits; then, nothing new, a no-op.
     with concurrency("nightly-retrain", occupy=1, strict=True):
@@ -288,6 +299,8 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     assert re.search(resumed_line, flow_logs(client, train_run.id), re.S)
     decision = decision_artifact(client, night3)
     assert "production before" in decision and "none yet" not in decision
+    # The run's best carries over from night 1: promoted if night 3 beat it, else production kept.
+    assert production_best(storage) == run_best(runs)
 
 
 def test_transient_storage_outage_is_retried(deployed, client, moto_server, s3_bucket, imagefolder_src):

@@ -1,0 +1,29 @@
+"""When a task that talks to storage is retried: transient I/O failures yes, a StoreError never."""
+
+from __future__ import annotations
+
+from botocore.exceptions import BotoCoreError
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.tasks import Task
+
+from shards import StoreError
+
+# Seconds before each retry: an object store blip or a NAS remount usually heals within a minute.
+RETRY_DELAYS = [5, 20, 60]
+
+
+def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry network and storage I/O failures; a StoreError (bad input, bad store) fails at once."""
+    try:
+        state.result()
+    except StoreError:
+        return False
+    except (OSError, ConnectionError, BotoCoreError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# Keyword arguments for @task on storage work.
+STORAGE_RETRIES = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS, "retry_condition_fn": is_transient}
