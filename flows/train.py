@@ -14,8 +14,7 @@ from flows.artifacts import publish_run
 @flow(name="train", validate_parameters=True)
 def train(config: str, overrides: tuple[str, ...] = (), nproc_per_node: PositiveInt = 1) -> dict:
     """Train the run described by the YAML `config` (plus dotted `overrides`); returns its metrics.json."""
-    # Validate here so a bad key fails the flow in one line before torchrun starts.
-    cfg = training.load_config(config, overrides)
+    cfg = training.load_config(config, overrides)  # the run dir; a bad key fails here, in one line
     code = training.launch(config, overrides, nproc_per_node=nproc_per_node, stream=get_run_logger().info)
     if code != 0:
         raise training.TrainError(f"torchrun exited with code {code} (its output is in this flow's log)")
