@@ -85,6 +85,17 @@ def test_cli_prints_error_line_and_exits_2(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_cli_data_error_is_one_line_with_the_workers_exit_code(tmp_path):
+    """A worker's error under torchrun: its `error:` line, exit code 2, no launcher traceback."""
+    shardtrain = Path(sys.executable).with_name("shardtrain")
+    proc = subprocess.run([str(shardtrain), "train", str(write(tmp_path)), f"data.path={tmp_path / 'nostore'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"error: no shard store at {tmp_path / 'nostore'}" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: 1 training process(es) failed (exit code 2)"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_lr_scales_with_global_batch():
     assert scaled_lr(OptimConfig(lr=5e-4, lr_base_batch=512), 1024) == pytest.approx(1e-3)
     assert scaled_lr(OptimConfig(lr=5e-4), 1024) == 5e-4
@@ -136,6 +147,25 @@ def test_remote_partial_never_loaded(tmp_path, s3_bucket):
     with pytest.raises(TrainError, match="does not match its marker's sha256"):
         storage.download(latest["path"], tmp_path / "dl.pt", storage.latest_remote(f"{s3_bucket}/p", "t")["sha256"])
     assert not (tmp_path / "dl.pt").exists()
+
+
+def test_resume_from_a_url_needs_its_marker(tmp_path, s3_bucket):
+    from training import resume
+
+    local = tmp_path / "c.pt"
+    checkpoint.atomic_save({"step": 7, "epoch": 1}, local)
+    fs, root = storage.filesystem(f"{s3_bucket}/old")
+    storage.upload(fs, local, f"{root}/step_00000007.pt", {"step": 7, "epoch": 1})
+    fs.pipe_file(f"{root}/step_00000009.pt", b"no marker")
+    cfg = load_config(write(tmp_path), [f"resume={s3_bucket}/old/step_00000007.pt"])
+    fetched = resume.fetch(cfg)
+    assert fetched.parent == run_dir(cfg) / "checkpoints" and checkpoint.load(fetched)["step"] == 7
+    cfg = load_config(write(tmp_path), [f"resume={s3_bucket}/old/step_00000009.pt"])
+    with pytest.raises(TrainError, match="has no .complete marker"):
+        resume.fetch(cfg)
+    cfg = load_config(write(tmp_path), [f"resume={tmp_path / 'nope.pt'}"])
+    with pytest.raises(TrainError, match="bad value for resume: no checkpoint file"):
+        resume.fetch(cfg)
 
 
 def test_uploader_retries_until_storage_is_back(tmp_path):

@@ -26,7 +26,7 @@ def torchrun_command(
     rdzv_endpoint: str | None,
     shutdown_timeout: int,
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    cmd = [sys.executable, "-m", "training.torchrun", f"--nproc-per-node={nproc_per_node}"]
     if nnodes > 1:
         if not rdzv_endpoint:
             raise TrainError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -50,7 +50,7 @@ def launch(
     rdzv_endpoint: str | None = None,
     stream: Callable[[str], None] | None = None,
 ) -> int:
-    """Run `torchrun ... -m training CONFIG OVERRIDES`; return its exit code.
+    """Run `torchrun ... -m training CONFIG OVERRIDES` (through training.torchrun); return its exit code.
 
     The config is validated here first, so a bad key fails before any process starts
     (TrainError). With `stream=None` the workers inherit this process's stdout (a
@@ -74,7 +74,7 @@ def launch(
             for line in proc.stdout:
                 stream(line.rstrip("\n"))
         code = proc.wait()
-    return EXIT_PREEMPTED if code != 0 and preempted_since(run_dir(cfg), started) else code
+    return EXIT_PREEMPTED if code not in (0, EXIT_PREEMPTED) and preempted_since(run_dir(cfg), started) else code
 
 
 class forward_signals:

@@ -83,7 +83,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + world.rank)  # per rank: different dropout/mixup draws on each rank
-    preemption = Preemption()
+    preemption, vote = Preemption(), dist.StopVote(world)
 
     loader_args = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed, device=world.device)
     train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
@@ -113,14 +113,15 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
     state, rng = Progress(), None
     source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
     if source:
-        state, rng = restore(load_on_node(cfg, world, source), world, model, optimizer, scheduler, scaler, ema, cfg)
+        state, rng = restore(load_on_node(cfg, world, source), world, model, optimizer, scaler, ema, cfg)
     if rng is not None and state.batch == 0:
         checkpoint.set_rng_state(rng)  # mid-epoch states are set after the epoch's first batch (see below)
         rng = None
     scheduler.step_update(state.step)
     start_hook(optimizer, plan, state.step)
 
-    train_model: torch.nn.Module = DDP(model) if world.distributed else model
+    # Gradients as views into the all-reduce buckets: one copy fewer per step, less memory.
+    train_model: torch.nn.Module = DDP(model, gradient_as_bucket_view=True) if world.distributed else model
     if cfg.train.compile:
         train_model = torch.compile(train_model)
     uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) if cfg.checkpoint.storage and world.is_main \
@@ -212,7 +213,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
                 ema.update(model, step=state.step)
             reporter.step(state.step, optimizer.param_groups[0]["lr"], grad_norm, log_now)
 
-            stop = dist.any_rank(world, preemption.requested)
+            stop = vote.poll(preemption.requested)
             done = state.step >= plan.total_steps
             if stop:
                 save()
@@ -230,6 +231,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
         done = done or state.step >= plan.total_steps
 
     # ---- finish ------------------------------------------------------------------------------------------------
+    vote.result()  # every rank posted the same votes; settle the last before other collectives
     if state.last_eval_step != state.step:
         evaluate()
     return finish(cfg, world, uploader, reporter, state)
@@ -309,12 +311,13 @@ def load_on_node(cfg: RunConfig, world: dist.World, source: str) -> dict:
     return checkpoint.load(path if path.exists() else resume.checkpoint_dir(cfg) / path.name)
 
 
-def restore(ckpt: dict, world: dist.World, model, optimizer, scheduler, scaler, ema,
+def restore(ckpt: dict, world: dist.World, model, optimizer, scaler, ema,
             cfg: RunConfig) -> tuple[Progress, dict | None]:
     """Load the states into the modules; returns the progress and this rank's RNG state (set by the caller)."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
+    # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.
     scaler.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt["ema"] is not None:
         ema.module.load_state_dict(ckpt["ema"])
