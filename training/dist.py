@@ -71,13 +71,36 @@ def sum_tensor(world: World, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(world: World, flag: bool) -> bool:
-    """True when the flag is set on any rank, so every rank takes the same branch (no hang)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0])
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=world.control)
-    return bool(t.item() > 0)
+class StopVote:
+    """Whether any rank asked to stop, agreed one step late so that no step waits for it.
+
+    A blocking all-reduce of the flag every step would make each rank's CPU wait for the
+    slowest rank's CPU before it can queue the next step (measured: DDP on 2 H200s lost
+    ~19% to it and its kin). Instead each step posts its flag in a non-blocking all-reduce
+    on the CPU group and reads the one posted a step earlier: every rank posts the same
+    number of votes, so all ranks see the same answer at the same step.
+    """
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.pending: tuple[dist.Work, torch.Tensor] | None = None
+
+    def poll(self, flag: bool) -> bool:
+        if not self.world.distributed:
+            return flag
+        agreed = self.result()
+        t = torch.tensor([1 if flag else 0])
+        self.pending = (dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.world.control, async_op=True), t)
+        return agreed
+
+    def result(self) -> bool:
+        """The last posted vote (waits for it); False when none is pending."""
+        if self.pending is None:
+            return False
+        work, t = self.pending
+        self.pending = None
+        work.wait()
+        return bool(t.item() > 0)
 
 
 def gather(world: World, obj: object) -> list:
