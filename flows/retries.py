@@ -6,19 +6,18 @@ from botocore.exceptions import BotoCoreError
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task
 
-from shards import StoreError
-
 # Seconds before each retry: an object store blip or a NAS remount usually heals within a minute.
 RETRY_DELAYS = [5, 20, 60]
 
 
 def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry network and storage I/O failures; a StoreError (bad input, bad store) fails at once."""
+    """Retry I/O failures (OSError, which ConnectionError is, and botocore's): storage blips.
+
+    Anything else, a StoreError (bad input or a bad store: the user's to fix) included, fails at once.
+    """
     try:
         state.result()
-    except StoreError:
-        return False
-    except (OSError, ConnectionError, BotoCoreError):
+    except (OSError, BotoCoreError):
         return True
     except Exception:
         return False
