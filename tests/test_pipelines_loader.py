@@ -14,10 +14,13 @@ import tarfile
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import pytest
 import torch
 
 from pipelines import AugmentConfig, DataConfig, DataError, build_loader
+from pipelines.readers import make_reader
+from pipelines.store import open_split
 from shards import ConvertOptions, convert, samples
 
 CPU = torch.device("cpu")
@@ -264,3 +267,17 @@ def test_s3_outage_stops_the_epoch_with_a_one_line_error_not_skips(tmp_path, s3_
         assert "\n" not in str(err.value) and ld.skipped == 0
     finally:
         moto_server.start(buckets=(s3_bucket.removeprefix("s3://"),))
+
+
+def test_tar_reader_returns_exactly_what_tarfile_reads(tmp_path):
+    path = make_store(tmp_path, "wds", {"train": 3, "val": 1}, "4")
+    split = open_split(path, "train")
+    expected = []
+    for shard in split.shards:
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            key = name[: -len(".jpg")]
+            expected.append((key, members[name], int(members[key + ".cls"])))
+    got = make_reader(split).read(np.arange(split.num_samples)[::-1])[::-1]  # out of order on purpose
+    assert [(s.key, s.image, s.meta["cls"]) for s in got] == expected
