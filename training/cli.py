@@ -30,3 +30,30 @@ def train(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def predict(
+    config: Annotated[Path, typer.Argument(help="the detect run's config YAML")],
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint file or URL, e.g. runs/NAME/checkpoints/best.pt")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
+    format: Annotated[str, typer.Option(help="json (out/predictions.json) or yolo (out/labels/*.txt)")] = "json",
+    draw: Annotated[bool, typer.Option(help="also write the images with their boxes to out/images/")] = False,
+    conf: Annotated[Optional[float], typer.Option(help="minimum score [default: detect.predict_score_thresh]")] = None,
+) -> None:
+    """Boxes for new images from a detect checkpoint (NMS and thresholds from the config's detect: section)."""
+    from training.config import load_config
+    from training.predict import predict as run_predict
+
+    try:
+        if format not in ("json", "yolo"):
+            raise TrainError(f"--format must be json or yolo, not {format}")
+        records = run_predict(load_config(config), checkpoint, images, out, fmt=format, draw_boxes=draw, conf=conf)
+    except TrainError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    failed = sum("error" in r for r in records)
+    boxes = sum(len(r.get("detections", ())) for r in records)
+    typer.echo(f"{len(records) - failed} images, {boxes} boxes -> {out}" + (f"; {failed} unreadable" if failed else ""))
+    raise typer.Exit(1 if failed else 0)

@@ -1,0 +1,165 @@
+"""`shardtrain predict`: a trained detector's boxes for new images, as JSON or YOLO text, optionally drawn.
+
+Each image goes through what evaluation used: the pipeline's decoding (EXIF applied) and its eval
+letterbox, then the run's normalisation. Boxes come back in the original image's pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import albumentations as A
+import fsspec
+import numpy as np
+import torch
+from rich.progress import track
+from torchvision.ops import box_convert
+from torchvision.utils import draw_bounding_boxes
+
+from pipelines.decode import decode_image
+from pipelines.presets import detect_eval
+from training.config import RunConfig, TrainError
+from training.tasks.detect import build_detector
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the original image lies in the letterboxed square: offset and scale per axis."""
+
+    x0: float
+    y0: float
+    sx: float
+    sy: float
+
+    def to_original(self, boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Letterboxed xyxy pixels back to the original image's, clipped to it."""
+        offset = boxes.new_tensor([self.x0, self.y0, self.x0, self.y0])
+        scale = boxes.new_tensor([self.sx, self.sy, self.sx, self.sy])
+        out = (boxes - offset) / scale
+        return out.clamp(min=0).minimum(boxes.new_tensor([width, height, width, height]))
+
+
+def letterbox(transform: A.Compose, image: np.ndarray) -> tuple[np.ndarray, Placement]:
+    """Apply the eval letterbox; the placement is read back from a box around the whole image, so it is
+    exactly what the transform did (its rounding included)."""
+    h, w = image.shape[:2]
+    out = transform(image=image, bboxes=np.array([[0, 0, w, h]], dtype=np.float32), labels=[0])
+    x0, y0, x1, y1 = (float(v) for v in out["bboxes"][0])
+    return out["image"], Placement(x0, y0, (x1 - x0) / w, (y1 - y0) / h)
+
+
+def to_yolo(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """xyxy pixels to YOLO's normalised (cx, cy, w, h)."""
+    return box_convert(boxes, "xyxy", "cxcywh") / boxes.new_tensor([width, height, width, height])
+
+
+def list_images(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(file, output name) for each image: a file by its name, a folder's images by their path inside it."""
+    found: list[tuple[Path, Path]] = []
+    for path in paths:
+        if path.is_dir():
+            found += [(f, f.relative_to(path)) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.is_file():
+            found.append((path, Path(path.name)))
+        else:
+            raise TrainError(f"no such image or folder: {path}")
+    names = [name.with_suffix("") for _, name in found]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise TrainError(f"two images would write the same output {dup}; predict them in separate runs")
+    if not found:
+        raise TrainError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+    return found
+
+
+def load_detector(cfg: RunConfig, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+    """The checkpoint's detector in eval mode (its EMA weights when eval.metric is an ema_ one) and class names."""
+    if cfg.task != "detect":
+        raise TrainError(f"predict needs a config with task: detect, this one has task: {cfg.task}")
+    try:
+        with fsspec.open(checkpoint, "rb") as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise TrainError(f"cannot read checkpoint {checkpoint}: {e}") from None
+    if "classes" not in ckpt:
+        raise TrainError(f"checkpoint {checkpoint} has no class names: is it from a detect run?")
+    classes = list(ckpt["classes"])
+    model = build_detector(cfg, len(classes), Path(cfg.runs_dir) / cfg.name / "pretrained")
+    weights = ckpt["ema"] if cfg.eval.metric.startswith("ema_") and ckpt.get("ema") else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise TrainError(f"checkpoint {checkpoint} does not fit the config's model/detect settings: "
+                         f"{str(e).splitlines()[1].strip()}") from None
+    return model.to(device).eval(), classes
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, image: np.ndarray, transform: A.Compose, mean: torch.Tensor, std: torch.Tensor,
+           conf: float) -> dict[str, torch.Tensor]:
+    """One image's boxes (original pixels), scores and labels with score >= conf."""
+    boxed, place = letterbox(transform, image)
+    x = torch.from_numpy(boxed).to(mean.device).permute(2, 0, 1).float().sub_(mean).div_(std)
+    out = model([x])[0]
+    keep = out["scores"] >= conf
+    h, w = image.shape[:2]
+    return {"boxes": place.to_original(out["boxes"][keep], w, h).cpu(), "scores": out["scores"][keep].cpu(),
+            "labels": out["labels"][keep].cpu()}
+
+
+def write_yolo(path: Path, det: dict[str, torch.Tensor], width: int, height: int) -> None:
+    """One line per box: `class cx cy w h score` (YOLO's save_txt with save_conf)."""
+    rows = torch.cat([det["labels"][:, None].float(), to_yolo(det["boxes"], width, height), det["scores"][:, None]], 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{int(r[0])} " + " ".join(f"{v:.6f}" for v in r[1:].tolist()) + "\n" for r in rows))
+
+
+def draw(path: Path, image: np.ndarray, det: dict[str, torch.Tensor], classes: list[str]) -> None:
+    from PIL import Image
+
+    names = [f"{classes[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"], det["scores"])]
+    drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), det["boxes"], labels=names, width=2,
+                                colors="red")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
+
+
+def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, fmt: Literal["json", "yolo"] = "json",
+            draw_boxes: bool = False, conf: float | None = None, log=print) -> list[dict]:
+    """Detect objects in `images` (files or folders); write `out`/predictions.json or `out`/labels/*.txt (and
+    `out`/images/* with the boxes drawn); returns one record per image (`error` set where it could not be read)."""
+    found = list_images(images)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, classes = load_detector(cfg, checkpoint, device)
+    aug = cfg.data.augment
+    transform = detect_eval(cfg.data.image_size, aug)
+    mean = torch.tensor(aug.mean, device=device).view(3, 1, 1) * 255
+    std = torch.tensor(aug.std, device=device).view(3, 1, 1) * 255
+    conf = cfg.detect.predict_score_thresh if conf is None else conf
+    records = []
+    out.mkdir(parents=True, exist_ok=True)
+    for path, name in track(found, description="predict", transient=True):
+        try:
+            image = decode_image(path.read_bytes())
+        except Exception as e:  # PIL raises many types for bad bytes; the image is reported, the rest go on
+            log(f"warning: skipped {path}: cannot read it as an image ({type(e).__name__})")
+            records.append({"image": str(path), "error": f"cannot read: {type(e).__name__}: {e}"})
+            continue
+        det = detect(model, image, transform, mean, std, conf)
+        h, w = image.shape[:2]
+        records.append({"image": str(path), "width": w, "height": h, "detections": [
+            {"box": [round(v, 2) for v in b.tolist()], "score": round(float(s), 4), "class": int(c),
+             "name": classes[int(c)]}
+            for b, s, c in zip(det["boxes"], det["scores"], det["labels"])]})
+        if fmt == "yolo":
+            write_yolo(out / "labels" / name.with_suffix(".txt"), det, w, h)
+        if draw_boxes:
+            draw(out / "images" / name.with_suffix(".jpg"), image, det, classes)
+    if fmt == "json":
+        (out / "predictions.json").write_text(json.dumps(records, indent=1) + "\n")
+    return records

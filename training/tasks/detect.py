@@ -1,0 +1,142 @@
+"""Object detection: torchvision's FCOS or RetinaNet on a timm `features_only` backbone with an FPN; COCO mAP.
+
+The pipeline's detect preset already letterboxes every image to `data.image_size` square and normalises it,
+so the detector's own GeneralizedRCNNTransform is made an identity: min_size = max_size = image_size (a
+resize by 1.0), mean 0 and std 1. Boxes stay in letterboxed pixels end to end; `training/predict.py` maps
+them back to the original image.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from training import dist
+from training.config import RunConfig, TrainError
+from training.dist import World
+from training.model import build_model as build_timm_model
+
+METRICS = ("val_map", "val_map50", "ema_val_map", "ema_val_map50")
+
+
+class TimmFPN(nn.Module):
+    """A timm `features_only` body and torchvision's FPN: the backbone FCOS/RetinaNet expect
+    (a module returning an OrderedDict of feature maps, with `out_channels`)."""
+
+    def __init__(self, body: nn.Module, out_channels: int, p6p7: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels,
+                                         extra_blocks=LastLevelP6P7(out_channels, out_channels) if p6p7 else None)
+        self.out_channels = out_channels
+        reductions = body.feature_info.reduction()
+        self.strides = reductions + ([reductions[-1] * 2, reductions[-1] * 4] if p6p7 else [])
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Module:
+    """The detector `cfg.detect` names, with `cfg.model` (any timm model with features_only) as its body."""
+    d, size = cfg.detect, cfg.data.image_size
+    body_cfg = cfg.model.model_copy(
+        update={"kwargs": {**cfg.model.kwargs, "features_only": True, "out_indices": tuple(d.out_indices)}})
+    try:
+        body = build_timm_model(body_cfg, num_classes, cache_dir)
+    except IndexError:
+        raise TrainError(f"bad value for detect.out_indices: {cfg.model.name} has no feature levels "
+                         f"{list(d.out_indices)}") from None
+    backbone = TimmFPN(body, d.fpn_channels, d.p6p7)
+    strides = backbone.strides
+    common = dict(min_size=size, max_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+                  score_thresh=d.score_thresh, nms_thresh=d.nms_thresh, detections_per_img=d.detections_per_img,
+                  topk_candidates=d.topk_candidates)
+    if d.head == "fcos":
+        # FCOS assigns objects to levels by anchor size, so one anchor per location, the size of its stride.
+        anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+        head = FCOSHead(d.fpn_channels, 1, num_classes, num_convs=d.head_convs)
+        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    # RetinaNet: 3 scales x 3 ratios per level from 4x the stride (the paper's 32 px at stride 8), GIoU loss as
+    # in torchvision's retinanet_resnet50_fpn_v2.
+    sizes = tuple(tuple(round(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
+    head = RetinaNetHead(d.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
+                         norm_layer=partial(nn.GroupNorm, 32))
+    head.regression_head._loss_type = "giou"
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+
+
+def targets_of(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    return [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
+
+
+def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, float]:
+    """COCO mAP@0.5:0.95 and mAP@0.5 (torchmetrics with the faster_coco_eval backend), as fractions."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    # sync_on_compute off: the caller gathered every rank's share already (the metric's own sync would wait
+    # for the other ranks, which are not computing)
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval",
+                                  sync_on_compute=False)
+    metric.update(preds, targets)
+    scores = metric.compute()
+    return {"map": float(scores["map"]), "map50": float(scores["map_50"])}
+
+
+def sync_buffers(world: World, model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them before each forward, so after
+    the last step the other ranks hold their own batch's update; evaluate what the checkpoint holds instead."""
+    if world.distributed:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+class DetectTask:
+    def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
+        if not classes:
+            raise TrainError("data.path: a detect run needs a store with class names (convert with --layout yolo)")
+        if cfg.eval.metric not in METRICS:
+            raise TrainError(f"bad value for eval.metric: task detect reports {', '.join(METRICS)}, "
+                             f"not {cfg.eval.metric}")
+        self.cfg, self.num_classes, self.world, self.cache_dir = cfg, len(classes), world, cache_dir
+
+    def build_model(self) -> nn.Module:
+        return build_detector(self.cfg, self.num_classes, self.cache_dir)
+
+    def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        losses = model(list(batch["image"]), targets_of(batch))  # focal + GIoU (+ centerness for FCOS)
+        return sum(losses.values())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
+        """mAP over the split: each rank predicts its share, rank 0 scores them all and tells the others."""
+        sync_buffers(self.world, model)
+        was_training = model.training
+        model.eval()
+        preds, targets = [], []
+        for batch in loader:
+            preds += [{k: v.cpu() for k, v in p.items()} for p in model(list(batch["image"]))]
+            targets += [{k: v.cpu() for k, v in t.items()} for t in targets_of(batch)]
+        model.train(was_training)
+        shares = dist.gather(self.world, (preds, targets))
+        scores = None
+        if self.world.is_main:
+            all_preds = [p for share_preds, _ in shares for p in share_preds]
+            all_targets = [t for _, share_targets in shares for t in share_targets]
+            if all_targets:
+                scores = mean_average_precision(all_preds, all_targets)
+        scores = dist.broadcast(self.world, scores)
+        if scores is None:
+            raise TrainError("the validation split yielded no samples (check data.val_split)")
+        return scores
