@@ -111,12 +111,16 @@ def make_stores(work: Path, n_train: int, n_val: int, max_side: int) -> dict[str
 
 
 def ceiling(model_name: str, batch: int, num_classes: int, compile: bool, warmup: int, steps: int) -> float:
-    """images/s of the bare step (model, AdamW, bf16 autocast, channels_last) on one random GPU batch."""
-    import timm
+    """images/s of the bare step on one random GPU batch: the loop's own model and optimizer builders
+    (the settings of `run_config`), bf16 autocast, channels_last; no data, no logging, no checkpoints."""
+    from training.config import ModelConfig, OptimConfig
+    from training.model import build_model
+    from training.optim import build_optimizer
 
     device = torch.device("cuda")
-    model = timm.create_model(model_name, num_classes=num_classes).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model = build_model(ModelConfig(name=model_name), num_classes, Path("/tmp")).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), model, 1e-3)
     step_model = torch.compile(model) if compile else model
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), device=device)
@@ -254,7 +258,8 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=512)
     p.add_argument("--max-side", type=int, default=256)
     p.add_argument("--models", default="resnet50,deit_small_patch16_224")
-    p.add_argument("--paths", default="wds-gpu,lmdb-gpu,wds-cpu", help="end-to-end input paths: FORMAT-DECODE")
+    p.add_argument("--paths", default="wds-cpu,lmdb-cpu,wds-gpu",
+                   help="end-to-end input paths, FORMAT-DECODE; --scaling uses the first")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--steps", type=int, default=200)
@@ -280,19 +285,23 @@ def main() -> None:
         model = args.models.split(",")[0]
         counts = [int(c) for c in args.scaling.split(",")]
         per_gpu = {}
-        workers = max(1, (os.cpu_count() or 2) // max(counts) - 1)
+        # The same CPU share per GPU in every run: each rank's main process and pin thread get 2 cores.
+        workers = max(1, (os.cpu_count() or 2) // max(counts) - 2)
+        out["workers"] = workers
+        fmt, decode = args.paths.split(",")[0].split("-")
         for n in counts:
-            cfg = run_config(f"scale-{model}-{n}", stores["wds"], model, "gpu", args.batch, workers, args.steps,
+            cfg = run_config(f"scale-{model}-{n}", stores[fmt], model, decode, args.batch, workers, args.steps,
                              compile, runs, 10**9, None)
             lines, _ = launch(cfg, runs, nproc=n)
             total, wait = steady_rate(lines, args.warmup_steps)
             per_gpu[n] = total / n
-            table.append((f"{model} DDP x{n} (wds, gpu decode)", total, total / n, wait))
+            table.append((f"{model} DDP x{n} ({fmt}, {decode} decode), per GPU", total, total / n, wait))
+            print(f"DDP x{n}: {total:.0f} images/s, {total / n:.0f} per GPU", flush=True)
         base = per_gpu[counts[0]] * counts[0] if counts[0] == 1 else None
         out["scaling"] = {str(n): round(per_gpu[n], 1) for n in counts}
         if base:
             out["scaling_efficiency"] = {str(n): round(per_gpu[n] / per_gpu[1], 3) for n in counts}
-        out["model"] = model
+        out["model"], out["path"] = model, f"{fmt}-{decode}"
     else:
         for path in args.paths.split(","):
             fmt, decode = path.split("-")
@@ -302,7 +311,7 @@ def main() -> None:
             print(f"input alone {path}: {rate:.0f} images/s", flush=True)
         for model in args.models.split(","):
             key = model.split("_patch")[0].replace("_patch16_224", "")
-            ceil = ceiling(model, args.batch, num_classes, compile, warmup=30, steps=60)
+            ceil = ceiling(model, args.batch, num_classes, compile, warmup=40, steps=100)
             table.append((f"{model} ceiling (synthetic)", ceil, None, None))
             print(f"ceiling {model}: {ceil:.0f} images/s", flush=True)
             out[f"ceiling_{key}"] = round(ceil, 1)
