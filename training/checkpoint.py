@@ -15,6 +15,8 @@ import os
 import random
 import re
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,51 @@ def latest_local(ckpt_dir: Path) -> dict | None:
 
 def load(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor copied into CPU memory: a snapshot that training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class Writer:
+    """Saves checkpoints in a background thread, so a save stalls training only for a copy to CPU.
+
+    At most one save is in flight (the next waits for it): memory holds one snapshot and files
+    land in step order. `then(path)` runs in the thread once the file is in place (uploads,
+    best.pt). An error in the thread (a full disk) is raised in the training thread at the
+    next `submit` or `wait`, never lost.
+    """
+
+    def __init__(self, ckpt_dir: Path, keep: int) -> None:
+        self.ckpt_dir, self.keep = ckpt_dir, keep
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, state: dict, then: Callable[[Path], None]) -> None:
+        snapshot = to_cpu(state)
+        self.wait()
+        self.thread = threading.Thread(target=self._write, args=(snapshot, then), name="checkpoint-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def _write(self, snapshot: dict, then: Callable[[Path], None]) -> None:
+        try:
+            then(save(self.ckpt_dir, snapshot, self.keep))
+        except BaseException as e:  # re-raised in the training thread
+            self.error = e
+
+    def wait(self) -> None:
+        """Until the last submitted checkpoint is on disk (and handed to `then`)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

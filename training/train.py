@@ -136,19 +136,27 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
     if source:
         reporter.resume_epoch(state.epoch_loss, state.epoch_batches)
 
+    writer = checkpoint.Writer(ckpt_dir, cfg.checkpoint.keep)
+
     def save(best_info: dict | None = None) -> None:
+        started = time.perf_counter()
         state.epoch_loss, state.epoch_batches = reporter.epoch_totals()
         ckpt = checkpoint_state(cfg, state, world, model, optimizer, scheduler, scaler, ema, train_loader)
         if not world.is_main:
             return
-        path = checkpoint.save(ckpt_dir, ckpt, cfg.checkpoint.keep)
-        if uploader:
-            uploader.submit(path, f"checkpoints/{path.name}", {"step": state.step, "epoch": state.epoch},
-                            keep=cfg.checkpoint.keep)
-        if best_info is not None:
-            best = checkpoint.mark_best(ckpt_dir, path, best_info)
+        info = {"step": state.step, "epoch": state.epoch}
+
+        def then(path: Path) -> None:  # in the writer's thread, once the file is in place
             if uploader:
-                uploader.submit(best, "checkpoints/best.pt", best_info)
+                uploader.submit(path, f"checkpoints/{path.name}", info, keep=cfg.checkpoint.keep)
+            if best_info is not None:
+                best = checkpoint.mark_best(ckpt_dir, path, best_info)
+                if uploader:
+                    uploader.submit(best, "checkpoints/best.pt", best_info)
+
+        writer.submit(ckpt, then)
+        reporter.line(f"checkpoint step {state.step}: training stalled {time.perf_counter() - started:.3f}s, "
+                      "written in the background")
 
     def evaluate_on_val(m: torch.nn.Module) -> dict[str, float]:
         val_loader.set_epoch(0)  # the whole split, from its first batch, every time
@@ -187,10 +195,10 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
             group_start = i - i % accum
             micro = min(accum, n_batches - group_start)  # the epoch's last group may be short
             last_micro = i + 1 == group_start + micro
-            sync = contextlib.nullcontext() if last_micro or not world.distributed else train_model.no_sync()
-            with sync, torch.autocast(world.device.type, dtype=dtype, enabled=dtype is not None):
-                loss = task.train_loss(train_model, batch)
-            with sync:
+            # DDP all-reduces gradients only on a group's last micro-batch.
+            with contextlib.nullcontext() if last_micro or not world.distributed else train_model.no_sync():
+                with torch.autocast(world.device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = task.train_loss(train_model, batch)
                 scaler.scale(loss / micro).backward()
             reporter.add_loss(loss.detach(), batch_size(batch))
             state.batch = i + 1
@@ -217,7 +225,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
             done = state.step >= plan.total_steps
             if stop:
                 save()
-                finish_preempted(cfg, world, uploader, reporter, state)
+                finish_preempted(cfg, world, writer, uploader, reporter, state)
             if state.step % cfg.checkpoint.every_steps == 0 and state.batch < n_batches and not done:
                 save()  # the epoch's end and the run's end save after their eval
             if done:
@@ -234,7 +242,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
     vote.result()  # every rank posted the same votes; settle the last before other collectives
     if state.last_eval_step != state.step:
         evaluate()
-    return finish(cfg, world, uploader, reporter, state)
+    return finish(cfg, world, writer, uploader, reporter, state)
 
 
 def batch_size(batch: dict) -> int:
@@ -242,11 +250,12 @@ def batch_size(batch: dict) -> int:
     return len(first)
 
 
-def finish(cfg: RunConfig, world: dist.World, uploader: Uploader | None, reporter: Reporter,
-           state: Progress) -> dict:
+def finish(cfg: RunConfig, world: dist.World, writer: checkpoint.Writer, uploader: Uploader | None,
+           reporter: Reporter, state: Progress) -> dict:
     """metrics.json and plot.png in the run dir, uploaded beside the checkpoints; wait for uploads (bounded)."""
     rdir = run_dir(cfg)
     summary: dict = {}
+    writer.wait()
     if world.is_main:
         rows = metrics.read_results(rdir / "results.csv")
         metrics.write_metrics(rdir / "metrics.json", cfg.eval.metric, state.best, state.best_step,
@@ -267,8 +276,9 @@ def finish(cfg: RunConfig, world: dist.World, uploader: Uploader | None, reporte
     return summary
 
 
-def finish_preempted(cfg: RunConfig, world: dist.World, uploader: Uploader | None, reporter: Reporter,
-                     state: Progress) -> None:
+def finish_preempted(cfg: RunConfig, world: dist.World, writer: checkpoint.Writer, uploader: Uploader | None,
+                     reporter: Reporter, state: Progress) -> None:
+    writer.wait()
     if world.is_main:
         if uploader and not uploader.wait(cfg.checkpoint.preempt_timeout):
             reporter.line("warning: preempted before the last upload finished; the local checkpoint is complete")
