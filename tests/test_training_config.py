@@ -55,6 +55,7 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["data.batch_size=many"], "bad value for data.batch_size"),
         (["model.pretrained=true"], "bad value for model.pretrained: weights are never downloaded from a hub"),
         (["name=a/b"], "bad value for name"),
+        (["eval.metric=ema_val_top1"], "bad config: eval.metric ema_val_top1 needs train.ema_decay"),
         (["train=3"], "bad value for train"),
         (["max_steps"], "override 'max_steps' must look like key.sub=value"),
     ],

@@ -25,6 +25,8 @@ from shards import ConvertOptions, convert
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 STEPS = 18  # 1 process: 12 batches of 8 per epoch, so the run ends mid-epoch 2 (and checkpoints fall mid-epoch)
+# 2 processes: 96 samples / (2 ranks x 8) = 6 batches per rank per epoch, 2 per step (DDP's no_sync on the first)
+TWO_PROC = {"max_steps": None, "epochs": 2, "accum_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +202,9 @@ def test_s3_outage_mid_run_uploads_catch_up(store, moto_server, s3_bucket, tmp_p
 
 @pytest.fixture(scope="module")
 def baseline_2proc(store, tmp_path_factory) -> tuple[Path, str]:
-    """A 2-process gloo DDP run through the CLI, with a NAS-style storage folder."""
+    """A 2-process gloo DDP run through the CLI, with a NAS-style storage folder and gradient accumulation."""
     tmp = tmp_path_factory.mktemp("baseline2")
-    config = write_config(tmp / "run.yaml", store, train={"max_steps": 12, "epochs": 2},
-                          checkpoint={"storage": str(tmp / "nas")})
+    config = write_config(tmp / "run.yaml", store, train=TWO_PROC, checkpoint={"storage": str(tmp / "nas")})
     out = train(config, "--nproc-per-node", "2")
     return tmp, out
 
@@ -211,19 +212,19 @@ def baseline_2proc(store, tmp_path_factory) -> tuple[Path, str]:
 def test_ddp_two_processes_learns_and_records(baseline_2proc):
     tmp, out = baseline_2proc
     rows = results(tmp / "runs")
-    assert [int(r["step"]) for r in rows] == [6, 12]  # 96 samples / (2 ranks x 8) = 6 steps per epoch
+    assert [int(r["step"]) for r in rows] == [3, 6]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     run = tmp / "runs" / "t"
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "plot.png").stat().st_size > 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["metric"] == "val_top1" and metrics["step"] == 12 and metrics["epoch"] == 2
+    assert metrics["metric"] == "val_top1" and metrics["step"] == 6 and metrics["epoch"] == 2
     assert metrics["best"] == pytest.approx(max(float(r["val_top1"]) for r in rows), abs=1e-5)
     nas = tmp / "nas" / "t" / "checkpoints"  # the NAS copy: file, then its marker with the right sha256
-    marker = json.loads((nas / "step_00000012.pt.complete").read_text())
+    marker = json.loads((nas / "step_00000006.pt.complete").read_text())
     import hashlib
 
-    assert hashlib.sha256((nas / "step_00000012.pt").read_bytes()).hexdigest() == marker["sha256"]
+    assert hashlib.sha256((nas / "step_00000006.pt").read_bytes()).hexdigest() == marker["sha256"]
     assert (nas / "best.pt.complete").exists() and (nas / "metrics.json").exists()
 
 
@@ -231,11 +232,11 @@ def test_ddp_two_processes_kill9_resume_exact(store, baseline_2proc, tmp_path):
     tmp, _ = baseline_2proc
     baseline = torch.load(tmp / "runs" / "t" / "checkpoints" / "last.pt", weights_only=True)
     runs = tmp_path / "runs"
-    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 12, "epochs": 2})
-    kill_at_random_checkpoint(config, runs, [3, 6, 9], "--nproc-per-node", "2")
+    config = write_config(tmp_path / "run.yaml", store, train=TWO_PROC, checkpoint={"every_steps": 1})
+    kill_at_random_checkpoint(config, runs, [1, 2, 4], "--nproc-per-node", "2")
     train(config, "--nproc-per-node", "2")
     final = final_state(runs)
-    assert final["step"] == 12
+    assert final["step"] == 6
     for key in baseline["model"]:
         assert torch.equal(baseline["model"][key], final["model"][key]), key
 
@@ -248,7 +249,7 @@ def test_two_nodes_rendezvous_match_two_processes(store, baseline_2proc, tmp_pat
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 12, "epochs": 2})
+    config = write_config(tmp_path / "run.yaml", store, train=TWO_PROC)
     # torchrun sets OMP_NUM_THREADS=1 only for several processes per node; the float sums must match that run
     nodes = [start(config, "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", f"127.0.0.1:{port}",
                    env={"OMP_NUM_THREADS": "1"}) for r in (0, 1)]

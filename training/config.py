@@ -138,6 +138,12 @@ class RunConfig(_Section):
     dino: DinoConfig = DinoConfig()
 
     @model_validator(mode="after")
+    def _ema_metric(self) -> RunConfig:
+        if self.eval.metric.startswith("ema_") and not self.train.ema_decay:
+            raise ValueError(f"eval.metric {self.eval.metric} needs train.ema_decay (no EMA model otherwise)")
+        return self
+
+    @model_validator(mode="after")
     def _task_metric(self) -> RunConfig:
         if "metric" not in self.eval.model_fields_set and self.task in TASK_METRICS:
             self.eval = self.eval.model_copy(update={"metric": TASK_METRICS[self.task]})
@@ -195,6 +201,8 @@ def format_error(e: pydantic.ValidationError) -> str:
         return f"missing config key {key}"
     msg = err["msg"].removeprefix("Value error, ")
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    if not err["loc"]:  # a check across keys: its message names them
+        return f"bad config: {msg}{more}"
     return f"bad value for {key}: {msg} (got {err.get('input')!r}){more}"
 
 
