@@ -203,11 +203,6 @@ def test_deploy_creates_the_three_deployments(deployed, client):
     assert schedule.schedule.cron == "0 2 * * *"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prefect 3.8.8's scheduler service fails with SQLAlchemy 2.1 ('Can't evaluate bulk DML "
-    "statement'), so cron schedules create no runs; SQLAlchemy 2.0.x works: pin sqlalchemy<2.1",
-)
 def test_nightly_schedule_creates_runs(deployed, client):
     nightly = client.read_deployment_by_name("nightly-retrain/nightly")
     deadline = time.monotonic() + 15  # the scheduler looks at new deployments every 5 s

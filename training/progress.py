@@ -22,7 +22,7 @@ from training.dist import World, sum_tensor
 class Reporter:
     def __init__(self, rdir: Path, world: World, total_steps: int, step: int, log_every: int) -> None:
         self.rdir, self.world, self.log_every = rdir, world, log_every
-        self.console = Console()
+        self.console = Console(soft_wrap=True)  # one line per record when piped (flow logs, log files)
         self.writer = None
         self.bar: Progress | None = None
         if world.is_main:
