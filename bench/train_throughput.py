@@ -334,7 +334,8 @@ def main() -> None:
             model = args.models.split(",")[0]
             name = "ckpt-" + model
             storage = str(work / "nas")
-            cfg = run_config(name, stores["wds"], model, "gpu", args.batch, args.workers, 120, compile, runs, 25,
+            fmt, decode = args.paths.split(",")[0].split("-")
+            cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, 120, compile, runs, 25,
                              storage)
             lines, _ = launch(cfg, runs)
             stalls = checkpoint_costs(lines)
