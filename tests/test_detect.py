@@ -1,7 +1,9 @@
-"""Detection geometry: YOLO box encoding both ways, the letterbox and its inverse, and the train
-augmentations keeping boxes on their objects. Hand-computed expectations; no model."""
+"""Detection pieces: YOLO box encoding both ways, the letterbox and its inverse, the train augmentations
+keeping boxes on their objects (hand-computed expectations), the detect config, and both heads' shapes."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import albumentations as A
 import numpy as np
@@ -11,8 +13,10 @@ import torch
 from pipelines import AugmentConfig
 from pipelines.batches import yolo_to_pixels
 from pipelines.presets import PAD_VALUE, detect_eval, detect_train
-from training.config import validate
+from training.config import TrainError, validate
+from training.dist import World
 from training.predict import Placement, letterbox, to_yolo
+from training.tasks.detect import DetectTask, build_detector
 
 
 def test_yolo_to_pixels_hand_case():
@@ -116,7 +120,32 @@ def test_detect_config_defaults_and_errors():
     assert validate({**base, "task": "detect"}).eval.metric == "val_map"
     assert validate({**base, "task": "classify"}).eval.metric == "val_top1"
     assert validate({**base, "task": "detect", "eval": {"metric": "val_map50"}}).eval.metric == "val_map50"
-    with pytest.raises(Exception, match="detect.head"):
+    with pytest.raises(TrainError, match="bad value for detect.head"):
         validate({**base, "task": "detect", "detect": {"head": "yolo"}})
-    with pytest.raises(Exception, match="detect.fpn_channels"):
+    with pytest.raises(TrainError, match="bad value for detect.fpn_channels"):
         validate({**base, "task": "detect", "detect": {"fpn_channels": 100}})
+    with pytest.raises(TrainError, match="eval.metric"):
+        cfg = validate({**base, "task": "detect", "eval": {"metric": "val_top1"}})
+        DetectTask(cfg, ["a", "b"], World(0, 0, 1, torch.device("cpu")), Path("."))
+
+
+@pytest.mark.parametrize("head", ["fcos", "retinanet"])
+def test_both_heads_train_and_predict_shapes(head):
+    """A loss step with an image without objects in the batch, then eval-mode detections in image pixels."""
+    cfg = validate({"name": "d", "task": "detect", "data": {"path": "x", "image_size": 64},
+                    "model": {"name": "test_resnet"}, "detect": {"head": head, "fpn_channels": 32, "score_thresh": 0.0}})
+    torch.manual_seed(0)
+    model = build_detector(cfg, 3, Path("."))
+    images = [torch.randn(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 8, 30, 40]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss) and "bbox_regression" in losses
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # DDP needs every parameter in the graph
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2 and len(out[0]["boxes"]) <= cfg.detect.detections_per_img
+    assert out[0]["boxes"].min() >= 0 and out[0]["boxes"].max() <= 64 and out[0]["labels"].max() < 3
