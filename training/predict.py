@@ -123,7 +123,7 @@ def draw(path: Path, image: np.ndarray, det: dict[str, torch.Tensor], classes: l
     from PIL import Image
 
     names = [f"{classes[int(c)]} {float(s):.2f}" for c, s in zip(det["labels"], det["scores"])]
-    drawn = draw_bounding_boxes(torch.from_numpy(image).permute(2, 0, 1), det["boxes"], labels=names, width=2,
+    drawn = draw_bounding_boxes(torch.from_numpy(image.copy()).permute(2, 0, 1), det["boxes"], labels=names, width=2,
                                 colors="red")
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
