@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from pipelines import build_loader
 from shards import ConvertOptions, convert
-from training.config import TrainError, validate
+from training.config import RunConfig, TrainError, validate
 from training.dist import World
 from training.knn import knn_predict, knn_top1
 from training.optim import StepPlan, build_optimizer
@@ -103,7 +103,7 @@ def store(imagefolder_src, tmp_path_factory) -> str:
     return str(dest)
 
 
-def config(store: str, **sections) -> "RunConfig":  # noqa: F821
+def config(store: str, **sections) -> RunConfig:
     raw = {
         "name": "dino", "task": "dino", "seed": 1,
         "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
