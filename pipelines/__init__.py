@@ -8,7 +8,13 @@
 What an epoch covers is spelled out in README.md `## Data pipelines` and pipelines/plan.py.
 """
 
-from pipelines.config import AugmentConfig, DataConfig, DataError
-from pipelines.loader import Loader, build_loader
+import os
+
+# albumentations asks the network for its latest version at import; GPU hosts and clusters are often
+# offline, where that costs a timeout and a warning in every worker.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pipelines.config import AugmentConfig, DataConfig, DataError  # noqa: E402
+from pipelines.loader import Loader, build_loader  # noqa: E402
 
 __all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "build_loader"]

@@ -63,7 +63,6 @@ def test_auto_amp_picks_bf16_where_supported(store, tmp_path):
 def test_gpu_decode_under_compile_keeps_losses_finite(store, tmp_path):
     # nvJPEG's hardware decoder once wrote into memory that queued compiled kernels still read,
     # turning every loss into NaN (pipelines/gpu.py decodes on a drained stream of its own since).
-    ckpt, out = train_once(tmp_path, store, "data.decode=gpu", "train.amp=bf16", "train.compile=true",
-                           "data.batch_size=32")
+    ckpt, out = train_once(tmp_path, store, "data.decode=gpu", "train.amp=bf16", "train.compile=true")
     assert "nan" not in out.lower()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
