@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from prefect import flow, get_run_logger, task
 
 import shards
@@ -13,25 +9,10 @@ from flows.retries import STORAGE_RETRIES
 from shards import ConvertOptions, ConvertSummary, StoreError
 
 
-@contextmanager
-def default_sigterm() -> Iterator[None]:
-    """Let shards.convert's forked pool workers inherit the default SIGTERM action.
-
-    Inside a flow run, SIGTERM is Prefect's handler, which raises TerminationSignal; the pool
-    ends its workers with SIGTERM, so each would print that traceback as it stops.
-    """
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @task(**STORAGE_RETRIES)
 def convert_task(options: ConvertOptions) -> ConvertSummary:
     # A rerun after a failure resumes: finished shards are kept (see docs/store-format.md).
-    with default_sigterm():
-        summary = shards.convert(options, progress=False)
+    summary = shards.convert(options, progress=False)
     get_run_logger().info(
         "%s -> %s: %d added, %d rejected, %d unchanged, store version %d",
         options.src, options.dest, summary.added, summary.rejected, summary.unchanged, summary.version,

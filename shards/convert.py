@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -193,8 +194,14 @@ def run_workers(settings: Settings, tasks: list[tuple[Input, bool]], workers: in
         yield from map(work, tasks)
         return
     chunksize = max(1, min(32, len(tasks) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=default_sigterm) as pool:
         yield from pool.imap(work, tasks, chunksize=chunksize)
+
+
+def default_sigterm() -> None:
+    """In a pool worker: SIGTERM ends it quietly. The pool stops its workers with SIGTERM, and a
+    handler inherited from the caller (Prefect's raises TerminationSignal) would print a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Packer:

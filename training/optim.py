@@ -9,7 +9,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from training.config import OptimConfig, TrainConfig
+from training.config import OptimConfig
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
