@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing
 import os
 import tempfile
@@ -21,11 +20,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from common import machine, record
 from shards import ConvertOptions, convert
 from shards.layouts import image_relpaths
 from shards.storage import open_fs
 
-RESULTS = Path(__file__).parent / "results" / "convert.jsonl"
 
 
 def decode_only(path: str) -> int:
@@ -51,12 +50,6 @@ def convert_rate(src: str, fmt: str, workers: int) -> tuple[float, int]:
         elapsed = time.perf_counter() - start
     return (summary.added + summary.rejected) / elapsed, summary.added
 
-
-def machine() -> dict:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
 
 
 def main() -> None:
@@ -87,10 +80,7 @@ def main() -> None:
         "convert_images_per_s": round(conv, 1), "convert_per_worker": round(conv / w, 1),
         "ratio": round(conv / decode, 3), **machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
+    record("convert", result)
 
 
 if __name__ == "__main__":

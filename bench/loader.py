@@ -17,8 +17,6 @@ the ratios; the last line is one JSON object, also appended to bench/results/loa
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import tempfile
 import time
@@ -32,10 +30,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
+from common import machine, record
 from pipelines import AugmentConfig, DataConfig, build_loader, presets
 from shards import ConvertOptions, convert, samples
 
-RESULTS = Path(__file__).parent / "results" / "loader.jsonl"
 
 
 def make_photos(dest: Path, count: int, seed: int = 0) -> None:
@@ -93,10 +91,6 @@ def imagefolder(src: Path, args, aug: AugmentConfig):
     return epoch
 
 
-def machine() -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu_count": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -128,10 +122,7 @@ def main() -> None:
         "lmdb_images_per_s": round(rates["lmdb"], 1),
         "ratio_wds_vs_imagefolder": round(wds_ratio, 3), "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3), **machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
+    record("loader", result)
 
 
 if __name__ == "__main__":

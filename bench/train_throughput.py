@@ -24,7 +24,6 @@ The last line is one JSON object, also appended to bench/results/train_throughpu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -42,17 +41,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import machine, record  # noqa: E402
 from shards import ConvertOptions, convert  # noqa: E402
 from shards.samples import photo_paths  # noqa: E402
 
-
-def machine() -> dict:
-    return {
-        "cpus": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "gpus": torch.cuda.device_count(),
-        "torch": torch.__version__,
-    }
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -353,13 +345,7 @@ def main() -> None:
         r = f"{ratio:.3f}" if ratio is not None else ""
         w = f"{wait:.0%}" if wait is not None else ""
         print(f"{name:52s} {rate:10.0f} {r:>7s} {w:>6s}")
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "train_throughput.jsonl", "a") as f:
-        f.write(json.dumps(out) + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "train_throughput.json").write_text(json.dumps(out))
-    print(json.dumps(out))
+    record("train_throughput", out)
 
 
 if __name__ == "__main__":
