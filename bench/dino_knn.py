@@ -16,8 +16,6 @@ The last line is one JSON object, also appended to bench/results/dino_knn.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import machine, record  # noqa: E402
 from shards import ConvertOptions, convert, samples  # noqa: E402
 from training import run  # noqa: E402
 from training.config import RunConfig, apply_override, validate  # noqa: E402
@@ -35,13 +34,6 @@ from training.dist import World  # noqa: E402
 from training.tasks.dino import DinoTask  # noqa: E402
 from training.train import seed_everything  # noqa: E402
 
-
-def machine() -> dict:
-    return {
-        "cpus": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }
 
 
 def grayscale(folder: Path) -> None:
@@ -128,11 +120,7 @@ def main() -> None:
            "images": {"dino_unlabeled": args.unlabeled, "knn_bank": 6 * args.bank, "knn_queries": 6 * args.val,
                       "size": args.size, "grayscale": True},
            "model": "vit_tiny_patch16_224 depth 2 patch 8", "overrides": args.overrides, "machine": machine()}
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "dino_knn.jsonl", "a") as f:
-        f.write(json.dumps(out) + "\n")
-    print(json.dumps(out))
+    record("dino_knn", out)
 
 
 if __name__ == "__main__":
