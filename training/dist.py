@@ -103,6 +103,15 @@ class StopVote:
         return bool(t.item() > 0)
 
 
+def broadcast_buffers(world: World, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them before each forward,
+    so after the last step each rank holds its own batch's update; evaluation must use what the
+    checkpoint holds, on every rank."""
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather(world: World, obj: object) -> list:
     """Every rank's `obj`, in rank order (on every rank)."""
     if not world.distributed:

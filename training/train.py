@@ -160,6 +160,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
 
     def evaluate_on_val(m: torch.nn.Module) -> dict[str, float]:
         val_loader.set_epoch(0)  # the whole split, from its first batch, every time
+        dist.broadcast_buffers(world, m)
         return task.evaluate(m, val_loader)
 
     def evaluate() -> None:

@@ -50,4 +50,4 @@ def build_task(cfg: RunConfig, classes: list[str], world: World, cache_dir: Path
         from training.tasks.dino import DinoTask
 
         return DinoTask(cfg, classes, world, cache_dir)
-    raise TrainError(f"task {cfg.task} is not available yet in training/ (only classify is)")
+    raise TrainError(f"unknown task {cfg.task}")

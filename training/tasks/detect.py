@@ -94,14 +94,6 @@ def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, 
     return {"map": float(scores["map"]), "map50": float(scores["map_50"])}
 
 
-def sync_buffers(world: World, model: nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm statistics) on every rank. DDP broadcasts them before each forward, so after
-    the last step the other ranks hold their own batch's update; evaluate what the checkpoint holds instead."""
-    if world.distributed:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
 class DetectTask:
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if not classes:
@@ -121,7 +113,6 @@ class DetectTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
         """mAP over the split: each rank predicts its share, rank 0 scores them all and tells the others."""
-        sync_buffers(self.world, model)
         was_training = model.training
         model.eval()
         preds, targets = [], []
