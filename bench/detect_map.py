@@ -19,7 +19,6 @@ The last line is one JSON object, also appended to bench/results/detect_map.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines import build_loader  # noqa: E402
+from common import machine, record  # noqa: E402
 from shards import ConvertOptions, convert, samples  # noqa: E402
 from training import run  # noqa: E402
 from training.config import RunConfig, validate  # noqa: E402
@@ -38,13 +38,6 @@ from training.dist import World  # noqa: E402
 from training.tasks.detect import DetectTask  # noqa: E402
 from training.train import seed_everything  # noqa: E402
 
-
-def machine() -> dict:
-    return {
-        "cpus": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }
 
 
 def make_store(work: Path, raw_size: int, train: int, val: int) -> str:
@@ -113,11 +106,7 @@ def main() -> None:
                       "classes": 6, "source": "shards.samples.make_yolo (real photos pasted on real textures)"},
            "model": f"FCOS, timm {args.model} features_only + FPN 64ch, head 2 convs, random init",
            "machine": machine()}
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "detect_map.jsonl", "a") as f:
-        f.write(json.dumps(out) + "\n")
-    print(json.dumps(out))
+    record("detect_map", out)
 
 
 if __name__ == "__main__":
