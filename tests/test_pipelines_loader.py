@@ -165,15 +165,17 @@ def worker_rss_mb() -> dict[int, float]:
 
 def test_worker_memory_stays_flat_over_epochs(store):
     (ld,) = loaders(cfg_for(store, augment=AugmentConfig()), "train", train=True, world_size=1)
-    epoch_digests(ld, 0)
-    epoch_digests(ld, 1)
+    for epoch in range(3):  # warm-up: imports, decoder tables, allocator arenas settle
+        epoch_digests(ld, epoch)
     before = worker_rss_mb()
     assert len(before) == 2  # persistent workers: the same two processes every epoch
-    for epoch in range(2, 6):
+    for epoch in range(3, 9):
         epoch_digests(ld, epoch)
     after = worker_rss_mb()
     assert after.keys() == before.keys()
-    assert all(after[p] - before[p] < 8 for p in before), (before, after)
+    # Allocator noise on a loaded machine reaches a few MB; a leak of decoded batches or shard
+    # bytes (several MB per epoch here) does not stay under this over six epochs.
+    assert all(after[p] - before[p] < 16 for p in before), (before, after)
 
 
 def corrupt_first_image(store: str, fmt: str) -> tuple[str, str]:
