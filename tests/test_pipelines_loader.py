@@ -154,7 +154,10 @@ def child_pids() -> set[int]:
     """This process's children, from /proc."""
     pids: set[int] = set()
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        pids |= {int(p) for p in (task / "children").read_text().split()}
+        try:
+            pids |= {int(p) for p in (task / "children").read_text().split()}
+        except FileNotFoundError:  # the thread ended while we looked
+            pass
     return pids
 
 
