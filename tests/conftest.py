@@ -62,7 +62,9 @@ class MotoServer:
     def make_bucket(self, name: str) -> None:
         import s3fs
 
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+        # exist_ok: after a restart, a trainer's retried upload may recreate its bucket first
+        # (s3fs's makedirs creates missing buckets).
+        s3fs.S3FileSystem(skip_instance_cache=True).makedirs(name, exist_ok=True)
 
     def env(self) -> dict[str, str]:
         return {
