@@ -17,7 +17,6 @@ from uuid import UUID
 
 import pytest
 import s3fs
-from conftest import free_port
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -31,6 +30,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from servers import free_port
 
 import shards
 import training
