@@ -168,6 +168,16 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     assert json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/metrics.json"))["step"] == STEPS
 
 
+def test_fresh_start_over_an_existing_run_is_refused(store, tmp_path):
+    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 3})
+    train(config, torchrun=False)
+    write_config(tmp_path / "run.yaml", store, train={"max_steps": 3}, resume="never")
+    code, out = finish(start(config, torchrun=False))
+    assert code != 0
+    assert "error: resume=never, but run 't' already has a checkpoint at step 3" in out, out[-2000:]
+    assert "Traceback" not in out
+
+
 def test_sigterm_saves_exits_75_and_resumes_exactly(store, baseline_1proc, tmp_path):
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "run.yaml", store)

@@ -26,6 +26,7 @@ def latest_checkpoint(cfg: RunConfig) -> dict | None:
 def fetch(cfg: RunConfig) -> Path | None:
     """The local path of the checkpoint `cfg.resume` asks for (downloaded when remote), or None to start fresh."""
     if cfg.resume == "never":
+        refuse_existing(cfg)
         return None
     if cfg.resume == "auto":
         local = checkpoint.latest_local(checkpoint_dir(cfg))
@@ -40,6 +41,14 @@ def fetch(cfg: RunConfig) -> Path | None:
         checkpoint.write_marker(dest, {"step": remote["step"], "epoch": remote["epoch"]})  # complete here too
         return dest
     return fetch_explicit(cfg.resume, checkpoint_dir(cfg))
+
+
+def refuse_existing(cfg: RunConfig) -> None:
+    """A fresh start over a run's checkpoints would mix two runs (and pruning by step would delete the new ones)."""
+    existing = latest_checkpoint(cfg)
+    if existing is not None:
+        raise TrainError(f"resume=never, but run {cfg.name!r} already has a checkpoint at step {existing['step']} "
+                         f"({existing['path']}): use resume=auto to continue it, or another name")
 
 
 def fetch_named(cfg: RunConfig, name: str) -> Path:
