@@ -4,13 +4,10 @@ worker, `prefect deploy --all` from prefect.yaml, `prefect deployment run`, moto
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import timezone
 from pathlib import Path
 from uuid import UUID
@@ -30,7 +27,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from servers import free_port
+from servers import PrefectServer, start_group, stop_group
 
 import shards
 import training
@@ -45,35 +42,6 @@ PER_CLASS = {"train": 4, "val": 2}
 CONFIG = "configs/demo.yaml"  # relative: flow runs start in the repo root (prefect.yaml's pull step)
 
 
-def start_group(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start a long-lived process in its own process group, so teardown can end all of it."""
-    return subprocess.Popen(
-        args, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"prefect server exited:\n{log.read_text()}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"prefect server not healthy after {timeout}s:\n{log.read_text()}")
-
-
 def prefect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(PREFECT), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
@@ -84,28 +52,14 @@ def prefect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def prefect_env(tmp_path_factory, moto_server) -> dict[str, str]:
     """A real Prefect server (SQLite in a temp dir); returns the env for its CLI and worker.
 
-    Built after moto_server, so the env carries the AWS_* variables to the worker's flow runs.
+    Started after moto_server, so the env carries the AWS_* variables to the worker's flow runs.
     """
-    home = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-    }
-    log = home / "server.log"
-    server = start_group(
-        [str(PREFECT), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
-    )
+    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
+    server.start(cwd=REPO)
     try:
-        wait_healthy(env["PREFECT_API_URL"], server, log)
-        yield env
+        yield server.env
     finally:
-        stop_group(server)
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +70,7 @@ def deployed(prefect_env) -> dict[str, str]:
     deploy = prefect_cli(prefect_env, "--no-prompt", "deploy", "--all")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     log = Path(prefect_env["PREFECT_HOME"]) / "worker.log"
-    worker = start_group([str(PREFECT), "worker", "start", "--pool", POOL], prefect_env, log)
+    worker = start_group([str(PREFECT), "worker", "start", "--pool", POOL], prefect_env, log, REPO)
     try:
         yield prefect_env
     finally:
