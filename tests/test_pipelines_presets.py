@@ -41,6 +41,18 @@ def test_decode_applies_exif_and_reduces_large_jpegs():
     assert decode_image(png.getvalue()).shape == (20, 30, 3)
 
 
+def test_decode_matches_pillow_and_refuses_truncated_jpegs():
+    data = photo_jpeg((400, 300))
+    for min_side in (None, 100):
+        img = Image.open(io.BytesIO(data))
+        if min_side:
+            img.draft("RGB", (min_side, min_side))
+        assert np.array_equal(decode_image(data, min_side), np.asarray(img.convert("RGB")))
+    for cut in (0.2, 0.9, 0.999):
+        with pytest.raises(OSError):
+            decode_image(data[: int(len(data) * cut)])
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_gpu_path_orientation_matches_pil(orientation):
     data = photo_jpeg(orientation=orientation, quality=100)
