@@ -123,10 +123,17 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     src_fs, src_root = open_fs(opts.src)
     fs, root = open_fs(opts.dest)
     manifest = load_manifest(fs, root)
-    if manifest is not None and not opts.append:
-        raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
-                         "pass --append to add new inputs")
     listing = list_source(src_fs, src_root, opts.layout)
+    if manifest is not None and not opts.append:
+        if not same_conversion(fs, root, manifest, opts, listing):
+            raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
+                             "pass --append to add new inputs")
+        # the same command again, after a run killed once its manifest was written: nothing is left to do
+        if progress:
+            console.print(f"{public_url(opts.dest)} already holds this conversion of {public_url(opts.src)}")
+        return ConvertSummary(layout=manifest.layout, format=manifest.format, version=manifest.version, added=0,
+                              rejected=0, unchanged=len(listing.inputs), shards_written=[],
+                              splits={name: split.samples for name, split in manifest.splits.items()})
     if progress:
         how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
         console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
@@ -152,6 +159,17 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
                 bar.advance(task)
             packer.finish()
     return commit(fs, root, opts, listing, state, packer)
+
+
+def same_conversion(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, opts: ConvertOptions,
+                    listing: Listing) -> bool:
+    """Whether the store is a finished, never appended conversion of exactly these inputs with these options."""
+    if manifest.version != 1 or (manifest.source, manifest.format, manifest.settings) != (
+            public_url(opts.src), opts.format, conversion_settings(opts)):
+        return False
+    stored = {it.key for idx in read_indexes(fs, root).values() for it in idx.items}
+    stored |= {sample_key(r.path) for r in read_rejects(fs, root)}
+    return stored == {inp.key for inp in listing.inputs}
 
 
 def load_state(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest | None, opts: ConvertOptions,
@@ -334,8 +352,13 @@ def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None,
         format=opts.format, format_version=FORMAT_VERSION, version=version,
         created=old.created if old else now, updated=now, layout=listing.layout, classes=listing.classes,
         source=public_url(opts.src),
-        settings={"shard_size": opts.shard_size, "max_side": opts.max_side, "max_pixels": opts.max_pixels},
+        settings=conversion_settings(opts),
         rejects=rejects, splits=splits,
         totals=Totals(samples=sum(s.samples for s in splits.values()), bytes=sum(s.bytes for s in splits.values()),
                       shards=sum(len(s.shards) for s in splits.values())),
     )
+
+
+def conversion_settings(opts: ConvertOptions) -> dict:
+    """The options recorded in manifest.json's `settings`."""
+    return {"shard_size": opts.shard_size, "max_side": opts.max_side, "max_pixels": opts.max_pixels}
