@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
+from fsspec.core import url_to_fs
 from prefect import flow, get_client, get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from pydantic import PositiveInt
@@ -20,6 +22,14 @@ from shards import ConvertOptions
 # A global concurrency limit of 1 (created on first use, in the server's database, so it also
 # binds runs in ephemeral mode and runs started outside the deployment).
 NIGHTLY_LIMIT = "nightly-retrain"
+# How long the slot outlives a holder that died without releasing it (a host crash): the holder renews
+# its lease every 3/4 of this, the server's repossessor frees an expired one within 15 s. Equal to the
+# lease Prefect keeps on the deployment's own concurrency slot (300 s, not configurable), so a shorter
+# one would not bring a rerun forward, only let a Prefect server outage of that length kill a healthy run.
+NIGHTLY_LEASE_S = 300
+# The store version the model was last trained on (storage, beside the checkpoints): a run that
+# appended and then died has left new samples that a rerun, finding nothing new to append, must train on.
+TRAINED_MARKER = "nightly/trained.json"
 
 
 def ensure_nightly_limit() -> None:
@@ -33,6 +43,23 @@ def continue_from_latest(config: str, overrides: list[str], epochs: int) -> list
     if latest is None:
         return [*overrides, f"train.epochs={epochs}", "resume=never"]
     return [*overrides, f"train.epochs={latest['epoch'] + epochs}", f"resume={latest['path']}"]
+
+
+@task(**STORAGE_RETRIES)
+def trained_on(storage: str) -> dict | None:
+    """{"store", "version"} of the last night that trained and decided, or None before the first."""
+    fs, path = url_to_fs(f"{storage.rstrip('/')}/{TRAINED_MARKER}")
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+@task(**STORAGE_RETRIES)
+def mark_trained(storage: str, store: str, version: int) -> None:
+    fs, path = url_to_fs(f"{storage.rstrip('/')}/{TRAINED_MARKER}")
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps({"store": store, "version": version}).encode())
 
 
 @task(**STORAGE_RETRIES)  # promotion is idempotent: a retry rewrites the pair, marker last
@@ -73,19 +100,25 @@ def nightly_retrain(
     logger = get_run_logger()
     ensure_nightly_limit()
     logger.info("acquiring the %r concurrency slot (waits while another nightly run holds it)", NIGHTLY_LIMIT)
-    with concurrency(NIGHTLY_LIMIT, occupy=1, strict=True):
+    with concurrency(NIGHTLY_LIMIT, occupy=1, lease_duration=NIGHTLY_LEASE_S, strict=True):
         # append=True also creates the store on the first night.
         summary = convert_task(ConvertOptions(src=raw_dir, dest=store, format=format, append=True))
         verify_task(store)
-        if summary.added == 0 and not train_anyway:
+        untrained = trained_on(storage) != {"store": store, "version": summary.version}
+        if not untrained and not train_anyway:
             logger.info("no new images in %s: nothing to train tonight", raw_dir)
             publish_no_op(raw_dir, store)
             return {"trained": False, "added": 0}
+        if summary.added == 0 and untrained:
+            logger.info("store version %d of %s was never trained on (an earlier run died?): training now",
+                        summary.version, store)
         run_overrides = continue_from_latest(
             config, [*overrides, f"data.path={store}", f"checkpoint.storage={storage}"], epochs
         )
         metrics = train(config, tuple(run_overrides), nproc_per_node)
         run_dir = training.run_dir(training.load_config(config, run_overrides))
         decision = decide(storage, run_dir, metrics)
+        # After the decision: a run that dies before it trains again rather than skip the promotion.
+        mark_trained(storage, store, summary.version)
         publish_decision(decision)
         return {"trained": True, "added": summary.added, **decision}
