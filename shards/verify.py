@@ -15,7 +15,9 @@ import fsspec
 import lmdb
 from PIL import Image
 
-from shards.manifest import Manifest, ShardEntry, read_manifest, read_rejects
+from pydantic import ValidationError
+
+from shards.manifest import INDEX_DIR, Manifest, ShardEntry, ShardIndex, read_manifest, read_rejects
 from shards.progress import progress_bar
 from shards.storage import is_local, join, open_fs
 from shards.writers import file_digest
@@ -26,7 +28,8 @@ IMAGE_EXTS = ("jpg", "png", "webp")
 def verify(dest: str, deep: bool = False, progress: bool = False) -> list[str]:
     """Problems found, each naming its shard; [] means every shard matches the manifest.
 
-    Checks each shard's size, sha256 and sample count; `deep` also decodes every image.
+    Checks each shard's size, sha256 and sample count, and its _index/ file (what --append relies on);
+    `deep` also decodes every image and compares the shard's keys with its index's.
     """
     manifest = read_manifest(dest)
     fs, root = open_fs(dest)
@@ -42,7 +45,9 @@ def check_shard(fs: fsspec.AbstractFileSystem, root: str, fmt: str, entry: Shard
     path = join(root, entry.name)
     if not fs.exists(path):
         return ["missing"]
-    problems = []
+    index = read_index(fs, root, entry)
+    problems = [index] if isinstance(index, str) else []
+    keys = []
     with local_copy(fs, path) as local:
         size, sha256 = file_digest(local)
         if size != entry.bytes:
@@ -53,6 +58,7 @@ def check_shard(fs: fsspec.AbstractFileSystem, root: str, fmt: str, entry: Shard
         try:
             for key, ext, image in (read_tar(local) if fmt == "wds" else read_lmdb(local)):
                 count += 1
+                keys.append(key)
                 if deep:
                     problems += [f"sample {key}: {p}" for p in check_image(ext, image)]
         except (tarfile.TarError, lmdb.Error, ValueError, KeyError) as e:
@@ -60,7 +66,24 @@ def check_shard(fs: fsspec.AbstractFileSystem, root: str, fmt: str, entry: Shard
             return problems
         if count != entry.samples:
             problems.append(f"{count} samples, manifest says {entry.samples}")
+        if deep and isinstance(index, ShardIndex) and keys != [it.key for it in index.items]:
+            problems.append(f"its keys differ from {INDEX_DIR}/{entry.name}.json")
     return problems
+
+
+def read_index(fs: fsspec.AbstractFileSystem, root: str, entry: ShardEntry) -> ShardIndex | str:
+    """The shard's index, or the problem with it."""
+    where = f"{INDEX_DIR}/{entry.name}.json"
+    try:
+        index = ShardIndex.model_validate_json(fs.cat_file(join(root, INDEX_DIR, f"{entry.name}.json")))
+    except FileNotFoundError:
+        return f"{where} is missing"
+    except (ValidationError, OSError, UnicodeDecodeError) as e:
+        return f"{where} is unreadable: {str(e).splitlines()[0]}"
+    if (index.shard, index.samples, index.bytes, len(index.items)) != (entry.name, entry.samples, entry.bytes,
+                                                                       entry.samples):
+        return f"{where} does not match the manifest's entry"
+    return index
 
 
 @contextlib.contextmanager
