@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Literal
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from pipelines import gpu, plan
 from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch, make_spec
@@ -110,9 +110,19 @@ class Normalise:
         """On the CPU a 256-entry table per channel (OpenCV's LUT) is about 3x faster than float arithmetic
         whose innermost dimension is 3 channels."""
         table = ((torch.arange(256.0)[:, None] - self.mean.cpu()) / self.std.cpu()).numpy()[None]  # (1,256,3)
+        out = float_batch(nhwc.shape)
         n, h, w, c = nhwc.shape
-        rows = nhwc.contiguous().numpy().reshape(n * h, w, c)
-        return torch.from_numpy(cv2.LUT(rows, table)).view(n, h, w, c)
+        cv2.LUT(nhwc.contiguous().numpy().reshape(n * h, w, c), table, dst=out.numpy().reshape(n * h, w, c))
+        return out
+
+
+def float_batch(shape: torch.Size) -> torch.Tensor:
+    """An empty float tensor; in a DataLoader worker, in shared memory already, as default_collate
+    does, so that sending it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(shape.numel())
+    return torch.empty(0).new(storage).view(shape)
 
 
 def make_normalise(cfg: DataConfig, device: torch.device) -> Normalise:
