@@ -15,6 +15,8 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipelines.config import AugmentConfig, DataConfig, DataError  # noqa: E402
+from pipelines.decode import decode_image  # noqa: E402
 from pipelines.loader import Loader, build_loader  # noqa: E402
+from pipelines.presets import detect_eval  # noqa: E402
 
-__all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "build_loader"]
+__all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "build_loader", "decode_image", "detect_eval"]

@@ -19,8 +19,7 @@ from rich.progress import track
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
-from pipelines.decode import decode_image
-from pipelines.presets import detect_eval
+from pipelines import decode_image, detect_eval
 from training.config import RunConfig, TrainError
 from training.tasks.detect import build_detector
 
