@@ -149,7 +149,9 @@ def seed_globals(seed: int) -> None:
 
 
 def init_worker(_: int) -> None:
-    torch.set_num_threads(1)  # the workers are the parallelism; more would oversubscribe the cores
+    # the workers are the parallelism; threads of their own (torch's, OpenCV's resize) would oversubscribe the cores
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 class Loader:
