@@ -14,6 +14,8 @@ from pathlib import Path
 from training.config import TrainError, load_config, run_dir
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
 
+METRICS_FILE = "metrics.json"  # written by a run's finish, after its last step and eval
+
 
 def torchrun_command(
     config: str | Path,
@@ -69,12 +71,28 @@ def launch(
     started = time.time()
     pipe = subprocess.PIPE if stream is not None else None
     proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
-    with forward_signals(proc):
+    with forward_signals(proc) as signals:
         if proc.stdout is not None:
             for line in proc.stdout:
                 stream(line.rstrip("\n"))
         code = proc.wait()
-    return EXIT_PREEMPTED if code not in (0, EXIT_PREEMPTED) and preempted_since(run_dir(cfg), started) else code
+    return exit_code(code, run_dir(cfg), started, signals.forwarded)
+
+
+def exit_code(code: int, directory: Path, started: float, signalled: bool) -> int:
+    """The launch's exit code: torchrun answers a SIGTERM with 143 (or dies of it) whatever its workers did.
+
+    A worker saved on the signal: EXIT_PREEMPTED. Signalled and the run finished anyway (the signal came
+    after its last step): 0. Signalled before the workers could save (they were still starting, with no
+    step of this launch to lose): EXIT_PREEMPTED, as the newest checkpoint is where a rerun resumes.
+    """
+    if code in (0, EXIT_PREEMPTED):
+        return code
+    if preempted_since(directory, started):
+        return EXIT_PREEMPTED
+    if signalled:
+        return 0 if written_since(directory / METRICS_FILE, started) else EXIT_PREEMPTED
+    return code
 
 
 class forward_signals:
@@ -89,6 +107,7 @@ class forward_signals:
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
         self.previous: dict[int, object] = {}
+        self.forwarded = False  # a SIGTERM was passed on: the run was asked to stop
 
     def __enter__(self) -> forward_signals:
         if threading.current_thread() is threading.main_thread():
@@ -98,6 +117,7 @@ class forward_signals:
 
     def _forward(self, signum: int, frame: object) -> None:
         if signum == signal.SIGTERM and self.proc.poll() is None:
+            self.forwarded = True
             self.proc.send_signal(signal.SIGTERM)
 
     def __exit__(self, *exc: object) -> None:
@@ -107,5 +127,8 @@ class forward_signals:
 
 def preempted_since(directory: Path, started: float) -> bool:
     """Did a worker of this launch save on a signal? (It leaves PREEMPTED_FILE in the run dir.)"""
-    marker = directory / PREEMPTED_FILE
-    return marker.exists() and marker.stat().st_mtime >= started - 1
+    return written_since(directory / PREEMPTED_FILE, started)
+
+
+def written_since(path: Path, started: float) -> bool:
+    return path.exists() and path.stat().st_mtime >= started - 1
