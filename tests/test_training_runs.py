@@ -10,10 +10,12 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -176,6 +178,33 @@ def test_fresh_start_over_an_existing_run_is_refused(store, tmp_path):
     assert code != 0
     assert "error: resume=never, but run 't' already has a checkpoint at step 3" in out, out[-2000:]
     assert "Traceback" not in out
+
+
+def damage_images(store: Path, count: int) -> None:
+    """Overwrite the start of `count` train images inside their tar shards (the tar itself stays readable)."""
+    members = [(tar, m) for tar in sorted(store.glob("train-*.tar"))
+               for m in tarfile.open(tar).getmembers() if m.name.endswith(".jpg")]
+    for tar, member in members[:: len(members) // count][:count]:
+        with open(tar, "r+b") as f:
+            f.seek(member.offset_data)
+            f.write(bytes(32))
+
+
+@pytest.mark.parametrize("on_error", ["skip", "fail"])
+def test_corrupt_samples_are_counted_or_stop_the_run(store, tmp_path, on_error):
+    damaged = tmp_path / "store"
+    shutil.copytree(store, damaged)
+    damage_images(damaged, 2)
+    config = write_config(tmp_path / "run.yaml", str(damaged), train={"max_steps": 12},
+                          data={"on_error": on_error})
+    code, out = finish(start(config, torchrun=False))
+    if on_error == "skip":
+        assert code == 0, out[-3000:]
+        assert "corrupt train samples (data.on_error=skip), 2 in this run" in out
+        assert json.loads((tmp_path / "runs" / "t" / "metrics.json").read_text())["skipped_samples"] == 2
+    else:
+        assert code != 0 and "Traceback" not in out
+        assert re.search(r"error: corrupt data in shard train-\d+\.tar", out), out[-2000:]
 
 
 def test_sigterm_saves_exits_75_and_resumes_exactly(store, baseline_1proc, tmp_path):

@@ -46,8 +46,9 @@ def keep_results_until(path: Path, step: int) -> None:
 
 
 def write_metrics(path: Path, metric: str, best: float | None, best_step: int | None,
-                  final: dict, epoch: int, step: int) -> None:
-    data = {"metric": metric, "best": best, "best_step": best_step, "final": final, "epoch": epoch, "step": step}
+                  final: dict, epoch: int, step: int, skipped_samples: int) -> None:
+    data = {"metric": metric, "best": best, "best_step": best_step, "final": final, "epoch": epoch, "step": step,
+            "skipped_samples": skipped_samples}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

@@ -42,6 +42,7 @@ class Progress:
     last_eval_step: int = -1
     epoch_loss: float = 0.0  # this epoch's train loss so far, summed over batches and ranks (for results.csv)
     epoch_batches: int = 0  # batches per rank behind epoch_loss
+    skipped: int = 0  # corrupt train samples skipped (data.on_error=skip), all ranks, the whole run
 
 
 class Preempted(Exception):
@@ -137,9 +138,20 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
         reporter.resume_epoch(state.epoch_loss, state.epoch_batches)
 
     writer = checkpoint.Writer(ckpt_dir, cfg.checkpoint.keep)
+    tallied = 0  # this process's train_loader.skipped already in state.skipped
+
+    def tally_skipped() -> None:
+        """Add the corrupt samples skipped since the last tally, summed over ranks. Collective."""
+        nonlocal tallied
+        new = int(dist.sum_tensor(world, torch.tensor([train_loader.skipped - tallied], device=world.device)).item())
+        tallied = train_loader.skipped
+        if new:
+            state.skipped += new
+            reporter.line(f"skipped {new} corrupt train samples (data.on_error=skip), {state.skipped} in this run")
 
     def save(best_info: dict | None = None) -> None:
         started = time.perf_counter()
+        tally_skipped()  # before the state is taken, so a resumed run keeps the count
         state.epoch_loss, state.epoch_batches = reporter.epoch_totals()
         ckpt = checkpoint_state(cfg, state, world, model, optimizer, scheduler, scaler, ema, train_loader)
         if not world.is_main:
@@ -161,7 +173,12 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
     def evaluate_on_val(m: torch.nn.Module) -> dict[str, float]:
         val_loader.set_epoch(0)  # the whole split, from its first batch, every time
         dist.broadcast_buffers(world, m)
-        return task.evaluate(m, val_loader)
+        before = val_loader.skipped
+        results = task.evaluate(m, val_loader)
+        skipped = int(dist.sum_tensor(world, torch.tensor([val_loader.skipped - before], device=world.device)).item())
+        if skipped:
+            reporter.line(f"evaluation skipped {skipped} corrupt val samples (data.on_error=skip)")
+        return results
 
     def evaluate() -> None:
         results = {f"val_{k}": v for k, v in evaluate_on_val(model).items()}
@@ -260,10 +277,11 @@ def finish(cfg: RunConfig, world: dist.World, writer: checkpoint.Writer, uploade
     if world.is_main:
         rows = metrics.read_results(rdir / "results.csv")
         metrics.write_metrics(rdir / "metrics.json", cfg.eval.metric, state.best, state.best_step,
-                              rows[-1] if rows else {}, state.epoch, state.step)
+                              rows[-1] if rows else {}, state.epoch, state.step, state.skipped)
         metrics.plot(rows, rdir / "plot.png")
         summary = {"metric": cfg.eval.metric, "best": state.best, "best_step": state.best_step,
-                   "final": rows[-1] if rows else {}, "epoch": state.epoch, "step": state.step}
+                   "final": rows[-1] if rows else {}, "epoch": state.epoch, "step": state.step,
+                   "skipped_samples": state.skipped}
         if uploader:
             uploader.submit(rdir / "metrics.json", "checkpoints/metrics.json")
             if not uploader.wait(cfg.checkpoint.upload_timeout):
@@ -304,7 +322,7 @@ def checkpoint_state(cfg: RunConfig, state: Progress, world: dist.World, model: 
         "epoch": state.epoch,
         "progress": {"batch": state.batch, "best": state.best, "best_step": state.best_step,
                      "last_eval_step": state.last_eval_step, "epoch_loss": state.epoch_loss,
-                     "epoch_batches": state.epoch_batches},
+                     "epoch_batches": state.epoch_batches, "skipped": state.skipped},
         "rng": rng,  # one entry per rank
         "loader": {"epoch": state.epoch, "batch": state.batch},
         "world_size": world.size,
