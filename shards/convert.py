@@ -25,7 +25,7 @@ from shards.decode import Digest, Reject, Result, Sample, Settings, process
 from shards.keys import sample_key
 from shards.layouts import Input, Listing, list_source
 from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, ShardEntry, ShardIndex,
-                             SplitEntry, Totals, load_manifest, now_utc, read_indexes, read_rejects,
+                             SplitEntry, Totals, index_sha256, load_manifest, now_utc, read_indexes, read_rejects,
                              write_index, write_manifest, write_rejects, write_timm_info)
 from shards.progress import console, progress_bar
 from shards.storage import StoreError, is_local, join, open_fs, public_url, publish_file
@@ -323,7 +323,8 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
     if old is not None and not added and not new_rejects:
         manifest = old  # nothing new: the store stays byte for byte as it was
     else:
-        manifest = build_manifest(opts, listing, old, version, packer.written,
+        new_shards = [(idx.split, idx.entry(index_sha256(fs, root, idx.shard))) for idx in packer.written]
+        manifest = build_manifest(opts, listing, old, version, new_shards,
                                   rejects=len(state.old_rejects) + len(new_rejects))
         write_rejects(fs, root, state.old_rejects + new_rejects)
         if manifest.format == "wds":
@@ -338,10 +339,11 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
 
 
 def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None, version: int,
-                   written: Iterable[ShardIndex], rejects: int) -> Manifest:
+                   written: Iterable[tuple[str, ShardEntry]], rejects: int) -> Manifest:
+    """The manifest after this run: `old`'s shards plus `written`, (split, entry) per shard this run added."""
     shards: dict[str, list[ShardEntry]] = {n: list(s.shards) for n, s in (old.splits.items() if old else [])}
-    for idx in written:
-        shards.setdefault(idx.split, []).append(idx.entry())
+    for split, entry in written:
+        shards.setdefault(split, []).append(entry)
     splits = {
         name: SplitEntry(samples=sum(s.samples for s in entries), bytes=sum(s.bytes for s in entries),
                          shards=sorted(entries, key=lambda s: s.name))

@@ -17,6 +17,7 @@ from shards.storage import is_local, join
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO"}  # re-encoded as PNG, others JPEG
+# (and WebP when its bitstream is VP8L: see webp_is_lossless)
 JPEG_QUALITY = 95
 
 
@@ -120,7 +121,7 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
     if img.format in KEPT_FORMATS and img.mode in ("RGB", "L") and eight_bit and fits \
             and "transparency" not in img.info:
         return KEPT_FORMATS[img.format], data
-    lossless = img.format in LOSSLESS_FORMATS
+    lossless = img.format in LOSSLESS_FORMATS or (img.format == "WEBP" and webp_is_lossless(data))
     rgb = to_rgb(ImageOps.exif_transpose(img))  # the orientation tag is not carried into a re-encode
     if not fits:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
@@ -130,6 +131,22 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
         return "png", out.getvalue()
     rgb.save(out, "JPEG", quality=JPEG_QUALITY)
     return "jpg", out.getvalue()
+
+
+def webp_is_lossless(data: bytes) -> bool:
+    """Whether a WebP's (first) image is a VP8L bitstream, WebP's lossless coding; Pillow does not say.
+
+    A simple file's first chunk is the bitstream; an extended one (VP8X: alpha, metadata, animation)
+    lists chunks, with each animation frame (ANMF) holding its own after a 16-byte frame header.
+    Lossy images with alpha are VP8X + ALPH + "VP8 ": lossy.
+    """
+    pos = 12  # past "RIFF", the file size and "WEBP"
+    while pos + 8 <= len(data):
+        fourcc, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        if fourcc in (b"VP8L", b"VP8 "):
+            return fourcc == b"VP8L"
+        pos += 8 + 16 if fourcc == b"ANMF" else 8 + size + (size & 1)  # chunks are padded to even sizes
+    return False
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:

@@ -12,10 +12,13 @@ def sample_key(relpath: str) -> str:
     """The key of the input at `relpath` (posix, relative to SRC), per docs/store-format.md.
 
     The SHA-1 suffix keeps paths that differ only in replaced characters apart, and the
-    80-character cut keeps `KEY.json` inside a USTAR tar member name.
+    80-character cut keeps `KEY.json` inside a USTAR tar member name. A name that is not UTF-8
+    reaches us as Python's surrogate-escaped str (os.fsdecode); hashing it with "surrogateescape"
+    hashes the file name's own bytes.
     """
     stem, dot, ext = relpath.rpartition(".")
     if not dot or "/" in ext:
         stem = relpath
     readable = _OUTSIDE.sub("_", stem)[:80]
-    return f"{readable}-{hashlib.sha1(relpath.encode()).hexdigest()[:10]}"
+    digest = hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{readable}-{digest[:10]}"

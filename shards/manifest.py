@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import fsspec
 from pydantic import BaseModel, ValidationError
@@ -16,6 +19,9 @@ REJECTS = "rejects.jsonl"
 TIMM_INFO = "_info.json"
 INDEX_DIR = "_index"
 
+M = TypeVar("M", bound=BaseModel)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class ShardEntry(BaseModel):
     name: str
@@ -23,6 +29,7 @@ class ShardEntry(BaseModel):
     bytes: int
     sha256: str
     version: int
+    index_sha256: str | None = None  # of _index/<name>.json; None in stores written before it was recorded
 
 
 class SplitEntry(BaseModel):
@@ -84,9 +91,25 @@ class ShardIndex(BaseModel):
     items: list[IndexItem]
     rejects: list[RejectRecord]  # inputs rejected while this shard was being filled
 
-    def entry(self) -> ShardEntry:
+    def entry(self, index_sha256: str) -> ShardEntry:
         return ShardEntry(name=self.shard, samples=self.samples, bytes=self.bytes, sha256=self.sha256,
-                          version=self.version)
+                          version=self.version, index_sha256=index_sha256)
+
+
+def json_bytes(obj: object, **dumps_kw) -> bytes:
+    """UTF-8 JSON of `obj` (json.dumps keywords pass through).
+
+    A file name that is not UTF-8 reaches us surrogate-escaped (os.fsdecode); its lone surrogates
+    are written as `\\udcXX` escapes, which json.loads turns back into the very same str.
+    """
+    text = json.dumps(obj, ensure_ascii=False, **dumps_kw)
+    return _SURROGATE.sub(lambda c: f"\\u{ord(c.group()):04x}", text).encode()
+
+
+def load_json(model: type[M], raw: bytes | str) -> M:
+    """`model` from JSON written by json_bytes; pydantic's own JSON parser refuses lone surrogate
+    escapes, so the stdlib parses. Raises ValueError (bad JSON, bad UTF-8 or a ValidationError)."""
+    return model.model_validate(json.loads(raw))
 
 
 def now_utc() -> str:
@@ -111,22 +134,28 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e}") from None
     try:
-        manifest = Manifest.model_validate_json(raw)
+        manifest = load_json(Manifest, raw)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top)"
         raise StoreError(f"{path} is not a valid manifest: {where}: {first['msg']}") from None
+    except ValueError as e:
+        raise StoreError(f"{path} is not valid JSON: {e}") from None
     if manifest.format_version != FORMAT_VERSION:
         raise StoreError(f"{path} has format_version {manifest.format_version}; this shardtrain reads {FORMAT_VERSION}")
     return manifest
 
 
 def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
-    write_bytes_atomic(fs, join(root, MANIFEST), manifest.model_dump_json(indent=2).encode())
+    write_bytes_atomic(fs, join(root, MANIFEST), json_bytes(manifest.model_dump(), indent=2))
 
 
 def read_indexes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, ShardIndex]:
-    """Every shard index in the store, by shard name (unreadable ones are left out: redone)."""
+    """Every shard index in the store, by shard name.
+
+    A damaged one is refused, not skipped: --append would add that shard's inputs a second time.
+    Writes are atomic, so a kill never leaves one half-written; damage comes from outside.
+    """
     folder = join(root, INDEX_DIR)
     if not fs.isdir(folder):
         return {}
@@ -134,16 +163,27 @@ def read_indexes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, ShardInd
     for path in sorted(fs.find(folder)):
         if not path.endswith(".json"):
             continue
+        shard = path.rsplit("/", 1)[1].removesuffix(".json")
         try:
-            index = ShardIndex.model_validate_json(fs.cat_file(path))
-        except (ValidationError, OSError):
-            continue
-        indexes[index.shard] = index
+            index = load_json(ShardIndex, fs.cat_file(path))
+            problem = None if index.shard == shard else f"it names shard {index.shard}"
+        except ValueError as e:
+            problem = str(e).splitlines()[0]
+        if problem:
+            raise StoreError(f"{path} is damaged ({problem}), so which inputs shard {shard} holds is unknown: "
+                             "run `shardtrain verify` on the store, and reconvert into an empty DEST")
+        indexes[shard] = index
     return indexes
 
 
+def index_sha256(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> str:
+    """The sha256 of `_index/<shard>.json` as stored (what the manifest's `index_sha256` records)."""
+    return hashlib.sha256(fs.cat_file(join(root, INDEX_DIR, f"{shard}.json"))).hexdigest()
+
+
 def write_index(fs: fsspec.AbstractFileSystem, root: str, index: ShardIndex) -> None:
-    write_bytes_atomic(fs, join(root, INDEX_DIR, f"{index.shard}.json"), index.model_dump_json().encode())
+    write_bytes_atomic(fs, join(root, INDEX_DIR, f"{index.shard}.json"),
+                       json_bytes(index.model_dump(), separators=(",", ":")))
 
 
 def read_rejects(fs: fsspec.AbstractFileSystem, root: str) -> list[RejectRecord]:
@@ -151,12 +191,12 @@ def read_rejects(fs: fsspec.AbstractFileSystem, root: str) -> list[RejectRecord]
         text = fs.cat_file(join(root, REJECTS)).decode()
     except FileNotFoundError:
         return []
-    return [RejectRecord.model_validate_json(line) for line in text.splitlines() if line.strip()]
+    return [load_json(RejectRecord, line) for line in text.splitlines() if line.strip()]
 
 
 def write_rejects(fs: fsspec.AbstractFileSystem, root: str, rejects: list[RejectRecord]) -> None:
-    lines = (json.dumps(r.model_dump(exclude_none=True), ensure_ascii=False) + "\n" for r in rejects)
-    write_bytes_atomic(fs, join(root, REJECTS), "".join(lines).encode())
+    lines = (json_bytes(r.model_dump(exclude_none=True)) + b"\n" for r in rejects)
+    write_bytes_atomic(fs, join(root, REJECTS), b"".join(lines))
 
 
 def timm_info(name: str, manifest: Manifest) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -15,9 +16,7 @@ import fsspec
 import lmdb
 from PIL import Image
 
-from pydantic import ValidationError
-
-from shards.manifest import INDEX_DIR, Manifest, ShardEntry, ShardIndex, read_manifest, read_rejects
+from shards.manifest import INDEX_DIR, Manifest, ShardEntry, ShardIndex, load_json, read_manifest, read_rejects
 from shards.progress import progress_bar
 from shards.storage import is_local, join, open_fs
 from shards.writers import file_digest
@@ -75,11 +74,15 @@ def read_index(fs: fsspec.AbstractFileSystem, root: str, entry: ShardEntry) -> S
     """The shard's index, or the problem with it."""
     where = f"{INDEX_DIR}/{entry.name}.json"
     try:
-        index = ShardIndex.model_validate_json(fs.cat_file(join(root, INDEX_DIR, f"{entry.name}.json")))
+        raw = fs.cat_file(join(root, INDEX_DIR, f"{entry.name}.json"))
+        index = load_json(ShardIndex, raw)
     except FileNotFoundError:
         return f"{where} is missing"
-    except (ValidationError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, OSError) as e:  # bad JSON, bad UTF-8, not an index; or unreadable storage
         return f"{where} is unreadable: {str(e).splitlines()[0]}"
+    sha256 = hashlib.sha256(raw).hexdigest()
+    if entry.index_sha256 is not None and sha256 != entry.index_sha256:
+        return f"{where} sha256 {sha256[:16]}... does not match the manifest's {entry.index_sha256[:16]}..."
     if (index.shard, index.samples, index.bytes, len(index.items)) != (entry.name, entry.samples, entry.bytes,
                                                                        entry.samples):
         return f"{where} does not match the manifest's entry"
