@@ -203,9 +203,14 @@ class LmdbReader(ShardReader):
 
     def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
         name = os.path.basename(self.split.shards[shard])
+        path = fsspec.core.url_to_fs(self.split.shards[shard])[1]
         out: list[RawSample | BadSample] = []
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        if size != self.split.sizes[shard]:  # a short file maps pages that do not exist: SIGBUS, not an error
+            reason = f"the file is {size} bytes, the manifest says {self.split.sizes[shard]} (run shardtrain verify)"
+            return [BadSample(name, None, f"sample #{i}: cannot open: {reason}") for i in local]
         try:
-            env = open_env(fsspec.core.url_to_fs(self.split.shards[shard])[1])
+            env = open_env(path)
         except Exception as e:  # lmdb.Error and OSError: the whole shard is unreadable
             return [BadSample(name, None, f"sample #{i}: cannot open: {e}") for i in local]
         with env.begin(buffers=False) as txn:

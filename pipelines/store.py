@@ -37,6 +37,7 @@ class StoreSplit:
     split: str
     shards: list[str]  # full paths or URLs, manifest order
     counts: list[int]
+    sizes: list[int]  # bytes per shard, as the manifest recorded them
 
     @property
     def num_samples(self) -> int:
@@ -63,4 +64,5 @@ def open_split(path: str, split: str) -> StoreSplit:
         split=split,
         shards=[prefix + s.name for s in entries],
         counts=[s.samples for s in entries],
+        sizes=[s.bytes for s in entries],
     )

@@ -227,6 +227,17 @@ def test_corrupt_sample_is_skipped_and_counted_or_named(tmp_path, fmt):
     gc.collect()
 
 
+def test_truncated_lmdb_shard_is_a_bad_shard_not_a_crash(tmp_path):
+    path = make_store(tmp_path, "lmdb", {"train": 2, "val": 3}, "5")
+    shard = sorted(Path(path).glob("val-*.lmdb"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # reading its pages would be SIGBUS
+    (ld,) = loaders(cfg_for(path, workers=0), "val", train=False, world_size=1)
+    assert sum(len(b["image"]) for b in ld) == 18 - 5 and ld.skipped == 5
+    (ld,) = loaders(cfg_for(path, workers=0, on_error="fail"), "val", train=False, world_size=1)
+    with pytest.raises(DataError, match=f"corrupt data in shard {shard.name}, .*the manifest says"):
+        list(ld)
+
+
 def test_bad_settings_are_one_line_errors(tmp_path, store):
     with pytest.raises(DataError, match="no manifest|no shard store"):
         build_loader(cfg_for(str(tmp_path)), "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU)
