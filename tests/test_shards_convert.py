@@ -155,8 +155,13 @@ def test_append_rejects_changed_content_and_keeps_the_stored_sample(tmp_path):
 
 def test_existing_store_needs_append(imagefolder_src, tmp_path):
     run(imagefolder_src, tmp_path / "s")
+    assert run(imagefolder_src, tmp_path / "s").added == 0  # the same command again: nothing to do
+    src = tmp_path / "src"
+    shutil.copytree(imagefolder_src, src)
+    new = next(src.rglob("*.jpg"))
+    shutil.copy(new, new.with_name("new.jpg"))
     with pytest.raises(StoreError, match="--append"):
-        run(imagefolder_src, tmp_path / "s")
+        run(src, tmp_path / "s")
     with pytest.raises(StoreError, match="format"):
         run(imagefolder_src, tmp_path / "s", format="lmdb", append=True)
 
