@@ -126,11 +126,11 @@ class Uploader:
                 err = "not found"
             except Exception as e:  # noqa: BLE001 - any storage failure is retried; the local copy stays
                 err = f"{type(e).__name__}: {e}"
-            if self._superseded(item):
-                self.log(f"upload of {item.local.name} failed ({err}); a newer file replaces it")
-                return
             self.log(f"upload of {item.local.name} to storage failed ({err}); retrying in {delay:.0f}s")
-            time.sleep(delay)
+            with self.cond:  # a newer file of its group, queued meanwhile, makes this one's late copy waste
+                if self.cond.wait_for(lambda: self._superseded(item), timeout=delay):
+                    self.log(f"upload of {item.local.name} dropped: a newer file replaces it")
+                    return
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 
