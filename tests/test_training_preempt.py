@@ -90,3 +90,12 @@ def test_sigterm_after_the_last_step_exits_0(store, tmp_path):
     code, out = finish(proc)
     assert code == 0, out[-3000:]
     assert "done: step 2" in out
+
+
+def test_sigterm_while_the_cli_imports_exits_preempted(store, tmp_path):
+    proc = start(tmp_path, store)
+    time.sleep(0.5)  # importing torch, prefect and the rest takes seconds: the signal lands in the imports
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == EXIT_PREEMPTED, out[-2000:]
+    assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
