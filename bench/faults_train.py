@@ -566,9 +566,9 @@ def run(work: Path, kills: int, seed: int) -> dict:
         print(f"baseline: {STEPS} steps in {baseline_s:.1f}s", flush=True)
         figures = {"train_baseline_s": round(baseline_s, 1)}
         figures |= train_kills(work, store, baseline, baseline_s, kills, rng)
-        figures |= preemptions(work, store, baseline, baseline_s, kills, rng)
+        figures |= preemptions(work, store, baseline, baseline_s, max(2, kills // 2), rng)
         figures |= storage_outages(work, store, moto, max(1, kills // 4), rng)
-        figures |= partial_checkpoints(work, store, moto, baseline, max(2, kills // 2), rng)
+        figures |= partial_checkpoints(work, store, moto, baseline, max(2, kills // 4), rng)
         figures |= nas_readonly(work, store, rng)
         return figures
     finally:
