@@ -374,6 +374,12 @@ def preempt_problems(folder: Path, storage: str, code: int, took: float, bound: 
     """What a preempted run got wrong: exit code (75; 0 also right past the last step), time, and the
     checkpoint of preempted.json saved here and in storage (required once training had begun)."""
     problems = []
+    # The log lags the loop: a signal seen as "training" may have come after the last step's stop vote,
+    # and then the run rightly finishes (exit 0, metrics.json at the last step) instead of preempting.
+    metrics = folder / "runs" / RUN / "metrics.json"
+    finished = code == 0 and metrics.exists() and json.loads(metrics.read_text())["step"] == STEPS
+    if finished:
+        when = "finishing"
     if code != EXIT_PREEMPTED and not (when == "finishing" and code == 0):
         problems.append(f"exit {code}, not {EXIT_PREEMPTED}")
     if took > bound:
