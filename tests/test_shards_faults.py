@@ -145,3 +145,18 @@ def test_verify_catches_a_changed_value_inside_an_index(tmp_path):
     index.write_bytes(json.dumps(data, separators=(",", ":")).encode())
     problems = verify(str(dest))
     assert len(problems) == 1 and problems[0].startswith("train-000000.tar: _index/train-000000.tar.json sha256")
+
+
+@pytest.mark.parametrize("cut", [0.1, 0.25, 0.5, 0.9])
+def test_verify_reports_a_truncated_lmdb_shard_without_opening_it(tmp_path, cut):
+    """Mapping a truncated LMDB file can kill the process (SIGBUS): verify must name it, and live."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 6}, size=32, classes=["chelsea"])
+    dest = tmp_path / "s"
+    convert(ConvertOptions(src=str(src), dest=str(dest), format="lmdb", workers=1), progress=False)
+    shard = next(dest.glob("train-*.lmdb"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * cut)])
+    for deep in (False, True):
+        problems = verify(str(dest), deep=deep)
+        assert problems and all(p.startswith(f"{shard.name}: ") for p in problems)
+        assert any("manifest says" in p for p in problems)
