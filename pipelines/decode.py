@@ -6,7 +6,7 @@ import io
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112
 JPEG_SOI = b"\xff\xd8\xff"
@@ -24,7 +24,10 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
     """
     if data[:3] == JPEG_SOI:
         return decode_jpeg(data, min_side)
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names a BytesIO object's address, no help to anyone
+        raise OSError(f"not an image (starts with {data[:8].hex()})") from None
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
         img = ImageOps.exif_transpose(img)
     return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
