@@ -244,11 +244,12 @@ def kill_and_rerun(src: Path, dest: Path, fmt: str, append: bool, window: float,
 
 def kill_sources(work: Path) -> tuple[Path, Path, Expected]:
     """`old`: the first day's images; `full`: old plus a second day's (what an --append adds)."""
-    old = samples.make_imagefolder(work / "old", per_class={"train": 20, "val": 4}, size=40)
+    # Large enough that a conversion spends most of its time writing shards (~2-3 s), where kills matter.
+    old = samples.make_imagefolder(work / "old", per_class={"train": 80, "val": 8}, size=40)
     (old / "train" / "chelsea" / "zero.jpg").write_bytes(b"")  # a reject, so resume keeps rejects.jsonl right too
     full = work / "full"
     shutil.copytree(old, full)
-    samples.make_imagefolder(full, per_class={"train": 20}, size=40, seed=1, start=100)
+    samples.make_imagefolder(full, per_class={"train": 60}, size=40, seed=1, start=100)
     good = (full / "train" / "rocket" / "rocket_0100.jpg").read_bytes()
     (full / "train" / "rocket" / "cut.jpg").write_bytes(good[: len(good) // 2])
     return old, full, expected_store(full, {"train/chelsea/zero.jpg": "empty", "train/rocket/cut.jpg": "truncated"})
