@@ -646,8 +646,10 @@ def damage_samples(dest: Path, count: int, rng: random.Random) -> list[str]:
         stored = tar_samples(path) if manifest.format == "wds" else lmdb_samples(path)
         image = rng.choice(stored).image
         data = bytearray(path.read_bytes())
-        at = data.index(image)
-        data[at:at + 32] = rng.randbytes(32)
+        noise = rng.randbytes(32)
+        # every copy: an LMDB file can keep stale copies of a value's pages, and the live one may not be first
+        while (at := data.find(image)) >= 0:
+            data[at:at + 32] = noise
         path.write_bytes(bytes(data))
     return shards
 
@@ -672,6 +674,11 @@ def train(config: Path) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def skipped_samples(work: Path, name: str) -> int:
+    """The run's own count of corrupt samples it skipped, summed over ranks (metrics.json)."""
+    return json.loads((work / "runs" / name / "metrics.json").read_text())["skipped_samples"]
+
+
 def damaged_training(work: Path, rng: random.Random) -> dict:
     """Train one epoch on stores with damaged samples: `skip` must finish and say how many it skipped,
     `fail` must stop with one line naming the shard. Then an LMDB whose file was cut short."""
@@ -683,12 +690,11 @@ def damaged_training(work: Path, rng: random.Random) -> dict:
         shutil.copytree(stores[fmt], dest)
         damaged = damage_samples(dest, 2, rng)
         code, out = train(train_config(work / f"skip-{fmt}.yaml", dest, "skip"))
-        reported = [line for line in out.splitlines() if "skipped" in line.lower()]
-        figures["corrupt_train_skip_ok"] += code == 0 and any("2" in line for line in reported)
-        figures["corrupt_train_skipped"] += sum(int(w) for line in reported for w in line.split() if w.isdigit()
-                                                ) if reported else 0
+        skipped = skipped_samples(work, f"skip-{fmt}") if code == 0 else None
+        figures["corrupt_train_skip_ok"] += skipped == 2
+        figures["corrupt_train_skipped"] += skipped or 0
         print(f"train on {fmt} store with 2 damaged samples, on_error skip: exit {code}, "
-              f"{reported[-1] if reported else 'no skip count reported'}", flush=True)
+              f"metrics.json skipped_samples {skipped}", flush=True)
         code, out = train(train_config(work / f"fail-{fmt}.yaml", dest, "fail"))
         errors = [line for line in out.splitlines() if line.startswith("error: ")]
         named = code != 0 and len(errors) == 1 and any(n in errors[0] for n in damaged) and "Traceback" not in out
@@ -702,8 +708,9 @@ def damaged_training(work: Path, rng: random.Random) -> dict:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     code, out = train(train_config(work / "cut.yaml", dest, "skip"))
     last = out.strip().splitlines()[-1] if out.strip() else ""
+    skipped = f"skipped_samples {skipped_samples(work, 'cut')}, " if code == 0 else ""
     print(f"train on an lmdb store whose {shard.name} was cut in half, on_error skip: exit {code}"
-          f"{' (killed by signal ' + str(-code) + ')' if code < 0 else ''}: {last[:150]}", flush=True)
+          f"{' (killed by signal ' + str(-code) + ')' if code < 0 else ''}: {skipped}{last[:150]}", flush=True)
     figures["corrupt_train_lmdb_cut_crashed"] = int(code < 0)
     return {k: figures[k] for k in ("corrupt_train_skip_ok", "corrupt_train_skipped", "corrupt_train_fail_names_shard",
                                     "corrupt_train_lmdb_cut_crashed")}
