@@ -3,8 +3,8 @@
 One `Loader` per split per process keeps its DataLoader (and persistent workers) across
 epochs. The DataLoader is map-style with batch_size=None: the sampler below yields one
 (epoch, batch number, sample numbers) reference per batch, a worker turns it into a
-uint8 batch, and the Loader moves it to the device, where it becomes float (when the device
-is the CPU there is no copy to save, and the workers normalise instead).
+uint8 batch (a quarter of float's bytes to pass between processes), and the Loader moves it to
+the device, where it becomes float.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Literal
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines import gpu, plan
 from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch, make_spec
@@ -64,10 +64,9 @@ class EpochBatches(Sampler):
 class StoreBatches(Dataset):
     """Map-style: a batch reference in, (uint8 batch, skipped count, failure or None) out."""
 
-    def __init__(self, reader: ShardReader, spec: BatchSpec, *, task: str, seed: int, rank: int, on_error: str, normalise: Normalise | None):
+    def __init__(self, reader: ShardReader, spec: BatchSpec, *, task: str, seed: int, rank: int, on_error: str):
         self.reader, self.spec, self.task = reader, spec, task
         self.seed, self.rank, self.on_error = seed, rank, on_error
-        self.normalise = normalise  # set when the device is the CPU: no copy to save, so do it in parallel here
 
     def __getitem__(self, ref: BatchRef) -> tuple[dict | None, int, str | None]:
         epoch, batch, indices = ref
@@ -83,8 +82,6 @@ class StoreBatches(Dataset):
         bad += more_bad
         if bad and self.on_error == "fail":
             return None, len(bad), describe(bad[0])
-        if self.normalise is not None:
-            out = map_images(out, self.normalise)
         return out, len(bad), None
 
 
@@ -110,19 +107,8 @@ class Normalise:
         """On the CPU a 256-entry table per channel (OpenCV's LUT) is about 3x faster than float arithmetic
         whose innermost dimension is 3 channels."""
         table = ((torch.arange(256.0)[:, None] - self.mean.cpu()) / self.std.cpu()).numpy()[None]  # (1,256,3)
-        out = float_batch(nhwc.shape)
         n, h, w, c = nhwc.shape
-        cv2.LUT(nhwc.contiguous().numpy().reshape(n * h, w, c), table, dst=out.numpy().reshape(n * h, w, c))
-        return out
-
-
-def float_batch(shape: torch.Size) -> torch.Tensor:
-    """An empty float tensor; in a DataLoader worker, in shared memory already, as default_collate
-    does, so that sending it to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(shape.numel())
-    return torch.empty(0).new(storage).view(shape)
+        return torch.from_numpy(cv2.LUT(nhwc.contiguous().numpy().reshape(n * h, w, c), table)).view(n, h, w, c)
 
 
 def make_normalise(cfg: DataConfig, device: torch.device) -> Normalise:
@@ -157,14 +143,14 @@ def init_worker(_: int) -> None:
 class Loader:
     """One split for one process; see the package docstring for what an epoch covers."""
 
-    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: str, device: torch.device, normalise: Normalise | None):
+    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: str, device: torch.device, normalise: Normalise):
         self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
         self.task, self.device = task, device
         self.num_samples = store.num_samples
         self.classes = store.classes
         self.skipped = 0
         self._epoch, self._batch = 0, 0
-        self._normalise = normalise  # None: the workers did it
+        self._normalise = normalise
 
     def __len__(self) -> int:
         return self.sampler.num_batches
@@ -195,8 +181,7 @@ class Loader:
 
     def _to_device(self, batch: dict) -> dict:
         batch = map_images(batch, lambda t: t.to(self.device, non_blocking=True))
-        if self._normalise is not None:
-            batch = map_images(batch, self._normalise)
+        batch = map_images(batch, self._normalise)
         if self.task == "classify":
             return {"image": batch["image"], "label": batch["label"].to(self.device, non_blocking=True)}
         if self.task == "detect":
@@ -227,10 +212,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: 
     reader = make_reader(store)
     spec = make_spec(task, train, cfg.image_size, cfg.augment)
     batch_task = "classify-gpu" if cfg.decode == "gpu" else task
-    normalise = make_normalise(cfg, device)
-    in_workers = device.type == "cpu" and cfg.decode == "cpu"  # no device copy to save: normalise in parallel
-    dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error,
-                           normalise=normalise if in_workers else None)
+    dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,
         batch_size=cfg.batch_size, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
@@ -246,4 +228,4 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: 
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         worker_init_fn=init_worker if workers > 0 else None,
     )
-    return Loader(cfg, store, sampler, dataloader, task=task, device=device, normalise=None if in_workers else normalise)
+    return Loader(cfg, store, sampler, dataloader, task=task, device=device, normalise=make_normalise(cfg, device))
