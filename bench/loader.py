@@ -6,13 +6,14 @@ SRC is an ImageFolder tree (SRC/train/<class>/*.jpg); with --make N it is first 
 N photos of 400x300 cut from the bundled samples. SRC is converted to wds and lmdb in a temp
 dir, then each loader runs the classify train preset over the same images with the same
 workers and batch size: ours via `build_loader` (OpenCV JPEG decode, DCT-scaled when the target
-allows, float and normalised as the trainer gets them: in the workers when the device is the
-CPU); the baseline is `ImageFolder` with PIL decode and the same albumentations preset plus
-Normalize/ToTensorV2 in the workers (the common recipe). All three keep their workers; after
-one untimed epoch each (worker start, page cache, tar index) they take turns, one timed epoch
-each per round, so that load from other processes falls on all three alike; a ratio is the
-median over rounds of ours/ImageFolder within the round. Prints images/s and the ratios; the
-last line is one JSON object, also appended to bench/results/loader.jsonl.
+allows, uint8 batches from the workers, normalised as the trainer gets them); the baseline is
+`ImageFolder` with PIL decode and the same albumentations preset plus Normalize/ToTensorV2 in
+the workers (the common recipe). All three keep their workers; after one untimed epoch each
+(worker start, page cache, tar index) they take turns, one timed epoch each per round, in an
+order that rotates, so that load from other processes and the loader run just before fall on
+all three alike; a ratio is the median over rounds of ours/ImageFolder within the round.
+Prints images/s and the ratios; the last line is one JSON object, also appended to
+bench/results/loader.jsonl.
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ def interleaved_rates(epoch_fns: dict, rounds: int) -> dict[str, list[float]]:
     for fn in epoch_fns.values():
         fn(0)
     rates = {name: [] for name in epoch_fns}
+    names = list(epoch_fns)
     for e in range(1, rounds + 1):
-        for name, fn in epoch_fns.items():
+        turn = e % len(names)  # each round starts with the next loader: none always follows the same one
+        for name in names[turn:] + names[:turn]:
             start = time.perf_counter()
-            n = fn(e)
+            n = epoch_fns[name](e)
             rates[name].append(n / (time.perf_counter() - start))
     return rates
 
