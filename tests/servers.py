@@ -146,3 +146,16 @@ class PrefectServer:
         if self.proc is not None:
             stop_group(self.proc)
             self.proc = None
+
+
+def ephemeral_prefect_env(home: Path) -> dict[str, str]:
+    """The environment of a process that runs flows in Prefect's ephemeral mode (a server of its own,
+    started on demand) with its database under `home`; no PREFECT_* of the caller's leaks in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
+    return env

@@ -3,7 +3,6 @@ starts a temporary one on the same SQLite file, which holds the global concurren
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import ephemeral_prefect_env
 
 import shards
 from shards import samples
@@ -60,13 +60,7 @@ def test_nightly_waits_for_the_slot_in_ephemeral_mode(tmp_path):
     raw, store, release = tmp_path / "raw", tmp_path / "store", tmp_path / "release"
     samples.make_imagefolder(raw, per_class={"train": 2, "val": 1}, size=32)
     shards.convert(shards.ConvertOptions(src=str(raw), dest=str(store), workers=1), progress=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-    )
+    env = ephemeral_prefect_env(tmp_path / "prefect")
 
     holder, held = python(HOLD, str(release), env=env)
     wait_for_line(holder, held, "held")

@@ -4,12 +4,12 @@ the next run, finding nothing new to append, still trains on them (bench/faults_
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from servers import ephemeral_prefect_env
 
 import shards
 from shards import samples
@@ -28,13 +28,7 @@ print("RESULT", nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="
 
 def nightly(tmp_path: Path) -> dict:
     """One nightly-retrain run in Prefect's ephemeral mode; returns the flow's result."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(tmp_path / "prefect"),
-        PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="true",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-    )
+    env = ephemeral_prefect_env(tmp_path / "prefect")
     args = [str(tmp_path / name) for name in ("raw", "store", "storage", "runs")]
     out = subprocess.run([sys.executable, "-c", NIGHTLY, *args], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=600, check=False)
