@@ -3,6 +3,7 @@ starts a temporary one on the same SQLite file, which holds the global concurren
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -60,6 +61,10 @@ def test_nightly_waits_for_the_slot_in_ephemeral_mode(tmp_path):
     raw, store, release = tmp_path / "raw", tmp_path / "store", tmp_path / "release"
     samples.make_imagefolder(raw, per_class={"train": 2, "val": 1}, size=32)
     shards.convert(shards.ConvertOptions(src=str(raw), dest=str(store), workers=1), progress=False)
+    # What a night that trained on this store leaves (flows/nightly.py): tonight has nothing new to train on.
+    marker = tmp_path / "storage" / "nightly" / "trained.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"store": str(store), "version": 1}))
     env = ephemeral_prefect_env(tmp_path / "prefect")
 
     holder, held = python(HOLD, str(release), env=env)
