@@ -216,26 +216,15 @@ def seconds(moment: datetime | None, since: float) -> float | None:
 @contextmanager
 def servers(work: Path):
     """moto S3 (the checkpoint storage) and a Prefect server whose env carries moto's AWS_* variables."""
-    moto = MotoServer()
-    saved = {k: os.environ.get(k) for k in moto.env()}
-    os.environ.update(moto.env())
-    moto.start(buckets=(BUCKET,))
     prefect = PrefectServer(work / "prefect")
     prefect.home.mkdir(parents=True)
-    try:
+    with MotoServer().serving(buckets=(BUCKET,)):
         prefect.start(cwd=REPO)
         try:
             with temporary_settings(updates={PREFECT_API_URL: prefect.url}), get_client(sync_client=True) as client:
                 yield prefect.env, client
         finally:
             prefect.stop()
-    finally:
-        moto.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run(work: Path, kills: int, seed: int) -> dict:

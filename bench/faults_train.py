@@ -556,11 +556,8 @@ def run(work: Path, kills: int, seed: int) -> dict:
     partial_resumes_identical; nas_readonly_ok, nas_readonly_failed_uploads; train_baseline_s."""
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    moto = MotoServer()
-    saved_env = {k: os.environ.get(k) for k in moto.env()}
-    os.environ.update(moto.env())  # s3fs here and in every training process finds moto through these
-    moto.start(buckets=(BUCKET,))
-    try:
+    # s3fs here and in every training process finds moto through the AWS_* variables
+    with MotoServer().serving(buckets=(BUCKET,)) as moto:
         store = make_store(work)
         config = write_config(work / "baseline", store, f"s3://{BUCKET}/baseline")
         started = time.monotonic()
@@ -577,10 +574,3 @@ def run(work: Path, kills: int, seed: int) -> dict:
         figures |= partial_checkpoints(work, store, moto, baseline, max(2, kills // 4), rng)
         figures |= nas_readonly(work, store, rng)
         return figures
-    finally:
-        moto.stop()
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

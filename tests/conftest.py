@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,8 @@ from shards import samples
 
 @pytest.fixture(scope="session")
 def moto_server():
-    server = MotoServer()
-    old = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    server.start()
-    yield server
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with MotoServer().serving() as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 
 def free_port() -> int:
@@ -50,6 +53,17 @@ class MotoServer:
         wait_for_port(self.port)
         for bucket in buckets:
             self.make_bucket(bucket)
+
+    @contextlib.contextmanager
+    def serving(self, buckets: tuple[str, ...] = ()) -> Iterator[MotoServer]:
+        """Started, with this process's AWS_* variables pointing at it (children inherit them);
+        stopped, and the environment as it was, afterwards."""
+        with mock.patch.dict(os.environ, self.env()):
+            self.start(buckets)
+            try:
+                yield self
+            finally:
+                self.stop()
 
     def stop(self) -> None:
         if self.proc is not None:
