@@ -81,7 +81,7 @@ def make_raw(dest: Path, n_train: int, n_val: int, workers: int) -> Path:
     return dest
 
 
-def make_stores(work: Path, n_train: int, n_val: int, max_side: int) -> dict[str, str]:
+def make_stores(work: Path, n_train: int, n_val: int, max_side: int | None) -> dict[str, str]:
     raw = work / "raw"
     if not (raw / "train").exists():
         t = time.perf_counter()
@@ -248,7 +248,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/shardtrain-bench")
     p.add_argument("--images", type=int, default=16384)
     p.add_argument("--val-images", type=int, default=512)
-    p.add_argument("--max-side", type=int, default=256)
+    p.add_argument("--max-side", type=int, default=256, help="convert's --max-side; 0 keeps the images' full size")
     p.add_argument("--models", default="resnet50,deit_small_patch16_224")
     p.add_argument("--paths", default="wds-cpu,lmdb-cpu,wds-gpu",
                    help="end-to-end input paths, FORMAT-DECODE; --scaling uses the first")
@@ -266,7 +266,7 @@ def main() -> None:
     work = Path(args.work)
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    stores = make_stores(work, args.images, args.val_images, args.max_side)
+    stores = make_stores(work, args.images, args.val_images, args.max_side or None)
     compile = not args.no_compile
     num_classes = len(photo_paths())
     out: dict = {"bench": "train_throughput", "machine": machine(), "images": args.images,
