@@ -1,14 +1,19 @@
 """decode: gpu. Workers send encoded bytes and crop boxes; the training process decodes the
 batch with nvjpeg (`torchvision.io.decode_jpeg(..., device="cuda")`) and crops, resizes and
-flips it with one `torchvision.ops.roi_align` per group of images. Without CUDA the same
-code decodes on the CPU, which is how the tests run it.
+flips it with one `torchvision.ops.roi_align` per group of images, in a thread of its own one
+batch ahead of the step (`run_ahead`). Without CUDA the same code decodes on the CPU, which is
+how the tests run it.
 
 Classification only. Colour jitter is not applied in this mode (crop, flip and resize are).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
+import threading
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +26,7 @@ from pipelines.store import BadSample, RawSample
 
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
 CANVAS_BYTES = 512 << 20  # float32 budget of one roi_align call's padded input
+T, U = TypeVar("T"), TypeVar("U")
 
 
 def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -178,14 +184,81 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
 
 
 def device_batch(batch: dict, size: int, device: torch.device) -> tuple[dict, list[BadSample]]:
-    """The device half: decode, orient, crop+resize, flip. Returns float 0..255 images."""
+    """The device half: decode, orient, crop+resize, flip. Returns float 0..255 images and labels
+    on the device. The small tensors go over from the batch's pinned memory: a copy from pageable
+    memory would wait for the training step queued before it."""
     data = list(batch["data"].split(batch["length"].tolist()))
     decoded = decode_on_own_stream(data, batch["keys"], device)
     keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
     bad = [BadSample(key[0], key[1], f"cannot decode: {img}") for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]
     orientation = batch["orientation"].tolist()
     images = [apply_orientation(decoded[i], orientation[i]) for i in keep]
-    out = crop_resize(images, batch["box"][keep], size)
-    flip = batch["flip"][keep].to(out.device)
+    rows = slice(None) if len(keep) == len(decoded) else torch.tensor(keep, device=device)
+    box, flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("box", "flip", "label"))
+    out = crop_resize(images, box, size)
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    return {"image": out, "label": batch["label"][keep]}, bad
+    return {"image": out, "label": label}, bad
+
+
+def tensors(tree) -> Iterator[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from tensors(item)
+
+
+def run_ahead(items: Iterable[T], fn: Callable[[T], U], device: torch.device, depth: int = 2) -> Iterator[U]:
+    """`fn` over `items`, in order, computed up to `depth` items ahead in a thread of this process.
+
+    With the GPU decode in that thread, the training loop launches step i while batch i+1 decodes:
+    torchvision's nvJPEG call blocks its caller until the decode is done, and done inline that wait
+    left the GPU idle. On CUDA the thread works on a stream of its own; each result is handed over
+    with an event the consumer's stream waits for, and its tensors are recorded on that stream so
+    that the caching allocator keeps them until the consumer is done with them.
+    """
+    results: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item) -> None:
+        while not stop.is_set():  # a consumer that left takes nothing more
+            try:
+                return results.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def work() -> None:
+        try:
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+                for item in items:
+                    if stop.is_set():
+                        return
+                    out = fn(item)
+                    event = stream.record_event() if stream else None
+                    put((out, event))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+        put(done)
+
+    thread = threading.Thread(target=work, name="shardtrain-gpu-decode", daemon=True)
+    thread.start()
+    try:
+        while (got := results.get()) is not done:
+            if isinstance(got, BaseException):
+                raise got
+            out, event = got
+            if event is not None:
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(event)
+                for t in tensors(out):
+                    if t.is_cuda:
+                        t.record_stream(consumer)
+            yield out
+    finally:
+        stop.set()
+        thread.join()

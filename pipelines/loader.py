@@ -167,17 +167,25 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         self.sampler.epoch, self.sampler.start = self._epoch, self._batch
-        for batch, skipped, failure in self.dataloader:
+        items = self.dataloader
+        if self.cfg.decode == "gpu":
+            items = gpu.run_ahead(items, self._decode, self.device)
+        for batch, skipped, failure in items:
             if failure:
                 raise DataError(failure)
-            if self.cfg.decode == "gpu":
-                batch, bad = gpu.device_batch(batch, self.cfg.image_size, self.device)
-                if bad and self.cfg.on_error == "fail":
-                    raise DataError(describe(bad[0]))
-                skipped += len(bad)
             self.skipped += skipped
             self._batch += 1
             yield self._to_device(batch)
+
+    def _decode(self, item: tuple[dict | None, int, str | None]) -> tuple[dict | None, int, str | None]:
+        """decode: gpu, on a worker's batch of encoded images (see pipelines/gpu.py)."""
+        batch, skipped, failure = item
+        if failure:
+            return item
+        batch, bad = gpu.device_batch(batch, self.cfg.image_size, self.device)
+        if bad and self.cfg.on_error == "fail":
+            return None, skipped + len(bad), describe(bad[0])
+        return batch, skipped + len(bad), None
 
     def _to_device(self, batch: dict) -> dict:
         batch = map_images(batch, lambda t: t.to(self.device, non_blocking=True))

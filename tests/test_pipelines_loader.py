@@ -97,9 +97,10 @@ def test_train_ranks_get_equal_full_batches_and_a_new_order_each_epoch(store):
     assert [d for rank in again for b in rank for d in b] == epochs[1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_after_a_kill_yields_exactly_the_rest_bitwise(store, workers):
-    cfg = cfg_for(store, workers=workers, augment=AugmentConfig())  # real random augmentation
+@pytest.mark.parametrize("workers,decode", [(0, "cpu"), (2, "cpu"), (2, "gpu")])
+def test_resume_after_a_kill_yields_exactly_the_rest_bitwise(store, workers, decode):
+    # decode gpu (here on the CPU) decodes in a thread ahead of the consumer: the position is still what was yielded
+    cfg = cfg_for(store, workers=workers, decode=decode, augment=AugmentConfig())  # real random augmentation
     (full,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
     full.set_epoch(3)
     expected = [(b["image"].clone(), b["label"].clone()) for b in full]
@@ -210,15 +211,15 @@ def corrupt_first_image(store: str, fmt: str) -> tuple[str, str]:
     return shard.name, key
 
 
-@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
-def test_corrupt_sample_is_skipped_and_counted_or_named(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,decode", [("wds", "cpu"), ("lmdb", "cpu"), ("wds", "gpu")])
+def test_corrupt_sample_is_skipped_and_counted_or_named(tmp_path, fmt, decode):
     path = make_store(tmp_path, fmt, {"train": 2, "val": 3}, "5")
     shard, key = corrupt_first_image(path, fmt)
-    ranks = loaders(cfg_for(path), "val", train=False, world_size=2)
+    ranks = loaders(cfg_for(path, decode=decode), "val", train=False, world_size=2)
     seen = sum(len(b["image"]) for ld in ranks for b in ld)
     assert seen == 17 and sum(ld.skipped for ld in ranks) == 1
 
-    (ld,) = loaders(cfg_for(path, on_error="fail"), "val", train=False, world_size=1)
+    (ld,) = loaders(cfg_for(path, decode=decode, on_error="fail"), "val", train=False, world_size=1)
     with pytest.raises(DataError) as err:
         list(ld)
     message = str(err.value)
