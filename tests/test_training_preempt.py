@@ -99,3 +99,20 @@ def test_sigterm_while_the_cli_imports_exits_preempted(store, tmp_path):
     code, out = finish(proc)
     assert code == EXIT_PREEMPTED, out[-2000:]
     assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
+
+
+def test_an_in_process_run_gives_the_signal_handlers_back(store, tmp_path):
+    # `training.run` called from a program (a notebook, an in-process flow) must not keep Ctrl-C to itself
+    from training import load_config, run
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "t", "runs_dir": str(tmp_path / "runs"), "seed": 0,
+        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
+                 "channels_last": False},
+        "model": {"name": "test_resnet"},
+        "train": {"epochs": 1, "max_steps": 1},
+    }))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    run(load_config(str(config)))
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -17,13 +17,23 @@ DUPLICATE_WINDOW_S = 2.0
 
 
 class Preemption:
-    """Installs the handlers; `requested` turns true on the first signal."""
+    """While entered, SIGTERM and SIGINT only set `requested`; on exit the handlers before it return,
+    so that a program that calls `training.run` gets its Ctrl-C back when the run is over."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.first_at: float | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # `run` called from a thread: no handlers
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     @property
     def requested(self) -> bool:

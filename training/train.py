@@ -68,12 +68,13 @@ def run(cfg: RunConfig) -> dict:
     """Train `cfg` in this process (one rank of torchrun, or alone); returns the metrics.json content."""
     world = dist.setup()
     try:
-        return train(cfg, world)
+        with Preemption() as preemption:
+            return train(cfg, world, preemption)
     finally:
         dist.teardown(world)
 
 
-def train(cfg: RunConfig, world: dist.World) -> dict:
+def train(cfg: RunConfig, world: dist.World, preemption: Preemption) -> dict:
     # ---- setup -------------------------------------------------------------------------------------------------
     rdir, ckpt_dir = run_dir(cfg), resume.checkpoint_dir(cfg)
     if world.is_main:
@@ -84,7 +85,7 @@ def train(cfg: RunConfig, world: dist.World) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed + world.rank)  # per rank: different dropout/mixup draws on each rank
-    preemption, vote = Preemption(), dist.StopVote(world)
+    vote = dist.StopVote(world)
 
     loader_args = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed, device=world.device)
     train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
