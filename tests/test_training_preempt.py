@@ -29,15 +29,20 @@ def store(imagefolder_src, tmp_path_factory) -> str:
     return str(dest)
 
 
-def start(tmp_path: Path, store: str) -> subprocess.Popen:
+def write_config(tmp_path: Path, store: str, max_steps: int) -> Path:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "name": "t", "runs_dir": str(tmp_path / "runs"), "seed": 0,
         "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
                  "channels_last": False},
         "model": {"name": "test_resnet"},
-        "train": {"epochs": 1, "max_steps": 2},
+        "train": {"epochs": 1, "max_steps": max_steps},
     }))
+    return config
+
+
+def start(tmp_path: Path, store: str) -> subprocess.Popen:
+    config = write_config(tmp_path, store, max_steps=2)
     log = open(tmp_path / "log.txt", "w+")
     proc = subprocess.Popen([SHARDTRAIN, "train", str(config)], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -105,14 +110,7 @@ def test_an_in_process_run_gives_the_signal_handlers_back(store, tmp_path):
     # `training.run` called from a program (a notebook, an in-process flow) must not keep Ctrl-C to itself
     from training import load_config, run
 
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "t", "runs_dir": str(tmp_path / "runs"), "seed": 0,
-        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
-                 "channels_last": False},
-        "model": {"name": "test_resnet"},
-        "train": {"epochs": 1, "max_steps": 1},
-    }))
+    config = write_config(tmp_path, store, max_steps=1)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     run(load_config(str(config)))
     assert {sig: signal.getsignal(sig) for sig in before} == before
