@@ -52,10 +52,11 @@ def convert(
     max_pixels: int = typer.Option(89_478_485, min=1, help="reject images with more pixels (too_large)"),
     append: bool = typer.Option(False, "--append", help="add new inputs to an existing store"),
     on_error: Literal["skip", "fail"] = typer.Option("skip"),
+    seed: int = typer.Option(0, help="seed of the samples' pseudo-random order in the shards"),
 ) -> None:
     """Convert a raw image folder into a WebDataset or LMDB shard store."""
     fields = dict(src=src, dest=dest, format=format, layout=layout, shard_size=shard_size, max_side=max_side,
-                  max_pixels=max_pixels, append=append, on_error=on_error)
+                  max_pixels=max_pixels, append=append, on_error=on_error, seed=seed)
     if workers is not None:
         fields["workers"] = workers
     try:
@@ -88,12 +89,17 @@ def inspect(
         return
     typer.echo(f"{public_url(dest)}: {info['format']} store, version {info['version']}, layout {info['layout']}")
     table = Table()
-    for col in ("split", "samples", "shards", "bytes"):
+    for col in ("split", "samples", "shards", "bytes", "classes/shard min-median-max"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, s in info["splits"].items():
-        table.add_row(name, str(s["samples"]), str(s["shards"]), f"{s['bytes']:,}")
+        mix = s["classes_per_shard"]
+        mixing = f"{mix['min']}-{mix['median']:g}-{mix['max']}" if mix else "-"
+        table.add_row(name, str(s["samples"]), str(s["shards"]), f"{s['bytes']:,}", mixing)
     shown = ", ".join(info["classes"][:20]) + (", ..." if len(info["classes"]) > 20 else "")
     typer.echo(f"classes ({len(info['classes'])}): {shown}")
+    order = info["order"]
+    typer.echo("sample order: " + ("listing (class by class as the source was listed)" if order["rule"] == "listing"
+                                   else f"key-hash, seed {order['seed']} (from store version {order['since_version']})"))
     typer.echo(f"rejects: {info['rejects']} " + json.dumps(info["rejects_by_reason"]))
     stdout.print(table)
 

@@ -22,10 +22,10 @@ import fsspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shards.decode import Digest, Reject, Result, Sample, Settings, process
-from shards.keys import sample_key
+from shards.keys import order_key, sample_key
 from shards.layouts import Input, Listing, list_source
-from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, ShardEntry, ShardIndex,
-                             SplitEntry, Totals, index_sha256, load_manifest, now_utc, read_indexes, read_rejects,
+from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, SampleOrder, ShardEntry,
+                             ShardIndex, SplitEntry, Totals, index_sha256, load_manifest, now_utc, read_indexes, read_rejects,
                              write_index, write_manifest, write_rejects, write_timm_info)
 from shards.progress import console, progress_bar
 from shards.storage import StoreError, is_local, join, open_fs, public_url, publish_file
@@ -74,6 +74,7 @@ class ConvertOptions(BaseModel):
     max_pixels: int = Field(default=89_478_485, ge=1)  # PIL's own decompression-bomb limit
     append: bool = False
     on_error: Literal["skip", "fail"] = "skip"
+    seed: int = 0  # of the samples' pseudo-random order in the shards (shards.keys.order_key)
 
     @field_validator("shard_size")
     @classmethod
@@ -145,7 +146,10 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     covered = {sample_key(r.path) for idx in state.resumed.values() for r in idx.rejects}
     covered |= {it.key for idx in state.resumed.values() for it in idx.items}
     known = {it.key: it.sha1 for idx in state.committed.values() for it in idx.items}
-    tasks = [(inp, inp.key in known) for inp in listing.inputs if inp.key not in covered]
+    # Packed in a seeded pseudo-random order, not class by class as sources are listed: a reader that
+    # streams the shards (with a shuffle buffer of any size) then gets batches that mix the classes.
+    todo = sorted((inp for inp in listing.inputs if inp.key not in covered), key=lambda i: order_key(i.key, opts.seed))
+    tasks = [(inp, inp.key in known) for inp in todo]
     if progress and state.resumed:
         console.print(f"resuming: {len(state.resumed)} finished shards kept, {len(tasks)} inputs left")
 
@@ -179,6 +183,9 @@ def load_state(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest | No
                                ("classes", manifest.classes, listing.classes)):
             if old != new:
                 raise StoreError(f"cannot append: the store's {what} is {old}, the source's is {new}")
+        if manifest.order.rule == "key-hash" and manifest.order.seed != opts.seed:
+            raise StoreError(f"cannot append: the store's samples are ordered with --seed {manifest.order.seed}, "
+                             f"not {opts.seed}")
     in_store = {s.name for split in (manifest.splits.values() if manifest else []) for s in split.shards}
     indexes = read_indexes(fs, root)
     version = manifest.version + 1 if manifest else 1
@@ -356,6 +363,8 @@ def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None,
         source=public_url(opts.src),
         settings=conversion_settings(opts),
         rejects=rejects, splits=splits,
+        order=old.order if old and old.order.rule == "key-hash" else
+        SampleOrder(rule="key-hash", seed=opts.seed, since_version=version),
         totals=Totals(samples=sum(s.samples for s in splits.values()), bytes=sum(s.bytes for s in splits.values()),
                       shards=sum(len(s.shards) for s in splits.values())),
     )

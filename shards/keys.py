@@ -22,3 +22,10 @@ def sample_key(relpath: str) -> str:
     readable = _OUTSIDE.sub("_", stem)[:80]
     digest = hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).hexdigest()
     return f"{readable}-{digest[:10]}"
+
+
+def order_key(key: str, seed: int) -> bytes:
+    """Where the sample `key` goes in its split's shards: sorting by this gives a seeded pseudo-random
+    order that depends only on the keys, so the same inputs give the same shards on every machine, a
+    resumed conversion continues the same sequence, and an --append mixes its new samples among themselves."""
+    return hashlib.sha1(f"{seed}:{key}".encode("utf-8", "surrogateescape")).digest()

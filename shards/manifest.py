@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import fsspec
 from pydantic import BaseModel, ValidationError
@@ -44,6 +44,17 @@ class Totals(BaseModel):
     shards: int
 
 
+class SampleOrder(BaseModel):
+    """How a split's samples are ordered across its shards (docs/store-format.md, "Sample order")."""
+
+    rule: Literal["listing", "key-hash"]  # listing: sorted source paths (stores written before the rule was recorded)
+    seed: int | None = None  # key-hash: the samples sorted by sha1(f"{seed}:{key}")
+    since_version: int = 1  # shards added from this store version on follow `rule`; earlier ones, listing
+
+
+LISTING_ORDER = SampleOrder(rule="listing")
+
+
 class Manifest(BaseModel):
     """manifest.json, as docs/store-format.md describes it."""
 
@@ -59,6 +70,7 @@ class Manifest(BaseModel):
     rejects: int
     splits: dict[str, SplitEntry]
     totals: Totals
+    order: SampleOrder = LISTING_ORDER  # absent in stores written before the order was recorded
 
 
 class RejectRecord(BaseModel):

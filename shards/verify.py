@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import statistics
 import tarfile
 import tempfile
 from collections import Counter
@@ -16,6 +17,7 @@ import fsspec
 import lmdb
 from PIL import Image
 
+from shards.layouts import imagefolder_inputs
 from shards.manifest import INDEX_DIR, Manifest, ShardEntry, ShardIndex, load_json, read_manifest, read_rejects
 from shards.progress import progress_bar
 from shards.storage import is_local, join, open_fs
@@ -155,6 +157,7 @@ def inspect_store(dest: str) -> dict:
     manifest: Manifest = read_manifest(dest)
     fs, root = open_fs(dest)
     reasons = Counter(r.reason for r in read_rejects(fs, root))
+    mixing = classes_per_shard(fs, root, manifest)
     return {
         "format": manifest.format,
         "format_version": manifest.format_version,
@@ -165,11 +168,36 @@ def inspect_store(dest: str) -> dict:
         "source": manifest.source,
         "classes": manifest.classes,
         "settings": manifest.settings,
+        "order": manifest.order.model_dump(),
         "rejects": manifest.rejects,
         "rejects_by_reason": dict(sorted(reasons.items())),
         "splits": {
-            name: {"samples": s.samples, "shards": len(s.shards), "bytes": s.bytes}
+            name: {"samples": s.samples, "shards": len(s.shards), "bytes": s.bytes,
+                   "classes_per_shard": mixing.get(name)}
             for name, s in manifest.splits.items()
         },
         "totals": manifest.totals.model_dump(),
     }
+
+
+def classes_per_shard(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> dict[str, dict[str, float]]:
+    """Per split of a class-folder store, how many classes one shard holds: {"min", "median", "max"}.
+
+    Read from the `_index/` files (each sample's source path names its class folder). A store written
+    class by class, as sources are listed, shows 1 or 2; a well-mixed one nearly all its classes.
+    """
+    if manifest.layout != "imagefolder":
+        return {}
+    entries = {e.name: split for split, s in manifest.splits.items() for e in s.shards}
+    paths = {join(root, INDEX_DIR, f"{name}.json"): name for name in entries}
+    found = fs.cat(list(paths), on_error="omit")  # one request per shard, concurrent on S3
+    items = {}
+    for path, raw in found.items():
+        with contextlib.suppress(ValueError):  # a damaged index is verify's to report; its shard is left out here
+            items[paths[path]] = load_json(ShardIndex, raw).items
+    _, inputs = imagefolder_inputs(sorted({it.path for shard in items.values() for it in shard}))
+    cls = {inp.relpath: inp.cls for inp in inputs}
+    counts: dict[str, list[int]] = {}
+    for name, shard in sorted(items.items()):
+        counts.setdefault(entries[name], []).append(len({cls[it.path] for it in shard}))
+    return {split: {"min": min(c), "median": statistics.median(c), "max": max(c)} for split, c in counts.items()}

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples
-from shards.keys import sample_key
+from shards.keys import order_key, sample_key
 from test_shards_reader import decode, read_store
 
 MAX_PIXELS = 150 * 150
@@ -93,11 +93,15 @@ def test_corpus_is_converted_or_rejected_with_its_reason(corpus, tmp_path, fmt):
     summary = convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), format=fmt, max_pixels=MAX_PIXELS,
                                      workers=2, shard_size="5samples"), progress=False)
     stored, rejects = read_store(tmp_path / "s"), rejects_of(tmp_path / "s")
+    # Of two identical files, the one first in the store's sample order is kept and the other is the duplicate.
+    kept, dropped = sorted(["train/odd/copy.jpg", "train/chelsea/chelsea_0000.jpg"],
+                           key=lambda p: order_key(sample_key(p), 0))
+    expected = {**expected, kept: None, dropped: "duplicate"}
     assert {p: r["reason"] for p, r in rejects.items()} == {p: r for p, r in expected.items() if r}
     assert {k for k in stored} == {sample_key(p) for p, r in expected.items() if r is None}
     assert summary.added + summary.rejected == len(expected) == len(stored) + len(rejects)
     assert read_manifest(str(tmp_path / "s")).rejects == len(rejects)
-    assert rejects["train/odd/copy.jpg"]["of"] == sample_key("train/chelsea/chelsea_0000.jpg")
+    assert rejects[dropped]["of"] == sample_key(kept)
     assert all(r["detail"] and r["version"] == 1 for r in rejects.values())
     for rel, reason in expected.items():
         if reason is None:

@@ -44,7 +44,9 @@ def test_convert_inspect_verify(imagefolder_src, tmp_path):
     assert info["rejects"] == 0
     assert info["splits"]["train"] == {"samples": manifest.splits["train"].samples,
                                        "shards": len(manifest.splits["train"].shards),
-                                       "bytes": manifest.splits["train"].bytes}
+                                       "bytes": manifest.splits["train"].bytes,
+                                       "classes_per_shard": {"min": 6, "median": 6, "max": 6}}  # mixed, not sorted
+    assert info["order"] == {"rule": "key-hash", "seed": 0, "since_version": 1}
     assert shardtrain("verify", dest, "--deep").exit_code == 0
     plain = shardtrain("inspect", dest)
     assert plain.exit_code == 0 and "train" in plain.stdout + plain.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shards import ConvertOptions, StoreError, convert, inspect_store, read_manifest, samples, verify
-from shards.keys import sample_key
+from shards.keys import order_key, sample_key
 from test_shards_reader import read_store
 
 
@@ -135,6 +135,32 @@ def test_append_adds_only_new_inputs_then_is_a_noop(tmp_path):
     assert third.added == 0 and third.version == 2 and third.shards_written == []
     assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file()} == snapshot
     assert verify(str(tmp_path / "s")) == []
+
+
+def stored_keys(dest: Path, shards: list[str]) -> list[str]:
+    """The sample keys of these shards, in the order the shards hold them."""
+    indexes = [json.loads((dest / "_index" / f"{name}.json").read_text()) for name in shards]
+    return [item["key"] for index in indexes for item in index["items"]]
+
+
+def test_samples_are_written_in_a_seeded_order_and_an_append_mixes_its_own(tmp_path):
+    """A source listed class by class is not stored class by class: each split's samples follow
+    sha1(seed:key), across all its shards, and an --append orders its new samples the same way."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 6}, size=32)
+    first = run(src, tmp_path / "s", shard_size="10samples")
+    keys = stored_keys(tmp_path / "s", first.shards_written)
+    assert keys == sorted(keys, key=lambda k: order_key(k, 0)) and keys != sorted(keys)
+    assert inspect_store(str(tmp_path / "s"))["splits"]["train"]["classes_per_shard"]["min"] >= 4
+    samples.make_imagefolder(src, per_class={"train": 4}, size=32, seed=1, start=100)
+    second = run(src, tmp_path / "s", shard_size="10samples", append=True)
+    new = stored_keys(tmp_path / "s", second.shards_written)
+    assert len(new) == 4 * len(samples.class_names()) and new == sorted(new, key=lambda k: order_key(k, 0))
+    assert read_manifest(str(tmp_path / "s")).order.model_dump() == {"rule": "key-hash", "seed": 0, "since_version": 1}
+    other = run(src, tmp_path / "other", shard_size="10samples", seed=7)
+    assert stored_keys(tmp_path / "other", other.shards_written) != keys + new
+    samples.make_imagefolder(src, per_class={"train": 1}, size=32, seed=2, start=200)
+    with pytest.raises(StoreError, match="--seed 0, not 7"):
+        run(src, tmp_path / "s", shard_size="10samples", append=True, seed=7)
 
 
 def test_append_rejects_changed_content_and_keeps_the_stored_sample(tmp_path):
