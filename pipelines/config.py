@@ -48,7 +48,9 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = 4
-    shuffle_buffer: int = 1000  # wds: samples shuffled within blocks of about this many per worker
+    # train: samples are permuted within blocks of this many (after the shard order is shuffled), so a
+    # worker reads from about shuffle_block / shard size shards at once (pipelines/plan.py, epoch_sequence)
+    shuffle_block: int = pydantic.Field(default=262_144, ge=1)
     channels_last: bool = True
     on_error: Literal["skip", "fail"] = "skip"
     train_split: str = "train"

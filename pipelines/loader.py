@@ -38,11 +38,10 @@ WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 16 << 20, 64 << 20
 class EpochBatches(Sampler):
     """Yields this rank's batch references for one epoch, from `start` on (see plan.py)."""
 
-    def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int, workers: int, shuffle_buffer: int):
+    def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int, shuffle_block: int):
         self.store, self.train, self.seed = store, train, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.workers = workers
-        self.window = max(1, shuffle_buffer // batch_size)
+        self.shuffle_block = shuffle_block
         self.epoch, self.start = 0, 0
         lo, hi = plan.rank_span(store.num_samples, rank=rank, world_size=world_size, batch_size=batch_size, train=train)
         self.num_batches = -(-(hi - lo) // batch_size)
@@ -51,12 +50,9 @@ class EpochBatches(Sampler):
         return max(self.num_batches - self.start, 0)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        seq = plan.epoch_sequence(self.store.counts, self.store.fmt, train=self.train, seed=self.seed, epoch=epoch)
+        seq = plan.epoch_sequence(self.store.counts, train=self.train, seed=self.seed, epoch=epoch, block=self.shuffle_block)
         span = plan.rank_span(len(seq), rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, train=self.train)
-        batches = plan.rank_batches(seq, span, self.batch_size)
-        if self.train and self.store.fmt == "wds":
-            batches = plan.window_shuffle(batches, workers=self.workers, window=self.window, seed=self.seed, epoch=epoch, rank=self.rank)
-        return batches
+        return plan.rank_batches(seq, span, self.batch_size)
 
     def __iter__(self) -> Iterator[BatchRef]:
         epoch = self.epoch
@@ -243,7 +239,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: 
     dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,
-        batch_size=cfg.batch_size, workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer,
+        batch_size=cfg.batch_size, shuffle_block=cfg.shuffle_block,
     )
     workers = cfg.workers
     dataloader = DataLoader(

@@ -23,8 +23,8 @@ from pipelines.plan import shard_starts
 from pipelines.store import BadSample, RawSample, StoreSplit
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-READ_BLOCK = 4 << 20  # fsspec readahead for remote shards: streams, never a whole-shard download
-OPEN_FILES = 4
+READ_BLOCK = 4 << 20  # fsspec readahead while scanning a remote shard's headers
+OPEN_FILES = 256  # local shard descriptors a process keeps: a shuffle block spans many shards
 
 
 class TarIndex(NamedTuple):
@@ -98,7 +98,7 @@ def parse_meta(members: dict[str, bytes]) -> dict:
 
 
 class ShardReader:
-    """Common part: map global sample numbers to (shard, index) and keep the batch's order."""
+    """Common part: map global sample numbers to (shard, index within it)."""
 
     def __init__(self, split: StoreSplit):
         self.split = split
@@ -110,84 +110,116 @@ class ShardReader:
             self._pid = os.getpid()
             self._reset()
 
-    def read(self, indices: np.ndarray) -> list[RawSample | BadSample]:
-        self._check_process()
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, index within that shard) of each global sample number."""
         shards = np.searchsorted(self.starts, indices, side="right") - 1
-        out: list[RawSample | BadSample | None] = [None] * len(indices)
-        for shard in np.unique(shards):
-            where = np.flatnonzero(shards == shard)
-            local = indices[where] - self.starts[shard]
-            order = np.argsort(local, kind="stable")  # ascending: sequential reads
-            got = self._read_shard(int(shard), [int(i) for i in local[order]])
-            for pos, sample in zip(where[order], got):
-                out[pos] = sample
-        return out  # type: ignore[return-value]
+        return shards, indices - self.starts[shards]
+
+    def read(self, indices: np.ndarray) -> list[RawSample | BadSample]:
+        raise NotImplementedError
 
     def _reset(self) -> None:
         """Forget what the parent process had open."""
 
-    def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
-        raise NotImplementedError
+
+class ByteRanges:
+    """Reads byte ranges of shard files in one call per batch.
+
+    Local and mounted files: `os.pread` on descriptors kept open (about 1.5 us a read here, against
+    55-90 us through fsspec's cat_file/cat_ranges, which open the file each time). Other filesystems:
+    fsspec's `cat_ranges`, whose requests run concurrently on S3, so a batch spread over many shards
+    costs about one round trip rather than one per sample.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, local: bool):
+        self.fs, self.local = fs, local
+        self.fds: OrderedDict[str, int] = OrderedDict()
+
+    def fetch(self, paths: list[str], starts: list[int], ends: list[int]) -> list[bytes | Exception]:
+        """The bytes [start, end) of each path, or the error that storage gave for it (an OSError, or a
+        backend's own type such as botocore's EndpointConnectionError)."""
+        if not self.local:
+            return self.fs.cat_ranges(paths, starts, ends, on_error="return")
+        out: list[bytes | Exception] = []
+        for path, start, end in zip(paths, starts, ends):
+            try:
+                out.append(os.pread(self._fd(path), end - start, start))
+            except OSError as e:
+                out.append(e)
+        return out
+
+    def _fd(self, path: str) -> int:
+        if path in self.fds:
+            self.fds.move_to_end(path)
+            return self.fds[path]
+        if len(self.fds) >= OPEN_FILES:
+            os.close(self.fds.popitem(last=False)[1])
+        self.fds[path] = os.open(path, os.O_RDONLY)
+        return self.fds[path]
 
 
 class TarReader(ShardReader):
     """WebDataset tars from a local path, NAS or any fsspec URL, read by byte range.
 
-    The first touch of a shard in a worker scans its headers into an index (kept for
-    later epochs: persistent workers); each sample is then one seek and one read.
+    The first touch of a shard in a worker scans its headers into an index (kept for later
+    epochs: persistent workers); a batch is then one `ByteRanges.fetch` of its samples' spans,
+    whichever shards they are in.
     """
 
+    def __init__(self, split: StoreSplit):
+        super().__init__(split)
+        self.paths = [fsspec.core.url_to_fs(url)[1] for url in split.shards]
+        self.names = [os.path.basename(p) for p in self.paths]
+
     def _reset(self) -> None:
+        # made in the reading process: neither the parent's descriptors nor its async S3 client survive a fork
+        self.fs = fsspec.core.url_to_fs(self.split.path)[0]
         self._index: dict[int, TarIndex] = {}
-        self._files: OrderedDict[int, object] = OrderedDict()
+        self._ranges = ByteRanges(self.fs, local=self.split.protocol in ("file", "local"))
 
-    def _file(self, shard: int):
-        if shard in self._files:
-            self._files.move_to_end(shard)
-            return self._files[shard]
-        if len(self._files) >= OPEN_FILES:
-            self._files.popitem(last=False)[1].close()
-        fs, path = fsspec.core.url_to_fs(self.split.shards[shard])
-        f = fs.open(path, "rb", block_size=READ_BLOCK)
-        self._files[shard] = f
-        return f
-
-    def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
-        try:
-            return self._read_members(shard, local)
-        except Exception as e:  # storage failed (OSError, or a backend's own type such as botocore's
-            # EndpointConnectionError): not a corrupt sample, so never skipped
-            self._files.pop(shard, None)
-            raise DataError(f"cannot read shard {self.split.shards[shard]}: {type(e).__name__}: {e}") from None
-
-    def _read_members(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
-        name = os.path.basename(self.split.shards[shard])
-        f = self._file(shard)
-        if shard not in self._index:
-            self._index[shard] = scan_tar(f, self.split.counts[shard])
-        index = self._index[shard]
-        out: list[RawSample | BadSample] = []
-        for i in local:
+    def read(self, indices: np.ndarray) -> list[RawSample | BadSample]:
+        self._check_process()
+        shards, local = self.locate(indices)
+        out: list[RawSample | BadSample | None] = [None] * len(indices)
+        wanted: list[tuple[int, int, int, int]] = []  # (position, shard, start, end)
+        for pos, (shard, i) in enumerate(zip(shards.tolist(), local.tolist())):
+            index = self._shard_index(shard)
             if i >= len(index.spans):
-                out.append(BadSample(name, None, f"sample #{i} unreachable: {index.error}"))
-                continue
-            start, end = index.spans[i]
-            f.seek(int(start))
-            chunk = f.read(int(end - start))  # one read per sample, headers included
+                out[pos] = BadSample(self.names[shard], None, f"sample #{i} unreachable: {index.error}")
+            else:
+                wanted.append((pos, shard, *index.spans[i].tolist()))
+        chunks = self._ranges.fetch([self.paths[w[1]] for w in wanted], [w[2] for w in wanted], [w[3] for w in wanted])
+        for (pos, shard, _, _), chunk in zip(wanted, chunks):
+            if isinstance(chunk, Exception):  # storage failed: not a corrupt sample, so never skipped
+                raise self._storage_error(shard, chunk)
+            out[pos] = self._parse(shard, int(local[pos]), chunk)
+        return out  # type: ignore[return-value]
+
+    def _storage_error(self, shard: int, e: Exception) -> DataError:
+        return DataError(f"cannot read shard {self.split.shards[shard]}: {type(e).__name__}: {e}")
+
+    def _shard_index(self, shard: int) -> TarIndex:
+        if shard not in self._index:
             try:
-                key, data = parse_sample(chunk)
-            except (tarfile.TarError, ValueError) as e:
-                out.append(BadSample(name, None, f"sample #{i}: bad tar header: {e}"))
-                continue
-            image_ext = next((e for e in IMAGE_EXTS if e in data), None)
-            if image_ext is None:
-                out.append(BadSample(name, key, f"no image member among {sorted(data)}"))
-                continue
-            try:
-                out.append(RawSample(name, key, image_ext, data[image_ext], parse_meta(data)))
-            except ValueError as e:  # a bad .cls or .json member
-                out.append(BadSample(name, key, f"bad label: {e}"))
-        return out
+                with self.fs.open(self.paths[shard], "rb", block_size=READ_BLOCK) as f:
+                    self._index[shard] = scan_tar(f, self.split.counts[shard])
+            except Exception as e:  # as in `read`: storage, not data
+                raise self._storage_error(shard, e) from None
+        return self._index[shard]
+
+    def _parse(self, shard: int, i: int, chunk: bytes) -> RawSample | BadSample:
+        name = self.names[shard]
+        try:
+            key, data = parse_sample(chunk)
+        except (tarfile.TarError, ValueError) as e:
+            return BadSample(name, None, f"sample #{i}: bad tar header: {e}")
+        image_ext = next((e for e in IMAGE_EXTS if e in data), None)
+        if image_ext is None:
+            return BadSample(name, key, f"no image member among {sorted(data)}")
+        try:
+            return RawSample(name, key, image_ext, data[image_ext], parse_meta(data))
+        except ValueError as e:  # a bad .cls or .json member
+            return BadSample(name, key, f"bad label: {e}")
 
 
 class LmdbReader(ShardReader):
@@ -200,6 +232,18 @@ class LmdbReader(ShardReader):
                 f"copy it first, e.g. `aws s3 sync {split.path} /data/store`, and set data.path to the copy"
             )
         super().__init__(split)
+
+    def read(self, indices: np.ndarray) -> list[RawSample | BadSample]:
+        self._check_process()
+        shards, local = self.locate(indices)
+        out: list[RawSample | BadSample | None] = [None] * len(indices)
+        for shard in np.unique(shards):
+            where = np.flatnonzero(shards == shard)
+            order = np.argsort(local[where], kind="stable")  # ascending keys: neighbouring pages
+            got = self._read_shard(int(shard), local[where][order].tolist())
+            for pos, sample in zip(where[order], got):
+                out[pos] = sample
+        return out  # type: ignore[return-value]
 
     def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
         name = os.path.basename(self.split.shards[shard])

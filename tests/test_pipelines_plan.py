@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 
@@ -10,10 +12,9 @@ from pipelines import plan
 SHAPES = [([1], 1, 1), ([7], 2, 2), ([5, 5, 3], 2, 4), ([100, 1, 17, 64], 3, 8), ([9] * 13, 4, 5), ([3, 0, 4], 2, 2)]
 
 
-@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
 @pytest.mark.parametrize("counts,world,batch", SHAPES)
-def test_eval_covers_every_sample_once_in_store_order(fmt, counts, world, batch):
-    seq = plan.epoch_sequence(counts, fmt, train=False, seed=0, epoch=5)
+def test_eval_covers_every_sample_once_in_store_order(counts, world, batch):
+    seq = plan.epoch_sequence(counts, train=False, seed=0, epoch=5, block=4)
     per_rank = [plan.rank_batches(seq, plan.rank_span(len(seq), rank=r, world_size=world, batch_size=batch, train=False), batch) for r in range(world)]
     flat = np.concatenate([b for rank in per_rank for b in rank] or [np.zeros(0, dtype=np.int64)])
     assert flat.tolist() == list(range(sum(counts)))
@@ -21,12 +22,12 @@ def test_eval_covers_every_sample_once_in_store_order(fmt, counts, world, batch)
     assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+@pytest.mark.parametrize("block", [1, 5, 1000])
 @pytest.mark.parametrize("counts,world,batch", SHAPES)
-def test_train_gives_every_rank_the_same_full_batches(fmt, counts, world, batch):
+def test_train_gives_every_rank_the_same_full_batches(block, counts, world, batch):
     n = sum(counts)
     for epoch in range(3):
-        seq = plan.epoch_sequence(counts, fmt, train=True, seed=1, epoch=epoch)
+        seq = plan.epoch_sequence(counts, train=True, seed=1, epoch=epoch, block=block)
         assert sorted(seq.tolist()) == list(range(n))
         per_rank = [plan.rank_batches(seq, plan.rank_span(n, rank=r, world_size=world, batch_size=batch, train=True), batch) for r in range(world)]
         assert len({len(rank) for rank in per_rank}) == 1
@@ -35,32 +36,26 @@ def test_train_gives_every_rank_the_same_full_batches(fmt, counts, world, batch)
         assert len(used) == len(set(used)) == n // (world * batch) * world * batch
 
 
-def test_wds_train_reads_whole_shards_in_a_new_order_each_epoch():
-    counts = [4, 4, 4, 4, 4, 4]
+def test_train_permutes_within_blocks_of_the_shuffled_shard_order():
+    counts, block = [4] * 6, 8  # a block is two shards' samples
     orders = []
     for epoch in range(4):
-        seq = plan.epoch_sequence(counts, "wds", train=True, seed=3, epoch=epoch)
-        shards = seq.reshape(6, 4) // 4
-        assert (shards == shards[:, :1]).all()  # each shard read contiguously
-        assert (np.diff(seq.reshape(6, 4), axis=1) == 1).all()  # front to back
-        orders.append(tuple(shards[:, 0]))
-    assert len(set(orders)) > 1
-    assert plan.epoch_sequence(counts, "wds", train=True, seed=3, epoch=2).tolist() == list(np.concatenate([np.arange(o * 4, o * 4 + 4) for o in orders[2]]))
+        seq = plan.epoch_sequence(counts, train=True, seed=3, epoch=epoch, block=block)
+        blocks = seq.reshape(3, block) // 4
+        for b in blocks.tolist():  # each block: all four samples of each of two shards
+            assert sorted(Counter(b).values()) == [4, 4]
+        assert not (np.diff(seq.reshape(3, block), axis=1) == 1).all()  # not front to back
+        orders.append(tuple(tuple(sorted(set(b))) for b in blocks.tolist()))
+    assert len(set(orders)) > 1  # the shards meet other shards each epoch
+    assert plan.epoch_sequence(counts, train=True, seed=3, epoch=2, block=block).tolist() == \
+        plan.epoch_sequence(counts, train=True, seed=3, epoch=2, block=block).tolist()
 
 
-def test_window_shuffle_mixes_samples_only_within_a_workers_window():
-    batches = [np.arange(i * 4, i * 4 + 4) for i in range(10)]
-    out = plan.window_shuffle(batches, workers=2, window=3, seed=0, epoch=0, rank=0)
-    assert [len(b) for b in out] == [4] * 10
-    assert sorted(np.concatenate(out).tolist()) == list(range(40))
-    for w in range(2):
-        mine = list(range(w, 10, 2))
-        for g in range(0, len(mine), 3):
-            ids = mine[g : g + 3]
-            assert sorted(np.concatenate([out[i] for i in ids]).tolist()) == sorted(np.concatenate([batches[i] for i in ids]).tolist())
-    assert any(not np.array_equal(a, b) for a, b in zip(out, batches))
-    again = plan.window_shuffle(batches, workers=2, window=3, seed=0, epoch=0, rank=0)
-    assert all(np.array_equal(a, b) for a, b in zip(out, again))
+def test_a_split_within_one_block_is_one_permutation():
+    counts = [50, 50]  # two shards; a whole-split block mixes them in every part of the sequence
+    seq = plan.epoch_sequence(counts, train=True, seed=0, epoch=0, block=1000)
+    first_half_shards = set((seq[:50] // 50).tolist())
+    assert first_half_shards == {0, 1}
 
 
 def test_sample_seeds_depend_on_position_only():

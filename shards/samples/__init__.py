@@ -3,7 +3,8 @@
 The photos (see LICENSE.md beside this file) are real; the folders are cut from them
 with a seeded RNG, so the same seed always gives the same files:
 
-- `make_imagefolder`: one class per photo, each image a random crop of it.
+- `make_imagefolder`: one class per photo (or per region of a photo), each image a random crop
+  of it, written class by class into class folders as real sources are.
 - `make_unlabeled`: random crops of all photos in a nested tree.
 - `make_yolo`: crops of the photos ("objects", one class each) pasted onto the
   grayscale texture photos, with their YOLO boxes and a `data.yaml`.
@@ -46,23 +47,39 @@ def make_imagefolder(
     seed: int = 0,
     classes: list[str] | None = None,
     start: int = 0,
+    grid: int = 1,
+    flat: bool = False,
 ) -> Path:
     """Write `dest/<split>/<class>/<class>_<i>.jpg`; `per_class` maps split to images per class.
 
-    `start` offsets the file numbers, so a second call with a larger `start` adds new
-    files beside the old ones (as a day of new images would).
+    `grid` > 1 cuts each photo into grid x grid regions, each a class `<photo>_<row><col>` of crops
+    inside it: many classes of real content (6 photos at grid 4: 96 classes). `flat` writes a
+    source with no split folders, `dest/<class>/...`, from a `per_class` of one split. `start`
+    offsets the file numbers, so a second call with a larger `start` adds new files beside the
+    old ones (as a day of new images would).
     """
     dest = Path(dest)
     per_class = per_class or {"train": 16, "val": 4}
+    if flat and len(per_class) != 1:
+        raise ValueError("a flat source has one split: per_class={'train': N}")
     rng = random.Random(seed)
     for name in classes or class_names():
         photo = _open(name)
-        for split, count in per_class.items():
-            folder = dest / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(start, start + count):
-                _random_crop(photo, rng, size).save(folder / f"{name}_{i:04d}.jpg", quality=90)
+        for region, part in regions(photo, grid):
+            label = name if grid == 1 else f"{name}_{region}"
+            for split, count in per_class.items():
+                folder = dest / label if flat else dest / split / label
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(start, start + count):
+                    _random_crop(part, rng, size).save(folder / f"{label}_{i:04d}.jpg", quality=90)
     return dest
+
+
+def regions(photo: Image.Image, grid: int) -> list[tuple[str, Image.Image]]:
+    """The photo cut into grid x grid parts, named "<row><col>" (the whole photo for grid 1)."""
+    w, h = photo.size
+    return [(f"{r}{c}", photo.crop((c * w // grid, r * h // grid, (c + 1) * w // grid, (r + 1) * h // grid)))
+            for r in range(grid) for c in range(grid)]
 
 
 def make_unlabeled(dest: str | Path, count: int = 32, size: int = 64, seed: int = 0) -> Path:
