@@ -26,7 +26,6 @@ def torchrun_command(
     nnodes: int,
     node_rank: int,
     rdzv_endpoint: str | None,
-    shutdown_timeout: int,
 ) -> list[str]:
     cmd = [sys.executable, "-m", "training.torchrun", f"--nproc-per-node={nproc_per_node}"]
     if nnodes > 1:
@@ -38,7 +37,7 @@ def torchrun_command(
         cmd += ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id}"]
     else:
         cmd += ["--standalone"]
-    cmd += [f"--shutdown-timeout={shutdown_timeout}", "-m", "training", str(config), *overrides]
+    cmd += ["-m", "training", str(config), *overrides]
     return cmd
 
 
@@ -65,9 +64,12 @@ def launch(
     cmd = torchrun_command(
         config, overrides, run_id=cfg.name, nproc_per_node=nproc_per_node, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-        shutdown_timeout=int(cfg.checkpoint.preempt_timeout) + 60,
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # How long torchrun waits for its workers to save after a SIGTERM. Set through the environment: the
+    # --shutdown-timeout flag is newer than torch 2.11 (the image's 2.6 lacks it too), whose torchrun refuses
+    # it; those wait a fixed 30 s.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(cfg.checkpoint.preempt_timeout) + 60)}
     started = time.time()
     pipe = subprocess.PIPE if stream is not None else None
     proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
