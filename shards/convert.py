@@ -24,16 +24,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shards.decode import Digest, Reject, Result, Sample, Settings, process
 from shards.keys import order_key, sample_key
 from shards.layouts import Input, Listing, list_source
-from shards.manifest import (FORMAT_VERSION, IndexItem, Manifest, RejectRecord, SampleOrder, ShardEntry,
-                             ShardIndex, SplitEntry, Totals, index_sha256, load_manifest, now_utc, read_indexes, read_rejects,
-                             write_index, write_manifest, write_rejects, write_timm_info)
+from shards.manifest import (FORMAT_VERSION, INDEX_DIR, MANIFEST, REJECTS, TIMM_INFO, IndexItem, Manifest,
+                             RejectRecord, SampleOrder, ShardEntry, ShardIndex, SplitEntry, Totals, index_sha256,
+                             load_manifest, now_utc, read_indexes, read_rejects, write_index, write_manifest,
+                             write_rejects, write_timm_info)
 from shards.progress import console, progress_bar
-from shards.storage import StoreError, is_local, join, open_fs, public_url, publish_file
+from shards.storage import (WRITE_PROBE, StoreError, check_writable, is_local, join, open_fs, public_url,
+                            publish_file)
 from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(samples?|[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+# What a conversion leaves in DEST before its manifest.json: shards, their _index/, shards being built
+# (.NAME.partial), the files commit() writes before the manifest, temp files of atomic writes, the write probe.
+_OUR_FILES = {INDEX_DIR, REJECTS, TIMM_INFO, MANIFEST, WRITE_PROBE}
+_SHARD_FILE = re.compile(rf"^\.?.+-\d{{6}}\.({'|'.join(SUFFIX.values())})(\.partial)?$")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     """Convert `opts.src` into the store at `opts.dest`; see the module docstring."""
     src_fs, src_root = open_fs(opts.src)
     fs, root = open_fs(opts.dest)
+    check_dest(fs, root, opts.dest)
     manifest = load_manifest(fs, root)
     listing = list_source(src_fs, src_root, opts.layout)
     if manifest is not None and not opts.append:
@@ -135,11 +142,11 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
         return ConvertSummary(layout=manifest.layout, format=manifest.format, version=manifest.version, added=0,
                               rejected=0, unchanged=len(listing.inputs), shards_written=[],
                               splits={name: split.samples for name, split in manifest.splits.items()})
+    check_writable(fs, root, opts.dest)
     if progress:
         how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
         console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
     state = load_state(fs, root, manifest, opts, listing)
-    fs.makedirs(root, exist_ok=True)
     limit = parse_shard_size(opts.shard_size)
     settings = Settings(src_fs, src_root, opts.max_side, opts.max_pixels, len(listing.classes))
 
@@ -163,6 +170,21 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
                 bar.advance(task)
             packer.finish()
     return commit(fs, root, opts, listing, state, packer)
+
+
+def check_dest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """DEST must be a folder that is new, empty, a store, or what an interrupted conversion left:
+    never a file, and never someone's folder of other things, which a conversion would write into."""
+    if fs.isfile(root):
+        raise StoreError(f"DEST {public_url(url)} is a file, not a folder: give a new or empty folder for the store")
+    if not fs.isdir(root) or fs.exists(join(root, MANIFEST)):
+        return
+    names = (path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False))
+    foreign = sorted(n for n in names if n.removesuffix(".tmp") not in _OUR_FILES and not _SHARD_FILE.match(n))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise StoreError(f"DEST {public_url(url)} is not empty and holds no shard store (no {MANIFEST}): it has "
+                         f"{shown}; give a new or empty folder")
 
 
 def same_conversion(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, opts: ConvertOptions,

@@ -143,6 +143,8 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
         raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise StoreError(f"{root} is a file, not a shard store (a folder with {MANIFEST})") from None
     except OSError as e:
         raise StoreError(f"cannot read {path}: {e}") from None
     try:

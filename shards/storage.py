@@ -58,6 +58,22 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)
 
 
+WRITE_PROBE = ".shardtrain-write-probe"  # a fixed name: a leftover from a kill is known as ours
+
+
+def check_writable(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
+    """Make the folder `root` (locally; object stores have none) and write and delete a probe in it,
+    so that a DEST that cannot be written is refused before any work, not at its first shard."""
+    probe = join(root, WRITE_PROBE)
+    try:
+        if is_local(fs):
+            fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except OSError as e:
+        raise StoreError(f"cannot write to {public_url(url)}: {e.strerror or e}") from None
+
+
 def publish_file(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
     """Move the finished local file `local` to `path` atomically (rename, or one upload)."""
     if is_local(fs):

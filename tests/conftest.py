@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,14 @@ def yolo_src(tmp_path_factory) -> Path:
 def unlabeled_src(tmp_path_factory) -> Path:
     """A small nested tree of unlabeled photos. Read-only."""
     return samples.make_unlabeled(tmp_path_factory.mktemp("unlabeled"), size=48)
+
+
+@pytest.fixture
+def as_user() -> list[str]:
+    """A command prefix that runs a subprocess bound by file permissions: empty for a plain user; for root,
+    setpriv without the capabilities that let root read and write whatever the mode bits say."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: file modes do not bind root")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
