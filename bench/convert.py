@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     fs, root = open_fs(args.src)
-    paths = [os.path.join(root, r) for r in image_relpaths(fs, root)]
+    paths = [os.path.join(root, r) for r in image_relpaths(fs, root)[0]]
     for p in paths:  # warm the page cache for both measurements
         Path(p).read_bytes()
     import webdataset  # noqa: F401  (its one-time import is not conversion work)

@@ -13,7 +13,10 @@ from shards import ConvertOptions, ConvertSummary, StoreError
 def convert_task(options: ConvertOptions) -> ConvertSummary:
     # A rerun after a failure resumes: finished shards are kept (see docs/store-format.md).
     summary = shards.convert(options, progress=False)
-    get_run_logger().info(
+    logger = get_run_logger()
+    for line in summary.skipped:
+        logger.warning("skipped %s", line)
+    logger.info(
         "%s -> %s: %d added, %d rejected, %d unchanged, store version %d",
         options.src, options.dest, summary.added, summary.rejected, summary.unchanged, summary.version,
     )

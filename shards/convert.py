@@ -98,6 +98,7 @@ class ConvertSummary(BaseModel):
     unchanged: int  # inputs already in the store (or already rejected with the same content)
     shards_written: list[str]  # shards this run added to the store
     splits: dict[str, int]  # samples per split in the whole store
+    skipped: list[str] = []  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
 
 
 @dataclass
@@ -141,11 +142,14 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
             console.print(f"{public_url(opts.dest)} already holds this conversion of {public_url(opts.src)}")
         return ConvertSummary(layout=manifest.layout, format=manifest.format, version=manifest.version, added=0,
                               rejected=0, unchanged=len(listing.inputs), shards_written=[],
-                              splits={name: split.samples for name, split in manifest.splits.items()})
+                              splits={name: split.samples for name, split in manifest.splits.items()},
+                              skipped=listing.skipped)
     check_writable(fs, root, opts.dest)
     if progress:
         how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
         console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
+        for line in listing.skipped:
+            console.print(f"warning: skipped {line}", markup=False, highlight=False, soft_wrap=True)
     state = load_state(fs, root, manifest, opts, listing)
     limit = parse_shard_size(opts.shard_size)
     settings = Settings(src_fs, src_root, opts.max_side, opts.max_pixels, len(listing.classes))
@@ -363,7 +367,7 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
         layout=listing.layout, format=manifest.format, version=manifest.version, added=added,
         rejected=len(new_rejects), unchanged=packer.unchanged,
         shards_written=[idx.shard for idx in packer.written],
-        splits={name: split.samples for name, split in manifest.splits.items()},
+        splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
     )
 
 

@@ -37,11 +37,12 @@ class Listing:
     classes: list[str]
     inputs: list[Input]
     reason: str  # why auto detection chose this layout (or "given")
+    skipped: list[str]  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
 
 
 def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str) -> Listing:
     """Every input under `root` in listing order (sorted relative paths), for `layout` or auto."""
-    relpaths = image_relpaths(fs, root)
+    relpaths, skipped = image_relpaths(fs, root)
     if layout == "auto":
         layout, reason = detect_layout(fs, root, relpaths)
     else:
@@ -56,30 +57,67 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str) -> Listin
         classes, inputs = yolo_classes(fs, root), yolo_inputs(relpaths)
         if not inputs:
             raise StoreError(f"yolo layout: no images under {join(root, 'images')}")
-    return Listing(layout, classes, inputs, reason)
+    return Listing(layout, classes, inputs, reason, skipped)
 
 
-def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Sorted posix paths relative to `root` of the files with image extensions, hidden ones left out.
+def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
+    """Sorted posix paths relative to `root` of the files with image extensions, hidden ones left out;
+    and the folders that were not read, each as "relpath: why".
 
     Broken symlinks are listed too: they become `unreadable` rejects rather than vanishing.
     """
     if not fs.isdir(root):
         what = "is not a directory" if fs.exists(root) else "does not exist"
         raise StoreError(f"source {root} {what}")
-    found = walk_local(root) if is_local(fs) else fs.find(root, withdirs=False)
+    skipped: list[str] = []
+    found = walk_local(root, skipped) if is_local(fs) else fs.find(root, withdirs=False)
     prefix = root.rstrip("/") + "/"
     rels = (p[len(prefix):] for p in found if p.startswith(prefix))
-    return sorted(
+    relpaths = sorted(
         r for r in rels
         if r.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in r.split("/"))
     )
+    return relpaths, sorted(skipped)
 
 
-def walk_local(root: str) -> list[str]:
-    """Every file under `root`, following symlinked folders as torchvision's ImageFolder does
-    (fsspec's local find does not descend into them)."""
-    return [os.path.join(d, f).replace(os.sep, "/") for d, _, files in os.walk(root, followlinks=True) for f in files]
+def walk_local(root: str, skipped: list[str]) -> list[str]:
+    """Every file under `root`, following symlinked folders as torchvision's ImageFolder does (fsspec's
+    local find does not descend into them), but never into a folder it is already inside: a symlink
+    loop would repeat the tree ever deeper. Loops and unreadable folders are added to `skipped`."""
+    def rel(path: str) -> str:
+        r = os.path.relpath(path, root).replace(os.sep, "/")
+        return root if r == "." else r
+
+    def unreadable(e: OSError) -> None:
+        skipped.append(f"{rel(e.filename)}: cannot read the folder ({e.strerror})")
+
+    files = []
+    inside = {root: (folder_id(root),)}  # per folder to walk: the folders it is inside, itself included
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
+        chain = inside.pop(folder)
+        for name in list(subfolders):
+            path = os.path.join(folder, name)
+            if name.startswith("."):
+                subfolders.remove(name)  # hidden: nothing in it is an input
+                continue
+            try:
+                ident = folder_id(path)
+            except OSError:
+                inside[path] = chain  # os.walk cannot list it either, and reports it through `unreadable`
+                continue
+            if ident in chain:
+                subfolders.remove(name)
+                skipped.append(f"{rel(path)}: a symlink loop back to {rel(os.path.realpath(path))}, not followed")
+            else:
+                inside[path] = (*chain, ident)
+        files += [os.path.join(folder, f).replace(os.sep, "/") for f in names]
+    return files
+
+
+def folder_id(path: str) -> tuple[int, int]:
+    """What identifies a folder however it is reached (through symlinks or not)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def detect_layout(fs: fsspec.AbstractFileSystem, root: str, relpaths: list[str]) -> tuple[Layout, str]:

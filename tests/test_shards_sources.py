@@ -1,0 +1,68 @@
+"""What `convert` reads of SRC: symlink loops are never followed and unreadable folders are reported,
+each named, rather than changing the layout or vanishing silently."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from shards import ConvertOptions, convert, read_manifest, samples
+
+SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
+
+
+def test_a_symlink_loop_in_a_class_folder_is_skipped_and_the_labels_kept(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 3}, size=32, classes=["chelsea", "rocket"])
+    flat = src / "train"  # SRC/<class>/...
+    (flat / "chelsea" / "again").symlink_to(flat / "chelsea", target_is_directory=True)
+    (flat / "rocket" / "up").symlink_to(flat, target_is_directory=True)
+    summary = convert(ConvertOptions(src=str(flat), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert (summary.layout, summary.added, summary.rejected) == ("imagefolder", 6, 0)
+    assert read_manifest(str(tmp_path / "s")).classes == ["chelsea", "rocket"]
+    assert not (tmp_path / "s" / "rejects.jsonl").read_text()
+    assert summary.skipped == ["chelsea/again: a symlink loop back to chelsea, not followed",
+                               f"rocket/up: a symlink loop back to {flat}, not followed"]
+
+    result = CliRunner().invoke(app, ["convert", str(flat), str(tmp_path / "cli"), "--workers", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: skipped chelsea/again: a symlink loop back to chelsea, not followed" in result.stderr
+    assert "layout: imagefolder" in result.stderr
+
+
+def test_loops_through_two_symlinks_end(tmp_path):
+    """a/to_b -> b and b/to_a -> a: each path is followed until it would enter a folder it is already inside."""
+    src = samples.make_unlabeled(tmp_path / "src", size=32)
+    a, b = src / "a", src / "b"
+    for folder, image in ((a, "chelsea"), (b, "rocket")):
+        folder.mkdir()
+        (folder / f"{image}.jpg").write_bytes((samples.PHOTOS_DIR / f"{image}.jpg").read_bytes())
+    (a / "to_b").symlink_to(b, target_is_directory=True)
+    (b / "to_a").symlink_to(a, target_is_directory=True)
+    summary = convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert summary.skipped == ["a/to_b/to_a: a symlink loop back to a, not followed",
+                               "b/to_a/to_b: a symlink loop back to b, not followed"]
+    rejects = [json.loads(line) for line in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
+    # Each photo is reached by two paths, as through any symlinked folder: one is stored, the other is the
+    # duplicate; nothing deeper.
+    rejected = {r["path"] for r in rejects}
+    pairs = [{"a/chelsea.jpg", "b/to_a/chelsea.jpg"}, {"b/rocket.jpg", "a/to_b/rocket.jpg"}]
+    assert len(rejected) == 2 and all(len(pair & rejected) == 1 for pair in pairs), rejected
+    assert {r["reason"] for r in rejects} == {"duplicate"} and summary.added == 32 + 2
+
+
+def test_an_unreadable_folder_is_reported(tmp_path, as_user):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea", "rocket"])
+    (src / "train" / "rocket").chmod(0)
+    try:
+        result = subprocess.run([*as_user, SHARDTRAIN, "convert", str(src), str(tmp_path / "s"), "--workers", "1"],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        (src / "train" / "rocket").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipped train/rocket: cannot read the folder (Permission denied)" in result.stderr
+    assert read_manifest(str(tmp_path / "s")).classes == ["chelsea"]
