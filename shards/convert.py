@@ -14,6 +14,8 @@ import re
 import signal
 import tempfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -239,19 +241,29 @@ def shard_is_whole(fs: fsspec.AbstractFileSystem, root: str, index: ShardIndex) 
 
 
 def run_workers(settings: Settings, tasks: list[tuple[Input, bool]], workers: int) -> Iterator[Result]:
-    """Results in task order, from a process pool (or in this process for one worker)."""
+    """Results in task order, from a process pool (or in this process for one worker).
+
+    A worker that dies (the kernel's OOM killer, a kill -9) breaks the pool: that is a one-line error,
+    and the shards finished so far stay for a rerun to resume from.
+    """
     work = partial(process, settings)
     if workers <= 1 or len(tasks) <= 1:
         yield from map(work, tasks)
         return
     chunksize = max(1, min(32, len(tasks) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers, initializer=default_sigterm) as pool:
-        yield from pool.imap(work, tasks, chunksize=chunksize)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=default_sigterm)
+    try:
+        yield from pool.map(work, tasks, chunksize=chunksize)
+    except BrokenProcessPool:
+        raise StoreError("a decoding worker process died (killed, e.g. out of memory); the finished shards are "
+                         "kept: rerun the same command to resume, with fewer --workers if memory is short") from None
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, the tasks not started are dropped, not run
 
 
 def default_sigterm() -> None:
-    """In a pool worker: SIGTERM ends it quietly. The pool stops its workers with SIGTERM, and a
-    handler inherited from the caller (Prefect's raises TerminationSignal) would print a traceback."""
+    """In a pool worker: SIGTERM ends it quietly. A handler inherited from the caller (Prefect's raises
+    TerminationSignal) would print a traceback when the process group is stopped."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

@@ -3,6 +3,7 @@ job, leaves the finished shards alone, and the result equals an uninterrupted ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples, verify
+from shards.keys import order_key, sample_key
 from test_shards_reader import read_store
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
@@ -100,3 +102,57 @@ def test_unfinished_run_in_another_format_is_refused(tmp_path):
         convert(ConvertOptions(src=str(src), dest=str(dest), format="lmdb", workers=1), progress=False)
     summary = convert(ConvertOptions(src=str(src), dest=str(dest), shard_size="4samples", workers=1), progress=False)
     assert summary.added == 8 and summary.shards_written == ["train-000000.tar", "train-000001.tar"]
+
+
+def pool_workers(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def opening_fifo(pid: int) -> bool:
+    """Whether the process is blocked opening a FIFO for reading (there is no writer)."""
+    with contextlib.suppress(OSError):  # it may exit while we look
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    return False
+
+
+def test_a_worker_killed_mid_run_fails_in_one_line_and_the_rerun_resumes(tmp_path):
+    """As the kernel's OOM killer does it: kill -9 of one decoding worker, not of the command.
+
+    A FIFO among the inputs, last in the sample order and with no writer, keeps the worker that opens it
+    busy, so the kill always lands with work left, after the shards before it are finished."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 8}, size=64)
+    seed = ConvertOptions(src=str(src), dest="unused").seed
+    last = max(order_key(sample_key(p.relative_to(src).as_posix()), seed) for p in src.rglob("*.jpg"))
+    fifo = src / next(r for r in (f"train/chelsea/wait_{i}.jpg" for i in range(10_000))
+                      if order_key(sample_key(r), seed) > last)
+    os.mkfifo(fifo)
+    dest = tmp_path / "store"
+    proc = cli_convert(src, dest)
+    deadline = time.monotonic() + 120
+    while not list((dest / "_index").glob("*.json")) or not (
+            busy := [pid for pid in pool_workers(proc.pid) if opening_fifo(pid)]):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "conversion made no progress"
+        time.sleep(0.002)
+    os.kill(busy[0], signal.SIGKILL)
+    try:
+        proc.wait(timeout=60)  # a multiprocessing.Pool waited here forever
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: a decoding worker process died"), stderr
+    assert "Traceback" not in stderr
+    assert not (dest / "manifest.json").exists()
+    finished = shard_files(dest)
+    assert finished
+
+    fifo.unlink()
+    opts = ConvertOptions(src=str(src), dest=str(dest), shard_size="8samples", workers=2)
+    convert(opts, progress=False)
+    assert {n: v for n, v in shard_files(dest).items() if n in finished} == finished  # kept, not rewritten
+    clean = tmp_path / "clean"
+    convert(opts.model_copy(update={"dest": str(clean), "workers": 1}), progress=False)
+    assert digests(dest) == digests(clean)
+    assert verify(str(dest)) == []
