@@ -199,7 +199,7 @@ def same_conversion(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest
     if manifest.version != 1 or (manifest.source, manifest.format, manifest.settings) != (
             public_url(opts.src), opts.format, conversion_settings(opts)):
         return False
-    stored = {it.key for idx in read_indexes(fs, root).values() for it in idx.items}
+    stored = {it.key for idx in read_indexes(fs, root, manifest).values() for it in idx.items}
     stored |= {sample_key(r.path) for r in read_rejects(fs, root)}
     return stored == {inp.key for inp in listing.inputs}
 
@@ -215,7 +215,7 @@ def load_state(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest | No
             raise StoreError(f"cannot append: the store's samples are ordered with --seed {manifest.order.seed}, "
                              f"not {opts.seed}")
     in_store = {s.name for split in (manifest.splits.values() if manifest else []) for s in split.shards}
-    indexes = read_indexes(fs, root)
+    indexes = read_indexes(fs, root, manifest)
     version = manifest.version + 1 if manifest else 1
     resumed = {
         name: idx for name, idx in indexes.items()

@@ -164,30 +164,42 @@ def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest)
     write_bytes_atomic(fs, join(root, MANIFEST), json_bytes(manifest.model_dump(), indent=2))
 
 
-def read_indexes(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, ShardIndex]:
-    """Every shard index in the store, by shard name.
+def read_indexes(fs: fsspec.AbstractFileSystem, root: str,
+                 manifest: Manifest | None = None) -> dict[str, ShardIndex]:
+    """Every shard index in the store, by shard name; with `manifest`, each index of a shard it lists
+    must be there and match its recorded `index_sha256`.
 
-    A damaged one is refused, not skipped: --append would add that shard's inputs a second time.
-    Writes are atomic, so a kill never leaves one half-written; damage comes from outside.
+    A damaged one is refused, not skipped: --append would add that shard's inputs a second time, or
+    take a changed one's word for what is stored. Writes are atomic, so a kill never leaves one
+    half-written; damage comes from outside.
     """
+    entries = [s for split in manifest.splits.values() for s in split.shards] if manifest else []
+    recorded = {s.name: s.index_sha256 for s in entries}
     folder = join(root, INDEX_DIR)
-    if not fs.isdir(folder):
-        return {}
+    paths = sorted(p for p in fs.find(folder) if p.endswith(".json")) if fs.isdir(folder) else []
     indexes = {}
-    for path in sorted(fs.find(folder)):
-        if not path.endswith(".json"):
-            continue
+    for path in paths:
         shard = path.rsplit("/", 1)[1].removesuffix(".json")
+        raw = fs.cat_file(path)
         try:
-            index = load_json(ShardIndex, fs.cat_file(path))
-            problem = None if index.shard == shard else f"it names shard {index.shard}"
+            index = load_json(ShardIndex, raw)
+            problem = None if index.shard == shard else f"is damaged (it names shard {index.shard})"
         except ValueError as e:
-            problem = str(e).splitlines()[0]
+            problem = f"is damaged ({str(e).splitlines()[0]})"
+        if problem is None and recorded.get(shard) and hashlib.sha256(raw).hexdigest() != recorded[shard]:
+            problem = "does not match the manifest's index_sha256"
         if problem:
-            raise StoreError(f"{path} is damaged ({problem}), so which inputs shard {shard} holds is unknown: "
-                             "run `shardtrain verify` on the store, and reconvert into an empty DEST")
+            raise bad_index(path, shard, problem)
         indexes[shard] = index
+    missing = sorted(set(recorded) - set(indexes))
+    if missing:
+        raise bad_index(join(folder, f"{missing[0]}.json"), missing[0], "is missing")
     return indexes
+
+
+def bad_index(path: str, shard: str, problem: str) -> StoreError:
+    return StoreError(f"{path} {problem}, so which inputs shard {shard} holds is unknown: "
+                      "run `shardtrain verify` on the store, and reconvert into an empty DEST")
 
 
 def index_sha256(fs: fsspec.AbstractFileSystem, root: str, shard: str) -> str:

@@ -160,3 +160,30 @@ def test_verify_reports_a_truncated_lmdb_shard_without_opening_it(tmp_path, cut)
         problems = verify(str(dest), deep=deep)
         assert problems and all(p.startswith(f"{shard.name}: ") for p in problems)
         assert any("manifest says" in p for p in problems)
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+@pytest.mark.parametrize("command", ["append", "rerun"])
+def test_append_and_rerun_check_the_indexes_against_the_manifest(tmp_path, damage, command):
+    """A valid index whose content changed (a sha1 edited) passed read_indexes: --append and the same command
+    again took its word for what the shard holds. Its index_sha256 in the manifest now says otherwise."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 3}, size=32, classes=["chelsea"])
+    dest = tmp_path / "s"
+    opts = ConvertOptions(src=str(src), dest=str(dest), shard_size="2samples", workers=1)
+    convert(opts, progress=False)
+    index = dest / "_index" / "train-000000.tar.json"
+    if damage == "missing":
+        index.unlink()
+    else:
+        data = json.loads(index.read_bytes())
+        data["items"][0]["key"] = data["items"][1]["key"]  # still a valid index, now naming a sample twice
+        index.write_bytes(json.dumps(data, separators=(",", ":")).encode())
+    before = (dest / "manifest.json").read_bytes()
+    if command == "append":
+        samples.make_imagefolder(src, per_class={"train": 1}, size=32, classes=["chelsea"], start=10, seed=1)
+    with pytest.raises(StoreError) as err:
+        convert(opts.model_copy(update={"append": command == "append"}), progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{index} {'is missing' if damage == 'missing' else 'does not match the manifest'}")
+    assert "\n" not in message and "shardtrain verify" in message
+    assert (dest / "manifest.json").read_bytes() == before
