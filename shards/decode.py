@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
+import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -19,6 +22,7 @@ KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO"}  # re-encoded as PNG, others JPEG
 # (and WebP when its bitstream is VP8L: see webp_is_lossless)
 JPEG_QUALITY = 95
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")  # in the message of Pillow's DecompressionBombError
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ def process(settings: Settings, task: tuple[Input, bool]) -> Result:
         sha1 = hashlib.sha1(data).hexdigest()
         if digest_only:
             return Digest(item, sha1)
-        ext, image = encode_for_store(data, settings.max_side, settings.max_pixels)
+        with pillow_pixel_limit(settings.max_pixels):
+            ext, image = encode_for_store(data, settings.max_side, settings.max_pixels)
         meta = label_meta(settings, item)
     except BadInput as e:
         return Reject(item, sha1, e.reason, e.detail)
@@ -115,7 +120,7 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked in open_image
             img.load()
     except Image.DecompressionBombError as e:
-        raise BadInput("too_large", str(e)) from None
+        raise too_large(e, max_pixels) from None
     except Exception as e:  # plugins raise all sorts on corrupt data (struct.error, IndexError...)
         raise BadInput("truncated", str(e) or type(e).__name__) from None
     if img.format in KEPT_FORMATS and img.mode in ("RGB", "L") and eight_bit and fits \
@@ -155,7 +160,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise BadInput("too_large", str(e)) from None
+        raise too_large(e, max_pixels) from None
     except UnidentifiedImageError:
         raise BadInput("not_an_image", "cannot identify image file") from None
     except Exception as e:  # a recognised header whose body is broken (see encode_for_store)
@@ -164,6 +169,26 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     if w * h > max_pixels:
         raise BadInput("too_large", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
     return img
+
+
+@contextlib.contextmanager
+def pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS by itself (when opening, before open_image
+    sees the size, and per GIF frame or TIFF tile when loading): raise that limit to --max-pixels for the
+    decode, so that a --max-pixels above Pillow's is honoured. Never lowered: other threads may decode."""
+    pillows = Image.MAX_IMAGE_PIXELS
+    if pillows is not None:
+        Image.MAX_IMAGE_PIXELS = max(pillows, max_pixels)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillows
+
+
+def too_large(e: Image.DecompressionBombError, max_pixels: int) -> BadInput:
+    """Pillow's refusal, with our limit: its message quotes its own (twice Image.MAX_IMAGE_PIXELS)."""
+    found = _PILLOW_PIXELS.search(str(e))
+    return BadInput("too_large", f"{found.group(1) + ' pixels' if found else 'more pixels'} > max_pixels {max_pixels}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

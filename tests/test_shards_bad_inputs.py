@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +198,26 @@ def test_yolo_bad_labels(tmp_path):
     for stem in ("img_0005", "img_0006"):
         assert stored[sample_key(f"images/train/{stem}.jpg")]["boxes"] == []
     assert len(stored[sample_key("images/train/img_0007.jpg")]["boxes"]) >= 1
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height gray pixels, with a few bytes of pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit gray: a byte per pixel if decoded
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_bomb_is_rejected_naming_max_pixels_and_a_larger_one_is_honoured(tmp_path):
+    """Over twice Pillow's own limit, Pillow refused the image before our check, quoting its limit;
+    and a --max-pixels above Pillow's was not honoured."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 1}, size=32, classes=["chelsea"])
+    (src / "train" / "chelsea" / "bomb.png").write_bytes(png_declaring(20_000, 10_000))
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert rejects_of(tmp_path / "s")["train/chelsea/bomb.png"]["detail"] == "200000000 pixels > max_pixels 89478485"
+
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "big"), max_pixels=250_000_000, workers=1),
+            progress=False)
+    # Within the limit: decoded, and its missing pixel data is what rejects it.
+    assert rejects_of(tmp_path / "big")["train/chelsea/bomb.png"]["reason"] == "truncated"
