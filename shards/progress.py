@@ -11,12 +11,17 @@ console = Console(stderr=True)
 
 
 class RateColumn(ProgressColumn):
+    """Items per second since the task started. rich's own `speed` spans the last few updates only: a
+    burst of results at once made it absurd (151407.6 images/s), and a single update left it at 0."""
+
     def __init__(self, unit: str) -> None:
         super().__init__()
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:.1f} {self.unit}/s", style="progress.data.speed")
+        elapsed = task.finished_time if task.finished else task.elapsed
+        rate = f"{task.completed / elapsed:.1f}" if elapsed else "-"
+        return Text(f"{rate} {self.unit}/s", style="progress.data.speed")
 
 
 def progress_bar(enabled: bool, unit: str) -> Progress:

@@ -12,6 +12,11 @@ RESULTS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_top1", "val_to
                   "val_knn_top1", "lr", "images_per_s")
 
 
+def fmt(value: object) -> str:
+    """A figure for a log line: floats to 6 significant digits (0.0005075, not 0.0005075000000000002)."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def read_results(path: Path) -> list[dict]:
     if not path.exists():
         return []

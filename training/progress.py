@@ -44,12 +44,17 @@ class Reporter:
         self.window_start = time.perf_counter()
         self.wait_s = 0.0
         self.images_per_s = 0.0
+        # Since the last results row: samples and training time (up to the last step, so the eval is left out).
+        self.row_samples = 0
+        self.row_start = time.perf_counter()
+        self.row_train_s = 0.0
 
     def line(self, text: str) -> None:
         if self.world.is_main:
             self.console.print(text, markup=False, highlight=False)
 
     def start_epoch(self, epoch: int) -> None:
+        """`epoch` counts from 0; log lines count from 1, as results.csv's `epoch` (epochs done) does."""
         self.epoch = epoch
 
     @contextlib.contextmanager
@@ -64,10 +69,12 @@ class Reporter:
         self.epoch_loss += loss
         self.epoch_batches += 1
         self.samples += n
+        self.row_samples += n
 
     def step(self, step: int, lr: float, grad_norm: torch.Tensor | None, log_now: bool) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=step)
+        self.row_train_s = time.perf_counter() - self.row_start
         if not log_now:
             return
         elapsed = time.perf_counter() - self.window_start
@@ -85,7 +92,7 @@ class Reporter:
             info = f"loss {loss:.4f} lr {lr:.2e} {self.images_per_s:.0f} img/s"
             assert self.bar is not None
             self.bar.update(self.task, info=info)
-            self.line(f"step {step} epoch {self.epoch} {info} data-wait {100 * wait_share:.0f}%")
+            self.line(f"step {step} epoch {self.epoch + 1} {info} data-wait {100 * wait_share:.0f}%")
         self.window_batches = 0
         self.loss_sum.zero_()
         self.samples, self.wait_s, self.window_start = 0, 0.0, time.perf_counter()
@@ -100,12 +107,16 @@ class Reporter:
         self.epoch_batches = batches
 
     def eval_row(self, epoch: int, step: int, results: dict[str, float], lr: float) -> None:
-        """One results.csv row (rank 0) and the eval scalars; the train loss is this epoch's mean over all ranks."""
+        """One results.csv row (rank 0) and the eval scalars; the train loss is this epoch's mean over all ranks,
+        images/s the mean over the training since the last row (none if it trained no step)."""
         train_loss = sum_tensor(self.world, self.epoch_loss.clone()) / max(1, self.epoch_batches * self.world.size)
-        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss.item(), 6), "lr": lr,
-               "images_per_s": round(self.images_per_s, 2), **{k: round(v, 6) for k, v in results.items()}}
+        images_per_s = self.row_samples * self.world.size / self.row_train_s if self.row_samples else None
+        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss.item(), 6), "lr": float(f"{lr:.6g}"),
+               "images_per_s": None if images_per_s is None else round(images_per_s, 2),
+               **{k: round(v, 6) for k, v in results.items()}}
         self.epoch_loss.zero_()
         self.epoch_batches = 0
+        self.row_samples, self.row_train_s, self.row_start = 0, 0.0, time.perf_counter()
         if not self.world.is_main:
             return
         metrics.append_result(self.rdir / "results.csv", row)
@@ -113,7 +124,7 @@ class Reporter:
         for key, value in results.items():
             self.writer.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
         self.writer.flush()
-        self.line("eval " + " ".join(f"{k} {v}" for k, v in row.items()))
+        self.line("eval " + " ".join(f"{k} {metrics.fmt(v)}" for k, v in row.items()))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -289,8 +289,8 @@ def finish(cfg: RunConfig, world: dist.World, writer: checkpoint.Writer, uploade
                 reporter.line(f"warning: uploads to {cfg.checkpoint.storage} not done after "
                               f"{cfg.checkpoint.upload_timeout:.0f}s; the local copies in {rdir} are complete")
             uploader.close()
-        reporter.line(f"done: step {state.step}, best {cfg.eval.metric} {state.best} (step {state.best_step}); "
-                      f"run dir {rdir}")
+        reporter.line(f"done: step {state.step}, best {cfg.eval.metric} {metrics.fmt(state.best)} "
+                      f"(step {state.best_step}); run dir {rdir}")
     reporter.close()
     dist.barrier(world)
     return summary

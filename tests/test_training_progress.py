@@ -1,0 +1,58 @@
+"""What a run prints and records as it goes: epochs counted alike in step and eval lines, images/s in
+results.csv even when no log step came before the eval, figures printed rounded."""
+
+from __future__ import annotations
+
+import torch
+
+from training import metrics
+from training.dist import World
+from training.progress import Reporter
+
+LR = 0.0005075000000000002  # what a schedule hands over: printed raw before
+
+
+def train_steps(reporter: Reporter, epoch: int, first: int, steps: int, log_every: int) -> None:
+    reporter.start_epoch(epoch)
+    for step in range(first + 1, first + steps + 1):
+        reporter.add_loss(torch.tensor(2.0), 8)
+        reporter.step(step, LR, torch.tensor(1.0), log_now=step % log_every == 0)
+
+
+def test_step_and_eval_lines_agree_and_results_have_images_per_s(tmp_path, capsys):
+    world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+    reporter = Reporter(tmp_path, world, total_steps=14, step=0, log_every=7)
+    try:
+        train_steps(reporter, epoch=0, first=0, steps=7, log_every=7)
+        reporter.eval_row(1, 7, {"val_top1": 100 / 3}, LR)
+        # A second epoch shorter than log_every: no log step since the last eval.
+        train_steps(reporter, epoch=1, first=7, steps=3, log_every=7)
+        reporter.eval_row(2, 10, {"val_top1": 50.0}, LR)
+    finally:
+        reporter.close()
+    lines = capsys.readouterr().out.splitlines()
+    step_line = next(line for line in lines if line.startswith("step 7 "))
+    assert step_line.startswith("step 7 epoch 1 ")  # the first epoch, as the eval after it says
+    evals = [line for line in lines if line.startswith("eval ")]
+    assert evals[0].startswith("eval epoch 1 step 7 train_loss 2 lr 0.0005075 images_per_s ")
+    assert evals[0].endswith(" val_top1 33.3333")
+    rows = metrics.read_results(tmp_path / "results.csv")
+    assert [(r["epoch"], r["step"], r["lr"]) for r in rows] == [(1, 7, 0.0005075), (2, 10, 0.0005075)]
+    assert all(r["images_per_s"] > 0 for r in rows), rows  # the second row had 0.0: no log step before it
+    assert f"images_per_s {rows[1]['images_per_s']:g} " in evals[1]
+
+
+def test_a_row_after_no_training_has_no_images_per_s(tmp_path):
+    """An eval with no step since the last row (a resumed run whose last epoch only lacked its eval)."""
+    world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+    reporter = Reporter(tmp_path, world, total_steps=1, step=1, log_every=10)
+    try:
+        reporter.eval_row(1, 1, {"val_top1": 50.0}, LR)
+    finally:
+        reporter.close()
+    assert metrics.read_results(tmp_path / "results.csv")[0]["images_per_s"] is None
+
+
+def test_fmt():
+    assert [metrics.fmt(v) for v in (LR, 100 / 3, 2.0, 7, None)] == \
+        ["0.0005075", "33.3333", "2", "7", "None"]
