@@ -1,12 +1,19 @@
-"""The `shardtrain` console script: each package's commands, merged into one typer app."""
+"""The `shardtrain` console script: each package's commands, merged into one typer app.
+
+Start-up imports only what the commands' signatures need (typer, rich, pydantic, fsspec): torch, timm,
+albumentations and prefect are imported by the commands that use them, so `--help` and `inspect` are quick.
+"""
 
 import signal
 import sys
 
-# Importing the commands takes seconds (torch, prefect, albumentations). A scheduler's SIGTERM in that window
-# finds nothing started: exit with the preemption code (training.EXIT_PREEMPTED, "run me again"), not a
-# signal death. Once imported, the default returns; `shardtrain train` installs its own forwarding.
+# A scheduler's SIGTERM while the commands are still importing finds nothing started: exit with the preemption
+# code (training.EXIT_PREEMPTED, "run me again"), not a signal death. Once imported, the default returns;
+# `shardtrain train` installs its own until torchrun forwards the signal.
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+
+from importlib.metadata import version  # noqa: E402
+from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -22,8 +29,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(shards_app)
 app.add_typer(doctor_app)
 app.add_typer(training_app)
 app.command()(demo)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"shardtrain {version('shardtrain')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    _version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                           help="Show the version and exit.")] = False,
+) -> None:
+    """Options of shardtrain itself; the work is done by the commands."""

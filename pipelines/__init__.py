@@ -8,15 +8,21 @@
 What an epoch covers is spelled out in README.md `## Data pipelines` and pipelines/plan.py.
 """
 
+import importlib
 import os
 
 # albumentations asks the network for its latest version at import; GPU hosts and clusters are often
 # offline, where that costs a timeout and a warning in every worker.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipelines.config import AugmentConfig, DataConfig, DataError  # noqa: E402
-from pipelines.decode import decode_image  # noqa: E402
-from pipelines.loader import Loader, build_loader  # noqa: E402
-from pipelines.presets import detect_eval  # noqa: E402
+# Each name is imported on first use: the loader pulls in torch and albumentations (seconds), which a
+# reader of the config alone (training.config, hence every `shardtrain` command) does not need.
+_MODULES = {"AugmentConfig": "config", "DataConfig": "config", "DataError": "config", "decode_image": "decode",
+            "Loader": "loader", "build_loader": "loader", "detect_eval": "presets"}
+__all__ = sorted(_MODULES)
 
-__all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "build_loader", "decode_image", "detect_eval"]
+
+def __getattr__(name: str) -> object:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)

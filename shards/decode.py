@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shards.layouts import Input
@@ -194,6 +193,8 @@ def too_large(e: Image.DecompressionBombError, max_pixels: int) -> BadInput:
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB: alpha composited on white, 16-bit scaled (not clipped), CMYK/palette converted."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        import numpy as np  # here: only 16-bit images need it, and `shardtrain --help` should not wait for it
+
         wide = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
         return Image.fromarray(np.round(wide / 257).astype(np.uint8), "L").convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info

@@ -63,6 +63,13 @@ def test_gpu_path_orientation_matches_pil(orientation):
     assert np.abs(got.astype(int) - expected).mean() < 2  # same pixels up to IDCT rounding
 
 
+def test_normalisation_defaults_are_timms():
+    """pipelines.config writes timm's ImageNet mean and std out rather than import timm (torch) for them."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    assert (AugmentConfig().mean, AugmentConfig().std) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
 def test_presets_keep_shapes_and_uint8():
     aug = AugmentConfig()
     img = np.random.default_rng(0).integers(0, 255, (75, 130, 3), dtype=np.uint8)

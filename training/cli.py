@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -9,6 +13,7 @@ import typer
 
 from training.config import TrainError
 from training.launch import launch
+from training.preempt import EXIT_PREEMPTED
 
 app = typer.Typer()
 
@@ -24,12 +29,24 @@ def train(
 ) -> None:
     """Train a timm model on a shard store with DDP (wraps torchrun); exit code 75 = preempted, resume me."""
     try:
-        code = launch(config, overrides or [], nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                      rdzv_endpoint=rdzv_endpoint)
+        with preempted_on_sigterm():
+            code = launch(config, overrides or [], nproc_per_node=nproc_per_node, nnodes=nnodes,
+                          node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     except TrainError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def preempted_on_sigterm() -> Iterator[None]:
+    """Until `launch` forwards SIGTERM to torchrun (and after it returns), a SIGTERM finds no run started:
+    exit EXIT_PREEMPTED ("run me again"), as during the CLI's imports (flows/cli.py), not a signal death."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_PREEMPTED))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()
