@@ -8,6 +8,8 @@ with a seeded RNG, so the same seed always gives the same files:
 - `make_unlabeled`: random crops of all photos in a nested tree.
 - `make_yolo`: crops of the photos ("objects", one class each) pasted onto the
   grayscale texture photos, with their YOLO boxes and a `data.yaml`.
+- `make_coins`: a one-class YOLO set of real objects: windows of the coins photo, each coin
+  boxed by a segmentation of the photo, train and held-out windows from disjoint rows of coins.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import cv2
+import numpy as np
 from PIL import Image
 
 PHOTOS_DIR = Path(__file__).parent / "photos"
@@ -131,4 +135,90 @@ def make_yolo(
     (dest / "data.yaml").write_text(
         f"path: .\ntrain: images/train\nval: images/val\nnames:\n{names_yaml}\n"
     )
+    return dest
+
+
+# The coins photo holds 24 coins in 4 rows; the first three rows (above y=225) make the train windows and the
+# fourth the held-out ones, so no held-out coin is ever seen in training.
+COINS_HELD_OUT_Y = 225
+
+
+def coin_boxes() -> np.ndarray:
+    """(x0, y0, x1, y1) pixel boxes of the 24 coins of coins.jpg, from a segmentation of the photo: local
+    (adaptive) threshold against the uneven lighting, holes filled, connected components of over 500 px."""
+    gray = cv2.imread(str(PHOTOS_DIR / "coins.jpg"), cv2.IMREAD_GRAYSCALE)
+    fg = cv2.adaptiveThreshold(cv2.GaussianBlur(gray, (5, 5), 0), 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C,
+                               cv2.THRESH_BINARY, 71, -5)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    outside = fg.copy()
+    cv2.floodFill(outside, None, (0, 0), 255)  # the background reached from a corner; the rest is coins
+    _, _, stats, _ = cv2.connectedComponentsWithStats(fg | ~outside)
+    x, y, w, h, area = stats[1:].T
+    keep = area > 500
+    return np.stack([x, y, x + w, y + h], axis=1)[keep].astype(np.float32)
+
+
+def _free_cuts(lo: int, hi: int, spans: np.ndarray) -> list[int]:
+    """Positions in [lo, hi] where a straight cut passes through none of the (start, end) spans."""
+    return [c for c in range(lo, hi + 1) if not ((spans[:, 0] < c) & (c < spans[:, 1])).any()]
+
+
+def _coin_window(rng: random.Random, boxes: np.ndarray, region: tuple[int, int, int, int],
+                 coins: tuple[int, int]) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """A random window of `region` whose edges cut no coin, holding between coins[0] and coins[1] of them
+    (at most all of the region's); and its coins."""
+    x0r, y0r, x1r, y1r = region
+    inside = boxes[(boxes[:, 1] >= y0r) & (boxes[:, 3] <= y1r)]
+    lo, hi = min(coins[0], len(inside)), coins[1]
+    rows = _free_cuts(y0r, y1r, inside[:, [1, 3]])
+    while True:
+        top, bottom = sorted(rng.sample(rows, 2))
+        band = inside[(inside[:, 1] < bottom) & (inside[:, 3] > top)]
+        cols = _free_cuts(x0r, x1r, band[:, [0, 2]])
+        left, right = sorted(rng.sample(cols, 2))
+        held = band[(band[:, 0] >= left) & (band[:, 2] <= right)]
+        if lo <= len(held) <= hi:
+            return (left, top, right, bottom), held
+
+
+def make_coins(
+    dest: str | Path,
+    per_split: dict[str, int] | None = None,
+    scale: dict[str, tuple[float, float]] | None = None,
+    coins: dict[str, tuple[int, int]] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a one-class ("coin") YOLO set of windows of the coins photo: `images/<split>/*.jpg`,
+    `labels/<split>/*.txt`, `data.yaml`.
+
+    Each image is a random window of the photo whose edges pass through no coin (every coin in it is whole,
+    so every box is the coin's), holding coins[split] = (fewest, most) coins (default (2, 24)), resized by a
+    random factor in scale[split] (default (1, 2): coins of about 40 to 130 px). The "train" split is cut from
+    the top three rows of coins (18 coins), every other split from the held-out fourth row (6 coins). Fewer
+    coins in a window means larger coins once the image is letterboxed to a training size.
+    """
+    dest = Path(dest)
+    per_split = per_split or {"train": 64, "val": 16}
+    scale, coins = scale or {}, coins or {}
+    rng = random.Random(seed)
+    photo = _open("coins")
+    boxes = coin_boxes()
+    for split, count in per_split.items():
+        (dest / "images" / split).mkdir(parents=True, exist_ok=True)
+        (dest / "labels" / split).mkdir(parents=True, exist_ok=True)
+        region = (0, 0, photo.width, COINS_HELD_OUT_Y) if split == "train" else \
+            (0, COINS_HELD_OUT_Y, photo.width, photo.height)
+        lo, hi = scale.get(split, (1.0, 2.0))
+        for i in range(count):
+            (left, top, right, bottom), held = _coin_window(rng, boxes, region, coins.get(split, (2, 24)))
+            w, h = right - left, bottom - top
+            f = rng.uniform(lo, hi)
+            photo.crop((left, top, right, bottom)).resize((round(w * f), round(h * f)), Image.BILINEAR).save(
+                dest / "images" / split / f"coins_{i:04d}.jpg", quality=90)
+            cx, cy = ((held[:, 0] + held[:, 2]) / 2 - left) / w, ((held[:, 1] + held[:, 3]) / 2 - top) / h
+            bw, bh = (held[:, 2] - held[:, 0]) / w, (held[:, 3] - held[:, 1]) / h
+            (dest / "labels" / split / f"coins_{i:04d}.txt").write_text(
+                "".join(f"0 {a:.6f} {b:.6f} {c:.6f} {d:.6f}\n" for a, b, c, d in zip(cx, cy, bw, bh)))
+    splits = "".join(f"{s}: images/{s}\n" for s in per_split)
+    (dest / "data.yaml").write_text(f"path: .\n{splits}names:\n  0: coin\n")
     return dest
