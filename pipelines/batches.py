@@ -90,8 +90,13 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
     good, bad = decode_all(samples, seeds, spec.size)
     items = []
     for raw, _, img in good:
-        boxes, labels = yolo_to_pixels(raw.meta, img.shape[1], img.shape[0])
-        items.append({"image": img, "bboxes": boxes, "labels": labels})
+        height, width = img.shape[:2]
+        boxes, labels = yolo_to_pixels(raw.meta, width, height)
+        item = {"image": img, "bboxes": boxes, "labels": labels}
+        if spec.train:
+            # whole areas at the letterbox scale (mosaic cells are at it too): the visibility rule's reference
+            item["areas"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * (spec.size / max(height, width)) ** 2
+        items.append(item)
     images, boxes, labels = [], [], []
     for i, (_, seed, _) in enumerate(good):
         data = dict(items[i])
@@ -101,9 +106,10 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
             picks = np.random.default_rng(seed).permutation(others)[:3] if others else []
             data["mosaic_metadata"] = [items[j] for j in picks]
         out = apply(spec.transforms[0], seed, **data)
+        keep = presets.keep_visible(out, spec.aug) if spec.train else slice(None)
         images.append(out["image"])
-        boxes.append(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)))
-        labels.append(torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)))
+        boxes.append(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)[keep]))
+        labels.append(torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)[keep]))
     return {"image": chw(images, spec.size), "boxes": boxes, "labels": labels}, bad
 
 

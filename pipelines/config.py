@@ -39,6 +39,9 @@ class AugmentConfig(pydantic.BaseModel, extra="forbid"):
     scale_jitter: float = 0.5
     hsv: tuple[float, float, float] = (0.015, 0.7, 0.4)
     min_box_px: float = 2.0
+    # YOLO's box-candidate rule (pipelines.presets.keep_visible): share of the whole box in view, sides' ratio
+    min_visibility: float = 0.25
+    max_aspect: float = 20.0
 
 
 class DataConfig(pydantic.BaseModel, extra="forbid"):

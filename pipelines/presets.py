@@ -10,6 +10,7 @@ import math
 
 import albumentations as A
 import cv2
+import numpy as np
 
 from pipelines.config import AugmentConfig
 
@@ -64,10 +65,13 @@ def dino_views(size: int, aug: AugmentConfig) -> list[A.Compose]:
     return globals_ + [local] * aug.local_crops
 
 
-def _bbox_params(aug: AugmentConfig) -> A.BboxParams:
+def _bbox_params(aug: AugmentConfig, label_fields: tuple[str, ...] = ("labels",)) -> A.BboxParams:
+    # Clipped to the image, dropped under min_box_px. The visibility and aspect rule needs each object's whole
+    # area, which albumentations' Mosaic loses (its cells clip boxes before its own min_visibility test, so
+    # that test always passes): `keep_visible` applies it to the train preset's output instead.
     return A.BboxParams(
-        format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True,
-        min_width=aug.min_box_px, min_height=aug.min_box_px, min_visibility=0.1,
+        format="pascal_voc", label_fields=list(label_fields), clip=True, filter_invalid_bboxes=True,
+        min_width=aug.min_box_px, min_height=aug.min_box_px,
     )
 
 
@@ -79,25 +83,45 @@ def _letterbox(size: int) -> list[A.BasicTransform]:
 
 
 def detect_train(size: int, aug: AugmentConfig) -> A.Compose:
-    """Mosaic of 4 (partners passed as `mosaic_metadata`), letterbox, affine, flip, HSV.
+    """Mosaic of 4 (partners passed as `mosaic_metadata`), letterbox, affine, flip, HSV, as YOLO's train pipeline.
 
-    Boxes are pascal_voc pixels; those clipped to under `min_box_px` wide or high, or less
-    than 10% visible, are dropped with their labels.
+    Every image is at the letterbox scale before the affine step, in a mosaic cell (fit "contain": longest side
+    `size`, grey padding) as alone, so objects have the sizes they have at evaluation until the scale jitter.
+    The affine step scales both axes by one factor (objects keep their shape). Boxes are pascal_voc pixels with
+    two label fields, `labels` and `areas` (each box's whole area at the letterbox scale, for `keep_visible`).
     """
     h, s, v = aug.hsv
     return A.Compose(
         [
-            A.Mosaic(grid_yx=(2, 2), target_size=(size, size), cell_shape=(size, size), fill=PAD_VALUE, p=aug.mosaic),
+            A.Mosaic(grid_yx=(2, 2), target_size=(size, size), cell_shape=(size, size), fit_mode="contain",
+                     fill=PAD_VALUE, p=aug.mosaic),
             *_letterbox(size),
             A.Affine(
-                scale=(1 - aug.scale_jitter, 1 + aug.scale_jitter), translate_percent=(-aug.translate, aug.translate),
-                border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE, p=1.0,
+                scale=(1 - aug.scale_jitter, 1 + aug.scale_jitter), keep_ratio=True,
+                translate_percent=(-aug.translate, aug.translate), border_mode=cv2.BORDER_CONSTANT, fill=PAD_VALUE,
+                p=1.0,
             ),
             A.HorizontalFlip(p=aug.hflip),
             A.HueSaturationValue(hue_shift_limit=h * 180, sat_shift_limit=s * 255, val_shift_limit=v * 255, p=1.0),
         ],
-        bbox_params=_bbox_params(aug),
+        bbox_params=_bbox_params(aug, ("labels", "areas")),
+        save_applied_params=True,
     )
+
+
+def keep_visible(out: dict, aug: AugmentConfig) -> np.ndarray:
+    """Which boxes of a `detect_train` output to keep: YOLO's box-candidate rule (ultralytics' `box_candidates`).
+
+    A box is kept when it is at least `min_box_px` wide and high (the bbox params drop the others), at least
+    `min_visibility` of the object's whole box (its `areas` entry, times the affine step's area scale) is in
+    view, and its sides are at most `max_aspect` to 1. Objects cut at the mosaic's or the image's edge to a
+    sliver fail the last two; a sliver kept as a target teaches the detector to fire on edges of objects.
+    """
+    boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+    w, h = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6), np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    affine = next(params["matrix"] for name, params in out["applied_transforms"] if name == "Affine")
+    whole = np.asarray(out["areas"], dtype=np.float32).reshape(-1) * abs(np.linalg.det(affine[:2, :2]))
+    return (w * h >= aug.min_visibility * whole) & (np.maximum(w / h, h / w) <= aug.max_aspect)
 
 
 def detect_eval(size: int, aug: AugmentConfig) -> A.Compose:
