@@ -1,17 +1,21 @@
-"""Does the detector learn? COCO mAP on held-out images after a short FCOS run vs the same model at random init.
+"""Does the detector learn real objects, and does each augmentation help? Held-out COCO mAP after FCOS from scratch.
 
-Data, all made by `shards.samples.make_yolo` from the bundled real photos (see shards/samples/LICENSE.md):
-each image is a random crop of one of two real texture photos (brick, coins), on which 1-3 non-overlapping
-"objects" are pasted, each the whole of one of the 6 other photos (astronaut, chelsea, coffee, hubble, retina,
-rocket) resized to a random box of 1/5 to 1/2 of the image side, its class being the photo. Train and val images are different draws (other texture crops, other boxes) of the
-same 6 objects. It is a real-photo set, but a much easier one than natural scenes: the objects are never
-occluded and always look the same apart from their size and aspect ratio.
+Data, made by `shards.samples.make_coins` from the bundled coins photo (see shards/samples/LICENSE.md): one
+class, "coin"; every image is a window of the photo whose edges cut no coin, with each coin's box from a
+segmentation of the photo. Train windows come from the top three rows of coins (18 coins), held-out ones from
+the fourth row (6 coins no train image shows), so mAP is on objects never seen in training:
+- `train`: windows of 3 to 18 coins (coins about 1/20 to 1/4 of the image side once letterboxed);
+- `val`: held-out windows of 2 to 6 coins (the same range of sizes);
+- `val_zoom`: held-out windows of 1 or 2 coins (zoomed in: coins about 1/3 to 2/3 of the side), a scale
+  the train set never shows; the scale jitter should help there.
 
-The model is FCOS (torchvision) on a timm resnet18 body with an FPN, from random init (no pretrained weights:
-nothing is downloaded). The baseline is the same model built with the same seed, evaluated by the same code
-before any step. CPU is enough:
+Every variant trains the same model (FCOS, torchvision, on a timm body with an FPN, from random init: no
+pretrained weights) with `configs/detector.yaml`'s optimizer (SGD 0.01, momentum 0.9) and schedule for the
+same steps, and differs only in `data.augment`: the shipped augmentation, none, and each augmentation alone.
+Variants run side by side, one process each (--parallel):
 
-    .venv/bin/python bench/detect_map.py [--epochs 12] [--size 96] [--work /tmp/detect-bench]
+    python bench/detect_map.py                                          # the GPU run of bench/RESULTS.md
+    python bench/detect_map.py --size 128 --steps 40 --model test_resnet --variants shipped,none --parallel 1
 
 The last line is one JSON object, also appended to bench/results/detect_map.jsonl.
 """
@@ -19,94 +23,153 @@ The last line is one JSON object, also appended to bench/results/detect_map.json
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines import build_loader  # noqa: E402
 from common import machine, record  # noqa: E402
+from pipelines import build_loader  # noqa: E402
 from shards import ConvertOptions, convert, samples  # noqa: E402
 from training import run  # noqa: E402
-from training.config import RunConfig, validate  # noqa: E402
+from training.config import RunConfig, load_config  # noqa: E402
 from training.dist import World  # noqa: E402
 from training.tasks.detect import DetectTask  # noqa: E402
-from training.train import seed_everything  # noqa: E402
+
+OFF = {"mosaic": 0.0, "scale_jitter": 0.0, "translate": 0.0, "hflip": 0.0, "hsv": [0.0, 0.0, 0.0]}
+SHIPPED = yaml.safe_load((ROOT / "configs" / "detector.yaml").read_text())
+AUG = SHIPPED["data"]["augment"]
+VARIANTS = {
+    "shipped": {},
+    "none": OFF,
+    **{f"{k}_only": {**OFF, k: AUG[k]} for k in ("mosaic", "scale_jitter", "translate", "hflip", "hsv")},
+    "shipped_vis10": {"min_visibility": 0.1},  # ultralytics' area threshold instead of ours
+}
+SPLITS = {"train": ((3, 18), 160), "val": ((2, 6), 32), "val_zoom": ((1, 2), 32)}
 
 
-
-def make_store(work: Path, raw_size: int, train: int, val: int) -> str:
-    dest = work / "store"
+def make_store(work: Path, train: int) -> str:
+    dest = work / f"store_{train}"
     if not (dest / "manifest.json").exists():
-        raw = samples.make_yolo(work / "raw", per_split={"train": train, "val": val}, size=raw_size, seed=5)
+        per_split = {s: train if s == "train" else n for s, (_, n) in SPLITS.items()}
+        raw = samples.make_coins(work / f"raw_{train}", per_split=per_split,
+                                 coins={s: c for s, (c, _) in SPLITS.items()}, seed=5)
         convert(ConvertOptions(src=str(raw), dest=str(dest), format="wds"), progress=False)
     return str(dest)
 
 
-def run_config(work: Path, store: str, size: int, epochs: int, batch: int, model: str) -> RunConfig:
-    return validate({
-        "name": f"detect_map_{int(time.time())}", "runs_dir": str(work / "runs"), "task": "detect", "seed": 0,
-        "data": {"path": store, "image_size": size, "batch_size": batch, "workers": 1, "pin_memory": False,
-                 "channels_last": False, "augment": {"mosaic": 0.25, "scale_jitter": 0.25}},
-        "model": {"name": model},
-        "detect": {"fpn_channels": 64, "head_convs": 2, "p6p7": False},
-        "optim": {"lr": 2e-3, "weight_decay": 1e-4, "warmup_epochs": 1, "min_lr": 1e-5, "clip_grad": 10.0},
-        "train": {"epochs": epochs, "log_every": 20},
-        "checkpoint": {"every_steps": 10_000, "keep": 1},
-        "resume": "never",
-        "eval": {"every_epochs": max(1, epochs // 4)},
-    })
+def write_config(work: Path, store: str, variant: str, args: argparse.Namespace) -> Path:
+    """detector.yaml with the bench's data, model size and length; only data.augment differs between variants."""
+    cfg = yaml.safe_load((ROOT / "configs" / "detector.yaml").read_text())
+    steps_per_epoch = -(-args.train // args.batch)
+    cfg.update(name=variant, runs_dir=str(work / "runs"), resume="never")
+    cfg["data"].update(path=store, image_size=args.size, batch_size=args.batch, workers=args.workers,
+                       augment={**cfg["data"]["augment"], **VARIANTS[variant]})
+    cfg["model"].update(name=args.model)
+    cfg["train"].update(epochs=-(-args.steps // steps_per_epoch), max_steps=args.steps, log_every=50)
+    cfg["eval"].update(every_epochs=10_000)  # once, at the end
+    cfg["checkpoint"].update(every_steps=100_000, keep=1)
+    path = work / "configs" / f"{variant}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
-def random_init_map(cfg: RunConfig) -> dict[str, float]:
-    """mAP of the model the run starts from (the loop seeds the same way before building it)."""
-    world = World(0, 0, 1, torch.device("cpu"))
-    seed_everything(cfg.seed)
-    loader = build_loader(cfg.data, cfg.data.val_split, train=False, task="detect", rank=0, world_size=1,
-                          seed=cfg.seed, device=world.device)
-    task = DetectTask(cfg, loader.classes, world, Path(cfg.runs_dir) / "pretrained")
-    model = task.build_model()
-    loader.set_epoch(0)
-    return task.evaluate(model, loader)
+def held_out_maps(cfg: RunConfig, device: torch.device) -> dict[str, float]:
+    """mAP of the run's last weights on each held-out split."""
+    world = World(0, 0, 1, device)
+    ckpt = torch.load(Path(cfg.runs_dir) / cfg.name / "checkpoints" / "last.pt", weights_only=True, map_location=device)
+    out = {}
+    for split in ("val", "val_zoom"):
+        loader = build_loader(cfg.data, split, train=False, task="detect", rank=0, world_size=1, seed=cfg.seed,
+                              device=device)
+        task = DetectTask(cfg, loader.classes, world, Path(cfg.runs_dir) / "pretrained")
+        model = task.build_model().to(device)
+        model.load_state_dict(ckpt["model"])
+        loader.set_epoch(0)
+        scores = task.evaluate(model, loader)
+        out |= {f"{split}_map": round(scores["map"], 4), f"{split}_map50": round(scores["map50"], 4)}
+    return out
+
+
+def one(config: Path) -> None:
+    """Train one variant (in this process) and print its figures as one JSON line."""
+    cfg = load_config(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    summary = run(cfg)
+    train_s = time.perf_counter() - start
+    print("RESULT " + json.dumps({"variant": cfg.name, "train_loss": round(float(summary["final"]["train_loss"]), 4),
+                                  "steps": summary["step"], "train_s": round(train_s, 1),
+                                  **held_out_maps(cfg, device)}), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--size", type=int, default=96, help="training image size (letterboxed)")
-    p.add_argument("--raw-size", type=int, default=128, help="side of the made images")
-    p.add_argument("--train", type=int, default=192)
-    p.add_argument("--val", type=int, default=48)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--size", type=int, default=384, help="training image size (letterboxed)")
+    p.add_argument("--train", type=int, default=160, help="train images")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="loader workers per variant")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--parallel", type=int, default=len(VARIANTS), help="variants trained at the same time")
     p.add_argument("--work", type=Path, default=Path("/tmp/detect-bench"))
+    p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.one:
+        return one(args.one)
 
-    store = make_store(args.work, args.raw_size, args.train, args.val)
-    cfg = run_config(args.work, store, args.size, args.epochs, args.batch, args.model)
-    baseline = random_init_map(cfg)
-    print(f"random init: mAP@0.5 {baseline['map50']:.4f}, mAP@0.5:0.95 {baseline['map']:.4f}")
-    start = time.perf_counter()
-    summary = run(cfg)
-    train_s = time.perf_counter() - start
-    final = summary["final"]
-    print(f"after {summary['epoch']} epochs ({summary['step']} steps, {train_s:.0f}s): mAP@0.5 {final['val_map50']:.4f}, "
-          f"mAP@0.5:0.95 {final['val_map']:.4f} (best {summary['best']:.4f})")
-    out = {"bench": "detect_map", "random_init_map50": round(baseline["map50"], 4),
-           "random_init_map": round(baseline["map"], 4), "map50": final["val_map50"], "map": final["val_map"],
-           "best_map": round(summary["best"], 4), "epochs": summary["epoch"], "steps": summary["step"],
-           "train_s": round(train_s, 1),
-           "images": {"train": args.train, "val": args.val, "raw_size": args.raw_size, "size": args.size,
-                      "classes": 6, "source": "shards.samples.make_yolo (real photos pasted on real textures)"},
-           "model": f"FCOS, timm {args.model} features_only + FPN 64ch, head 2 convs, random init",
-           "machine": machine()}
-    record("detect_map", out)
+    store = make_store(args.work, args.train)
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"error: unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start, results, running = time.perf_counter(), {}, {}
+    queue = [(n, write_config(args.work, store, n, args)) for n in names]
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            name, config = queue.pop(0)
+            log = open(args.work / f"{name}.log", "w")
+            running[name] = (subprocess.Popen([sys.executable, __file__, "--one", str(config)], stdout=log,
+                                              stderr=subprocess.STDOUT, env=env), log)
+        time.sleep(2)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            text = (args.work / f"{name}.log").read_text()
+            lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+            results[name] = json.loads(lines[-1][7:]) if proc.returncode == 0 and lines else \
+                {"variant": name, "error": text[-1500:]}
+            print(json.dumps(results[name]), flush=True)
+            del running[name]
+    print(f"{'variant':14s} {'train loss':>10s} {'val mAP':>8s} {'val mAP50':>9s} {'zoom mAP':>8s} {'zoom mAP50':>10s}")
+    for name in names:
+        r = results[name]
+        if "error" in r:
+            print(f"{name:14s} failed")
+            continue
+        print(f"{name:14s} {r['train_loss']:10.3f} {r['val_map']:8.3f} {r['val_map50']:9.3f} "
+              f"{r['val_zoom_map']:8.3f} {r['val_zoom_map50']:10.3f}")
+    record("detect_map", {
+        "bench": "detect_map", "variants": results, "wall_s": round(time.perf_counter() - start, 1),
+        "settings": {"steps": args.steps, "size": args.size, "batch": args.batch, "train": args.train,
+                     "model": f"FCOS ({SHIPPED['detect']['head']}), timm {args.model} + FPN, random init",
+                     "optim": SHIPPED["optim"], "shipped_augment": AUG,
+                     "data": "shards.samples.make_coins: windows of the coins photo, boxes by segmentation; "
+                             f"splits (coins per image, images): {SPLITS}"},
+        "machine": machine(),
+    })
 
 
 if __name__ == "__main__":
