@@ -90,20 +90,21 @@ def test_train_augmentations_keep_boxes_on_the_object():
     kept = 0
     for trial in range(12):
         image, boxes = scene(rng, 128)
-        labels = [1]
+        labels, areas = [1], [1.0]  # areas: the train preset's second label field (only its rule reads it)
         partners = [{"image": rng.integers(90, 140, (80, 100, 3), dtype=np.uint8), "bboxes": np.zeros((0, 4)),
-                     "labels": []} for _ in range(3)]
+                     "labels": [], "areas": []} for _ in range(3)]
         for t in preset.transforms:
             one = A.Compose([t], bbox_params=preset.processors["bboxes"].params)
             one.set_random_seed(trial)
-            data = {"image": image, "bboxes": boxes, "labels": labels}
+            data = {"image": image, "bboxes": boxes, "labels": labels, "areas": areas}
             if isinstance(t, A.Mosaic):
                 data["mosaic_metadata"] = partners
             out = one(**data)
             if isinstance(t, A.ImageOnlyTransform):  # colour only (HSV): the boxes must not move
                 np.testing.assert_allclose(np.asarray(out["bboxes"]).reshape(-1, 4), boxes, atol=1e-4)
                 continue
-            image, boxes, labels = out["image"], np.asarray(out["bboxes"]).reshape(-1, 4), list(out["labels"])
+            image, boxes = out["image"], np.asarray(out["bboxes"]).reshape(-1, 4)
+            labels, areas = list(out["labels"]), list(out["areas"])
             extent, count = red_extent(image)
             if len(boxes) == 0:
                 # dropped only when (almost) nothing of the object is left in view
