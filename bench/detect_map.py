@@ -15,7 +15,8 @@ same steps, and differs only in `data.augment`: the shipped augmentation, none, 
 Variants run side by side, one process each (--parallel):
 
     python bench/detect_map.py                                          # the GPU run of bench/RESULTS.md
-    python bench/detect_map.py --size 128 --steps 40 --model test_resnet --variants shipped,none --parallel 1
+    python bench/detect_map.py --size 128 --steps 120 --train 64 --batch 8 --workers 0 --model test_resnet \
+        --fpn-channels 64 --head-convs 2 --parallel 2                   # the CPU run of bench/RESULTS.md
 
 The last line is one JSON object, also appended to bench/results/detect_map.jsonl.
 """
@@ -74,6 +75,7 @@ def write_config(work: Path, store: str, variant: str, args: argparse.Namespace)
     cfg["data"].update(path=store, image_size=args.size, batch_size=args.batch, workers=args.workers,
                        augment={**cfg["data"]["augment"], **VARIANTS[variant]})
     cfg["model"].update(name=args.model)
+    cfg["detect"].update(fpn_channels=args.fpn_channels, head_convs=args.head_convs)
     cfg["train"].update(epochs=-(-args.steps // steps_per_epoch), max_steps=args.steps, log_every=50)
     cfg["eval"].update(every_epochs=10_000)  # once, at the end
     cfg["checkpoint"].update(every_steps=100_000, keep=1)
@@ -121,6 +123,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="loader workers per variant")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--fpn-channels", type=int, default=SHIPPED["detect"]["fpn_channels"])
+    p.add_argument("--head-convs", type=int, default=SHIPPED["detect"]["head_convs"])
     p.add_argument("--parallel", type=int, default=len(VARIANTS), help="variants trained at the same time")
     p.add_argument("--work", type=Path, default=Path("/tmp/detect-bench"))
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
@@ -164,7 +168,8 @@ def main() -> None:
     record("detect_map", {
         "bench": "detect_map", "variants": results, "wall_s": round(time.perf_counter() - start, 1),
         "settings": {"steps": args.steps, "size": args.size, "batch": args.batch, "train": args.train,
-                     "model": f"FCOS ({SHIPPED['detect']['head']}), timm {args.model} + FPN, random init",
+                     "model": f"FCOS, timm {args.model} + FPN {args.fpn_channels}ch, {args.head_convs} head convs, "
+                              "random init",
                      "optim": SHIPPED["optim"], "shipped_augment": AUG,
                      "data": "shards.samples.make_coins: windows of the coins photo, boxes by segmentation; "
                              f"splits (coins per image, images): {SPLITS}"},
