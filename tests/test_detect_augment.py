@@ -121,8 +121,9 @@ def losses(store: str, augment: dict, steps: int) -> list[float]:
 
 
 def test_shipped_augmentation_learns_nearly_as_fast_as_none(coins_store):
-    """30 steps from scratch: the loss falls with the shipped augmentation by at least half as much as without
-    any (issue 22: with the old preset it stalled while no augmentation learned)."""
+    """30 steps from scratch: the loss falls with the shipped augmentation by at least 0.7 of its fall without
+    any (issue 22: the old preset stalled on real photos). On the dev machine: 1.60 against 1.91 (0.83); with
+    the preset before the fix, 1.21 against 1.91 (0.63)."""
     shipped = AugmentConfig()
     assert (shipped.mosaic, shipped.scale_jitter) == (0.5, 0.5)  # configs/detector.yaml's values, the defaults
     steps = 30
@@ -131,4 +132,4 @@ def test_shipped_augmentation_learns_nearly_as_fast_as_none(coins_store):
                                    "hsv": [0.0, 0.0, 0.0]}, steps)
     fall = {name: np.mean(ls[:3]) - np.mean(ls[-6:]) for name, ls in (("shipped", with_aug), ("none", without))}
     assert fall["none"] > 0.5, fall  # the model learns at all
-    assert fall["shipped"] >= 0.5 * fall["none"], fall
+    assert fall["shipped"] >= 0.7 * fall["none"], fall

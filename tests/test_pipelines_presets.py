@@ -81,7 +81,7 @@ def test_presets_keep_shapes_and_uint8():
     assert len(views) == 8
     shapes = [v(image=img)["image"].shape for v in views]
     assert shapes == [(48, 48, 3)] * 2 + [(96, 96, 3)] * 6
-    det = presets.detect_train(64, aug)(image=img, bboxes=np.array([[10, 10, 60, 50]], np.float32), labels=[3], mosaic_metadata=[])
+    det = presets.detect_train(64, aug)(image=img, bboxes=np.array([[10, 10, 60, 50]], np.float32), labels=[3], areas=[2000.0], mosaic_metadata=[])
     assert det["image"].shape == (64, 64, 3) and det["image"].dtype == np.uint8
 
 
@@ -104,11 +104,12 @@ def test_detection_preset_keeps_each_box_on_its_object(mosaic):
     aug = AugmentConfig(mosaic=mosaic, hsv=(0.0, 0.0, 0.0))  # colours intact so the objects can be found
     compose = presets.detect_train(96, aug)
     red_box, blue_box = (30, 20, 70, 60), (10, 40, 60, 80)
-    partner = {"image": scene(BLUE, blue_box), "bboxes": np.array([blue_box], np.float32), "labels": [1]}
+    partner = {"image": scene(BLUE, blue_box), "bboxes": np.array([blue_box], np.float32), "labels": [1], "areas": [2000.0]}
     kept = 0
     for seed in range(12):
         compose.set_random_seed(seed)
-        out = compose(image=scene(RED, red_box), bboxes=np.array([red_box], np.float32), labels=[0], mosaic_metadata=[partner] * 3)
+        out = compose(image=scene(RED, red_box), bboxes=np.array([red_box], np.float32), labels=[0], areas=[1600.0],
+                      mosaic_metadata=[partner] * 3)
         assert len(out["bboxes"]) == len(out["labels"])
         for box, label in zip(out["bboxes"], out["labels"]):
             assert 0 <= box[0] < box[2] <= 96 and 0 <= box[1] < box[3] <= 96
