@@ -53,10 +53,13 @@ def convert(
     append: bool = typer.Option(False, "--append", help="add new inputs to an existing store"),
     on_error: Literal["skip", "fail"] = typer.Option("skip"),
     seed: int = typer.Option(0, help="seed of the samples' pseudo-random order in the shards"),
+    val_fraction: float | None = typer.Option(
+        None, help="share of a source without split folders held out as val, by a hash of each key "
+                   "[default: 0.05; on --append the store's own; 0 = all in train]"),
 ) -> None:
     """Convert a raw image folder into a WebDataset or LMDB shard store."""
     fields = dict(src=src, dest=dest, format=format, layout=layout, shard_size=shard_size, max_side=max_side,
-                  max_pixels=max_pixels, append=append, on_error=on_error, seed=seed)
+                  max_pixels=max_pixels, append=append, on_error=on_error, seed=seed, val_fraction=val_fraction)
     if workers is not None:
         fields["workers"] = workers
     try:
@@ -100,6 +103,9 @@ def inspect(
     order = info["order"]
     typer.echo("sample order: " + ("listing (class by class as the source was listed)" if order["rule"] == "listing"
                                    else f"key-hash, seed {order['seed']} (from store version {order['since_version']})"))
+    if info["holdout"]:
+        h = info["holdout"]
+        typer.echo(f"holdout: {h['fraction']:.1%} of the inputs in {h['split']} ({h['rule']})")
     typer.echo(f"rejects: {info['rejects']} " + json.dumps(info["rejects_by_reason"]))
     stdout.print(table)
 

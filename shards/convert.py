@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shards.decode import Digest, Reject, Result, Sample, Settings, process
 from shards.keys import order_key, sample_key
-from shards.layouts import Input, Listing, list_source
-from shards.manifest import (FORMAT_VERSION, INDEX_DIR, MANIFEST, REJECTS, TIMM_INFO, IndexItem, Manifest,
+from shards.layouts import HOLDOUT_RULE, HOLDOUT_SPLIT, Input, Listing, list_source
+from shards.manifest import (FORMAT_VERSION, INDEX_DIR, MANIFEST, REJECTS, TIMM_INFO, Holdout, IndexItem, Manifest,
                              RejectRecord, SampleOrder, ShardEntry, ShardIndex, SplitEntry, Totals, index_sha256,
                              load_manifest, now_utc, read_indexes, read_rejects, write_index, write_manifest,
                              write_rejects, write_timm_info)
@@ -83,6 +83,9 @@ class ConvertOptions(BaseModel):
     append: bool = False
     on_error: Literal["skip", "fail"] = "skip"
     seed: int = 0  # of the samples' pseudo-random order in the shards (shards.keys.order_key)
+    # Share of a source without split folders held out as val (None: 0.05 for a new store, the store's own
+    # on --append); refused above 0 for a source with split folders.
+    val_fraction: float | None = Field(default=None, ge=0, lt=1)
 
     @field_validator("shard_size")
     @classmethod
@@ -134,7 +137,7 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     fs, root = open_fs(opts.dest)
     check_dest(fs, root, opts.dest)
     manifest = load_manifest(fs, root)
-    listing = list_source(src_fs, src_root, opts.layout)
+    listing = list_source(src_fs, src_root, opts.layout, val_fraction(opts, manifest))
     if manifest is not None and not opts.append:
         if not same_conversion(fs, root, manifest, opts, listing):
             raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
@@ -152,6 +155,9 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
         console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
         for line in listing.skipped:
             console.print(f"warning: skipped {line}", markup=False, highlight=False, soft_wrap=True)
+        if listing.holdout is not None:
+            console.print(f"no split folders: {listing.holdout:.0%} of the inputs held out as {HOLDOUT_SPLIT} "
+                          "by a hash of their keys (--val-fraction)")
     state = load_state(fs, root, manifest, opts, listing)
     limit = parse_shard_size(opts.shard_size)
     settings = Settings(src_fs, src_root, opts.max_side, opts.max_pixels, len(listing.classes))
@@ -191,6 +197,18 @@ def check_dest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise StoreError(f"DEST {public_url(url)} is not empty and holds no shard store (no {MANIFEST}): it has "
                          f"{shown}; give a new or empty folder")
+
+
+def val_fraction(opts: ConvertOptions, manifest: Manifest | None) -> float | None:
+    """The holdout to list the source with: an existing store's own, so that no image changes split."""
+    if manifest is None:
+        return opts.val_fraction
+    stored = manifest.holdout.fraction if manifest.holdout else 0.0
+    if opts.val_fraction is not None and opts.val_fraction != stored:
+        raise StoreError(f"--val-fraction {opts.val_fraction}: the store at {public_url(opts.dest)} holds out "
+                         f"{stored}, and its images never change split; leave --val-fraction out, or convert "
+                         "into an empty DEST")
+    return stored
 
 
 def same_conversion(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest, opts: ConvertOptions,
@@ -403,6 +421,8 @@ def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None,
         rejects=rejects, splits=splits,
         order=old.order if old and old.order.rule == "key-hash" else
         SampleOrder(rule="key-hash", seed=opts.seed, since_version=version),
+        holdout=None if listing.holdout is None else Holdout(fraction=listing.holdout, split=HOLDOUT_SPLIT,
+                                                             rule=HOLDOUT_RULE),
         totals=Totals(samples=sum(s.samples for s in splits.values()), bytes=sum(s.bytes for s in splits.values()),
                       shards=sum(len(s.shards) for s in splits.values())),
     )

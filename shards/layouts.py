@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import fsspec
@@ -18,6 +19,10 @@ Layout = Literal["imagefolder", "unlabeled", "yolo"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_DIRS = ("train", "val", "test")
 YOLO_YAMLS = ("data.yaml", "data.yml")
+# A labeled source without split folders holds out this share of its inputs as val by default.
+DEFAULT_VAL_FRACTION = 0.05
+HOLDOUT_SPLIT = "val"
+HOLDOUT_RULE = "val when int.from_bytes(sha256(key)[:8], 'big') < fraction * 2**64, else train"
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,15 @@ class Listing:
     inputs: list[Input]
     reason: str  # why auto detection chose this layout (or "given")
     skipped: list[str]  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
+    holdout: float | None = None  # share held out as val (no split folders); None: the source's splits as they are
 
 
-def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str) -> Listing:
-    """Every input under `root` in listing order (sorted relative paths), for `layout` or auto."""
+def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str, val_fraction: float | None = None) -> Listing:
+    """Every input under `root` in listing order (sorted relative paths), for `layout` or auto.
+
+    A labeled source without split folders holds out `val_fraction` of its inputs (None: the default)
+    as val, chosen by a hash of each key; one with split folders refuses a fraction above 0.
+    """
     relpaths, skipped = image_relpaths(fs, root)
     if layout == "auto":
         layout, reason = detect_layout(fs, root, relpaths)
@@ -57,7 +67,39 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str) -> Listin
         classes, inputs = yolo_classes(fs, root), yolo_inputs(relpaths)
         if not inputs:
             raise StoreError(f"yolo layout: no images under {join(root, 'images')}")
-    return Listing(layout, classes, inputs, reason, skipped)
+    holdout = holdout_fraction(layout, relpaths, val_fraction, root)
+    if holdout:
+        inputs = [replace(inp, split=holdout_split(inp.key, holdout)) for inp in inputs]
+    return Listing(layout, classes, inputs, reason, skipped, holdout)
+
+
+def has_split_folders(layout: str, relpaths: list[str]) -> bool:
+    """Whether a labeled source names its splits: yolo images/<split>/..., imagefolder SRC/train|val|test/..."""
+    if layout == "yolo":
+        return any(r.startswith("images/") and r.count("/") > 1 for r in relpaths)
+    return all(_split_of(r.split("/"))[0] for r in relpaths)
+
+
+def holdout_fraction(layout: str, relpaths: list[str], val_fraction: float | None, root: str) -> float | None:
+    """The share of a labeled source without split folders that goes to val; None where the source's
+    own splits (or, unlabeled, everything in train) are kept."""
+    if layout != "unlabeled" and not has_split_folders(layout, relpaths):
+        return DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    if val_fraction:
+        if layout == "unlabeled":
+            raise StoreError(f"--val-fraction {val_fraction}: a holdout applies to the imagefolder and yolo "
+                             "layouts, not unlabeled")
+        raise StoreError(f"--val-fraction {val_fraction}: {root} already has split folders "
+                         f"({', '.join(SPLIT_DIRS) if layout == 'imagefolder' else 'images/<split>/'}), "
+                         "which are kept as they are; leave --val-fraction out")
+    return None
+
+
+def holdout_split(key: str, fraction: float) -> str:
+    """val or train from the sample key alone (HOLDOUT_RULE): the same on every machine and every night,
+    so an appended image lands where it always will and a stored one never moves."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return HOLDOUT_SPLIT if int.from_bytes(digest[:8], "big") < fraction * 2**64 else "train"
 
 
 def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
@@ -141,7 +183,7 @@ def _split_of(parts: list[str]) -> tuple[str | None, list[str]]:
 
 def imagefolder_inputs(relpaths: list[str]) -> tuple[list[str], list[Input]]:
     """SRC/<class>/... or SRC/<split>/<class>/...; classes sorted as torchvision's ImageFolder does."""
-    with_splits = all(_split_of(r.split("/"))[0] for r in relpaths)
+    with_splits = has_split_folders("imagefolder", relpaths)
     placed = []
     for r in relpaths:
         split, rest = _split_of(r.split("/")) if with_splits else (None, r.split("/"))

@@ -55,6 +55,14 @@ class SampleOrder(BaseModel):
 LISTING_ORDER = SampleOrder(rule="listing")
 
 
+class Holdout(BaseModel):
+    """How a source without split folders was split: `fraction` of its keys went to `split` by `rule`."""
+
+    fraction: float
+    split: str
+    rule: str
+
+
 class Manifest(BaseModel):
     """manifest.json, as docs/store-format.md describes it."""
 
@@ -71,6 +79,7 @@ class Manifest(BaseModel):
     splits: dict[str, SplitEntry]
     totals: Totals
     order: SampleOrder = LISTING_ORDER  # absent in stores written before the order was recorded
+    holdout: Holdout | None = None  # None: the source's own split folders (or a store from before holdouts)
 
 
 class RejectRecord(BaseModel):

@@ -169,6 +169,7 @@ def inspect_store(dest: str) -> dict:
         "classes": manifest.classes,
         "settings": manifest.settings,
         "order": manifest.order.model_dump(),
+        "holdout": manifest.holdout.model_dump() if manifest.holdout else None,
         "rejects": manifest.rejects,
         "rejects_by_reason": dict(sorted(reasons.items())),
         "splits": {

@@ -105,3 +105,16 @@ def test_deep_verify_decodes_every_image(imagefolder_src, tmp_path):
     problems = verify(str(dest), deep=True)
     key = member.name.partition(".")[0]
     assert len(problems) == 1 and problems[0].startswith(f"{entry.name}: sample {key}: jpg does not decode")
+
+
+def test_val_fraction_shown_by_inspect_and_refused_with_split_folders(imagefolder_src, tmp_path):
+    result = shardtrain("convert", imagefolder_src / "train", tmp_path / "s", "--val-fraction", "0.25")
+    assert result.exit_code == 0, result.stderr
+    assert "25% of the inputs held out as val" in result.stderr
+    plain = shardtrain("inspect", tmp_path / "s")
+    assert "holdout: 25.0% of the inputs in val (val when int.from_bytes(sha256(key)" in plain.stdout
+    assert json.loads(shardtrain("inspect", tmp_path / "s", "--json").stdout)["holdout"]["fraction"] == 0.25
+    assert_one_line_error(shardtrain("convert", imagefolder_src, tmp_path / "t", "--val-fraction", "0.1"), 1,
+                          "--val-fraction 0.1", "already has split folders")
+    assert_one_line_error(shardtrain("convert", imagefolder_src, tmp_path / "t", "--val-fraction", "1.5"), 2,
+                          "--val-fraction")

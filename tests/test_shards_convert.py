@@ -81,13 +81,13 @@ def test_symlinked_class_folder_is_followed(imagefolder_src, tmp_path):
     src.mkdir()
     for cls in ("chelsea", "rocket"):
         (src / cls).symlink_to(imagefolder_src / "train" / cls, target_is_directory=True)
-    summary = run(src, tmp_path / "s")
+    summary = run(src, tmp_path / "s", val_fraction=0)
     assert summary.layout == "imagefolder" and summary.added == 2 * len(image_files(imagefolder_src / "train" / "rocket"))
 
 
 def test_imagefolder_without_splits_and_forced_layout(imagefolder_src, tmp_path):
     src = imagefolder_src / "train"
-    auto = run(src, tmp_path / "a", format="wds")
+    auto = run(src, tmp_path / "a", format="wds", val_fraction=0)
     assert auto.layout == "imagefolder" and auto.splits == {"train": len(image_files(src))}
     forced = run(src, tmp_path / "b", layout="unlabeled")
     assert forced.layout == "unlabeled"
@@ -220,3 +220,66 @@ def test_s3_source_gives_the_same_shards_as_local(imagefolder_src, s3_bucket, tm
     run(imagefolder_src, tmp_path / "b", shard_size="30samples")
     assert from_s3.added == len(image_files(imagefolder_src))
     assert manifest_digests(tmp_path / "a") == manifest_digests(tmp_path / "b")
+
+
+def split_of_each(dest) -> dict[str, str]:
+    return {key: sample["split"] for key, sample in read_store(dest).items()}
+
+
+@pytest.mark.parametrize("fmt", ["wds", "lmdb"])
+def test_flat_class_folders_hold_out_val_by_key_hash(tmp_path, fmt):
+    """No split folders: 5% by default to val, chosen by the key's hash, so an appended image falls
+    on the side it would have fallen on in one conversion, and no stored image moves."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"": 12}, size=32)
+    first = run(src, tmp_path / "s", format=fmt)
+    manifest = read_manifest(str(tmp_path / "s"))
+    assert manifest.holdout is not None and manifest.holdout.fraction == 0.05 and manifest.holdout.split == "val"
+    assert inspect_store(str(tmp_path / "s"))["holdout"]["fraction"] == 0.05
+    night1 = split_of_each(tmp_path / "s")
+    assert set(night1.values()) == {"train", "val"} and first.splits["val"] < first.splits["train"] / 5
+    # The rule is the key's sha256 against the fraction, on any machine.
+    for key, split in night1.items():
+        h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+        assert split == ("val" if h < 0.05 else "train")
+
+    samples.make_imagefolder(src, per_class={"": 12}, size=32, seed=1, start=100)
+    run(src, tmp_path / "s", format=fmt, append=True)
+    night2 = split_of_each(tmp_path / "s")
+    assert {k: night2[k] for k in night1} == night1  # nothing moved
+    run(src, tmp_path / "once", format=fmt)  # everything converted at once: the same sides
+    assert split_of_each(tmp_path / "once") == night2
+    with pytest.raises(StoreError, match="holds out 0.05, and its images never change split"):
+        run(src, tmp_path / "s", format=fmt, append=True, val_fraction=0.2)
+
+
+def test_val_fraction_zero_larger_and_refused_with_split_folders(imagefolder_src, yolo_src, tmp_path):
+    flat = imagefolder_src / "train"
+    assert set(run(flat, tmp_path / "zero", val_fraction=0).splits) == {"train"}
+    assert read_manifest(str(tmp_path / "zero")).holdout.fraction == 0
+    half = run(flat, tmp_path / "half", val_fraction=0.5)
+    assert abs(half.splits["val"] - half.splits["train"]) < len(image_files(flat)) / 3
+    with pytest.raises(StoreError, match="already has split folders"):
+        run(imagefolder_src, tmp_path / "a", val_fraction=0.1)
+    with pytest.raises(StoreError, match="already has split folders"):
+        run(yolo_src, tmp_path / "b", val_fraction=0.1)
+    with pytest.raises(StoreError, match="not unlabeled"):
+        run(flat, tmp_path / "c", layout="unlabeled", val_fraction=0.1)
+    run(imagefolder_src, tmp_path / "d")  # split folders: kept as they are, no holdout recorded
+    assert read_manifest(str(tmp_path / "d")).holdout is None
+
+
+def test_flat_yolo_set_holds_out_val(yolo_src, tmp_path):
+    src = tmp_path / "yolo"
+    shutil.copytree(yolo_src, src)
+    for sub in ("images", "labels"):  # images/train/x.jpg -> images/x.jpg: no split folders
+        for f in (src / sub / "train").iterdir():
+            f.rename(src / sub / f.name)
+        shutil.rmtree(src / sub / "train")
+        shutil.rmtree(src / sub / "val")
+    summary = run(src, tmp_path / "s", val_fraction=0.25)
+    assert summary.layout == "yolo" and set(summary.splits) == {"train", "val"}
+    stored = read_store(tmp_path / "s")
+    for rel in image_files(src / "images"):
+        sample = stored[sample_key(f"images/{rel}")]
+        label = (src / "labels" / rel).with_suffix(".txt").read_text().split()
+        assert sample["labels"][0] == int(label[0])  # labels travel with their image to either split
