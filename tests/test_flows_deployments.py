@@ -181,15 +181,30 @@ def test_bad_parameter_is_refused_naming_it(deployed, tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
 
 
-def test_train_fails_when_torchrun_fails(deployed, client, tmp_path):
+def test_train_fails_when_torchrun_fails(deployed, client, imagefolder_src, tmp_path):
+    store = tmp_path / "store"
+    shards.convert(shards.ConvertOptions(src=str(imagefolder_src), dest=str(store)), progress=False)
+    # Passes the checks before torchrun; the worker refuses mixup with an odd batch.
+    run_id = run_deployment(
+        deployed, "train/manual", config=CONFIG,
+        overrides=[*TRAIN_OVERRIDES, f"runs_dir={tmp_path}", f"data.path={store}", "train.mixup=0.8",
+                   "data.batch_size=7"],
+    )
+    run = wait_final(client, run_id)
+    assert run.state.is_failed()
+    assert re.search(r"torchrun exited with code [1-9]", run.state.message), run.state.message
+    assert "must be even" in flow_logs(client, run_id)  # the trainer's own error, streamed into the flow's log
+
+
+def test_train_refuses_a_missing_store_before_torchrun(deployed, client, tmp_path):
     run_id = run_deployment(
         deployed, "train/manual", config=CONFIG,
         overrides=[*TRAIN_OVERRIDES, f"runs_dir={tmp_path}", f"data.path={tmp_path / 'no-store'}"],
     )
     run = wait_final(client, run_id)
     assert run.state.is_failed()
-    assert re.search(r"torchrun exited with code [1-9]", run.state.message), run.state.message
-    assert "no-store" in flow_logs(client, run_id)  # the trainer's own error, streamed into the flow's log
+    assert f"data.path: no shard store at {tmp_path / 'no-store'}" in run.state.message, run.state.message
+    assert not (tmp_path / "demo").exists()  # no run dir
 
 
 @pytest.mark.slow

@@ -53,7 +53,6 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["optim.lr=-1"], "bad value for optim.lr: Input should be greater than 0 (got -1)"),
         (["train.amp=fp8"], "bad value for train.amp"),
         (["data.batch_size=many"], "bad value for data.batch_size"),
-        (["model.pretrained=true"], "bad value for model.pretrained: weights are never downloaded from a hub"),
         (["name=a/b"], "bad value for name"),
         (["eval.metric=ema_val_top1"], "bad config: eval.metric ema_val_top1 needs train.ema_decay"),
         (["train=3"], "bad value for train"),
@@ -83,17 +82,6 @@ def test_cli_prints_error_line_and_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: bad value for train.epochs: Input should be greater than or equal to 1 (got 0)"
-    assert "Traceback" not in proc.stdout + proc.stderr
-
-
-def test_cli_data_error_is_one_line_with_the_workers_exit_code(tmp_path):
-    """A worker's error under torchrun: its `error:` line, exit code 2, no launcher traceback."""
-    shardtrain = Path(sys.executable).with_name("shardtrain")
-    proc = subprocess.run([str(shardtrain), "train", str(write(tmp_path)), f"data.path={tmp_path / 'nostore'}"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert f"error: no shard store at {tmp_path / 'nostore'}" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "error: 1 training process(es) failed (exit code 2)"
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
@@ -187,7 +175,7 @@ def test_uploader_retries_until_storage_is_back(tmp_path):
     assert marker["step"] == 2 and marker["bytes"] == 1000
 
 
-def test_pretrained_weights_from_a_path_never_the_hub(tmp_path):
+def test_pretrained_weights_from_a_path(tmp_path):
     source = build_model(ModelConfig(name="test_resnet"), num_classes=10, cache_dir=tmp_path)
     torch.save(source.state_dict(), tmp_path / "w.pth")
     model = build_model(ModelConfig(name="test_resnet", pretrained=str(tmp_path / "w.pth")), 3, tmp_path)

@@ -23,20 +23,17 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = "resnet50"  # any timm model name
-    pretrained: str | None = None  # local path or fsspec URL of weights; never a hub download
+    # true: timm's weights for `name` through the Hugging Face cache (HF_HOME); or a local path or fsspec URL
+    pretrained: bool | str | None = None
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     grad_checkpointing: bool = False
     kwargs: dict[str, Any] = {}  # passed to timm.create_model (e.g. img_size for ViTs)
 
-    @field_validator("pretrained", mode="before")
+    @field_validator("pretrained")
     @classmethod
-    def _no_hub(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            if v:
-                raise ValueError("weights are never downloaded from a hub: pass model.pretrained=PATH (a local path or URL)")
-            return None
-        return v
+    def _false_is_none(cls, v: bool | str | None) -> bool | str | None:
+        return v or None
 
 
 class OptimConfig(_Section):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from training.config import TrainError, load_config, run_dir
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
+from training.preflight import preflight
 
 METRICS_FILE = "metrics.json"  # written by a run's finish, after its last step and eval
 
@@ -53,14 +54,15 @@ def launch(
 ) -> int:
     """Run `torchrun ... -m training CONFIG OVERRIDES` (through training.torchrun); return its exit code.
 
-    The config is validated here first, so a bad key fails before any process starts
-    (TrainError). With `stream=None` the workers inherit this process's stdout (a
+    The config is validated and checked here first (training.preflight: the model name, the store and its
+    splits, the weights, the run dir's checkpoint), so those mistakes fail before any process starts (TrainError). With `stream=None` the workers inherit this process's stdout (a
     terminal keeps its live progress bar); otherwise each output line goes to `stream`.
     After a SIGTERM/SIGINT the workers save a checkpoint and the result is EXIT_PREEMPTED.
     """
     if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise TrainError("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
     cfg = load_config(config, overrides)
+    preflight(cfg)
     cmd = torchrun_command(
         config, overrides, run_id=cfg.name, nproc_per_node=nproc_per_node, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,

@@ -1,15 +1,92 @@
-"""timm model creation: weights only from a local path or URL (never a hub download)."""
+"""timm model creation: timm's own pretrained weights through the Hugging Face cache, or weights from a path or URL.
+
+`model.pretrained: true` takes timm's weights for `model.name` (`deit_small_patch16_224.fb_in1k`, an untagged
+name's default tag, or `hf-hub:org/repo`) the way timm users get them: huggingface_hub downloads them into its
+cache (`HF_HOME`, default ~/.cache/huggingface) once and reads them from there after, offline too
+(`HF_HUB_OFFLINE=1`). `hub_weights` makes sure they are there before torchrun starts; every rank then loads them
+from the cache through timm.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 import timm
 import torch
+from huggingface_hub import constants as hf_constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
 from training.config import ModelConfig, TrainError
+
+HF_HUB_PREFIX = "hf-hub:"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm's order of preference on the hub
+
+
+def check_model_name(name: str) -> None:
+    """A one-line TrainError unless timm knows `name` (and its pretrained tag, when it has one)."""
+    if name.startswith(HF_HUB_PREFIX):
+        return  # its config is on the hub: checked when the weights are fetched
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise TrainError(f"bad value for model.name: no timm model named {name!r}{hint}")
+    arch, _, tag = name.partition(".")
+    if tag and name not in timm.models.get_arch_pretrained_cfgs(arch):
+        tags = [t.partition(".")[2] for t in timm.models.get_arch_pretrained_cfgs(arch)]
+        raise TrainError(f"bad value for model.name: timm's {arch} has no pretrained tag {tag!r} "
+                         f"(it has: {', '.join(tags) or 'none'})")
+
+
+def hub_weights(name: str) -> str:
+    """The local file of timm's pretrained weights for `name`, fetched into the Hugging Face cache when the hub
+    can be reached, else found there; a one-line TrainError naming the model and the fixes otherwise."""
+    check_model_name(name)
+    extra: tuple[str, ...] = ()
+    if name.startswith(HF_HUB_PREFIX):
+        repo, files, extra = name.removeprefix(HF_HUB_PREFIX), WEIGHT_FILES, ("config.json",)
+    else:
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not cfg.hf_hub_id:
+            where = f" (only at {cfg.url})" if cfg is not None and cfg.url else ""
+            raise TrainError(f"model.pretrained: timm has no Hugging Face hub weights for {name}{where}; "
+                             "set model.pretrained to a local path or URL of the weights")
+        repo, files = cfg.hf_hub_id, (cfg.hf_hub_filename,) if cfg.hf_hub_filename else WEIGHT_FILES
+    repo, _, revision = repo.partition("@")
+    with hub_errors(name, repo):
+        for filename in extra:
+            hf_hub_download(repo, filename, revision=revision or None)
+        not_cached = None
+        for filename in files:
+            try:
+                return hf_hub_download(repo, filename, revision=revision or None)
+            except LocalEntryNotFoundError as e:
+                not_cached = e  # maybe the next candidate is cached
+            except EntryNotFoundError:
+                continue  # the repo has no such file: try the next one, as timm does
+        if not_cached is not None:
+            raise not_cached
+    raise TrainError(f"model.pretrained: the Hugging Face repo {repo} has none of {', '.join(files)}")
+
+
+@contextlib.contextmanager
+def hub_errors(name: str, repo: str) -> Iterator[None]:
+    """Turn huggingface_hub's errors (not cached while offline, unknown repo, HTTP trouble) into one line."""
+    try:
+        yield
+    except LocalEntryNotFoundError:
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if hf_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise TrainError(
+            f"model.pretrained: timm's weights for {name} ({repo}) are not in the Hugging Face cache "
+            f"{hf_constants.HF_HUB_CACHE} and {why}: fill that cache (run once where the hub is reachable, with "
+            "the same HF_HOME), or set model.pretrained to a local path or URL of the weights") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"model.pretrained: cannot fetch timm's weights for {name} ({repo}): {first}") from None
 
 
 def local_weights(url: str, cache_dir: Path) -> str:
@@ -33,13 +110,17 @@ def local_weights(url: str, cache_dir: Path) -> str:
 
 
 def build_model(cfg: ModelConfig, num_classes: int, cache_dir: Path) -> torch.nn.Module:
-    if not timm.is_model(cfg.name):
-        raise TrainError(f"bad value for model.name: no timm model named {cfg.name!r}")
+    check_model_name(cfg.name)
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path or None, **cfg.kwargs)
-    if cfg.pretrained:
+    if cfg.pretrained is True:
+        kwargs.update(pretrained=True)  # timm's own loading, from the Hugging Face cache
+    elif cfg.pretrained:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": local_weights(cfg.pretrained, cache_dir)})
+    hub = hub_errors(cfg.name, cfg.name.removeprefix(HF_HUB_PREFIX)) if cfg.pretrained is True \
+        else contextlib.nullcontext()
     try:
-        model = timm.create_model(cfg.name, **kwargs)
+        with hub:
+            model = timm.create_model(cfg.name, **kwargs)
     except TypeError as e:
         raise TrainError(f"model {cfg.name}: {e} (check model.kwargs)") from None
     except RuntimeError as e:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipelines import build_loader
 from training import checkpoint, dist, metrics, resume
-from training.config import RunConfig, run_dir, to_dict
+from training.config import RunConfig, TrainError, run_dir, to_dict
 from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, Preemption
 from training.progress import Reporter
@@ -344,7 +344,11 @@ def load_on_node(cfg: RunConfig, world: dist.World, source: str) -> dict:
 def restore(ckpt: dict, world: dist.World, model, optimizer, scaler, ema,
             cfg: RunConfig) -> tuple[Progress, dict | None]:
     """Load the states into the modules; returns the progress and this rank's RNG state (set by the caller)."""
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # another model's checkpoint: one line, not load_state_dict's list of every key
+        raise TrainError(f"the checkpoint to resume from holds another model than {cfg.model.name} "
+                         f"({str(e).splitlines()[1].strip()[:160]}): give the run another name, or set resume") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
     # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.

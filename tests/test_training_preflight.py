@@ -1,0 +1,99 @@
+"""Early config checks: `launch` refuses these mistakes before torchrun starts, with one line, leaving
+no run dir behind. Each case goes through `training.launch` in this process (what `shardtrain train` and
+the train flow call); one also through the console script, for its exit code and stderr."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shards import ConvertOptions, convert
+from training import TrainError, launch, load_config, run_dir
+from training import checkpoint
+from training.config import to_dict
+from training.model import build_model
+
+SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
+
+
+@pytest.fixture(scope="module")
+def stores(imagefolder_src, tmp_path_factory) -> dict[str, str]:
+    """A store with train and val splits, and one of a flat source converted with --val-fraction 0."""
+    root = tmp_path_factory.mktemp("preflight")
+    convert(ConvertOptions(src=str(imagefolder_src), dest=str(root / "both")), progress=False)
+    convert(ConvertOptions(src=str(imagefolder_src / "train"), dest=str(root / "train-only"), val_fraction=0),
+            progress=False)
+    return {"both": str(root / "both"), "train-only": str(root / "train-only")}
+
+
+def write(tmp_path: Path, store: str, **model) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "runs_dir": str(tmp_path / "runs"),
+        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0},
+        "model": {"name": "test_resnet", **model},
+    }))
+    return path
+
+
+def refused(config: Path, *overrides: str) -> str:
+    """launch's one-line error; the run dir must not exist afterwards (unless it did before)."""
+    existed = run_dir(load_config(config, overrides)).exists()
+    started = time.perf_counter()
+    with pytest.raises(TrainError) as err:
+        launch(config, overrides)
+    print(f"refused in {time.perf_counter() - started:.2f}s: {err.value}")
+    assert "\n" not in str(err.value)
+    assert run_dir(load_config(config, overrides)).exists() == existed
+    return str(err.value)
+
+
+def test_missing_store(tmp_path):
+    message = refused(write(tmp_path, str(tmp_path / "nostore")))
+    assert message == f"data.path: no shard store at {tmp_path / 'nostore'} (no manifest.json)"
+
+
+def test_split_the_store_lacks(stores, tmp_path):
+    message = refused(write(tmp_path, stores["train-only"]))
+    assert message.startswith(f"data.path: the store {stores['train-only']} has no split 'val' (it has: train); ")
+    assert "--val-fraction 0" in message
+    assert refused(write(tmp_path, stores["both"]), "data.train_split=test").startswith(
+        f"data.path: the store {stores['both']} has no split 'test' (it has: train, val)")
+
+
+def test_model_name_timm_does_not_know(stores, tmp_path):
+    assert refused(write(tmp_path, stores["both"], name="resnet_nope")).startswith(
+        "bad value for model.name: no timm model named 'resnet_nope'")
+    assert refused(write(tmp_path, stores["both"], name="resnet18.not_a_tag")).startswith(
+        "bad value for model.name: timm's resnet18 has no pretrained tag 'not_a_tag' (it has: ")
+
+
+def test_run_dir_whose_checkpoint_holds_another_model(stores, tmp_path):
+    """The run dir holds a resnet18 run's checkpoint; this config names test_resnet."""
+    other = load_config(write(tmp_path, stores["both"], name="resnet18"))
+    model = build_model(other.model, num_classes=8, cache_dir=tmp_path)
+    classes = [f"c{i}" for i in range(8)]
+    ckpt = checkpoint.save(run_dir(other) / "checkpoints",
+                           {"model": model.state_dict(), "step": 4, "epoch": 1, "config": to_dict(other),
+                            "classes": classes}, keep=2)
+    before = sorted(p.name for p in run_dir(other).rglob("*"))
+    message = refused(write(tmp_path, stores["both"]))
+    assert message.startswith(f"run dir {run_dir(other)}: checkpoint {ckpt} holds another model "
+                              "(model.name 'resnet18', this config has 'test_resnet')")
+    assert sorted(p.name for p in run_dir(other).rglob("*")) == before  # nothing written there
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+
+
+def test_cli_missing_store_is_one_line_before_torchrun(tmp_path):
+    proc = subprocess.run([SHARDTRAIN, "train", str(write(tmp_path, str(tmp_path / "nostore")))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: data.path: no shard store at {tmp_path / 'nostore'} (no manifest.json)"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,107 @@
+"""Checks `launch` runs before torchrun starts: the mistakes a user makes most fail at once, with one line, and
+leave no run directory behind (they would otherwise surface from every rank after the workers' start-up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import shards
+from training import checkpoint, resume
+from training.config import RunConfig, TrainError, run_dir, to_dict
+from training.model import check_model_name, hub_weights
+
+# Config keys that decide the shapes in a checkpoint's `model` state dict, per task.
+MODEL_KEYS = {
+    "classify": (),
+    "detect": ("detect.head", "detect.out_indices", "detect.p6p7", "detect.fpn_channels", "detect.head_convs"),
+    "dino": ("dino.out_dim", "dino.hidden_dim", "dino.bottleneck_dim", "dino.head_layers", "dino.norm_last_layer"),
+}
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Raise a one-line TrainError for a bad model name, missing weights, a missing store or split, or a run
+    directory whose checkpoint holds another model. Reads only; writes nothing."""
+    check_model_name(cfg.model.name)
+    manifest = store_manifest(cfg.data.path, "data.path")
+    check_splits(cfg, manifest)
+    check_run_dir(cfg, manifest.classes)
+    if cfg.model.pretrained is True:
+        hub_weights(cfg.model.name)
+    elif cfg.model.pretrained and "://" not in cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise TrainError(f"model.pretrained: no such file {cfg.model.pretrained}")
+
+
+def store_manifest(path: str, key: str) -> shards.Manifest:
+    try:
+        return shards.read_manifest(path)
+    except shards.StoreError as e:
+        raise TrainError(f"{key}: {e}") from None
+
+
+def check_splits(cfg: RunConfig, manifest: shards.Manifest) -> None:
+    """The splits the run reads: train (and val) of data.path; for dino, the k-NN store's train and val."""
+    data = cfg.data
+    need_split(manifest, data.path, data.train_split, "data.path", "data.train_split")
+    if cfg.task != "dino":
+        need_split(manifest, data.path, data.val_split, "data.path", "data.val_split")
+    elif cfg.eval.knn_path or manifest.layout == "imagefolder":
+        knn_path = cfg.eval.knn_path or data.path
+        key = "eval.knn_path" if cfg.eval.knn_path else "data.path"
+        knn = store_manifest(knn_path, key) if cfg.eval.knn_path else manifest
+        need_split(knn, knn_path, data.train_split, key, "data.train_split")
+        need_split(knn, knn_path, data.val_split, key, "data.val_split")
+
+
+def need_split(manifest: shards.Manifest, path: str, split: str, store_key: str, split_key: str) -> None:
+    if split in manifest.splits:
+        return
+    has = ", ".join(manifest.splits) or "no samples"
+    if manifest.holdout is None:
+        fix = (f"set {split_key} to one of those (a source without split folders gets a val split from "
+               "convert's --val-fraction)")
+    elif manifest.holdout.fraction == 0:
+        fix = "the store was converted with --val-fraction 0: reconvert into an empty store without it"
+    else:
+        fix = (f"its holdout of {manifest.holdout.fraction:.0%} drew no image yet: reconvert into an empty store "
+               "with a larger --val-fraction, or add images")
+    raise TrainError(f"{store_key}: the store {path} has no split {split!r} (it has: {has}); {fix}")
+
+
+def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
+    """The checkpoint a run would resume from locally must hold this config's model (another name reuses a
+    run dir by mistake far more often than on purpose)."""
+    if cfg.resume == "never":
+        return
+    if cfg.resume == "auto":
+        found = checkpoint.latest_local(resume.checkpoint_dir(cfg))
+        path = Path(found["path"]) if found else None
+    else:
+        path = Path(cfg.resume) if "://" not in cfg.resume else None
+        if path is not None and not path.is_file():
+            raise TrainError(f"bad value for resume: no checkpoint file {cfg.resume}")
+    if path is None:
+        return  # nothing local to resume from (a remote checkpoint is checked when the run loads it)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    old = model_identity(ckpt["config"], len(ckpt.get("classes", classes)))
+    new = model_identity(to_dict(cfg), len(classes))
+    changed = next((k for k in new if old.get(k) != new[k]), None)
+    if changed is not None:
+        where = f"run dir {run_dir(cfg)}" if cfg.resume == "auto" else "resume"
+        raise TrainError(f"{where}: checkpoint {path} holds another model ({changed} {old.get(changed)!r}, this "
+                         f"config has {new[changed]!r}): give the run another name, or move its run dir away")
+
+
+def model_identity(config: dict, num_classes: int) -> dict:
+    """What decides the model's state dict, from a (resolved) config dict."""
+    task = config.get("task")
+    identity = {"task": task, "model.name": config["model"]["name"], "model.kwargs": config["model"].get("kwargs", {}),
+                "classes": None if task == "dino" else num_classes}  # a dino model has no class head
+    for key in MODEL_KEYS.get(task, ()):
+        section, name = key.split(".")
+        identity[key] = config.get(section, {}).get(name)
+    return identity
