@@ -74,3 +74,23 @@ def predict(
     boxes = sum(len(r.get("detections", ())) for r in records)
     typer.echo(f"{len(records) - failed} images, {boxes} boxes -> {out}" + (f"; {failed} unreadable" if failed else ""))
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def export(
+    config: Annotated[Path, typer.Argument(help="the run's config YAML")],
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint file or URL, e.g. runs/NAME/checkpoints/best.pt")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("export"),
+    format: Annotated[str, typer.Option(help="safetensors (classify, dino: timm's layout) or onnx (classify, "
+                                             "detect)")] = "safetensors",
+) -> None:
+    """A checkpoint as what a serving side loads: safetensors or ONNX, with config.json (class names, preprocessing)."""
+    from training.config import load_config
+    from training.export import export as run_export
+
+    try:
+        files = run_export(load_config(config), checkpoint, out, format)
+    except TrainError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{', '.join(f.name for f in files)} -> {out}")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Literal
 
 import albumentations as A
-import fsspec
 import numpy as np
 import torch
 from rich.progress import track
@@ -21,6 +20,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from pipelines import decode_image, detect_eval
 from training.config import RunConfig, TrainError
+from training.export import load_into, read_checkpoint
 from training.tasks.detect import build_detector
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -80,22 +80,9 @@ def load_detector(cfg: RunConfig, checkpoint: str, device: torch.device) -> tupl
     """The checkpoint's detector in eval mode (its EMA weights when eval.metric is an ema_ one) and class names."""
     if cfg.task != "detect":
         raise TrainError(f"predict needs a config with task: detect, this one has task: {cfg.task}")
-    try:
-        with fsspec.open(checkpoint, "rb") as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise TrainError(f"cannot read checkpoint {checkpoint}: {e}") from None
-    if "classes" not in ckpt:
-        raise TrainError(f"checkpoint {checkpoint} has no class names: is it from a detect run?")
-    classes = list(ckpt["classes"])
+    weights, classes = read_checkpoint(cfg, checkpoint)
     model = build_detector(cfg, len(classes), Path(cfg.runs_dir) / cfg.name / "pretrained")
-    weights = ckpt["ema"] if cfg.eval.metric.startswith("ema_") and ckpt.get("ema") else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise TrainError(f"checkpoint {checkpoint} does not fit the config's model/detect settings: "
-                         f"{str(e).splitlines()[1].strip()}") from None
-    return model.to(device).eval(), classes
+    return load_into(model, weights, checkpoint).to(device), classes
 
 
 @torch.no_grad()

@@ -1,0 +1,146 @@
+"""`shardtrain export`: safetensors that timm loads, ONNX that onnxruntime runs to torch's outputs, on real photos.
+
+Checkpoints are written as the trainer writes them (model, classes, config) from freshly built models;
+what is tested is that the exported model computes what the checkpoint's model computes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipelines import decode_image, detect_eval
+from pipelines.presets import classify_eval
+from shards import samples
+from training import checkpoint
+from training.config import RunConfig, to_dict, validate
+from training.model import build_model
+from training.predict import letterbox
+from training.tasks.detect import build_detector
+from training.tasks.dino import DinoHead, DinoModel, Encoder
+
+SIZE = 64
+CLASSES = samples.class_names()
+
+
+def config(tmp_path: Path, **raw) -> tuple[RunConfig, Path]:
+    cfg = {"name": "t", "runs_dir": str(tmp_path / "runs"), "data": {"path": "unused", "image_size": SIZE},
+           "model": {"name": "test_resnet"}, **raw}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(cfg))
+    return validate(cfg), path
+
+
+def save(cfg: RunConfig, model: torch.nn.Module, classes: list[str]) -> Path:
+    return checkpoint.save(Path(cfg.runs_dir) / cfg.name / "checkpoints",
+                           {"model": model.state_dict(), "ema": None, "step": 3, "epoch": 1, "config": to_dict(cfg),
+                            "classes": classes}, keep=2)
+
+
+def shardtrain_export(config_path: Path, ckpt: Path, out: Path, fmt: str) -> None:
+    result = CliRunner().invoke(app, ["export", str(config_path), str(ckpt), "--out", str(out), "--format", fmt])
+    assert result.exit_code == 0, result.output
+
+
+def photo_batch(cfg: RunConfig) -> torch.Tensor:
+    """The bundled photos through the eval preset and normalisation, as training evaluates them."""
+    aug, transform = cfg.data.augment, classify_eval(SIZE, cfg.data.augment)
+    images = [transform(image=decode_image(p.read_bytes()))["image"] for p in samples.photo_paths()]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(aug.mean).view(1, 3, 1, 1)) / torch.tensor(aug.std).view(1, 3, 1, 1)
+
+
+@pytest.fixture
+def classifier(tmp_path):
+    cfg, path = config(tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(CLASSES), tmp_path).eval()
+    return cfg, path, model, save(cfg, model, CLASSES)
+
+
+def test_safetensors_loads_in_timm_with_class_names_and_preprocessing(classifier, tmp_path):
+    cfg, path, model, ckpt = classifier
+    shardtrain_export(path, ckpt, tmp_path / "out", "safetensors")
+    info = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert info["label_names"] == CLASSES and info["num_classes"] == len(CLASSES)
+    loaded = timm.create_model("test_resnet", pretrained=True, pretrained_cfg_overlay={
+        **info["pretrained_cfg"], "file": str(tmp_path / "out" / "model.safetensors")}).eval()
+    data = timm.data.resolve_data_config({}, model=loaded)
+    assert (tuple(data["input_size"]), data["crop_pct"]) == ((3, SIZE, SIZE), cfg.data.augment.eval_crop_pct)
+    assert (tuple(data["mean"]), tuple(data["std"])) == (cfg.data.augment.mean, cfg.data.augment.std)
+    x = photo_batch(cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_onnx_classifier_matches_torch_on_real_photos(classifier, tmp_path):
+    cfg, path, model, ckpt = classifier
+    shardtrain_export(path, ckpt, tmp_path / "out", "onnx")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["label_names"] == CLASSES
+    x = photo_batch(cfg)
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    [logits] = session.run(None, {"image": x.numpy()})  # a batch of 8: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_onnx_detector_matches_torch_on_real_images(yolo_src, tmp_path):
+    cfg, path = config(tmp_path, task="detect", detect={"fpn_channels": 64, "score_thresh": 0.2})
+    torch.manual_seed(0)
+    detector = build_detector(cfg, len(CLASSES), tmp_path).eval()
+    # Freshly initialised FCOS scores every location at its 0.01 prior; spread the class logits so the
+    # detections differ clearly in score (their order is then no coin toss between the two runtimes).
+    torch.nn.init.normal_(detector.head.classification_head.cls_logits.weight, std=0.3)
+    ckpt = save(cfg, detector, CLASSES)
+    shardtrain_export(path, ckpt, tmp_path / "out", "onnx")
+    info = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert info["label_names"] == CLASSES and info["input"]["shape"] == [1, 3, SIZE, SIZE]
+
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    aug, transform = cfg.data.augment, detect_eval(SIZE, cfg.data.augment)
+    mean, std = torch.tensor(aug.mean).view(3, 1, 1), torch.tensor(aug.std).view(3, 1, 1)
+    found = 0
+    for image_path in sorted((yolo_src / "images" / "val").glob("*.jpg")):
+        boxed, _ = letterbox(transform, decode_image(image_path.read_bytes()))
+        x = (torch.from_numpy(boxed).permute(2, 0, 1).float() / 255 - mean) / std
+        boxes, scores, labels = session.run(None, {"image": x[None].numpy()})
+        with torch.no_grad():
+            expected = detector([x])[0]
+        assert len(scores) == len(expected["scores"])
+        np.testing.assert_allclose(scores, expected["scores"].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(boxes, expected["boxes"].numpy(), rtol=1e-4, atol=1e-3)
+        assert (labels == expected["labels"].numpy()).all()
+        found += len(scores)
+    assert found > 0  # the comparison covered real detections
+
+
+def test_dino_safetensors_is_the_teacher_backbone(tmp_path):
+    cfg, path = config(tmp_path, task="dino", dino={"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8})
+    backbone = build_model(cfg.model, 0, tmp_path)
+    model = DinoModel(Encoder(backbone, DinoHead(backbone.num_features, 32, 16, 8, 3, True)), 32, 2)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)  # the student has moved on; the export must be the teacher
+    shardtrain_export(path, save(cfg, model, []), tmp_path / "out", "safetensors")
+    info = json.loads((tmp_path / "out" / "config.json").read_text())
+    loaded = timm.create_model("test_resnet", pretrained=True, pretrained_cfg_overlay={
+        **info["pretrained_cfg"], "file": str(tmp_path / "out" / "model.safetensors")})
+    teacher = model.teacher.module.backbone.state_dict()
+    assert loaded.num_classes == 0 and all(torch.equal(v, teacher[k]) for k, v in loaded.state_dict().items())
+
+
+def test_a_format_the_task_has_not_is_one_line(tmp_path):
+    cfg, path = config(tmp_path, task="detect", detect={"fpn_channels": 64})
+    ckpt = save(cfg, build_detector(cfg, len(CLASSES), tmp_path), CLASSES)
+    result = CliRunner().invoke(app, ["export", str(path), str(ckpt), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.stderr.strip() == "error: task detect exports as onnx, not safetensors"
