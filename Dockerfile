@@ -32,8 +32,11 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 RUN --mount=type=bind,from=app,source=/dist,target=/dist \
     /opt/shardtrain/docker/install.sh app /dist
 RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash shardtrain \
-    && mkdir -p /workspace/data /workspace/runs /home/shardtrain/.prefect \
-    && chown -R shardtrain:shardtrain /workspace /home/shardtrain
+    && mkdir -p /workspace/data /workspace/runs /home/shardtrain/.prefect /cache/huggingface \
+    && chown -R shardtrain:shardtrain /workspace /home/shardtrain /cache
+# model.pretrained: true fetches timm's weights into the Hugging Face cache once; a volume keeps them
+# across containers (and lets an offline host, HF_HUB_OFFLINE=1, be given a filled one).
+ENV HF_HOME=/cache/huggingface
 WORKDIR /workspace
 # What Prefect deployments run from: `prefect deploy` here makes /workspace each flow run's
 # working directory, so entrypoints, configs/ and runs/ resolve as in a checkout.
@@ -42,6 +45,6 @@ COPY --chown=shardtrain:shardtrain configs configs
 COPY --chown=shardtrain:shardtrain flows flows
 # uid 1000 is the shardtrain user made above.
 USER 1000:1000
-VOLUME ["/workspace/data", "/workspace/runs"]
+VOLUME ["/workspace/data", "/workspace/runs", "/cache/huggingface"]
 ENTRYPOINT ["shardtrain"]
 CMD ["--help"]

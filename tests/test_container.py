@@ -75,7 +75,8 @@ def test_dockerfile_builds_on_pytorch_image_runs_as_non_root():
     assert user and user[-1].split(":")[0] not in ("0", "root")
     assert "WORKDIR /workspace" in final
     volumes = json.loads(next(line for line in final if line.startswith("VOLUME")).split(None, 1)[1])
-    assert volumes == ["/workspace/data", "/workspace/runs"]
+    assert volumes == ["/workspace/data", "/workspace/runs", "/cache/huggingface"]
+    assert "ENV HF_HOME=/cache/huggingface" in final  # pretrained weights kept on that volume
     assert 'ENTRYPOINT ["shardtrain"]' in final
     # No build tools and no copied wheels in the final image: installs come from bind mounts.
     assert not any(re.search(r"apt-get|gcc|build-essential", line) for line in final)
@@ -154,6 +155,7 @@ def test_compose_stack_shape():
     assert services["minio"]["image"].startswith("minio/minio:")
     assert "mc mb" in " ".join(services["create-bucket"]["entrypoint"])
     assert services["prefect-server"]["healthcheck"]
+    assert "hf-cache:/cache/huggingface" in worker["volumes"]  # the image's HF_HOME, kept across restarts
 
 
 def test_compose_takes_secrets_from_the_environment():
