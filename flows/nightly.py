@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fsspec.core import url_to_fs
 from prefect import flow, get_client, get_run_logger, task
 from prefect.concurrency.sync import concurrency
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 
 import training
 from flows.artifacts import publish_decision, publish_no_op
@@ -18,6 +19,7 @@ from flows.promote import beats, production_url, promote, read_production
 from flows.retries import STORAGE_RETRIES
 from flows.train import train
 from shards import ConvertOptions
+from training.export import FORMATS, export
 
 # A global concurrency limit of 1 (created on first use, in the server's database, so it also
 # binds runs in ephemeral mode and runs started outside the deployment).
@@ -62,13 +64,24 @@ def mark_trained(storage: str, store: str, version: int) -> None:
     fs.pipe_file(path, json.dumps({"store": store, "version": version}).encode())
 
 
-@task(**STORAGE_RETRIES)  # promotion is idempotent: a retry rewrites the pair, marker last
+def export_best(run_dir: Path, out: Path) -> list[Path]:
+    """The run's best checkpoint in every export format its task has (training/export.py)."""
+    cfg = training.load_config(run_dir / "config.yaml")
+    files = [export(cfg, str(run_dir / "checkpoints" / "best.pt"), out / fmt, fmt)
+             for fmt, tasks in FORMATS.items() if cfg.task in tasks]
+    return list({path.name: path for group in files for path in group}.values())  # one config.json
+
+
+@task(**STORAGE_RETRIES)  # promotion is idempotent: a retry rewrites the set, marker last
 def decide(storage: str, run_dir: Path, metrics: dict) -> dict:
-    """Promote the run's best checkpoint if its eval metric beats production's; returns the decision."""
+    """Promote the run's best checkpoint, with its exports, if its eval metric beats production's; returns the
+    decision."""
     production = read_production(storage)
     promoted = beats(metrics, production)
     if promoted:
-        model = promote(storage, run_dir / "checkpoints" / "best.pt", metrics)
+        with tempfile.TemporaryDirectory(prefix="shardtrain-export-") as tmp:
+            exports = export_best(run_dir, Path(tmp))
+            model = promote(storage, run_dir / "checkpoints" / "best.pt", metrics, exports)
     else:
         model = production_url(storage) + "/model.pt"
     decision = {
@@ -95,14 +108,19 @@ def nightly_retrain(
     format: Literal["wds", "lmdb"] = "wds",
     overrides: tuple[str, ...] = (),
     nproc_per_node: PositiveInt = 1,
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None,
 ) -> dict:
-    """Append new images from `raw_dir` to `store`; if any, train `epochs` more epochs and maybe promote."""
+    """Append new images from `raw_dir` to `store`; if any, train `epochs` more epochs and maybe promote.
+
+    `val_fraction`: convert's --val-fraction for a `raw_dir` without split folders (None: 0.05 when the store
+    is made, then the store's own)."""
     logger = get_run_logger()
     ensure_nightly_limit()
     logger.info("acquiring the %r concurrency slot (waits while another nightly run holds it)", NIGHTLY_LIMIT)
     with concurrency(NIGHTLY_LIMIT, occupy=1, lease_duration=NIGHTLY_LEASE_S, strict=True):
         # append=True also creates the store on the first night.
-        summary = convert_task(ConvertOptions(src=raw_dir, dest=store, format=format, append=True))
+        summary = convert_task(ConvertOptions(src=raw_dir, dest=store, format=format, append=True,
+                                              val_fraction=val_fraction))
         verify_task(store)
         untrained = trained_on(storage) != {"store": store, "version": summary.version}
         if not untrained and not train_anyway:

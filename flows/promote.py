@@ -1,13 +1,15 @@
-"""The production model in storage: `<storage>/models/production/{model.pt, metrics.json}`.
+"""The production model in storage: `<storage>/models/production/{model.pt, metrics.json}` and its exports
+(`model.safetensors`, `model.onnx`, `config.json`: see training/export.py).
 
-The marker `model.pt.complete` is removed before and written after the two files, so a
-reader that finds the marker finds a complete, matching pair (never half a promotion).
+The marker `model.pt.complete` is removed before and written after the files, so a
+reader that finds the marker finds a complete, matching set (never half a promotion).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from fsspec.core import url_to_fs
@@ -32,13 +34,15 @@ def beats(candidate: dict, production: dict | None) -> bool:
     return production is None or candidate["best"] > production["best"]
 
 
-def promote(storage: str, model: Path, metrics: dict) -> str:
-    """Copy `model` and its metrics to production, marker last; returns the model's URL."""
+def promote(storage: str, model: Path, metrics: dict, exports: Sequence[Path] = ()) -> str:
+    """Copy `model`, its `exports` and its metrics to production, marker last; returns the model's URL."""
     fs, root = url_to_fs(production_url(storage))
     fs.makedirs(root, exist_ok=True)
     if fs.exists(f"{root}/{MARKER}"):
         fs.rm(f"{root}/{MARKER}")
     fs.put_file(str(model), f"{root}/model.pt")
+    for path in exports:
+        fs.put_file(str(path), f"{root}/{path.name}")
     fs.pipe_file(f"{root}/metrics.json", json.dumps(metrics, indent=2).encode())
     marker = {"sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "metric": metrics["metric"], "best": metrics["best"]}
     fs.pipe_file(f"{root}/{MARKER}", json.dumps(marker).encode())

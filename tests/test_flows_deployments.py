@@ -32,13 +32,14 @@ from servers import PrefectServer, start_group, stop_group
 import shards
 import training
 from shards import samples
+from shards.manifest import ShardIndex, load_json
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).with_name("prefect")
 POOL = "shardtrain"
 # Tiny training: 32 px images, a few dozen of them, one DataLoader worker at most.
 TRAIN_OVERRIDES = ["data.image_size=32", "data.batch_size=8", "data.workers=0"]
-PER_CLASS = {"train": 4, "val": 2}
+PER_CLASS = {"": 6}  # flat class folders, as most users' sources are: the store holds out 5% as val
 CONFIG = "configs/demo.yaml"  # relative: flow runs start in the repo root (prefect.yaml's pull step)
 
 
@@ -207,8 +208,13 @@ def test_train_refuses_a_missing_store_before_torchrun(deployed, client, tmp_pat
     assert not (tmp_path / "demo").exists()  # no run dir
 
 
+def val_keys(store: Path) -> set[str]:
+    return {it.key for idx in (store / "_index").glob("val-*.json") for it in load_json(ShardIndex, idx.read_text()).items}
+
+
 @pytest.mark.slow
 def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
+    """On a flat class-folder tree (SRC/<class>/*.jpg) with no extra parameters."""
     raw, store, runs = tmp_path / "raw", tmp_path / "store", tmp_path / "runs"
     storage = f"{s3_bucket}/shardtrain"
     samples.make_imagefolder(raw, per_class=PER_CLASS, size=32)
@@ -228,11 +234,14 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     assert_completed(client, night1)
     manifest = shards.read_manifest(str(store))
     assert manifest.totals.samples == per_night
+    assert manifest.holdout.fraction == 0.05 and manifest.splits["val"].samples > 0
+    held_out = val_keys(store)
     first = remote_checkpoint(storage, tmp_path)
     assert first is not None and first["epoch"] == 1
     assert "| promoted | True |" in decision_artifact(client, night1)
     production = s3fs.S3FileSystem(skip_instance_cache=True).ls(f"{storage}/models/production", detail=False)
-    assert sorted(p.rsplit("/", 1)[-1] for p in production) == ["metrics.json", "model.pt", "model.pt.complete"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in production) == [
+        "config.json", "metrics.json", "model.onnx", "model.pt", "model.pt.complete", "model.safetensors"]
     assert production_best(storage) == run_best(runs)
 
     # Night 2 while something else holds the nightly slot: it waits; then, nothing new, a no-op.
@@ -253,6 +262,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     after = shards.read_manifest(str(store))
     assert after.totals.samples == 2 * per_night
     assert after.version == manifest.version + 1
+    assert held_out < val_keys(store)  # night 1's held-out images are still held out, with some new ones
     resumed = remote_checkpoint(storage, tmp_path)
     assert resumed["epoch"] == 2 and resumed["step"] > first["step"]
     [train_run] = client.read_flow_runs(
