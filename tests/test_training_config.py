@@ -30,12 +30,17 @@ def write(tmp_path: Path, **cfg) -> Path:
 
 
 def test_shipped_configs_load():
-    for name in ("demo", "resnet50", "deit_small"):
+    for name in ("demo", "resnet50", "deit_small", "deit_small_finetune", "detector", "dino_vits16"):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         assert cfg.name == name
     deit = load_config(REPO / "configs" / "deit_small.yaml")
     assert (deit.optim.layer_decay, deit.train.mixup, deit.train.cutmix, deit.train.label_smoothing) == (
         0.65, 0.8, 1.0, 0.1)
+    finetune = load_config(REPO / "configs" / "deit_small_finetune.yaml")
+    assert (finetune.model.name, finetune.model.pretrained) == ("deit_small_patch16_224.fb_in1k", True)
+    assert (finetune.optim.layer_decay, finetune.model.drop_path, finetune.train.label_smoothing,
+            finetune.train.mixup, finetune.train.cutmix, finetune.optim.warmup_epochs) == (0.65, 0.1, 0.1, 0.8, 1.0, 2)
+    assert load_config(REPO / "configs" / "detector.yaml").model.pretrained is True
 
 
 def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):

@@ -28,6 +28,7 @@ from training.tasks.detect import build_detector
 from training.tasks.dino import DinoTask
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
+REPO = Path(__file__).resolve().parents[1]
 NAME = "test_resnet.r160_in1k"  # one of timm's tiny test models, with weights on the hub
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -112,18 +113,21 @@ def write_config(tmp_path: Path, store: str, **model) -> Path:
         "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
                  "channels_last": False},
         "model": model,
-        # A vanishing step size: after one step the weights are still the starting ones to ~1e-9.
-        "optim": {"lr": 1.0e-9, "weight_decay": 0.0},
-        "train": {"epochs": 1, "max_steps": 1},
     }))
     return path
 
 
-def test_training_run_starts_from_the_cached_weights(hf_home, store, tmp_path):
-    """Through `shardtrain train` (torchrun and its worker inherit HF_HOME and HF_HUB_OFFLINE)."""
+def test_finetune_recipe_starts_from_the_cached_weights(hf_home, store, tmp_path):
+    """configs/deit_small_finetune.yaml (layer decay, drop path, mixup/cutmix, label smoothing, warm-up) with a
+    tiny timm model, through `shardtrain train` (torchrun and its worker inherit HF_HOME and HF_HUB_OFFLINE)."""
     weights = fill_cache(hf_home, NAME)
-    proc = subprocess.run([SHARDTRAIN, "train", str(write_config(tmp_path, store, name=NAME, pretrained=True))],
-                          capture_output=True, text=True, timeout=600)
+    small = [f"runs_dir={tmp_path / 'runs'}", "name=t", f"data.path={store}", "data.image_size=32",
+             "data.batch_size=8", "data.workers=0", "data.pin_memory=false", f"model.name={NAME}",
+             "train.epochs=1", "train.max_steps=1",
+             # A vanishing step size: after one step the weights are still the starting ones to ~1e-9.
+             "optim.lr=1.0e-9", "optim.lr_base_batch=null", "optim.weight_decay=0"]
+    recipe = REPO / "configs" / "deit_small_finetune.yaml"
+    proc = subprocess.run([SHARDTRAIN, "train", str(recipe), *small], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trained = torch.load(tmp_path / "runs" / "t" / "checkpoints" / "last.pt", weights_only=True)["model"]
     convs = [k for k, v in weights.items() if v.ndim == 4]  # every conv kernel (BN statistics move in a step)
