@@ -39,7 +39,7 @@ PREFECT = Path(sys.executable).with_name("prefect")
 POOL = "shardtrain"
 # Tiny training: 32 px images, a few dozen of them, one DataLoader worker at most.
 TRAIN_OVERRIDES = ["data.image_size=32", "data.batch_size=8", "data.workers=0"]
-PER_CLASS = {"": 6}  # flat class folders, as most users' sources are: the store holds out 5% as val
+PER_CLASS = {"train": 6}  # written flat (SRC/<class>/), as most sources are: the store holds out 5% as val
 CONFIG = "configs/demo.yaml"  # relative: flow runs start in the repo root (prefect.yaml's pull step)
 
 
@@ -217,7 +217,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     """On a flat class-folder tree (SRC/<class>/*.jpg) with no extra parameters."""
     raw, store, runs = tmp_path / "raw", tmp_path / "store", tmp_path / "runs"
     storage = f"{s3_bucket}/shardtrain"
-    samples.make_imagefolder(raw, per_class=PER_CLASS, size=32)
+    samples.make_imagefolder(raw, per_class=PER_CLASS, size=32, flat=True)
     params = {
         "raw_dir": str(raw),
         "store": str(store),
@@ -256,7 +256,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     assert "nothing new" in decision_artifact(client, night2).lower()
 
     # Night 3: new images are appended, training resumes from night 1's checkpoint.
-    samples.make_imagefolder(raw, per_class=PER_CLASS, size=32, seed=1, start=100)
+    samples.make_imagefolder(raw, per_class=PER_CLASS, size=32, seed=1, start=100, flat=True)
     night3 = run_deployment(deployed, "nightly-retrain/nightly", **params)
     assert_completed(client, night3)
     after = shards.read_manifest(str(store))

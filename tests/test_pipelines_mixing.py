@@ -98,7 +98,7 @@ def classes_per_batch(path: str, world_size: int) -> list[int]:
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_train_batches_mix_classes_like_iid_draws(store, world_size):
     counts = classes_per_batch(store, world_size)
-    assert len(counts) == read_manifest(store).totals.samples // (world_size * BATCH) * world_size
+    assert len(counts) == read_manifest(store).splits["train"].samples // (world_size * BATCH) * world_size
     assert statistics.median(counts) >= 0.9 * IID, counts
 
 

@@ -230,7 +230,7 @@ def split_of_each(dest) -> dict[str, str]:
 def test_flat_class_folders_hold_out_val_by_key_hash(tmp_path, fmt):
     """No split folders: 5% by default to val, chosen by the key's hash, so an appended image falls
     on the side it would have fallen on in one conversion, and no stored image moves."""
-    src = samples.make_imagefolder(tmp_path / "src", per_class={"": 12}, size=32)
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 12}, size=32, flat=True)
     first = run(src, tmp_path / "s", format=fmt)
     manifest = read_manifest(str(tmp_path / "s"))
     assert manifest.holdout is not None and manifest.holdout.fraction == 0.05 and manifest.holdout.split == "val"
@@ -242,7 +242,7 @@ def test_flat_class_folders_hold_out_val_by_key_hash(tmp_path, fmt):
         h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
         assert split == ("val" if h < 0.05 else "train")
 
-    samples.make_imagefolder(src, per_class={"": 12}, size=32, seed=1, start=100)
+    samples.make_imagefolder(src, per_class={"train": 12}, size=32, seed=1, start=100, flat=True)
     run(src, tmp_path / "s", format=fmt, append=True)
     night2 = split_of_each(tmp_path / "s")
     assert {k: night2[k] for k in night1} == night1  # nothing moved

@@ -74,20 +74,36 @@ def test_model_name_timm_does_not_know(stores, tmp_path):
         "bad value for model.name: timm's resnet18 has no pretrained tag 'not_a_tag' (it has: ")
 
 
-def test_run_dir_whose_checkpoint_holds_another_model(stores, tmp_path):
-    """The run dir holds a resnet18 run's checkpoint; this config names test_resnet."""
-    other = load_config(write(tmp_path, stores["both"], name="resnet18"))
-    model = build_model(other.model, num_classes=8, cache_dir=tmp_path)
-    classes = [f"c{i}" for i in range(8)]
+def resnet18_checkpoint(tmp_path: Path, store: str) -> tuple[Path, Path]:
+    """A resnet18 run's checkpoint in the run dir of `write`'s config; returns (checkpoint, run dir)."""
+    other = load_config(write(tmp_path, store, name="resnet18"))
+    model = build_model(other.model, num_classes=6, cache_dir=tmp_path)
     ckpt = checkpoint.save(run_dir(other) / "checkpoints",
                            {"model": model.state_dict(), "step": 4, "epoch": 1, "config": to_dict(other),
-                            "classes": classes}, keep=2)
-    before = sorted(p.name for p in run_dir(other).rglob("*"))
+                            "classes": [f"c{i}" for i in range(6)]}, keep=2)
+    return ckpt, run_dir(other)
+
+
+def test_run_dir_whose_checkpoint_holds_another_model(stores, tmp_path):
+    """The run dir holds a resnet18 run's checkpoint; this config names test_resnet."""
+    ckpt, rdir = resnet18_checkpoint(tmp_path, stores["both"])
+    before = sorted(p.name for p in rdir.rglob("*"))
     message = refused(write(tmp_path, stores["both"]))
-    assert message.startswith(f"run dir {run_dir(other)}: checkpoint {ckpt} holds another model "
+    assert message.startswith(f"run dir {rdir}: checkpoint {ckpt} holds another model "
                               "(model.name 'resnet18', this config has 'test_resnet')")
-    assert sorted(p.name for p in run_dir(other).rglob("*")) == before  # nothing written there
+    assert sorted(p.name for p in rdir.rglob("*")) == before  # nothing written there
     assert torch.load(ckpt, weights_only=True)["step"] == 4
+
+
+def test_a_worker_started_without_launch_names_the_other_model_in_one_line(stores, tmp_path):
+    """`python -m training` (no checks before it) meets the other model's checkpoint when it loads it."""
+    resnet18_checkpoint(tmp_path, stores["both"])
+    proc = subprocess.run([sys.executable, "-m", "training", str(write(tmp_path, stores["both"]))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: the checkpoint to resume from holds another model than test_resnet (")
+    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 def test_cli_missing_store_is_one_line_before_torchrun(tmp_path):

@@ -88,7 +88,7 @@ def detect_config(cfg: RunConfig, classes: list[str]) -> dict:
         "label_names": classes,
         "input": {"name": "image", "shape": [1, 3, size, size],
                   "preprocess": f"RGB; longer side resized to {size} and padded to {size}x{size} with "
-                                f"{PAD_VALUE} (letterbox, image at the top left); (pixels / 255 - mean) / std",
+                                f"{PAD_VALUE} (letterbox, image centred); (pixels / 255 - mean) / std",
                   "mean": list(aug.mean), "std": list(aug.std)},
         "outputs": {"boxes": "xyxy pixels of the letterboxed image", "scores": "after NMS, highest first",
                     "labels": "index into label_names"},
