@@ -13,7 +13,6 @@ from pathlib import Path
 
 from training.config import TrainError, load_config, run_dir
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
-from training.preflight import preflight
 
 METRICS_FILE = "metrics.json"  # written by a run's finish, after its last step and eval
 
@@ -62,6 +61,8 @@ def launch(
     if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise TrainError("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
     cfg = load_config(config, overrides)
+    from training.preflight import preflight  # timm and torch, for the model and checkpoint checks: only here
+
     preflight(cfg)
     cmd = torchrun_command(
         config, overrides, run_id=cfg.name, nproc_per_node=nproc_per_node, nnodes=nnodes,

@@ -1,16 +1,16 @@
 """Checks `launch` runs before torchrun starts: the mistakes a user makes most fail at once, with one line, and
-leave no run directory behind (they would otherwise surface from every rank after the workers' start-up)."""
+leave no run directory behind (they would otherwise surface from every rank after the workers' start-up).
+
+The store checks come first and need no torch; the model, checkpoint and weights checks then import timm
+and torch (seconds), which the launcher otherwise does without.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import shards
-from training import checkpoint, resume
 from training.config import RunConfig, TrainError, run_dir, to_dict
-from training.model import check_model_name, hub_weights
 
 # Config keys that decide the shapes in a checkpoint's `model` state dict, per task.
 MODEL_KEYS = {
@@ -23,9 +23,11 @@ MODEL_KEYS = {
 def preflight(cfg: RunConfig) -> None:
     """Raise a one-line TrainError for a bad model name, missing weights, a missing store or split, or a run
     directory whose checkpoint holds another model. Reads only; writes nothing."""
-    check_model_name(cfg.model.name)
     manifest = store_manifest(cfg.data.path, "data.path")
     check_splits(cfg, manifest)
+    from training.model import check_model_name, hub_weights
+
+    check_model_name(cfg.model.name)
     check_run_dir(cfg, manifest.classes)
     if cfg.model.pretrained is True:
         hub_weights(cfg.model.name)
@@ -72,6 +74,10 @@ def need_split(manifest: shards.Manifest, path: str, split: str, store_key: str,
 def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
     """The checkpoint a run would resume from locally must hold this config's model (another name reuses a
     run dir by mistake far more often than on purpose)."""
+    import torch
+
+    from training import checkpoint, resume
+
     if cfg.resume == "never":
         return
     if cfg.resume == "auto":
