@@ -29,13 +29,13 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_demo_two_nights(tmp_path):
     out = tmp_path / "demo"
-    result = run_demo("--out", str(out), "--images", "4", "--size", "32")
+    result = run_demo("--out", str(out), "--images", "5", "--size", "32")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "Traceback" not in output
 
     # The store: night 1's images, then night 2's appended as a new version; verified.
-    per_night = len(samples.class_names()) * (4 + 1)
+    per_night = len(samples.class_names()) * 5
     manifest = shards.read_manifest(str(out / "store"))
     assert (manifest.version, manifest.totals.samples) == (2, 2 * per_night)
     assert shards.verify(str(out / "store"), deep=True) == []
