@@ -111,15 +111,3 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
         boxes.append(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)[keep]))
         labels.append(torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)[keep]))
     return {"image": chw(images, spec.size), "boxes": boxes, "labels": labels}, bad
-
-
-def make_spec(task: str, train: bool, size: int, aug: AugmentConfig) -> BatchSpec:
-    if task == "classify":
-        transforms = [(presets.classify_train if train else presets.classify_eval)(size, aug)]
-    elif task == "dino":
-        transforms = presets.dino_views(size, aug)
-    else:
-        transforms = [(presets.detect_train if train else presets.detect_eval)(size, aug)]
-    return BatchSpec(size=size, train=train, aug=aug, transforms=transforms)
-
-

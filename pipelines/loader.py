@@ -10,27 +10,23 @@ the device, where it becomes float.
 from __future__ import annotations
 
 import ctypes
-import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Iterator
 
 import cv2
 import numpy as np
 import torch
+from timm.utils import random_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipelines import gpu, plan
-from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch, make_spec
+from pipelines.batches import BatchFn, BatchSpec
 from pipelines.config import DataConfig, DataError
 from pipelines.readers import ShardReader, make_reader
 from pipelines.store import BadSample, StoreSplit, open_split
+from pipelines.tasks import TASKS, Batch, TaskData
 
-Task = Literal["classify", "dino", "detect"]
 BatchRef = tuple[int, int, np.ndarray]  # (epoch, batch number in the rank's epoch, global sample numbers)
-BATCH_FNS: dict[str, BatchFn] = {
-    "classify": classify_batch, "dino": dino_batch, "detect": detect_batch, "classify-gpu": gpu.worker_batch,
-}
-LAYOUTS = {"classify": ("imagefolder",), "detect": ("yolo",), "dino": ("imagefolder", "unlabeled", "yolo")}
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 16 << 20, 64 << 20
 
@@ -63,21 +59,21 @@ class EpochBatches(Sampler):
 class StoreBatches(Dataset):
     """Map-style: a batch reference in, (uint8 batch, skipped count, failure or None) out."""
 
-    def __init__(self, reader: ShardReader, spec: BatchSpec, *, task: str, seed: int, rank: int, on_error: str):
-        self.reader, self.spec, self.task = reader, spec, task
+    def __init__(self, reader: ShardReader, batch_fn: BatchFn, spec: BatchSpec, *, seed: int, rank: int, on_error: str):
+        self.reader, self.batch_fn, self.spec = reader, batch_fn, spec
         self.seed, self.rank, self.on_error = seed, rank, on_error
 
     def __getitem__(self, ref: BatchRef) -> tuple[dict | None, int, str | None]:
         epoch, batch, indices = ref
         seeds = plan.sample_seeds(self.seed, epoch, self.rank, batch, len(indices))
-        seed_globals(seeds[0] if seeds else self.seed)  # anything outside the presets sees a positional RNG too
+        random_seed(seeds[0] if seeds else self.seed)  # anything outside the presets sees a positional RNG too
         try:
             raws = self.reader.read(indices)
         except DataError as e:  # storage failed: the run stops with this line (a resume continues)
             return None, 0, str(e)
         bad = [r for r in raws if isinstance(r, BadSample)]
         good = [(r, s) for r, s in zip(raws, seeds) if not isinstance(r, BadSample)]
-        out, more_bad = BATCH_FNS[self.task]([r for r, _ in good], [s for _, s in good], self.spec)
+        out, more_bad = self.batch_fn([r for r, _ in good], [s for _, s in good], self.spec)
         bad += more_bad
         if bad and self.on_error == "fail":
             return None, len(bad), describe(bad[0])
@@ -116,21 +112,9 @@ def make_normalise(cfg: DataConfig, device: torch.device) -> Normalise:
     return Normalise(mean, std, cfg.channels_last)
 
 
-def map_images(batch: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
-    if "crops" in batch:
-        return {**batch, "crops": [fn(c) for c in batch["crops"]]}
-    return {**batch, "image": fn(batch["image"])}
-
-
 def describe(bad: BadSample) -> str:
     where = f"key {bad.key}" if bad.key else "a sample"
     return f"corrupt data in shard {bad.shard}, {where}: {bad.reason} (set data.on_error=skip to skip such samples)"
-
-
-def seed_globals(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def init_worker(_: int) -> None:
@@ -159,9 +143,9 @@ def keep_freed_heap() -> None:
 class Loader:
     """One split for one process; see the package docstring for what an epoch covers."""
 
-    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: str, device: torch.device, normalise: Normalise):
+    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: TaskData, device: torch.device, normalise: Normalise):
         self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
-        self.task, self.device = task, device
+        self.task, self.decoder, self.device = task, task.decoders[cfg.decode], device
         self.num_samples = store.num_samples
         self.classes = store.classes
         self.skipped = 0
@@ -170,6 +154,16 @@ class Loader:
 
     def __len__(self) -> int:
         return self.sampler.num_batches
+
+    @property
+    def epoch(self) -> int:
+        """The epoch an iteration covers."""
+        return self._epoch
+
+    @property
+    def batch(self) -> int:
+        """Batches of `epoch` yielded so far (or where the next iteration starts)."""
+        return self._batch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self._epoch, self._batch = epoch, start_batch
@@ -181,47 +175,41 @@ class Loader:
     def load_state_dict(self, d: dict) -> None:
         self.set_epoch(int(d["epoch"]), int(d["batch"]))
 
-    def __iter__(self) -> Iterator[dict]:
+    def batch_size(self, batch: Batch) -> int:
+        """Samples in one of this loader's batches (a train batch is short by the corrupt samples skipped)."""
+        return self.task.batch_size(batch)
+
+    def __iter__(self) -> Iterator[Batch]:
         self.sampler.epoch, self.sampler.start = self._epoch, self._batch
         items = self.dataloader
-        if self.cfg.decode == "gpu":
+        if self.decoder.device is not None:
             items = gpu.run_ahead(items, self._decode, self.device)
         for batch, skipped, failure in items:
             if failure:
                 raise DataError(failure)
             self.skipped += skipped
             self._batch += 1
-            yield self._to_device(batch)
+            yield self.task.to_device(batch, self.device, self._normalise)
 
     def _decode(self, item: tuple[dict | None, int, str | None]) -> tuple[dict | None, int, str | None]:
-        """decode: gpu, on a worker's batch of encoded images (see pipelines/gpu.py)."""
+        """The training process's half of the decode (data.decode: gpu), on a worker's batch of encoded images."""
         batch, skipped, failure = item
         if failure:
             return item
-        batch, bad = gpu.device_batch(batch, self.cfg.image_size, self.device)
+        assert self.decoder.device is not None
+        batch, bad = self.decoder.device(batch, self.cfg.image_size, self.device)
         if bad and self.cfg.on_error == "fail":
             return None, skipped + len(bad), describe(bad[0])
         return batch, skipped + len(bad), None
 
-    def _to_device(self, batch: dict) -> dict:
-        batch = map_images(batch, lambda t: t.to(self.device, non_blocking=True))
-        batch = map_images(batch, self._normalise)
-        if self.task == "classify":
-            return {"image": batch["image"], "label": batch["label"].to(self.device, non_blocking=True)}
-        if self.task == "detect":
-            return {
-                "image": batch["image"],
-                "boxes": [b.to(self.device, non_blocking=True) for b in batch["boxes"]],
-                "labels": [b.to(self.device, non_blocking=True) for b in batch["labels"]],
-            }
-        return {"crops": batch["crops"]}
-
 
 def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool, world_size: int) -> None:
-    if store.layout not in LAYOUTS[task]:
-        raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(LAYOUTS[task])}, this one is {store.layout!r}")
-    if cfg.decode == "gpu" and task != "classify":
-        raise DataError(f"data.decode=gpu supports task classify only, not {task}; use data.decode=cpu")
+    data = TASKS[task]
+    if store.layout not in data.layouts:
+        raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(data.layouts)}, this one is {store.layout!r}")
+    if cfg.decode not in data.decoders:
+        able = [name for name, other in TASKS.items() if cfg.decode in other.decoders]
+        raise DataError(f"data.decode={cfg.decode} supports task {' or '.join(able)} only, not {task}; use data.decode=cpu")
     if train and store.num_samples < world_size * cfg.batch_size:
         raise DataError(
             f"{cfg.path}: split {store.split!r} has {store.num_samples} samples, fewer than one batch per rank "
@@ -229,14 +217,13 @@ def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool
         )
 
 
-def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: int, world_size: int, seed: int, device: torch.device) -> Loader:
+def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: int, world_size: int, seed: int, device: torch.device) -> Loader:
     """The loader of one split for this process (rank of world_size); see README `## Data pipelines`."""
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
-    reader = make_reader(store)
-    spec = make_spec(task, train, cfg.image_size, cfg.augment)
-    batch_task = "classify-gpu" if cfg.decode == "gpu" else task
-    dataset = StoreBatches(reader, spec, task=batch_task, seed=seed, rank=rank, on_error=cfg.on_error)
+    data = TASKS[task]
+    dataset = StoreBatches(make_reader(store), data.decoders[cfg.decode].worker, data.spec(train, cfg.image_size, cfg.augment),
+                           seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,
         batch_size=cfg.batch_size, shuffle_block=cfg.shuffle_block,
@@ -252,4 +239,4 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: Task, rank: 
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         worker_init_fn=init_worker if workers > 0 else None,
     )
-    return Loader(cfg, store, sampler, dataloader, task=task, device=device, normalise=make_normalise(cfg, device))
+    return Loader(cfg, store, sampler, dataloader, task=data, device=device, normalise=make_normalise(cfg, device))

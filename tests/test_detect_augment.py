@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from pipelines import AugmentConfig, build_loader
-from pipelines.batches import detect_batch, make_spec
+from pipelines.batches import detect_batch
+from pipelines.tasks import TASKS
 from pipelines.store import RawSample
 from shards import ConvertOptions, convert
 from shards.samples import make_coins
@@ -44,7 +45,7 @@ def one_coin(tmp_path_factory) -> tuple[RawSample, np.ndarray, float]:
 
 def train_boxes(raw: RawSample, aug: AugmentConfig, seeds: range) -> list[np.ndarray]:
     """Output boxes of the train preset, the sample being its own three mosaic partners."""
-    spec = make_spec("detect", True, SIZE, aug)
+    spec = TASKS["detect"].spec(True, SIZE, aug)
     out = []
     for seed in seeds:
         batch, bad = detect_batch([raw] * 4, [seed * 4 + i for i in range(4)], spec)

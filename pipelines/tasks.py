@@ -1,0 +1,80 @@
+"""What each task needs from the pipeline: one record per task.
+
+A task's record says which store layouts it reads, which presets make its samples, which batch
+function the workers run for each `data.decode` mode, and which keys of its batches hold images
+(moved to the device and normalised there; every other tensor is only moved). Adding a task is one
+entry here and its `Task` in training/tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import albumentations as A
+import torch
+
+from pipelines import gpu, presets
+from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch
+from pipelines.config import AugmentConfig
+from pipelines.store import BadSample
+
+Batch = dict[str, torch.Tensor | list[torch.Tensor]]
+DeviceFn = Callable[[dict, int, torch.device], tuple[Batch, list[BadSample]]]
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """One `data.decode` mode of a task: the batch function the workers run and, where the pixels are decoded
+    in the training process, what it runs on each worker batch (one batch ahead, in a thread of its own)."""
+
+    worker: BatchFn
+    device: DeviceFn | None = None  # (worker batch, image size, device) -> (batch on the device, bad samples)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    layouts: tuple[str, ...]  # store layouts it can read
+    transforms: Callable[[bool, int, AugmentConfig], list[A.Compose]]  # presets, from (train, size, augment)
+    decoders: dict[str, Decoder]  # by data.decode
+    images: str  # the batch key of the images: a (N,3,H,W) tensor, or a list of them (one per view)
+
+    def spec(self, train: bool, size: int, aug: AugmentConfig) -> BatchSpec:
+        """What the workers' batch function gets besides the samples."""
+        return BatchSpec(size=size, train=train, aug=aug, transforms=self.transforms(train, size, aug))
+
+    def to_device(self, batch: Batch, device: torch.device, normalise: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """Every tensor of the batch on `device` (non-blocking: from pinned memory on CUDA); the images normalised."""
+        def move(value, image: bool):
+            if isinstance(value, list):
+                return [move(v, image) for v in value]
+            value = value.to(device, non_blocking=True)
+            return normalise(value) if image else value
+
+        return {key: move(value, key == self.images) for key, value in batch.items()}
+
+    def batch_size(self, batch: Batch) -> int:
+        images = batch[self.images]
+        return len(images[0] if isinstance(images, list) else images)
+
+
+TASKS: dict[str, TaskData] = {
+    "classify": TaskData(
+        layouts=("imagefolder",),
+        transforms=lambda train, size, aug: [(presets.classify_train if train else presets.classify_eval)(size, aug)],
+        decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, gpu.device_batch)},
+        images="image",
+    ),
+    "dino": TaskData(
+        layouts=("imagefolder", "unlabeled", "yolo"),
+        transforms=lambda train, size, aug: presets.dino_views(size, aug),
+        decoders={"cpu": Decoder(dino_batch)},
+        images="crops",
+    ),
+    "detect": TaskData(
+        layouts=("yolo",),
+        transforms=lambda train, size, aug: [(presets.detect_train if train else presets.detect_eval)(size, aug)],
+        decoders={"cpu": Decoder(detect_batch)},
+        images="image",
+    ),
+}
