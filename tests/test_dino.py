@@ -79,7 +79,7 @@ def test_schedules():
     ramp = StepPlan(batches_per_epoch=8, accum_steps=2, batch_ramp=1, epochs=3, max_steps=None)  # 8, 4, 4 steps
     assert [epochs_done(ramp, s) for s in (0, 4, 8, 10, 16)] == [0, 0.5, 1, 1.5, 3]
     cfg = config("unused", dino={"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_epochs": 2})
-    assert [teacher_temp(cfg, e) for e in (0, 1, 2, 5)] == pytest.approx([0.04, 0.055, 0.07, 0.07])
+    assert [teacher_temp(cfg.dino, e) for e in (0, 1, 2, 5)] == pytest.approx([0.04, 0.055, 0.07, 0.07])
 
 
 def test_knn_votes_are_weighted_by_similarity():

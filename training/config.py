@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines import DataConfig
+from training.tasks import TASKS
 
 
 class TrainError(Exception):
@@ -107,12 +108,8 @@ class DinoConfig(_Section):
     koleo_weight: float = Field(0.0, ge=0)  # DINOv2's KoLeo regulariser on the student's global features; 0 = off
 
 
-TASK_METRICS = {"detect": "val_map", "dino": "val_knn_top1"}  # eval.metric's default where it is not val_top1
-
-
 class EvalConfig(_Section):
-    metric: Literal["val_top1", "val_top5", "ema_val_top1", "ema_val_top5",
-                    "val_map", "val_map50", "ema_val_map", "ema_val_map50", "val_knn_top1"] = "val_top1"
+    metric: str = "val_top1"  # val_<m> or ema_val_<m> for a metric m of the task; default val_<its first>
     every_epochs: int = Field(1, ge=1)
     knn_path: str | None = None  # dino: the labeled store of the k-NN eval; null = data.path
     knn_k: int = Field(20, ge=1)
@@ -122,7 +119,7 @@ class EvalConfig(_Section):
 class RunConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     runs_dir: str = "runs"
-    task: Literal["classify", "dino", "detect"] = "classify"
+    task: str = "classify"  # a name in training.tasks.TASKS
     seed: int = 0
     data: DataConfig
     model: ModelConfig = ModelConfig()
@@ -131,19 +128,43 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: str = "auto"  # auto | never | a checkpoint path or URL
     eval: EvalConfig = EvalConfig()
-    detect: DetectConfig = DetectConfig()
-    dino: DinoConfig = DinoConfig()
+    # Settings of one task, present only in its runs (filled with the defaults there; refused elsewhere).
+    detect: DetectConfig | None = None
+    dino: DinoConfig | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"no task {v!r}; tasks: {', '.join(TASKS)}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_section(cls, raw: Any) -> Any:
+        """The run's task gets its section, with the defaults where the YAML has none."""
+        info = TASKS.get(raw.get("task", "classify")) if isinstance(raw, dict) else None
+        if info is not None and info.section is not None and raw.get(info.section) is None:
+            return {**raw, info.section: {}}
+        return raw
 
     @model_validator(mode="after")
-    def _ema_metric(self) -> RunConfig:
-        if self.eval.metric.startswith("ema_") and not self.train.ema_decay:
-            raise ValueError(f"eval.metric {self.eval.metric} needs train.ema_decay (no EMA model otherwise)")
+    def _no_other_sections(self) -> RunConfig:
+        for name, info in TASKS.items():
+            if info.section is not None and name != self.task and getattr(self, info.section) is not None:
+                raise ValueError(f"the {info.section}: section is for task {name}; this run's task is {self.task}")
         return self
 
     @model_validator(mode="after")
     def _task_metric(self) -> RunConfig:
-        if "metric" not in self.eval.model_fields_set and self.task in TASK_METRICS:
-            self.eval = self.eval.model_copy(update={"metric": TASK_METRICS[self.task]})
+        metrics = TASKS[self.task].metrics
+        if "metric" not in self.eval.model_fields_set:
+            self.eval = self.eval.model_copy(update={"metric": f"val_{metrics[0]}"})
+        allowed = [f"{prefix}{m}" for prefix in ("val_", "ema_val_") for m in metrics]
+        if self.eval.metric not in allowed:
+            raise ValueError(f"eval.metric: task {self.task} reports {', '.join(allowed)}, not {self.eval.metric}")
+        if self.eval.metric.startswith("ema_") and not self.train.ema_decay:
+            raise ValueError(f"eval.metric {self.eval.metric} needs train.ema_decay (no EMA model otherwise)")
         return self
 
 

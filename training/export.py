@@ -27,7 +27,7 @@ from torch import nn
 from pipelines.presets import PAD_VALUE
 from training.config import RunConfig, TrainError
 from training.model import build_model
-from training.tasks.detect import build_detector
+from training.tasks.detect import build_detector, detect_settings
 
 Format = Literal["safetensors", "onnx"]
 FORMATS: dict[str, tuple[str, ...]] = {"safetensors": ("classify", "dino"), "onnx": ("classify", "detect")}
@@ -82,9 +82,9 @@ def save_timm_config(model: nn.Module, cfg: RunConfig, classes: list[str], out: 
 
 
 def detect_config(cfg: RunConfig, classes: list[str]) -> dict:
-    aug, size = cfg.data.augment, cfg.data.image_size
+    aug, size, d = cfg.data.augment, cfg.data.image_size, detect_settings(cfg)
     return {
-        "task": "detect", "architecture": cfg.model.name, "head": cfg.detect.head, "num_classes": len(classes),
+        "task": "detect", "architecture": cfg.model.name, "head": d.head, "num_classes": len(classes),
         "label_names": classes,
         "input": {"name": "image", "shape": [1, 3, size, size],
                   "preprocess": f"RGB; longer side resized to {size} and padded to {size}x{size} with "
@@ -92,8 +92,7 @@ def detect_config(cfg: RunConfig, classes: list[str]) -> dict:
                   "mean": list(aug.mean), "std": list(aug.std)},
         "outputs": {"boxes": "xyxy pixels of the letterboxed image", "scores": "after NMS, highest first",
                     "labels": "index into label_names"},
-        "thresholds": {"score": cfg.detect.score_thresh, "nms": cfg.detect.nms_thresh,
-                       "suggested_score": cfg.detect.predict_score_thresh},
+        "thresholds": {"score": d.score_thresh, "nms": d.nms_thresh, "suggested_score": d.predict_score_thresh},
     }
 
 

@@ -21,7 +21,7 @@ from torchvision.utils import draw_bounding_boxes
 from pipelines import decode_image, detect_eval
 from training.config import RunConfig, TrainError
 from training.export import load_into, read_checkpoint
-from training.tasks.detect import build_detector
+from training.tasks.detect import build_detector, detect_settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -126,7 +126,7 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     transform = detect_eval(cfg.data.image_size, aug)
     mean = torch.tensor(aug.mean, device=device).view(3, 1, 1) * 255
     std = torch.tensor(aug.std, device=device).view(3, 1, 1) * 255
-    conf = cfg.detect.predict_score_thresh if conf is None else conf
+    conf = detect_settings(cfg).predict_score_thresh if conf is None else conf
     records = []
     out.mkdir(parents=True, exist_ok=True)
     for path, name in track(found, description="predict", transient=True):

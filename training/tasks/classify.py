@@ -13,13 +13,15 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from training.config import RunConfig, TrainError
 from training.dist import World, sum_tensor
 from training.model import build_model
+from training.tasks.base import Task
 
 
-class ClassifyTask:
+class ClassifyTask(Task):
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if len(classes) < 2:
             raise TrainError(f"data.path: a classify run needs a store with at least 2 classes, found {len(classes)}")
-        self.cfg, self.num_classes, self.world, self.cache_dir = cfg, len(classes), world, cache_dir
+        super().__init__(cfg, classes, world, cache_dir)
+        self.num_classes = len(classes)
         t = cfg.train
         self.mixup = None
         if t.mixup > 0 or t.cutmix > 0:

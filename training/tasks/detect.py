@@ -23,11 +23,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from training import dist
-from training.config import RunConfig, TrainError
+from training.config import DetectConfig, RunConfig, TrainError
 from training.dist import World
 from training.model import build_model as build_timm_model
-
-METRICS = ("val_map", "val_map50", "ema_val_map", "ema_val_map50")
+from training.tasks.base import Task
 
 
 class TimmFPN(nn.Module):
@@ -49,7 +48,7 @@ class TimmFPN(nn.Module):
 
 def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Module:
     """The detector `cfg.detect` names, with `cfg.model` (any timm model with features_only) as its body."""
-    d, size = cfg.detect, cfg.data.image_size
+    d, size = detect_settings(cfg), cfg.data.image_size
     body_cfg = cfg.model.model_copy(
         update={"kwargs": {**cfg.model.kwargs, "features_only": True, "out_indices": tuple(d.out_indices)}})
     try:
@@ -77,6 +76,11 @@ def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Modu
     return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
 
 
+def detect_settings(cfg: RunConfig) -> DetectConfig:
+    assert cfg.detect is not None, "the config gives every detect run its detect: section"
+    return cfg.detect
+
+
 def targets_of(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
     return [{"boxes": b, "labels": lab} for b, lab in zip(batch["boxes"], batch["labels"])]
 
@@ -94,17 +98,14 @@ def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, 
     return {"map": float(scores["map"]), "map50": float(scores["map_50"])}
 
 
-class DetectTask:
+class DetectTask(Task):
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if not classes:
             raise TrainError("data.path: a detect run needs a store with class names (convert with --layout yolo)")
-        if cfg.eval.metric not in METRICS:
-            raise TrainError(f"bad value for eval.metric: task detect reports {', '.join(METRICS)}, "
-                             f"not {cfg.eval.metric}")
-        self.cfg, self.num_classes, self.world, self.cache_dir = cfg, len(classes), world, cache_dir
+        super().__init__(cfg, classes, world, cache_dir)
 
     def build_model(self) -> nn.Module:
-        return build_detector(self.cfg, self.num_classes, self.cache_dir)
+        return build_detector(self.cfg, len(self.classes), self.cache_dir)
 
     def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         losses = model(list(batch["image"]), targets_of(batch))  # focal + GIoU (+ centerness for FCOS)

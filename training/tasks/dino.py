@@ -4,8 +4,8 @@ The model the loop trains is `DinoModel`: the student (timm backbone + DINO head
 ModelEmaV3 of the student, no gradient) and the center of the teacher's outputs (a buffer). So the
 loop's checkpoints, DDP and resume carry the teacher and the center with no extra state; every schedule
 (teacher momentum, weight decay, teacher temperature, last-layer freeze) is a function of the step.
-The loop calls this task's hooks `start`, `before_step` and `after_step` (see training/tasks/__init__.py)
-and evaluates through `val_loader`: weighted k-NN of the teacher backbone's features on a labeled store.
+It uses the hooks `start`, `before_step` and `after_step` (training/tasks/base.py) and evaluates
+through its own `val_loader`: weighted k-NN of the teacher backbone's features on a labeled store.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from torch import nn
 import shards
 from pipelines import DataConfig, Loader, build_loader
 from training import knn
-from training.config import RunConfig, TrainError
+from training.config import DinoConfig, RunConfig, TrainError
 from training.dist import World, sum_tensor
 from training.model import build_model
 from training.optim import StepPlan
+from training.tasks.base import Task
 
 
 class DinoHead(nn.Module):
@@ -133,8 +134,7 @@ def epochs_done(plan: StepPlan, step: int) -> float:
     return epoch + (step / plan.steps_in(epoch) if epoch < plan.epochs else 0.0)
 
 
-def teacher_temp(cfg: RunConfig, epochs: float) -> float:
-    d = cfg.dino
+def teacher_temp(d: DinoConfig, epochs: float) -> float:
     if epochs >= d.warmup_teacher_temp_epochs:
         return d.teacher_temp
     return d.warmup_teacher_temp + (d.teacher_temp - d.warmup_teacher_temp) * epochs / d.warmup_teacher_temp_epochs
@@ -155,17 +155,19 @@ def knn_data(cfg: RunConfig) -> DataConfig:
     return cfg.data.model_copy(update={"path": path, "persistent_workers": False})
 
 
-class DinoTask:
+class DinoTask(Task):
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
+        assert cfg.dino is not None, "the config gives every dino run its dino: section"
+        self.dino: DinoConfig = cfg.dino
         if cfg.train.ema_decay:
             raise TrainError("train.ema_decay: a dino run's teacher is the EMA of its student; leave it unset")
         aug = cfg.data.augment
         if aug.global_crops < 1 or aug.global_crops + aug.local_crops < 2:
             raise TrainError("data.augment: task dino needs at least 1 global crop and 2 crops in all")
-        if cfg.dino.weight_decay_end is not None and cfg.optim.weight_decay == 0:
+        if self.dino.weight_decay_end is not None and cfg.optim.weight_decay == 0:
             raise TrainError("dino.weight_decay_end: the schedule starts at optim.weight_decay, which is 0; "
                              "set optim.weight_decay > 0 or dino.weight_decay_end=null")
-        self.cfg, self.world, self.cache_dir = cfg, world, cache_dir
+        super().__init__(cfg, classes, world, cache_dir)
         self.knn_cfg = knn_data(cfg)
         self.crops = aug.global_crops + aug.local_crops
         self.step = 0
@@ -175,7 +177,7 @@ class DinoTask:
         self.model: DinoModel | None = None
 
     def build_model(self) -> nn.Module:
-        d, aug = self.cfg.dino, self.cfg.data.augment
+        d, aug = self.dino, self.cfg.data.augment
         backbone = build_model(self.cfg.model, 0, self.cache_dir)
         if getattr(backbone, "dynamic_img_size", None) is False and aug.local_crops and \
                 aug.local_size != self.cfg.data.image_size:
@@ -186,8 +188,6 @@ class DinoTask:
         self.model = DinoModel(Encoder(backbone, head), d.out_dim, aug.global_crops)
         return self.model
 
-    # ---- hooks the loop calls ----------------------------------------------------------------------------------
-
     def start(self, optimizer: torch.optim.Optimizer, plan: StepPlan, step: int) -> None:
         self.optimizer, self.plan = optimizer, plan
         self.set_step(step)
@@ -195,20 +195,20 @@ class DinoTask:
     def before_step(self, model: DinoModel, step: int) -> None:
         """The prototypes stay as initialised during the first dino.freeze_last_layer epochs (DINO's stabiliser)."""
         assert self.plan is not None
-        if epochs_done(self.plan, step) < self.cfg.dino.freeze_last_layer:
+        if epochs_done(self.plan, step) < self.dino.freeze_last_layer:
             for p in model.student.head.last_layer.parameters():
                 p.grad = None  # not even weight decay or optimizer state, as in DINO
 
     def after_step(self, model: DinoModel, step: int) -> None:
         assert self.plan is not None
-        model.update_teacher(cosine(self.cfg.dino.momentum_teacher, 1.0, step - 1, self.plan.total_steps))
+        model.update_teacher(cosine(self.dino.momentum_teacher, 1.0, step - 1, self.plan.total_steps))
         self.set_step(step)
 
     def set_step(self, step: int) -> None:
         """The schedules for the next optimizer step, `step` steps done."""
         assert self.plan is not None and self.optimizer is not None
         self.step = step
-        end = self.cfg.dino.weight_decay_end
+        end = self.dino.weight_decay_end
         if end is not None:
             wd = cosine(self.cfg.optim.weight_decay, end, step, self.plan.total_steps)
             for group in self.optimizer.param_groups:
@@ -221,13 +221,11 @@ class DinoTask:
         self.bank_loader = build_loader(self.knn_cfg, self.knn_cfg.train_split, train=False, **args)
         return build_loader(self.knn_cfg, self.knn_cfg.val_split, train=False, **args)
 
-    # ---- the task interface ------------------------------------------------------------------------------------
-
     def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         assert self.model is not None and self.plan is not None
-        d, crops = self.cfg.dino, batch["crops"]
+        d, crops = self.dino, batch["crops"]
         student_out, teacher_out, features = model(crops)
-        temp = teacher_temp(self.cfg, epochs_done(self.plan, self.step))
+        temp = teacher_temp(d, epochs_done(self.plan, self.step))
         loss = dino_loss(student_out, teacher_out, self.model.center, self.crops, d.student_temp, temp)
         self.model.center.copy_(updated_center(self.model.center, teacher_out, d.center_momentum, self.world))
         if d.koleo_weight:
