@@ -109,8 +109,8 @@ def one(config: Path) -> None:
     start = time.perf_counter()
     summary = run(cfg)
     train_s = time.perf_counter() - start
-    print("RESULT " + json.dumps({"variant": cfg.name, "train_loss": round(float(summary["final"]["train_loss"]), 4),
-                                  "steps": summary["step"], "train_s": round(train_s, 1),
+    print("RESULT " + json.dumps({"variant": cfg.name, "train_loss": round(float(summary.final["train_loss"]), 4),
+                                  "steps": summary.step, "train_s": round(train_s, 1),
                                   **held_out_maps(cfg, device)}), flush=True)
 
 

@@ -111,12 +111,12 @@ def main() -> None:
     start = time.perf_counter()
     summary = run(cfg)
     train_s = time.perf_counter() - start
-    final = summary["final"]["val_knn_top1"]
-    print(f"after {summary['epoch']} epochs ({summary['step']} steps, {train_s:.0f}s): k-NN top-1 {final:.2f}% "
-          f"(best {summary['best']:.2f}%), {final / baseline:.3f}x the random init")
+    final = summary.final["val_knn_top1"]
+    print(f"after {summary.epoch} epochs ({summary.step} steps, {train_s:.0f}s): k-NN top-1 {final:.2f}% "
+          f"(best {summary.best:.2f}%), {final / baseline:.3f}x the random init")
     out = {"bench": "dino_knn", "random_init_knn_top1": round(baseline, 2), "dino_knn_top1": round(final, 2),
-           "best_knn_top1": round(summary["best"], 2), "ratio": round(final / baseline, 3),
-           "epochs": summary["epoch"], "steps": summary["step"], "train_s": round(train_s, 1),
+           "best_knn_top1": round(summary.best, 2), "ratio": round(final / baseline, 3),
+           "epochs": summary.epoch, "steps": summary.step, "train_s": round(train_s, 1),
            "images": {"dino_unlabeled": args.unlabeled, "knn_bank": 6 * args.bank, "knn_queries": 6 * args.val,
                       "size": args.size, "grayscale": True},
            "model": "vit_tiny_patch16_224 depth 2 patch 8", "overrides": args.overrides, "machine": machine()}

@@ -190,7 +190,7 @@ def resumed_from(client: SyncPrefectClient, run_id: UUID) -> tuple[str, int] | N
     return resume[-1], int(found.group(1))
 
 
-def latest_remote(storage: str, empty_runs: Path) -> dict | None:
+def latest_remote(storage: str, empty_runs: Path) -> training.CheckpointRef | None:
     cfg = training.load_config(REPO / CONFIG, [f"runs_dir={empty_runs}", f"checkpoint.storage={storage}"])
     return training.latest_checkpoint(cfg)
 
@@ -285,8 +285,8 @@ def run(work: Path, kills: int, seed: int) -> dict:
                 resumed = resumed_from(client, rerun) if completed else None
                 after = latest_remote(storage, work / "no-runs")
                 from_storage = (resumed is not None and resumed[0].startswith("s3://")
-                                and before is not None and resumed[1] >= before["step"])
-                finished = after is not None and after["epoch"] == night
+                                and before is not None and resumed[1] >= before.step)
+                finished = after is not None and after.epoch == night
 
                 third = run_nightly(env, params(host))
                 third_done = wait_final(client, third, THIRD_RUN_TIMEOUT_S)
@@ -316,7 +316,7 @@ def run(work: Path, kills: int, seed: int) -> dict:
                       f"{done.state.name if done else 'not final'} {recovery_s}s after the kill (slot after "
                       f"{slot_wait}s), store exact={exact}, resumed={resumed and resumed[1]} from "
                       f"{'storage' if from_storage else 'not storage'} (last night's step "
-                      f"{before and before['step']}), epoch {after and after['epoch']}/{night}, third run "
+                      f"{before and before.step}), epoch {after and after.epoch}/{night}, third run "
                       f"{third_done.state.name if third_done else 'blocked'}, dead run "
                       f"{zombie.name if zombie else None} -> cancel: {cancelled}: "
                       f"{'recovered' if recovered else 'NOT recovered'}", flush=True)

@@ -44,7 +44,7 @@ def continue_from_latest(config: str, overrides: list[str], epochs: int) -> list
     latest = training.latest_checkpoint(training.load_config(config, overrides))
     if latest is None:
         return [*overrides, f"train.epochs={epochs}", "resume=never"]
-    return [*overrides, f"train.epochs={latest['epoch'] + epochs}", f"resume={latest['path']}"]
+    return [*overrides, f"train.epochs={latest.epoch + epochs}", f"resume={latest.path}"]
 
 
 @task(**STORAGE_RETRIES)

@@ -49,7 +49,7 @@ def test_demo_two_nights(tmp_path):
     in_storage = training.latest_checkpoint(
         training.load_config(REPO / "configs/demo.yaml", [f"runs_dir={tmp_path / 'none'}", f"checkpoint.storage={out / 'storage'}"])
     )
-    assert in_storage["remote"] and in_storage["step"] == metrics["step"]
+    assert in_storage.remote and in_storage.step == metrics["step"]
 
     # Production: a complete model whose metrics are the best promoted so far.
     production = out / "storage" / "models" / "production"

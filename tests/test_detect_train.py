@@ -87,12 +87,12 @@ def test_overfits_a_handful_then_predict_finds_the_objects(handful, tmp_path):
     assert [int(r["step"]) for r in rows] == [20, 40]
     assert max(float(r["val_map50"]) for r in rows) >= 0.9, rows
     assert float(rows[-1]["val_map"]) > float(rows[0]["val_map"])
-    assert summary["metric"] == "val_map"
-    assert summary["best"] == pytest.approx(max(float(r["val_map"]) for r in rows), abs=1e-5)
+    assert summary.metric == "val_map"
+    assert summary.best == pytest.approx(max(float(r["val_map"]) for r in rows), abs=1e-5)
     run_dir = tmp_path / "runs" / "t"
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-    assert best["classes"] and best["step"] == summary["best_step"]
+    assert best["classes"] and best["step"] == summary.best_step
 
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = tmp_path / "pred"

@@ -133,7 +133,7 @@ def decision_artifact(client: SyncPrefectClient, run_id: UUID) -> str:
     return decision.data
 
 
-def remote_checkpoint(storage: str, tmp_path: Path) -> dict | None:
+def remote_checkpoint(storage: str, tmp_path: Path) -> training.CheckpointRef | None:
     """The newest complete checkpoint in storage (an empty runs_dir, so nothing local is found)."""
     cfg = training.load_config(REPO / CONFIG, [f"runs_dir={tmp_path / 'no-runs'}", f"checkpoint.storage={storage}"])
     return training.latest_checkpoint(cfg)
@@ -237,7 +237,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     assert manifest.holdout.fraction == 0.05 and manifest.splits["val"].samples > 0
     held_out = val_keys(store)
     first = remote_checkpoint(storage, tmp_path)
-    assert first is not None and first["epoch"] == 1
+    assert first is not None and first.epoch == 1
     assert "| promoted | True |" in decision_artifact(client, night1)
     production = s3fs.S3FileSystem(skip_instance_cache=True).ls(f"{storage}/models/production", detail=False)
     assert sorted(p.rsplit("/", 1)[-1] for p in production) == [
@@ -264,7 +264,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
     assert after.version == manifest.version + 1
     assert held_out < val_keys(store)  # night 1's held-out images are still held out, with some new ones
     resumed = remote_checkpoint(storage, tmp_path)
-    assert resumed["epoch"] == 2 and resumed["step"] > first["step"]
+    assert resumed.epoch == 2 and resumed.step > first.step
     [train_run] = client.read_flow_runs(
         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[night3]))
     )

@@ -14,8 +14,7 @@ import pytest
 import torch
 import yaml
 
-from training import TrainError, latest_checkpoint, load_config, run_dir
-from training import checkpoint, storage
+from training import CheckpointRef, TrainError, checkpoint, latest_checkpoint, load_config, run_dir, storage
 from training.config import ModelConfig, OptimConfig
 from training.model import build_model
 from training.optim import StepPlan, scaled_lr
@@ -121,8 +120,7 @@ def test_local_checkpoints_keep_last_k_and_latest(tmp_path):
         checkpoint.save(ckpt_dir, {"step": step, "epoch": step // 4, "model": {}}, keep=2)
     (ckpt_dir / checkpoint.step_name(8)).write_bytes(b"partial")  # no marker: never counts
     assert sorted(p.name for p in ckpt_dir.glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (4, 6, 8)]
-    assert latest_checkpoint(cfg) == {"path": str(ckpt_dir / "step_00000006.pt"), "step": 6, "epoch": 1,
-                                      "remote": False}
+    assert latest_checkpoint(cfg) == CheckpointRef(str(ckpt_dir / "step_00000006.pt"), step=6, epoch=1)
     assert checkpoint.load(ckpt_dir / "last.pt")["step"] == 6
 
 
@@ -135,11 +133,11 @@ def test_remote_partial_never_loaded(tmp_path, s3_bucket):
     storage.upload(fs, local, f"{root}/step_00000004.pt", {"step": 4, "epoch": 0})
     fs.pipe_file(f"{root}/step_00000009.pt", b"half an upload")  # newer, but no marker
     latest = latest_checkpoint(cfg)
-    assert (latest["step"], latest["remote"]) == (4, True)
+    assert (latest.step, latest.remote) == (4, True)
 
     fs.pipe_file(f"{root}/step_00000004.pt", b"overwritten")  # bytes no longer match the marker
     with pytest.raises(TrainError, match="does not match its marker's sha256"):
-        storage.download(latest["path"], tmp_path / "dl.pt", storage.latest_remote(f"{s3_bucket}/p", "t")["sha256"])
+        storage.download(latest.path, tmp_path / "dl.pt", latest.sha256)
     assert not (tmp_path / "dl.pt").exists()
 
 

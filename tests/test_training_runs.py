@@ -248,8 +248,8 @@ def test_s3_outage_mid_run_uploads_catch_up(store, moto_server, s3_bucket, tmp_p
 
     shutil.rmtree(runs)
     latest = latest_checkpoint(load_config(config))
-    assert latest == {"path": f"{s3_bucket}/t/checkpoints/step_{STEPS:08d}.pt", "step": STEPS, "epoch": 1,
-                      "remote": True}
+    assert (latest.path, latest.step, latest.epoch, latest.remote) == \
+        (f"{s3_bucket}/t/checkpoints/step_{STEPS:08d}.pt", STEPS, 1, True)
 
 
 # ---- two processes, two nodes ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,17 @@ import torch
 
 MARKER = ".complete"
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A complete checkpoint (its marker exists): where it is and what its marker says."""
+
+    path: str  # a local path, or a storage URL when `remote`
+    step: int
+    epoch: int  # epochs trained and evaluated
+    remote: bool = False
+    sha256: str | None = None  # from a storage marker: what the downloaded bytes must hash to
 
 
 def step_name(step: int) -> str:
@@ -114,12 +126,12 @@ def step_files(ckpt_dir: Path) -> list[Path]:
     return sorted((p for p in found if p.with_name(p.name + MARKER).exists()), key=lambda p: p.name)
 
 
-def latest_local(ckpt_dir: Path) -> dict | None:
+def latest_local(ckpt_dir: Path) -> CheckpointRef | None:
     files = step_files(ckpt_dir) if ckpt_dir.is_dir() else []
     for path in reversed(files):
         info = read_marker(path)
         if info is not None:
-            return {"path": str(path), "step": int(info["step"]), "epoch": int(info["epoch"]), "remote": False}
+            return CheckpointRef(str(path), int(info["step"]), int(info["epoch"]))
     return None
 
 

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 from pathlib import Path
 
-RESULTS_FIELDS = ("epoch", "step", "train_loss", "val_loss", "val_top1", "val_top5",
-                  "ema_val_top1", "ema_val_top5", "val_map50", "val_map", "ema_val_map50", "ema_val_map",
-                  "val_knn_top1", "lr", "images_per_s")
+from pydantic import BaseModel
+
+SUMMARY_FILE = "metrics.json"
+
+
+class RunSummary(BaseModel):
+    """metrics.json: how a run ended. Written by the run's finish; read by the flows and the promotion."""
+
+    metric: str  # eval.metric: the one best.pt and the nightly promotion go by (higher is better)
+    best: float | None  # its best value over the run's evals
+    best_step: int | None
+    final: dict[str, float | int | None]  # the last results.csv row
+    epoch: int  # epochs trained and evaluated
+    step: int  # optimizer steps
+    skipped_samples: int  # corrupt train samples skipped (data.on_error=skip), all ranks
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: Path) -> RunSummary:
+        return cls.model_validate_json(path.read_text())
 
 
 def fmt(value: object) -> str:
@@ -32,11 +52,13 @@ def parse(value: str) -> float | int | None:
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV; the columns are the rows' keys (a run's task decides its metrics), in order of appearance."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULTS_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in RESULTS_FIELDS} for row in rows)
+        writer.writerows({k: ("" if row.get(k) is None else row[k]) for k in fields} for row in rows)
     os.replace(tmp, path)
 
 
@@ -50,15 +72,6 @@ def keep_results_until(path: Path, step: int) -> None:
     write_results(path, [r for r in rows if r["step"] <= step])
 
 
-def write_metrics(path: Path, metric: str, best: float | None, best_step: int | None,
-                  final: dict, epoch: int, step: int, skipped_samples: int) -> None:
-    data = {"metric": metric, "best": best, "best_step": best_step, "final": final, "epoch": epoch, "step": step,
-            "skipped_samples": skipped_samples}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Loss and accuracy against step, as a PNG."""
     import matplotlib
@@ -67,12 +80,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train_loss", "val_loss"):
-        ax_loss.plot(steps, [r[key] for r in rows], marker="o", label=key)
-    for key in ("val_top1", "val_top5", "ema_val_top1", "val_map50", "val_map", "val_knn_top1"):
-        if any(r.get(key) is not None for r in rows):
-            ax_acc.plot(steps, [r.get(key) for r in rows], marker="o", label=key)
+    for key in columns:
+        if key.endswith("loss") or key.startswith(("val_", "ema_val_")):
+            ax = ax_loss if key.endswith("loss") else ax_acc
+            ax.plot(steps, [r.get(key) for r in rows], marker="o", label=key)
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_acc.set(xlabel="step", ylabel="accuracy (%) or mAP", title="validation")
     for ax in (ax_loss, ax_acc):

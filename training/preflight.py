@@ -82,7 +82,7 @@ def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
         return
     if cfg.resume == "auto":
         found = checkpoint.latest_local(resume.checkpoint_dir(cfg))
-        path = Path(found["path"]) if found else None
+        path = Path(found.path) if found else None
     else:
         path = Path(cfg.resume) if "://" not in cfg.resume else None
         if path is not None and not path.is_file():

@@ -111,9 +111,9 @@ class Reporter:
         images/s the mean over the training since the last row (none if it trained no step)."""
         train_loss = sum_tensor(self.world, self.epoch_loss.clone()) / max(1, self.epoch_batches * self.world.size)
         images_per_s = self.row_samples * self.world.size / self.row_train_s if self.row_samples else None
-        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss.item(), 6), "lr": float(f"{lr:.6g}"),
-               "images_per_s": None if images_per_s is None else round(images_per_s, 2),
-               **{k: round(v, 6) for k, v in results.items()}}
+        row = {"epoch": epoch, "step": step, "train_loss": round(train_loss.item(), 6),
+               **{k: round(v, 6) for k, v in results.items()},
+               "lr": float(f"{lr:.6g}"), "images_per_s": None if images_per_s is None else round(images_per_s, 2)}
         self.epoch_loss.zero_()
         self.epoch_batches = 0
         self.row_samples, self.row_train_s, self.row_start = 0, 0.0, time.perf_counter()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from training import checkpoint, storage
+from training.checkpoint import CheckpointRef
 from training.config import RunConfig, TrainError, run_dir
 
 
@@ -13,13 +14,11 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
     return run_dir(cfg) / "checkpoints"
 
 
-def latest_checkpoint(cfg: RunConfig) -> dict | None:
-    """Newest complete checkpoint: {"path", "step", "epoch", "remote"}, from the run dir, else storage."""
+def latest_checkpoint(cfg: RunConfig) -> CheckpointRef | None:
+    """The newest complete checkpoint of the run: in its run dir, else in storage."""
     found = checkpoint.latest_local(checkpoint_dir(cfg))
     if found is None and cfg.checkpoint.storage:
-        remote = storage.latest_remote(cfg.checkpoint.storage, cfg.name)
-        if remote is not None:
-            found = {"path": remote["path"], "step": remote["step"], "epoch": remote["epoch"], "remote": True}
+        found = storage.latest_remote(cfg.checkpoint.storage, cfg.name)
     return found
 
 
@@ -29,16 +28,11 @@ def fetch(cfg: RunConfig) -> Path | None:
         refuse_existing(cfg)
         return None
     if cfg.resume == "auto":
-        local = checkpoint.latest_local(checkpoint_dir(cfg))
-        if local is not None:
-            return Path(local["path"])
-        if not cfg.checkpoint.storage:
-            return None
-        remote = storage.latest_remote(cfg.checkpoint.storage, cfg.name)
-        if remote is None:
-            return None
-        dest = storage.download(remote["path"], checkpoint_dir(cfg) / Path(remote["path"]).name, remote["sha256"])
-        checkpoint.write_marker(dest, {"step": remote["step"], "epoch": remote["epoch"]})  # complete here too
+        latest = latest_checkpoint(cfg)
+        if latest is None or not latest.remote:
+            return None if latest is None else Path(latest.path)
+        dest = storage.download(latest.path, checkpoint_dir(cfg) / Path(latest.path).name, latest.sha256)
+        checkpoint.write_marker(dest, {"step": latest.step, "epoch": latest.epoch})  # complete here too
         return dest
     return fetch_explicit(cfg.resume, checkpoint_dir(cfg))
 
@@ -47,8 +41,8 @@ def refuse_existing(cfg: RunConfig) -> None:
     """A fresh start over a run's checkpoints would mix two runs (and pruning by step would delete the new ones)."""
     existing = latest_checkpoint(cfg)
     if existing is not None:
-        raise TrainError(f"resume=never, but run {cfg.name!r} already has a checkpoint at step {existing['step']} "
-                         f"({existing['path']}): use resume=auto to continue it, or another name")
+        raise TrainError(f"resume=never, but run {cfg.name!r} already has a checkpoint at step {existing.step} "
+                         f"({existing.path}): use resume=auto to continue it, or another name")
 
 
 def fetch_named(cfg: RunConfig, name: str) -> Path:

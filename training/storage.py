@@ -17,7 +17,7 @@ from pathlib import Path
 
 import fsspec
 
-from training.checkpoint import MARKER, STEP_FILE
+from training.checkpoint import MARKER, STEP_FILE, CheckpointRef
 from training.config import TrainError
 
 MAX_BACKOFF_S = 30.0
@@ -156,8 +156,8 @@ def prune(fs: fsspec.AbstractFileSystem, folder: str, keep: int) -> None:
         fs.rm(path)
 
 
-def latest_remote(storage: str, name: str) -> dict | None:
-    """The newest step checkpoint in storage whose marker exists: {"path", "step", "epoch", "sha256"}."""
+def latest_remote(storage: str, name: str) -> CheckpointRef | None:
+    """The newest step checkpoint in storage whose marker exists."""
     fs, root = filesystem(remote_dir(storage, name))
     folder = f"{root}/checkpoints"
     try:
@@ -172,7 +172,7 @@ def latest_remote(storage: str, name: str) -> dict | None:
         return None
     info = json.loads(fs.cat_file(f"{folder}/{steps[-1]}{MARKER}"))
     url = f"{remote_dir(storage, name)}/checkpoints/{steps[-1]}"
-    return {"path": url, "step": int(info["step"]), "epoch": int(info["epoch"]), "sha256": info["sha256"]}
+    return CheckpointRef(url, int(info["step"]), int(info["epoch"]), remote=True, sha256=info["sha256"])
 
 
 def download(url: str, dest: Path, sha256: str | None) -> Path:

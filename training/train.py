@@ -1,42 +1,40 @@
-"""The training loop, top to bottom: set up, resume, train with periodic eval and checkpoints, finish.
+"""The training loop: a `Trainer` set up in `__init__`, then `train()`, which reads top to bottom.
 
-Runs inside a torchrun worker (or as a single process). Components live beside it:
-dist (process group), tasks (model/loss/eval), optim (optimizer, step plan, schedule),
-checkpoint + storage + resume (saving and finding checkpoints), metrics + progress (records).
+Runs inside a torchrun worker (or as a single process). Components live beside it: dist (process group),
+tasks (model, loss, eval), optim (optimizer, step plan, schedule), checkpoint + storage + resume (saving and
+finding checkpoints), metrics + progress (records). A checkpoint is every component's `state_dict()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
+from timm.utils import random_seed
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipelines import build_loader
 from training import checkpoint, dist, metrics, resume
 from training.config import RunConfig, TrainError, run_dir, to_dict
+from training.metrics import RunSummary
 from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, Preemption
 from training.progress import Reporter
 from training.storage import Uploader
-from training.tasks import build_task, hook
+from training.tasks import build_task
 
 
-@dataclass
+@dataclasses.dataclass
 class Progress:
-    """Where the run is: what a checkpoint stores besides the modules' states."""
+    """Where the run is, besides the train loader's position (its epoch and batch): a checkpoint's `progress`."""
 
-    step: int = 0
-    epoch: int = 0  # completed (trained and evaluated) epochs
-    batch: int = 0  # batches of epoch `epoch` already trained
+    step: int = 0  # optimizer steps done
     best: float | None = None
     best_step: int | None = None
     last_eval_step: int = -1
@@ -58,278 +56,307 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def run(cfg: RunConfig) -> dict:
-    """Train `cfg` in this process (one rank of torchrun, or alone); returns the metrics.json content."""
+def run(cfg: RunConfig) -> RunSummary | None:
+    """Train `cfg` in this process (one rank of torchrun, or alone); the run's summary (rank 0; None elsewhere)."""
     world = dist.setup()
     try:
         with Preemption() as preemption:
-            return train(cfg, world, preemption)
+            return Trainer(cfg, world, preemption).train()
     finally:
         dist.teardown(world)
 
 
-def train(cfg: RunConfig, world: dist.World, preemption: Preemption) -> dict:
-    # ---- setup -------------------------------------------------------------------------------------------------
-    rdir, ckpt_dir = run_dir(cfg), resume.checkpoint_dir(cfg)
-    if world.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (rdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (rdir / PREEMPTED_FILE).unlink(missing_ok=True)
-    if cfg.train.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    seed_everything(cfg.seed + world.rank)  # per rank: different dropout/mixup draws on each rank
-    vote = dist.StopVote(world)
+class Trainer:
+    def __init__(self, cfg: RunConfig, world: dist.World, preemption: Preemption) -> None:
+        self.cfg, self.world, self.preemption = cfg, world, preemption
+        self.rdir, self.ckpt_dir = run_dir(cfg), resume.checkpoint_dir(cfg)
+        if world.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.rdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            (self.rdir / PREEMPTED_FILE).unlink(missing_ok=True)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        random_seed(cfg.seed, world.rank)  # per rank: different dropout/mixup draws on each rank
+        self.vote = dist.StopVote(world)
 
-    loader_args = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed, device=world.device)
-    train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
-    task = build_task(cfg, train_loader.classes, world, rdir / "pretrained")
-    val_loader = task.val_loader(**loader_args) if hasattr(task, "val_loader") else \
-        build_loader(cfg.data, cfg.data.val_split, train=False, **loader_args)
-    start_hook, before_step, after_step = (hook(task, name) for name in ("start", "before_step", "after_step"))
+        loader_args = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed, device=world.device)
+        self.train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
+        self.task = build_task(cfg, self.train_loader.classes, world, self.rdir / "pretrained")
+        self.val_loader = self.task.val_loader(**loader_args)
+        self.model = self.task.build_model().to(world.device)
+        if cfg.data.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = None
+        if cfg.train.ema_decay:
+            from timm.utils import ModelEmaV3
 
-    model = task.build_model().to(world.device)
-    if cfg.data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = None
-    if cfg.train.ema_decay:
-        from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
 
-        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+        self.plan = StepPlan(len(self.train_loader), cfg.train.accum_steps, cfg.train.batch_ramp, cfg.train.epochs,
+                             cfg.train.max_steps)
+        self.global_batch = cfg.data.batch_size * world.size * cfg.train.accum_steps
+        self.optimizer = build_optimizer(cfg.optim, self.model, scaled_lr(cfg.optim, self.global_batch))
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.plan)
+        self.dtype = amp_dtype(cfg.train.amp, world.device)
+        self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.dtype == torch.float16)
+        self.progress = Progress()
+        self.rng = None  # this rank's RNG state from a mid-epoch checkpoint, set once its epoch has started
+        self.source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
+        if self.source:
+            self.load_state_dict(load_on_node(cfg, world, self.source))
+        self.scheduler.step_update(self.progress.step)
+        self.task.start(self.optimizer, self.plan, self.progress.step)
 
-    plan = StepPlan(len(train_loader), cfg.train.accum_steps, cfg.train.batch_ramp, cfg.train.epochs,
-                    cfg.train.max_steps)
-    global_batch = cfg.data.batch_size * world.size * cfg.train.accum_steps
-    optimizer = build_optimizer(cfg.optim, model, scaled_lr(cfg.optim, global_batch))
-    scheduler = build_scheduler(cfg.optim, optimizer, plan)
-    dtype = amp_dtype(cfg.train.amp, world.device)
-    scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+        # Gradients as views into the all-reduce buckets: one copy fewer per step, less memory.
+        self.train_model: torch.nn.Module = DDP(self.model, gradient_as_bucket_view=True) \
+            if world.distributed else self.model
+        if cfg.train.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) \
+            if cfg.checkpoint.storage and world.is_main else None
+        self.writer = checkpoint.Writer(self.ckpt_dir, cfg.checkpoint.keep)
+        self.reporter = Reporter(self.rdir, world, self.plan.total_steps, self.progress.step, cfg.train.log_every)
+        self.tallied = 0  # this process's train_loader.skipped already in progress.skipped
+        self.announce()
 
-    # ---- resume ------------------------------------------------------------------------------------------------
-    state, rng = Progress(), None
-    source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
-    if source:
-        state, rng = restore(load_on_node(cfg, world, source), world, model, optimizer, scaler, ema, cfg)
-    if rng is not None and state.batch == 0:
-        checkpoint.set_rng_state(rng)  # mid-epoch states are set after the epoch's first batch (see below)
-        rng = None
-    scheduler.step_update(state.step)
-    start_hook(optimizer, plan, state.step)
+    def announce(self) -> None:
+        amp = str(self.dtype).removeprefix("torch.") if self.dtype else "off"
+        self.reporter.line(f"{self.cfg.task} {self.cfg.model.name}: {self.world.size} process(es) on "
+                           f"{self.world.device.type}, amp {amp}, {self.plan.total_steps} steps, "
+                           f"global batch {self.global_batch}")
+        if self.source:
+            if self.world.is_main:
+                metrics.keep_results_until(self.rdir / "results.csv", self.progress.last_eval_step)
+            self.reporter.line(f"resumed from {self.source} at step {self.progress.step} "
+                               f"(epoch {self.train_loader.epoch}, batch {self.train_loader.batch})")
+            self.reporter.resume_epoch(self.progress.epoch_loss, self.progress.epoch_batches)
 
-    # Gradients as views into the all-reduce buckets: one copy fewer per step, less memory.
-    train_model: torch.nn.Module = DDP(model, gradient_as_bucket_view=True) if world.distributed else model
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-    uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) if cfg.checkpoint.storage and world.is_main \
-        else None
-    reporter = Reporter(rdir, world, plan.total_steps, state.step, cfg.train.log_every)
-    reporter.line(f"{cfg.task} {cfg.model.name}: {world.size} process(es) on {world.device.type}, "
-                  f"amp {str(dtype).removeprefix('torch.') if dtype else 'off'}, {plan.total_steps} steps, "
-                  f"global batch {global_batch}")
-    if world.is_main and source:
-        metrics.keep_results_until(rdir / "results.csv", state.last_eval_step)
-        reporter.line(f"resumed from {source} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
-    if source:
-        reporter.resume_epoch(state.epoch_loss, state.epoch_batches)
+    # ---- the loop ----------------------------------------------------------------------------------------------
 
-    writer = checkpoint.Writer(ckpt_dir, cfg.checkpoint.keep)
-    tallied = 0  # this process's train_loader.skipped already in state.skipped
+    def train(self) -> RunSummary | None:
+        p, loader = self.progress, self.train_loader
+        self.optimizer.zero_grad(set_to_none=True)
+        while not self.done():
+            epoch, first, n_batches = loader.epoch, loader.batch, len(loader)
+            batches = iter(loader) if first < n_batches else iter(())  # a trained epoch may wait for its eval
+            self.reporter.start_epoch(epoch)
+            for i in range(first, n_batches):
+                with self.reporter.data_wait():
+                    batch = next(batches)
+                self.restore_rng()
+                if not self.train_step(batch, i, n_batches):
+                    continue  # a micro-batch: the optimizer steps on its group's last
+                if self.vote.poll(self.preemption.requested):
+                    self.save()
+                    self.finish_preempted()
+                if self.done():
+                    break
+                if p.step % self.cfg.checkpoint.every_steps == 0 and loader.batch < n_batches:
+                    self.save()  # the epoch's end saves after its eval
+            if loader.batch >= n_batches:
+                self.end_epoch(epoch)
+        self.vote.result()  # every rank posted the same votes; settle the last before other collectives
+        if p.last_eval_step != p.step:
+            self.evaluate()
+        return self.finish()
 
-    def tally_skipped() -> None:
-        """Add the corrupt samples skipped since the last tally, summed over ranks. Collective."""
-        nonlocal tallied
-        new = int(dist.sum_tensor(world, torch.tensor([train_loader.skipped - tallied], device=world.device)).item())
-        tallied = train_loader.skipped
-        if new:
-            state.skipped += new
-            reporter.line(f"skipped {new} corrupt train samples (data.on_error=skip), {state.skipped} in this run")
+    def done(self) -> bool:
+        return self.progress.step >= self.plan.total_steps or self.train_loader.epoch >= self.cfg.train.epochs
 
-    def save(best_info: dict | None = None) -> None:
-        started = time.perf_counter()
-        tally_skipped()  # before the state is taken, so a resumed run keeps the count
-        state.epoch_loss, state.epoch_batches = reporter.epoch_totals()
-        ckpt = checkpoint_state(cfg, state, world, model, optimizer, scheduler, scaler, ema, train_loader)
-        if not world.is_main:
-            return
-        info = {"step": state.step, "epoch": state.epoch}
+    def train_step(self, batch: dict, i: int, n_batches: int) -> bool:
+        """Forward and backward on batch `i` of the epoch; the optimizer step on the last micro-batch of its
+        accumulation group. Returns whether it stepped."""
+        p, cfg = self.progress, self.cfg
+        accum = self.plan.accum(self.train_loader.epoch)
+        group_start = i - i % accum
+        micro = min(accum, n_batches - group_start)  # the epoch's last group may be short
+        last_micro = i + 1 == group_start + micro
+        # DDP all-reduces gradients only on a group's last micro-batch.
+        no_sync = self.train_model.no_sync() if self.world.distributed and not last_micro else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.world.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                loss = self.task.train_loss(self.train_model, batch)
+            self.scaler.scale(loss / micro).backward()
+        self.reporter.add_loss(loss.detach(), self.train_loader.batch_size(batch))
+        if not last_micro:
+            return False
+        log_now = (p.step + 1) % cfg.train.log_every == 0
+        grad_norm = None
+        if cfg.optim.clip_grad or log_now:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad or float("inf"))
+        self.task.before_step(self.model, p.step)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        self.scheduler.step_update(p.step)
+        self.task.after_step(self.model, p.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=p.step)
+        self.reporter.step(p.step, self.optimizer.param_groups[0]["lr"], grad_norm, log_now)
+        return True
 
-        def then(path: Path) -> None:  # in the writer's thread, once the file is in place
-            if uploader:
-                uploader.submit(path, f"checkpoints/{path.name}", info, keep=cfg.checkpoint.keep)
-            if best_info is not None:
-                best = checkpoint.mark_best(ckpt_dir, path, best_info)
-                if uploader:
-                    uploader.submit(best, "checkpoints/best.pt", best_info)
+    def restore_rng(self) -> None:
+        """A mid-epoch checkpoint's RNG state, once its epoch's iteration has begun: starting an iteration may
+        draw from torch's RNG (the DataLoader's base seed), which the uninterrupted run did before the save."""
+        if self.rng is not None:
+            checkpoint.set_rng_state(self.rng)
+            self.rng = None
 
-        writer.submit(ckpt, then)
-        reporter.line(f"checkpoint step {state.step}: training stalled {time.perf_counter() - started:.3f}s, "
-                      "written in the background")
+    def end_epoch(self, epoch: int) -> None:
+        """Evaluate (every eval.every_epochs, and after the last) and save; the loader moves to the next epoch."""
+        self.train_loader.set_epoch(epoch + 1)
+        if (epoch + 1) % self.cfg.eval.every_epochs == 0 or self.done():
+            self.evaluate()
+        else:
+            self.save()
 
-    def evaluate_on_val(m: torch.nn.Module) -> dict[str, float]:
-        val_loader.set_epoch(0)  # the whole split, from its first batch, every time
-        dist.broadcast_buffers(world, m)
-        before = val_loader.skipped
-        results = task.evaluate(m, val_loader)
-        skipped = int(dist.sum_tensor(world, torch.tensor([val_loader.skipped - before], device=world.device)).item())
+    # ---- evaluation --------------------------------------------------------------------------------------------
+
+    def evaluate(self) -> None:
+        """Metrics of the model (and its EMA), a results.csv row, best.pt when the eval metric improved."""
+        p, metric = self.progress, self.cfg.eval.metric
+        results = {f"val_{k}": v for k, v in self.evaluate_model(self.model).items()}
+        if self.ema is not None:
+            results |= {f"ema_val_{k}": v for k, v in self.evaluate_model(self.ema.module).items()}
+        p.last_eval_step = p.step
+        improved = p.best is None or results[metric] > p.best
+        if improved:
+            p.best, p.best_step = results[metric], p.step
+        self.reporter.eval_row(self.train_loader.epoch, p.step, results, self.optimizer.param_groups[0]["lr"])
+        self.save({"step": p.step, "epoch": self.train_loader.epoch, metric: p.best} if improved else None)
+
+    def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+        self.val_loader.set_epoch(0)  # the whole split, from its first batch, every time
+        dist.broadcast_buffers(self.world, model)
+        before = self.val_loader.skipped
+        results = self.task.evaluate(model, self.val_loader)
+        skipped = self.sum_over_ranks(self.val_loader.skipped - before)
         if skipped:
-            reporter.line(f"evaluation skipped {skipped} corrupt val samples (data.on_error=skip)")
+            self.reporter.line(f"evaluation skipped {skipped} corrupt val samples (data.on_error=skip)")
         return results
 
-    def evaluate() -> None:
-        results = {f"val_{k}": v for k, v in evaluate_on_val(model).items()}
-        if ema is not None:
-            results |= {f"ema_val_{k}": v for k, v in evaluate_on_val(ema.module).items()}
-        state.last_eval_step = state.step
-        improved = state.best is None or results[cfg.eval.metric] > state.best
-        if improved:
-            state.best, state.best_step = results[cfg.eval.metric], state.step
-        reporter.eval_row(state.epoch, state.step, results, optimizer.param_groups[0]["lr"])
-        save({"step": state.step, "epoch": state.epoch, cfg.eval.metric: state.best} if improved else None)
+    def sum_over_ranks(self, count: int) -> int:
+        return int(dist.sum_tensor(self.world, torch.tensor([count], device=self.world.device)).item())
 
-    # ---- train -------------------------------------------------------------------------------------------------
-    optimizer.zero_grad(set_to_none=True)
-    done = state.step >= plan.total_steps
-    while not done and state.epoch < cfg.train.epochs:
-        accum, n_batches = plan.accum(state.epoch), len(train_loader)
-        if state.batch < n_batches:
-            train_loader.set_epoch(state.epoch, start_batch=state.batch)
-            batches = iter(train_loader)
-        else:
-            batches = iter(())  # the epoch was trained before a preemption; only its eval is left
-        reporter.start_epoch(state.epoch)
-        for i in range(state.batch, n_batches):
-            with reporter.data_wait():
-                batch = next(batches)
-            if rng is not None:
-                # Starting an epoch's iteration may draw from torch's RNG (DataLoader's base seed); the
-                # uninterrupted run drew before this checkpoint's RNG state was taken, so restore it after.
-                checkpoint.set_rng_state(rng)
-                rng = None
-            group_start = i - i % accum
-            micro = min(accum, n_batches - group_start)  # the epoch's last group may be short
-            last_micro = i + 1 == group_start + micro
-            # DDP all-reduces gradients only on a group's last micro-batch.
-            with contextlib.nullcontext() if last_micro or not world.distributed else train_model.no_sync():
-                with torch.autocast(world.device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = task.train_loss(train_model, batch)
-                scaler.scale(loss / micro).backward()
-            reporter.add_loss(loss.detach(), batch_size(batch))
-            state.batch = i + 1
-            if not last_micro:
-                continue
+    # ---- checkpoints -------------------------------------------------------------------------------------------
 
-            log_now = (state.step + 1) % cfg.train.log_every == 0
-            grad_norm = None
-            if cfg.optim.clip_grad or log_now:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or float("inf"))
-            before_step(model, state.step)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            scheduler.step_update(state.step)
-            after_step(model, state.step)
-            if ema is not None:
-                ema.update(model, step=state.step)
-            reporter.step(state.step, optimizer.param_groups[0]["lr"], grad_norm, log_now)
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit. Collective: every rank must call it (RNG gather)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "loader": self.train_loader.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "rng": dist.gather(self.world, checkpoint.rng_state()),  # one entry per rank
+            "step": self.progress.step,
+            "epoch": self.train_loader.epoch,  # epochs trained and evaluated
+            "world_size": self.world.size,
+            "config": to_dict(self.cfg),
+            "classes": self.train_loader.classes,  # so predictions can be named without the store
+        }
 
-            stop = vote.poll(preemption.requested)
-            done = state.step >= plan.total_steps
-            if stop:
-                save()
-                finish_preempted(cfg, world, writer, uploader, reporter, state)
-            if state.step % cfg.checkpoint.every_steps == 0 and state.batch < n_batches and not done:
-                save()  # the epoch's end and the run's end save after their eval
-            if done:
-                break
-        if state.batch >= n_batches:
-            state.epoch, state.batch = state.epoch + 1, 0
-            if state.epoch % cfg.eval.every_epochs == 0 or done or state.epoch == cfg.train.epochs:
-                evaluate()
-            else:
-                save()
-        done = done or state.step >= plan.total_steps
+    def load_state_dict(self, ckpt: dict) -> None:
+        cfg, world = self.cfg, self.world
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # another model's checkpoint: one line, not load_state_dict's list of every key
+            raise TrainError(f"the checkpoint to resume from holds another model than {cfg.model.name} "
+                             f"({str(e).splitlines()[1].strip()[:160]}): give the run another name, or set resume") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
+        # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt["ema"] is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        self.train_loader.load_state_dict(ckpt["loader"])
+        progress = {"step": ckpt["step"], **ckpt["progress"]}
+        progress.pop("batch", None)  # checkpoints before the loader's own state kept its batch here too
+        self.progress = Progress(**progress)
+        same_world = ckpt.get("world_size") == world.size
+        self.rng = ckpt["rng"][world.rank] if same_world else None
+        if not same_world and world.is_main:
+            print(f"warning: checkpoint was written by {ckpt.get('world_size')} processes, this run has "
+                  f"{world.size}; random streams restart from the seed")
+        if self.rng is not None and self.train_loader.batch == 0:
+            self.restore_rng()  # an epoch's start: nothing of the epoch has drawn yet
+        if world.is_main and ckpt["config"] != to_dict(cfg):
+            print(f"warning: config differs from the checkpoint's: {', '.join(diff_keys(ckpt['config'], to_dict(cfg)))}")
 
-    # ---- finish ------------------------------------------------------------------------------------------------
-    vote.result()  # every rank posted the same votes; settle the last before other collectives
-    if state.last_eval_step != state.step:
-        evaluate()
-    return finish(cfg, world, writer, uploader, reporter, state)
+    def save(self, best_info: dict | None = None) -> None:
+        """A checkpoint in the background (best.pt too, with `best_info`), then to storage. Collective."""
+        started = time.perf_counter()
+        self.tally_skipped()  # before the state is taken, so a resumed run keeps the count
+        self.progress.epoch_loss, self.progress.epoch_batches = self.reporter.epoch_totals()
+        state = self.state_dict()
+        if not self.world.is_main:
+            return
+        info = {"step": self.progress.step, "epoch": self.train_loader.epoch}
 
+        def then(path: Path) -> None:  # in the writer's thread, once the file is in place
+            if self.uploader:
+                self.uploader.submit(path, f"checkpoints/{path.name}", info, keep=self.cfg.checkpoint.keep)
+            if best_info is not None:
+                best = checkpoint.mark_best(self.ckpt_dir, path, best_info)
+                if self.uploader:
+                    self.uploader.submit(best, "checkpoints/best.pt", best_info)
 
-def batch_size(batch: dict) -> int:
-    first = batch["image"] if "image" in batch else batch["crops"][0]
-    return len(first)
+        self.writer.submit(state, then)
+        self.reporter.line(f"checkpoint step {self.progress.step}: training stalled "
+                           f"{time.perf_counter() - started:.3f}s, written in the background")
 
+    def tally_skipped(self) -> None:
+        """Add the corrupt samples skipped since the last tally, summed over ranks. Collective."""
+        new = self.sum_over_ranks(self.train_loader.skipped - self.tallied)
+        self.tallied = self.train_loader.skipped
+        if new:
+            self.progress.skipped += new
+            self.reporter.line(f"skipped {new} corrupt train samples (data.on_error=skip), "
+                               f"{self.progress.skipped} in this run")
 
-def finish(cfg: RunConfig, world: dist.World, writer: checkpoint.Writer, uploader: Uploader | None,
-           reporter: Reporter, state: Progress) -> dict:
-    """metrics.json and plot.png in the run dir, uploaded beside the checkpoints; wait for uploads (bounded)."""
-    rdir = run_dir(cfg)
-    summary: dict = {}
-    writer.wait()
-    if world.is_main:
-        rows = metrics.read_results(rdir / "results.csv")
-        metrics.write_metrics(rdir / "metrics.json", cfg.eval.metric, state.best, state.best_step,
-                              rows[-1] if rows else {}, state.epoch, state.step, state.skipped)
-        metrics.plot(rows, rdir / "plot.png")
-        summary = {"metric": cfg.eval.metric, "best": state.best, "best_step": state.best_step,
-                   "final": rows[-1] if rows else {}, "epoch": state.epoch, "step": state.step,
-                   "skipped_samples": state.skipped}
-        if uploader:
-            uploader.submit(rdir / "metrics.json", "checkpoints/metrics.json")
-            if not uploader.wait(cfg.checkpoint.upload_timeout):
-                reporter.line(f"warning: uploads to {cfg.checkpoint.storage} not done after "
-                              f"{cfg.checkpoint.upload_timeout:.0f}s; the local copies in {rdir} are complete")
-            uploader.close()
-        reporter.line(f"done: step {state.step}, best {cfg.eval.metric} {metrics.fmt(state.best)} "
-                      f"(step {state.best_step}); run dir {rdir}")
-    reporter.close()
-    dist.barrier(world)
-    return summary
+    # ---- the end -----------------------------------------------------------------------------------------------
 
+    def finish(self) -> RunSummary | None:
+        """metrics.json and plot.png in the run dir, uploaded beside the checkpoints; wait for uploads (bounded)."""
+        p, cfg = self.progress, self.cfg
+        summary = None
+        self.writer.wait()
+        if self.world.is_main:
+            rows = metrics.read_results(self.rdir / "results.csv")
+            summary = RunSummary(metric=cfg.eval.metric, best=p.best, best_step=p.best_step,
+                                 final=rows[-1] if rows else {}, epoch=self.train_loader.epoch, step=p.step,
+                                 skipped_samples=p.skipped)
+            summary.write(self.rdir / metrics.SUMMARY_FILE)
+            metrics.plot(rows, self.rdir / "plot.png")
+            if self.uploader:
+                self.uploader.submit(self.rdir / metrics.SUMMARY_FILE, f"checkpoints/{metrics.SUMMARY_FILE}")
+                if not self.uploader.wait(cfg.checkpoint.upload_timeout):
+                    self.reporter.line(f"warning: uploads to {cfg.checkpoint.storage} not done after "
+                                       f"{cfg.checkpoint.upload_timeout:.0f}s; the local copies in {self.rdir} are "
+                                       "complete")
+                self.uploader.close()
+            self.reporter.line(f"done: step {p.step}, best {cfg.eval.metric} {metrics.fmt(p.best)} "
+                               f"(step {p.best_step}); run dir {self.rdir}")
+        self.reporter.close()
+        dist.barrier(self.world)
+        return summary
 
-def finish_preempted(cfg: RunConfig, world: dist.World, writer: checkpoint.Writer, uploader: Uploader | None,
-                     reporter: Reporter, state: Progress) -> None:
-    writer.wait()
-    if world.is_main:
-        if uploader and not uploader.wait(cfg.checkpoint.preempt_timeout):
-            reporter.line("warning: preempted before the last upload finished; the local checkpoint is complete")
-        (run_dir(cfg) / PREEMPTED_FILE).write_text(json.dumps({"step": state.step, "time": time.time()}))
-        reporter.line(f"preempted: saved step {state.step}; exiting with {EXIT_PREEMPTED}")
-    reporter.close()
-    raise Preempted
-
-
-def checkpoint_state(cfg: RunConfig, state: Progress, world: dist.World, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler, ema,
-                     loader) -> dict:
-    """Everything needed to continue bit for bit. Collective: every rank must call it (RNG gather)."""
-    rng = dist.gather(world, checkpoint.rng_state())
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
-        "step": state.step,
-        "epoch": state.epoch,
-        "progress": {"batch": state.batch, "best": state.best, "best_step": state.best_step,
-                     "last_eval_step": state.last_eval_step, "epoch_loss": state.epoch_loss,
-                     "epoch_batches": state.epoch_batches, "skipped": state.skipped},
-        "rng": rng,  # one entry per rank
-        "loader": {"epoch": state.epoch, "batch": state.batch},
-        "world_size": world.size,
-        "config": to_dict(cfg),
-        "classes": loader.classes,  # so predictions can be named without the store
-    }
+    def finish_preempted(self) -> None:
+        """After the preemption checkpoint: wait for it (and its upload, bounded), leave the marker, stop."""
+        self.writer.wait()
+        if self.world.is_main:
+            if self.uploader and not self.uploader.wait(self.cfg.checkpoint.preempt_timeout):
+                self.reporter.line("warning: preempted before the last upload finished; the local checkpoint is "
+                                   "complete")
+            (self.rdir / PREEMPTED_FILE).write_text(json.dumps({"step": self.progress.step, "time": time.time()}))
+            self.reporter.line(f"preempted: saved step {self.progress.step}; exiting with {EXIT_PREEMPTED}")
+        self.reporter.close()
+        raise Preempted
 
 
 def load_on_node(cfg: RunConfig, world: dist.World, source: str) -> dict:
@@ -339,31 +366,6 @@ def load_on_node(cfg: RunConfig, world: dist.World, source: str) -> dict:
         resume.fetch_named(cfg, path.name)
     dist.barrier(world)
     return checkpoint.load(path if path.exists() else resume.checkpoint_dir(cfg) / path.name)
-
-
-def restore(ckpt: dict, world: dist.World, model, optimizer, scaler, ema,
-            cfg: RunConfig) -> tuple[Progress, dict | None]:
-    """Load the states into the modules; returns the progress and this rank's RNG state (set by the caller)."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # another model's checkpoint: one line, not load_state_dict's list of every key
-        raise TrainError(f"the checkpoint to resume from holds another model than {cfg.model.name} "
-                         f"({str(e).splitlines()[1].strip()[:160]}): give the run another name, or set resume") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
-    # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.
-    scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.module.load_state_dict(ckpt["ema"])
-    rng = ckpt["rng"][world.rank] if ckpt.get("world_size") == world.size else None
-    if rng is None and world.is_main:
-        print(f"warning: checkpoint was written by {ckpt.get('world_size')} processes, this run has {world.size}; "
-              "random streams restart from the seed")
-    if world.is_main and ckpt["config"] != to_dict(cfg):
-        changed = diff_keys(ckpt["config"], to_dict(cfg))
-        print(f"warning: config differs from the checkpoint's: {', '.join(changed)}")
-    p = ckpt["progress"]
-    return Progress(step=ckpt["step"], epoch=ckpt["epoch"], **p), rng
 
 
 def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
