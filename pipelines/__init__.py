@@ -10,6 +10,7 @@ What an epoch covers is spelled out in README.md `## Data pipelines` and pipelin
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 # albumentations asks the network for its latest version at import; GPU hosts and clusters are often
 # offline, where that costs a timeout and a warning in every worker.
@@ -20,6 +21,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 _MODULES = {"AugmentConfig": "config", "DataConfig": "config", "DataError": "config", "decode_image": "decode",
             "Loader": "loader", "build_loader": "loader", "detect_eval": "presets"}
 __all__ = sorted(_MODULES)
+
+if TYPE_CHECKING:  # what the names are, for type checkers (at run time __getattr__ imports them)
+    from pipelines.config import AugmentConfig, DataConfig, DataError
+    from pipelines.decode import decode_image
+    from pipelines.loader import Loader, build_loader
+    from pipelines.presets import detect_eval
 
 
 def __getattr__(name: str) -> object:

@@ -1,6 +1,7 @@
 """Run config, torchrun launch, the DDP loop, tasks, checkpoints and their sync to storage."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 from training.config import RunConfig, TrainError, load_config, run_dir
 from training.launch import launch
@@ -13,6 +14,11 @@ _LAZY = {"run": "train", "latest_checkpoint": "resume", "CheckpointRef": "checkp
 
 __all__ = ["EXIT_PREEMPTED", "CheckpointRef", "RunConfig", "RunSummary", "TrainError", "latest_checkpoint", "launch",
            "load_config", "run", "run_dir"]
+
+if TYPE_CHECKING:  # what the names are, for type checkers (at run time __getattr__ imports them)
+    from training.checkpoint import CheckpointRef
+    from training.resume import latest_checkpoint
+    from training.train import run
 
 
 def __getattr__(name: str) -> object:
