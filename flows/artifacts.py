@@ -8,25 +8,27 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.promote import NightlyDecision
+from training import RunSummary
+
 
 def artifact_key(*parts: str) -> str:
     """Prefect artifact keys allow only lowercase letters, digits and dashes."""
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def publish_run(name: str, run_dir: Path, metrics: dict) -> None:
+def publish_run(name: str, run_dir: Path, summary: RunSummary) -> None:
     """A table of the final metrics, and a markdown summary with the loss plot embedded."""
-    final = metrics["final"]
     create_table_artifact(
-        [{"name": key, "value": value} for key, value in final.items()],
+        [{"name": key, "value": value} for key, value in summary.final.items()],
         key=artifact_key(name, "metrics"),
         description=f"Final metrics of run {name} ({run_dir})",
     )
     lines = [
         f"# Run `{name}`",
         "",
-        f"Best {metrics['metric']}: **{metrics['best']:.4f}** at step {metrics['best_step']}; "
-        f"finished at epoch {metrics['epoch']}, step {metrics['step']}.",
+        f"Best {summary.metric}: **{fmt(summary.best)}** at step {summary.best_step}; "
+        f"finished at epoch {summary.epoch}, step {summary.step}.",
         "",
         f"Run directory: `{run_dir}` (results.csv, TensorBoard events, checkpoints).",
     ]
@@ -37,19 +39,22 @@ def publish_run(name: str, run_dir: Path, metrics: dict) -> None:
     create_markdown_artifact("\n".join(lines), key=artifact_key(name, "summary"), description=f"Run {name}")
 
 
-def publish_decision(decision: dict) -> None:
+def fmt(value: float | None) -> str:
+    return "none yet" if value is None else f"{value:.4f}"
+
+
+def publish_decision(decision: NightlyDecision) -> None:
     """The nightly promotion decision with both metrics, so the history of promotions is browsable."""
-    production = "none yet" if decision["production"] is None else f"{decision['production']:.4f}"
     lines = [
-        f"# Nightly decision: {'promoted' if decision['promoted'] else 'kept production'}",
+        f"# Nightly decision: {'promoted' if decision.promoted else 'kept production'}",
         "",
         "| | value |",
         "| --- | --- |",
-        f"| metric | {decision['metric']} |",
-        f"| candidate (run `{decision['run']}`, step {decision['step']}) | {decision['candidate']:.4f} |",
-        f"| production before | {production} |",
-        f"| promoted | {decision['promoted']} |",
-        f"| production model | `{decision['model']}` |",
+        f"| metric | {decision.metric} |",
+        f"| candidate (run `{decision.run}`, step {decision.step}) | {fmt(decision.candidate)} |",
+        f"| production before | {fmt(decision.production)} |",
+        f"| promoted | {decision.promoted} |",
+        f"| production model | `{decision.model}` |",
     ]
     create_markdown_artifact("\n".join(lines), key="nightly-decision", description="Promote or keep")
 

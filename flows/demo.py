@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ import shards
 import training
 from shards import StoreError
 from training import TrainError
+
+if TYPE_CHECKING:
+    from flows.nightly import NightlyResult
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # Written into --out so a rerun knows it may clear what an earlier demo left there.
@@ -79,7 +82,7 @@ def run_demo(out: Path, images: int, size: int) -> None:
     raw, store, storage, runs = out / "raw", out / "store", out / "storage", out / "runs"
     overrides = (f"runs_dir={runs}", f"data.image_size={size}")
 
-    def night(number: int, start: int) -> dict:
+    def night(number: int, start: int) -> NightlyResult:
         # Class folders with no train/val split, as most users' data comes: convert holds out a fifth as val.
         samples.make_imagefolder(raw, {"train": images}, size=size, seed=number, start=start, flat=True)
         console.rule(f"[bold]Night {number}[/]: {images} new images per class in {raw}")
@@ -98,16 +101,16 @@ def run_demo(out: Path, images: int, size: int) -> None:
     second = night(2, start=images)
 
     console.rule("[bold]Done[/]")
-    for label, decision in (("night 1", first), ("night 2", second)):
-        production = "none" if decision["production"] is None else f"{decision['production']:.4f}"
-        console.print(
-            f"{label}: {decision['metric']} {decision['candidate']:.4f} vs production {production}"
-            f" -> {'promoted' if decision['promoted'] else 'kept production'}"
-        )
+    for label, night_result in (("night 1", first), ("night 2", second)):
+        decision = night_result.decision
+        assert decision is not None  # each demo night adds images, so each trains and decides
+        production = "none" if decision.production is None else f"{decision.production:.4f}"
+        console.print(f"{label}: {decision.metric} {decision.candidate:.4f} vs production {production}"
+                      f" -> {'promoted' if decision.promoted else 'kept production'}")
     cfg = training.load_config(DEMO_CONFIG, [*overrides, f"data.path={store}"])
     console.print(f"run directory:    {training.run_dir(cfg)}  (results.csv, plot.png, checkpoints/)")
     console.print(f"TensorBoard:      tensorboard --logdir {runs}")
     console.print(f"shard store:      {store}  (shardtrain inspect {store})")
     console.print(f"storage (NAS):    {storage}")
-    console.print(f"production model: {second['model']}")
+    console.print(f"production model: {second.decision.model if second.decision else '-'}")
     console.print(f"flow runs:        PREFECT_HOME={out / 'prefect'} prefect server start, then http://127.0.0.1:4200")

@@ -10,12 +10,12 @@ from typing import Annotated, Literal
 from fsspec.core import url_to_fs
 from prefect import flow, get_client, get_run_logger, task
 from prefect.concurrency.sync import concurrency
-from pydantic import Field, PositiveInt
+from pydantic import BaseModel, Field, PositiveInt
 
 import training
 from flows.artifacts import publish_decision, publish_no_op
 from flows.convert import convert_task, verify_task
-from flows.promote import beats, production_url, promote, read_production
+from flows.promote import NightlyDecision, beats, production_url, promote, read_production
 from flows.retries import STORAGE_RETRIES
 from flows.train import train
 from shards import ConvertOptions
@@ -32,6 +32,14 @@ NIGHTLY_LEASE_S = 300
 # The store version the model was last trained on (storage, beside the checkpoints): a run that
 # appended and then died has left new samples that a rerun, finding nothing new to append, must train on.
 TRAINED_MARKER = "nightly/trained.json"
+
+
+class NightlyResult(BaseModel):
+    """What one night did: the flow's return value."""
+
+    trained: bool
+    added: int  # samples the append added to the store
+    decision: NightlyDecision | None = None  # when it trained
 
 
 def ensure_nightly_limit() -> None:
@@ -73,26 +81,19 @@ def export_best(run_dir: Path, out: Path) -> list[Path]:
 
 
 @task(**STORAGE_RETRIES)  # promotion is idempotent: a retry rewrites the set, marker last
-def decide(storage: str, run_dir: Path, metrics: dict) -> dict:
-    """Promote the run's best checkpoint, with its exports, if its eval metric beats production's; returns the
-    decision."""
+def decide(storage: str, run_dir: Path, summary: training.RunSummary) -> NightlyDecision:
+    """Promote the run's best checkpoint, with its exports, if its eval metric beats production's."""
     production = read_production(storage)
-    promoted = beats(metrics, production)
+    promoted = beats(summary, production)
     if promoted:
         with tempfile.TemporaryDirectory(prefix="shardtrain-export-") as tmp:
             exports = export_best(run_dir, Path(tmp))
-            model = promote(storage, run_dir / "checkpoints" / "best.pt", metrics, exports)
+            model = promote(storage, run_dir / "checkpoints" / "best.pt", summary, exports)
     else:
         model = production_url(storage) + "/model.pt"
-    decision = {
-        "promoted": promoted,
-        "metric": metrics["metric"],
-        "candidate": metrics["best"],
-        "production": None if production is None else production["best"],
-        "run": run_dir.name,
-        "step": metrics["best_step"],
-        "model": model,
-    }
+    decision = NightlyDecision(promoted=promoted, metric=summary.metric, candidate=summary.best,
+                               production=None if production is None else production.best, run=run_dir.name,
+                               step=summary.best_step, model=model)
     get_run_logger().info("decision: %s", decision)
     return decision
 
@@ -109,7 +110,7 @@ def nightly_retrain(
     overrides: tuple[str, ...] = (),
     nproc_per_node: PositiveInt = 1,
     val_fraction: Annotated[float, Field(ge=0, lt=1)] | None = None,
-) -> dict:
+) -> NightlyResult:
     """Append new images from `raw_dir` to `store`; if any, train `epochs` more epochs and maybe promote.
 
     `val_fraction`: convert's --val-fraction for a `raw_dir` without split folders (None: 0.05 when the store
@@ -126,17 +127,17 @@ def nightly_retrain(
         if not untrained and not train_anyway:
             logger.info("no new images in %s: nothing to train tonight", raw_dir)
             publish_no_op(raw_dir, store)
-            return {"trained": False, "added": 0}
+            return NightlyResult(trained=False, added=0)
         if summary.added == 0 and untrained:
             logger.info("store version %d of %s was never trained on (an earlier run died?): training now",
                         summary.version, store)
         run_overrides = continue_from_latest(
             config, [*overrides, f"data.path={store}", f"checkpoint.storage={storage}"], epochs
         )
-        metrics = train(config, tuple(run_overrides), nproc_per_node)
+        run = train(config, tuple(run_overrides), nproc_per_node)
         run_dir = training.run_dir(training.load_config(config, run_overrides))
-        decision = decide(storage, run_dir, metrics)
+        decision = decide(storage, run_dir, run)
         # After the decision: a run that dies before it trains again rather than skip the promotion.
         mark_trained(storage, store, summary.version)
         publish_decision(decision)
-        return {"trained": True, "added": summary.added, **decision}
+        return NightlyResult(trained=True, added=summary.added, decision=decision)

@@ -269,7 +269,7 @@ def test_nightly_three_nights(deployed, client, s3_bucket, tmp_path):
         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[night3]))
     )
     # Matched across whitespace: the trainer's console wraps long lines when its output is a pipe.
-    resumed_line = rf"resumed from .+?at\s+step\s+{first['step']}\s+\(epoch\s+1,\s+batch\s+0\)"
+    resumed_line = rf"resumed from .+?at\s+step\s+{first.step}\s+\(epoch\s+1,\s+batch\s+0\)"
     assert re.search(resumed_line, flow_logs(client, train_run.id), re.S)
     decision = decision_artifact(client, night3)
     assert "production before" in decision and "none yet" not in decision

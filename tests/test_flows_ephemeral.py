@@ -33,7 +33,7 @@ with concurrency(NIGHTLY_LIMIT, occupy=1, strict=True):
 NIGHTLY = """
 import sys
 from flows.nightly import nightly_retrain
-print(nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="configs/demo.yaml", storage=sys.argv[3]))
+print(nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="configs/demo.yaml", storage=sys.argv[3]).model_dump())
 """
 
 
@@ -83,4 +83,4 @@ def test_nightly_waits_for_the_slot_in_ephemeral_mode(tmp_path):
     assert not any("convert_task" in line for line in before_release), "".join(before_release)
     output = "".join(lines)
     assert "nothing to train tonight" in output
-    assert "{'trained': False, 'added': 0}" in output
+    assert "{'trained': False, 'added': 0, 'decision': None}" in output

@@ -22,7 +22,7 @@ import sys
 from flows.nightly import nightly_retrain
 overrides = ("data.image_size=32", "data.batch_size=8", "data.workers=0", f"runs_dir={sys.argv[4]}")
 print("RESULT", nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="configs/demo.yaml",
-                                storage=sys.argv[3], overrides=overrides))
+                                storage=sys.argv[3], overrides=overrides).model_dump())
 """
 
 

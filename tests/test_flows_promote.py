@@ -9,10 +9,11 @@ import fsspec
 import pytest
 
 from flows.promote import beats, promote, read_production
+from training import RunSummary
 
 
-def metrics(best: float) -> dict:
-    return {"metric": "val_top1", "best": best, "best_step": 12, "final": {}, "epoch": 2, "step": 12}
+def metrics(best: float) -> RunSummary:
+    return RunSummary(metric="val_top1", best=best, best_step=12, final={}, epoch=2, step=12, skipped_samples=0)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -37,7 +38,7 @@ def test_promote_then_read_back(storage, tmp_path):
     assert fs.cat_file(f"{root}/model.pt") == b"weights-2"
     marker = json.loads(fs.cat_file(f"{root}/model.pt.complete"))
     assert marker == {"sha256": hashlib.sha256(b"weights-2").hexdigest(), "metric": "val_top1", "best": 55.5}
-    assert read_production(storage)["best"] == 55.5
+    assert read_production(storage).best == 55.5
 
 
 def test_without_its_marker_there_is_no_production_model(storage, tmp_path):

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from training.config import TrainError, load_config, run_dir
+from training.metrics import SUMMARY_FILE
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
 
-METRICS_FILE = "metrics.json"  # written by a run's finish, after its last step and eval
 
 
 def torchrun_command(
@@ -96,7 +96,7 @@ def exit_code(code: int, directory: Path, started: float, signalled: bool) -> in
     if preempted_since(directory, started):
         return EXIT_PREEMPTED
     if signalled:
-        return 0 if written_since(directory / METRICS_FILE, started) else EXIT_PREEMPTED
+        return 0 if written_since(directory / SUMMARY_FILE, started) else EXIT_PREEMPTED
     return code
 
 
