@@ -20,46 +20,85 @@ class AugmentConfig(pydantic.BaseModel, extra="forbid"):
     """Preset tuning from YAML `data.augment.*`."""
 
     # classify
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    eval_crop_pct: float = 0.875
-    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    scale: tuple[float, float] = pydantic.Field(
+        default=(0.08, 1.0), description="classify train: RandomResizedCrop's area range, as fractions of the "
+        "image.")
+    ratio: tuple[float, float] = pydantic.Field(
+        default=(3 / 4, 4 / 3), description="classify train: RandomResizedCrop's aspect ratio range.")
+    hflip: float = pydantic.Field(
+        default=0.5, description="Probability of a horizontal flip, in every train preset (classify, dino views, "
+        "detect).")
+    color_jitter: float = pydantic.Field(
+        default=0.4, description="classify train: brightness, contrast and saturation jitter strength; 0 = off. "
+        "Not applied with `data.decode: gpu`.")
+    eval_crop_pct: float = pydantic.Field(
+        default=0.875, description="classify eval: the shorter side is resized to image_size / eval_crop_pct, then "
+        "centre-cropped to image_size (timm's crop_pct).")
+    mean: tuple[float, float, float] = pydantic.Field(
+        default=IMAGENET_DEFAULT_MEAN, description="Per-channel mean (RGB, 0-1): the images become (x - mean) / "
+        "std, on the device.")
+    std: tuple[float, float, float] = pydantic.Field(
+        default=IMAGENET_DEFAULT_STD, description="Per-channel standard deviation (RGB, 0-1), as `mean`.")
     # DINO multi-crop
-    global_crops: int = 2
-    local_crops: int = 6
-    local_size: int = 96
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_crops: int = pydantic.Field(default=2, description="dino: global views at `data.image_size`.")
+    local_crops: int = pydantic.Field(default=6, description="dino: local views at `local_size`.")
+    local_size: int = pydantic.Field(default=96, description="dino: the local views' side in pixels.")
+    global_scale: tuple[float, float] = pydantic.Field(
+        default=(0.4, 1.0), description="dino: the global views' area range, as fractions of the image.")
+    local_scale: tuple[float, float] = pydantic.Field(
+        default=(0.05, 0.4), description="dino: the local views' area range, as fractions of the image.")
     # detection
-    mosaic: float = 0.5
-    translate: float = 0.1
-    scale_jitter: float = 0.5
-    hsv: tuple[float, float, float] = (0.015, 0.7, 0.4)
-    min_box_px: float = 2.0
-    # YOLO's box-candidate rule (pipelines.presets.keep_visible): share of the whole box in view, sides' ratio
-    min_visibility: float = 0.25
-    max_aspect: float = 20.0
+    mosaic: float = pydantic.Field(
+        default=0.5, description="detect train: probability of a mosaic of 4 images from the same batch, each cell "
+        "at the letterbox scale.")
+    translate: float = pydantic.Field(
+        default=0.1, description="detect train: affine translation, as a fraction of the image side.")
+    scale_jitter: float = pydantic.Field(
+        default=0.5, description="detect train: affine scale drawn from [1 - this, 1 + this], one factor for both "
+        "axes.")
+    hsv: tuple[float, float, float] = pydantic.Field(
+        default=(0.015, 0.7, 0.4), description="detect train: hue, saturation and value shift limits, as fractions "
+        "of their range.")
+    min_box_px: float = pydantic.Field(
+        default=2.0, description="detect train: boxes narrower or lower than this (pixels) are dropped with their "
+        "labels.")
+    min_visibility: float = pydantic.Field(
+        default=0.25, description="detect train: a box with less than this share of the object's whole box in view "
+        "is dropped (YOLO's box-candidate rule).")
+    max_aspect: float = pydantic.Field(
+        default=20.0, description="detect train: a box whose sides are more than this to 1 is dropped (YOLO's "
+        "box-candidate rule).")
 
 
 class DataConfig(pydantic.BaseModel, extra="forbid"):
     """The YAML `data:` section of a run config."""
 
-    path: str  # store: local path or fsspec URL
-    image_size: int = 224
-    batch_size: int = 64  # per process
-    workers: int = 4
-    decode: Literal["cpu", "gpu"] = "cpu"
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    prefetch_factor: int = 4
-    # train: samples are permuted within blocks of this many (after the shard order is shuffled), so a
-    # worker reads from about shuffle_block / shard size shards at once (pipelines/plan.py, epoch_sequence)
-    shuffle_block: int = pydantic.Field(default=262_144, ge=1)
-    channels_last: bool = True
-    on_error: Literal["skip", "fail"] = "skip"
-    train_split: str = "train"
-    val_split: str = "val"
-    augment: AugmentConfig = AugmentConfig()
+    path: str = pydantic.Field(
+        description="The shard store: a local or NAS path, or an fsspec URL (`s3://bucket/prefix`).")
+    image_size: int = pydantic.Field(
+        default=224, description="The side of the images in a batch (dino: of the global views; detect: of the "
+        "letterbox square).")
+    batch_size: int = pydantic.Field(default=64, description="Samples per batch, per process.")
+    workers: int = pydantic.Field(default=4, description="DataLoader worker processes per training process.")
+    decode: Literal["cpu", "gpu"] = pydantic.Field(
+        default="cpu", description="cpu: the workers decode and augment. gpu (classify only): the workers send the "
+        "JPEG bytes, decoded with nvJPEG and cropped on the device (on the CPU without CUDA); no colour jitter.")
+    pin_memory: bool = pydantic.Field(
+        default=True, description="Worker batches in pinned memory (on CUDA), for non-blocking copies to the "
+        "device.")
+    persistent_workers: bool = pydantic.Field(
+        default=True, description="Keep the workers (and their shard indexes) across epochs.")
+    prefetch_factor: int = pydantic.Field(default=4, description="Batches each worker prepares ahead.")
+    shuffle_block: int = pydantic.Field(
+        default=262_144, ge=1, description="train: the samples are permuted within runs of this many "
+        "consecutive samples, after the shard order is shuffled; a worker reads from about shuffle_block / "
+        "samples-per-shard shards at once (`pipelines/plan.py`).")
+    channels_last: bool = pydantic.Field(
+        default=True, description="The model and the batches in channels_last memory format.")
+    on_error: Literal["skip", "fail"] = pydantic.Field(
+        default="skip", description="A corrupt sample: skip it and count it (`metrics.json`'s `skipped_samples`), "
+        "or stop the run with an error naming its shard and key.")
+    train_split: str = pydantic.Field(default="train", description="The split the run trains on.")
+    val_split: str = pydantic.Field(default="val", description="The split the run evaluates on.")
+    augment: AugmentConfig = pydantic.Field(
+        default=AugmentConfig(), description="Tuning of the augmentation presets (`pipelines/presets.py`).")

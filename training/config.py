@@ -23,13 +23,23 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = "resnet50"  # any timm model name
-    # true: timm's weights for `name` through the Hugging Face cache (HF_HOME); or a local path or fsspec URL
-    pretrained: bool | str | None = None
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
-    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    grad_checkpointing: bool = False
-    kwargs: dict[str, Any] = {}  # passed to timm.create_model (e.g. img_size for ViTs)
+    name: str = Field(
+        default="resnet50", description="Any timm model name, with a pretrained tag if you like "
+        "(`deit_small_patch16_224.fb_in1k`), or `hf-hub:org/repo`.")
+    pretrained: bool | str | None = Field(
+        default=None, description="`true`: timm's weights for `model.name` through the Hugging Face cache "
+        "(`HF_HOME`), fetched once before torchrun starts; or a local path or fsspec URL of weights; null (or "
+        "false): random weights. The classifier head is new, sized to the store's classes.")
+    drop_path: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Stochastic depth rate (timm's `drop_path_rate`).")
+    drop_rate: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Dropout rate before the classifier (timm's `drop_rate`).")
+    grad_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass (timm's `set_grad_checkpointing`): "
+        "less memory, more compute.")
+    kwargs: dict[str, Any] = Field(
+        default={}, description="More arguments to `timm.create_model`, e.g. `{img_size: 32}`, or "
+        "`{dynamic_img_size: true}` for a ViT in a dino run.")
 
     @field_validator("pretrained")
     @classmethod
@@ -38,99 +48,169 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1.0e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
-    lr_base_batch: int | None = Field(None, gt=0)  # lr * global_batch / lr_base_batch when set
-    warmup_epochs: float = Field(0.0, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    layer_decay: float | None = Field(None, gt=0, le=1)
-    clip_grad: float | None = Field(None, gt=0)
+    name: Literal["adamw", "sgd"] = Field(
+        default="adamw", description="The optimizer (timm's `create_optimizer_v2`).")
+    lr: float = Field(
+        default=1.0e-3, gt=0, description="Peak learning rate, after the warm-up (scaled by `lr_base_batch` when "
+        "that is set).")
+    weight_decay: float = Field(
+        default=0.05, ge=0, description="Weight decay; biases and norm layers get none. In a dino run, where the "
+        "schedule of `dino.weight_decay_end` starts.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
+    lr_base_batch: int | None = Field(
+        default=None, gt=0, description="When set, the learning rate is `lr * global_batch / lr_base_batch`, "
+        "global batch = `data.batch_size` x processes x `train.accum_steps` (the linear scaling rule).")
+    warmup_epochs: float = Field(
+        default=0.0, ge=0, description="Linear warm-up from `min_lr`, in epochs (fractions allowed), then a cosine "
+        "decay to `min_lr`; the schedule is per optimizer step.")
+    min_lr: float = Field(default=0.0, ge=0, description="Where the warm-up starts and the cosine ends.")
+    layer_decay: float | None = Field(
+        default=None, gt=0, le=1, description="Layer-wise learning-rate decay (timm's `layer_decay`): each layer "
+        "from the head down gets this factor once more.")
+    clip_grad: float | None = Field(
+        default=None, gt=0, description="Clip the gradients' global norm to this; null = no clipping.")
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    compile: bool = False
-    accum_steps: int = Field(1, ge=1)
-    # Batch-size ramp-up by accumulation: epoch e (0-based) accumulates
-    # ceil(accum_steps * (e + 1) / (batch_ramp + 1)) micro-batches, reaching accum_steps at epoch batch_ramp.
-    batch_ramp: int = Field(0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    mixup: float = Field(0.0, ge=0)  # mixup alpha (timm.data.Mixup); 0 = off
-    cutmix: float = Field(0.0, ge=0)  # cutmix alpha; 0 = off
-    ema_decay: float | None = Field(None, gt=0, lt=1)
-    log_every: int = Field(10, ge=1)
-    deterministic: bool = False  # torch.use_deterministic_algorithms: bitwise-exact resume
+    epochs: int = Field(default=10, ge=1, description="Epochs to train. To train N more, raise it and resume.")
+    max_steps: int | None = Field(default=None, ge=1, description="When set, stop after this many optimizer steps.")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        default="auto", description="Mixed precision. auto: bf16 where the GPU has it, else fp16 (with a "
+        "GradScaler); off on CPU.")
+    compile: bool = Field(default=False, description="`torch.compile` the model.")
+    accum_steps: int = Field(default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    batch_ramp: int = Field(
+        default=0, ge=0, description="Batch-size ramp-up by accumulation: epoch e (0-based) < batch_ramp "
+        "accumulates ceil(accum_steps * (e + 1) / (batch_ramp + 1)) micro-batches, reaching `accum_steps` at epoch "
+        "batch_ramp.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Label smoothing of the classify loss.")
+    mixup: float = Field(
+        default=0.0, ge=0, description="Mixup alpha (timm's `Mixup`); 0 = off. Needs an even `data.batch_size`.")
+    cutmix: float = Field(
+        default=0.0, ge=0, description="CutMix alpha (timm's `Mixup`); 0 = off. Needs an even `data.batch_size`.")
+    ema_decay: float | None = Field(
+        default=None, gt=0, lt=1, description="Keep an EMA of the weights (timm's `ModelEmaV3`), evaluated beside "
+        "the model as `ema_val_*`; null = none. Refused by task dino, whose teacher already is an EMA.")
+    log_every: int = Field(
+        default=10, ge=1, description="Optimizer steps between log lines and TensorBoard train scalars (loss, lr, "
+        "grad norm, images/s, data-wait share, GPU memory and utilisation).")
+    deterministic: bool = Field(
+        default=False, description="`torch.use_deterministic_algorithms`: a resume bitwise equal to an "
+        "uninterrupted run (on GPUs at some speed cost).")
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(500, ge=1)
-    keep: int = Field(3, ge=1)  # step checkpoints kept, locally and in storage
-    storage: str | None = None  # s3://bucket/prefix or a NAS path; null = local only
-    upload_timeout: float = Field(600.0, ge=0)  # seconds the run waits for uploads at its end
-    preempt_timeout: float = Field(60.0, ge=0)  # seconds a preempted run waits for its last upload
+    every_steps: int = Field(
+        default=500, ge=1, description="Optimizer steps between checkpoints; one is also written after each epoch "
+        "(after its eval).")
+    keep: int = Field(default=3, ge=1, description="Step checkpoints kept, locally and in storage.")
+    storage: str | None = Field(
+        default=None, description="Where checkpoints are copied in the background: `s3://bucket/prefix` or a NAS "
+        "path; null = local only.")
+    upload_timeout: float = Field(
+        default=600.0, ge=0, description="Seconds the run waits for its uploads at its end.")
+    preempt_timeout: float = Field(
+        default=60.0, ge=0, description="Seconds a preempted run waits for its last upload.")
 
 
 class DetectConfig(_Section):
     """task: detect: a torchvision detector on the timm `model.name` backbone (features_only) with an FPN."""
 
-    head: Literal["fcos", "retinanet"] = "fcos"
-    out_indices: tuple[int, ...] = (2, 3, 4)  # timm feature levels into the FPN (strides 8, 16, 32 on a resnet)
-    p6p7: bool = True  # two more FPN levels (strides x2, x4) from the last one, as FCOS/RetinaNet do
-    fpn_channels: int = Field(256, ge=32, multiple_of=32)
-    head_convs: int = Field(4, ge=1)  # FCOS head depth
-    score_thresh: float = Field(0.05, ge=0, le=1)  # detections kept for evaluation (COCO mAP wants a low one)
-    nms_thresh: float = Field(0.6, gt=0, le=1)  # IoU above which NMS drops the lower-scored box
-    detections_per_img: int = Field(100, ge=1)
-    topk_candidates: int = Field(1000, ge=1)  # per level, before NMS
-    predict_score_thresh: float = Field(0.25, ge=0, le=1)  # `shardtrain predict`'s default --conf
+    head: Literal["fcos", "retinanet"] = Field(default="fcos", description="torchvision's `FCOS` or `RetinaNet`.")
+    out_indices: tuple[int, ...] = Field(
+        default=(2, 3, 4), description="timm feature levels into the FPN (strides 8, 16, 32 on a resnet).")
+    p6p7: bool = Field(
+        default=True, description="Two more FPN levels (strides x2, x4) from the last one, as FCOS and RetinaNet "
+        "do.")
+    fpn_channels: int = Field(default=256, ge=32, multiple_of=32, description="Channels of the FPN and the head.")
+    head_convs: int = Field(default=4, ge=1, description="FCOS head depth (convolutions per branch).")
+    score_thresh: float = Field(
+        default=0.05, ge=0, le=1, description="Detections kept for evaluation (COCO mAP wants a low one).")
+    nms_thresh: float = Field(default=0.6, gt=0, le=1, description="IoU above which NMS drops the lower-scored box.")
+    detections_per_img: int = Field(
+        default=100, ge=1, description="At most this many detections per image, after NMS.")
+    topk_candidates: int = Field(default=1000, ge=1, description="Candidates per FPN level, before NMS.")
+    predict_score_thresh: float = Field(
+        default=0.25, ge=0, le=1, description="`shardtrain predict`'s default `--conf`.")
 
 
 class DinoConfig(_Section):
     """task: dino (Caron et al. 2021); defaults are DINO's ViT-S/16 recipe."""
 
-    out_dim: int = Field(65536, ge=1)  # prototypes (the head's output)
-    hidden_dim: int = Field(2048, ge=1)
-    bottleneck_dim: int = Field(256, ge=1)
-    head_layers: int = Field(3, ge=1)
-    norm_last_layer: bool = True  # prototypes kept unit-norm (weight-norm magnitude frozen at 1)
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp: float = Field(0.04, gt=0)  # after the warm-up
-    warmup_teacher_temp: float = Field(0.04, gt=0)  # linear to teacher_temp over warmup_teacher_temp_epochs
-    warmup_teacher_temp_epochs: float = Field(0.0, ge=0)
-    center_momentum: float = Field(0.9, ge=0, lt=1)
-    momentum_teacher: float = Field(0.996, ge=0, le=1)  # teacher EMA momentum, to 1 along a cosine
-    weight_decay_end: float | None = Field(0.4, ge=0)  # optim.weight_decay to this along a cosine; null = constant
-    freeze_last_layer: float = Field(1.0, ge=0)  # epochs the prototype layer is not updated
-    koleo_weight: float = Field(0.0, ge=0)  # DINOv2's KoLeo regulariser on the student's global features; 0 = off
+    out_dim: int = Field(default=65536, ge=1, description="Prototypes: the head's output size.")
+    hidden_dim: int = Field(default=2048, ge=1, description="Width of the head's MLP.")
+    bottleneck_dim: int = Field(
+        default=256, ge=1, description="The head's bottleneck, L2-normalised, before the prototype layer.")
+    head_layers: int = Field(default=3, ge=1, description="Layers of the head's MLP.")
+    norm_last_layer: bool = Field(
+        default=True, description="Keep the prototypes unit-norm (weight-norm magnitude frozen at 1).")
+    student_temp: float = Field(default=0.1, gt=0, description="The student's softmax temperature.")
+    teacher_temp: float = Field(
+        default=0.04, gt=0, description="The teacher's softmax temperature, after the warm-up.")
+    warmup_teacher_temp: float = Field(
+        default=0.04, gt=0, description="The teacher's temperature at the start, linear (per step) to "
+        "`teacher_temp` over `warmup_teacher_temp_epochs`.")
+    warmup_teacher_temp_epochs: float = Field(
+        default=0.0, ge=0, description="Epochs of the teacher temperature's warm-up.")
+    center_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="EMA momentum of the center: the teacher outputs' mean over the "
+        "global batch.")
+    momentum_teacher: float = Field(
+        default=0.996, ge=0, le=1, description="Teacher EMA momentum at the start, to 1 along a cosine over the "
+        "run's steps.")
+    weight_decay_end: float | None = Field(
+        default=0.4, ge=0, description="Weight decay goes from `optim.weight_decay` to this along a cosine; null = "
+        "constant.")
+    freeze_last_layer: float = Field(
+        default=1.0, ge=0, description="Epochs the prototype layer is not updated (its gradient dropped: no "
+        "update, no decay, no optimizer state).")
+    koleo_weight: float = Field(
+        default=0.0, ge=0, description="DINOv2's KoLeo regulariser on the student's backbone features of each "
+        "global crop; 0 = off.")
 
 
 class EvalConfig(_Section):
-    metric: str = "val_top1"  # val_<m> or ema_val_<m> for a metric m of the task; default val_<its first>
-    every_epochs: int = Field(1, ge=1)
-    knn_path: str | None = None  # dino: the labeled store of the k-NN eval; null = data.path
-    knn_k: int = Field(20, ge=1)
-    knn_temperature: float = Field(0.07, gt=0)
+    metric: str = Field(
+        default="val_top1", description="The metric best.pt and the nightly promotion go by (higher is better): "
+        "`val_<m>` for a metric m of the task (classify: top1, top5; dino: knn_top1; detect: map, map50), or "
+        "`ema_val_<m>` with `train.ema_decay` (classify, detect). Default: `val_` and the task's first.")
+    every_epochs: int = Field(
+        default=1, ge=1, description="Epochs between evals; the last epoch is always evaluated.")
+    knn_path: str | None = Field(
+        default=None, description="dino: the labeled (imagefolder) store of the k-NN eval; null = `data.path`.")
+    knn_k: int = Field(default=20, ge=1, description="dino: neighbours that vote in the k-NN eval.")
+    knn_temperature: float = Field(
+        default=0.07, gt=0, description="dino: each neighbour votes exp(cosine similarity / this).")
 
 
 class RunConfig(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    runs_dir: str = "runs"
-    task: str = "classify"  # a name in training.tasks.TASKS
-    seed: int = 0
-    data: DataConfig
-    model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    resume: str = "auto"  # auto | never | a checkpoint path or URL
-    eval: EvalConfig = EvalConfig()
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$", description="The run's name: its directory is `<runs_dir>/<name>/`, its "
+        "storage `<checkpoint.storage>/<name>/`.")
+    runs_dir: str = Field(default="runs", description="The folder of run directories.")
+    task: str = Field(
+        default="classify", description="What the run trains: a name in `training.tasks.TASKS` (classify, dino, "
+        "detect).")
+    seed: int = Field(default=0, description="Seeds the weights' init, the data order and every augmentation.")
+    data: DataConfig = Field(description="The shard store and how it becomes batches (`pipelines.DataConfig`).")
+    model: ModelConfig = Field(default=ModelConfig(), description="The timm model.")
+    optim: OptimConfig = Field(default=OptimConfig(), description="Optimizer and learning-rate schedule.")
+    train: TrainConfig = Field(
+        default=TrainConfig(), description="The loop: length, precision, accumulation, regularisation, logging.")
+    checkpoint: CheckpointConfig = Field(
+        default=CheckpointConfig(), description="When checkpoints are written, how many are kept, and where they "
+        "are copied.")
+    resume: str = Field(
+        default="auto", description="auto: the newest complete checkpoint of the run dir, else of storage, else "
+        "start fresh; never: start fresh (refused when the run already has checkpoints); or a checkpoint path or "
+        "URL.")
+    eval: EvalConfig = Field(default=EvalConfig(), description="Evaluation: which metric picks best.pt, how often.")
     # Settings of one task, present only in its runs (filled with the defaults there; refused elsewhere).
-    detect: DetectConfig | None = None
-    dino: DinoConfig | None = None
+    detect: DetectConfig | None = Field(
+        default=None, description="The detector: a torchvision detector on the timm `model.name` backbone "
+        "(features_only) with an FPN.")
+    dino: DinoConfig | None = Field(
+        default=None, description="DINO (Caron et al. 2021); the defaults are DINO's ViT-S/16 recipe.")
 
     @field_validator("task")
     @classmethod
