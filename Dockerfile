@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# shardtrain's GPU image: docker build -t shardtrain .   (see README, "Container and doctor")
+# shardtrain's GPU image: docker build -t shardtrain .   (see docs/container.md)
 # Every Python install step is docker/install.sh, which tests/test_container.py also runs.
 ARG BASE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-runtime
 

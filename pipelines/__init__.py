@@ -5,7 +5,7 @@
         loader.set_epoch(epoch)
         for batch in loader: ...          # {"image": float (N,3,S,S) on d, "label": (N,) int64}
 
-What an epoch covers is spelled out in README.md `## Data pipelines` and pipelines/plan.py.
+What an epoch covers is spelled out in docs/data-pipelines.md and pipelines/plan.py.
 """
 
 import importlib

@@ -218,7 +218,7 @@ def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool
 
 
 def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: int, world_size: int, seed: int, device: torch.device) -> Loader:
-    """The loader of one split for this process (rank of world_size); see README `## Data pipelines`."""
+    """The loader of one split for this process (rank of world_size); see docs/data-pipelines.md."""
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
     data = TASKS[task]
