@@ -108,7 +108,8 @@ def test_the_smallest_task_in_the_docs_trains_only_its_head(imagefolder_src, tmp
     exec(compile(source, "docs/training.md", "exec"), module.__dict__)
     monkeypatch.setitem(sys.modules, module.__name__, module)
     training_entry, pipelines_entry = entries.split("\n\n")
-    assert training_entry.startswith("# training/tasks/__init__.py") and pipelines_entry.startswith("# pipelines/tasks.py")
+    assert training_entry.startswith("# training/tasks/__init__.py")
+    assert pipelines_entry.startswith("# pipelines/tasks.py")
     info = eval("{" + training_entry + "}", {"TaskInfo": training.tasks.TaskInfo})
     data = {**pipelines.tasks.TASKS}
     exec(pipelines_entry, {"TASKS": data})
