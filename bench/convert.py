@@ -26,7 +26,6 @@ from shards.layouts import image_relpaths
 from shards.storage import open_fs
 
 
-
 def decode_only(path: str) -> int:
     with open(path, "rb") as f:
         data = f.read()

@@ -35,7 +35,6 @@ from training.tasks.dino import DinoTask  # noqa: E402
 from training.train import seed_everything  # noqa: E402
 
 
-
 def grayscale(folder: Path) -> None:
     for path in folder.rglob("*.jpg"):
         Image.open(path).convert("L").convert("RGB").save(path, quality=90)

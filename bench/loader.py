@@ -41,7 +41,6 @@ from pipelines import AugmentConfig, DataConfig, build_loader, presets
 from shards import ConvertOptions, convert, samples
 
 
-
 def make_photos(dest: Path, count: int, seed: int = 0) -> None:
     """`count` 400x300 crops of the bundled photos in dest/train/<photo>/."""
     rng = random.Random(seed)

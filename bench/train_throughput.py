@@ -45,8 +45,6 @@ from common import machine, record  # noqa: E402
 from shards import ConvertOptions, convert  # noqa: E402
 from shards.samples import photo_paths  # noqa: E402
 
-
-
 # ---- data ---------------------------------------------------------------------------------------------------------
 
 

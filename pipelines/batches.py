@@ -8,8 +8,8 @@ sample's pixels depend on (run seed, epoch, rank, position) only.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import albumentations as A
 import numpy as np

@@ -26,13 +26,33 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shards.decode import Digest, Reject, Result, Sample, Settings, process
 from shards.keys import order_key, sample_key
 from shards.layouts import HOLDOUT_RULE, HOLDOUT_SPLIT, Input, Listing, list_source
-from shards.manifest import (FORMAT_VERSION, INDEX_DIR, MANIFEST, REJECTS, TIMM_INFO, Holdout, IndexItem, Manifest,
-                             RejectRecord, SampleOrder, ShardEntry, ShardIndex, SplitEntry, Totals, index_sha256,
-                             load_manifest, now_utc, read_indexes, read_rejects, write_index, write_manifest,
-                             write_rejects, write_timm_info)
+from shards.manifest import (
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MANIFEST,
+    REJECTS,
+    TIMM_INFO,
+    Holdout,
+    IndexItem,
+    Manifest,
+    RejectRecord,
+    SampleOrder,
+    ShardEntry,
+    ShardIndex,
+    SplitEntry,
+    Totals,
+    index_sha256,
+    load_manifest,
+    now_utc,
+    read_indexes,
+    read_rejects,
+    write_index,
+    write_manifest,
+    write_rejects,
+    write_timm_info,
+)
 from shards.progress import console, progress_bar
-from shards.storage import (WRITE_PROBE, StoreError, check_writable, is_local, join, open_fs, public_url,
-                            publish_file)
+from shards.storage import WRITE_PROBE, StoreError, check_writable, is_local, join, open_fs, public_url, publish_file
 from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(samples?|[KMGT]i?B?|B)?\s*$", re.IGNORECASE)

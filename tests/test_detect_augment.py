@@ -13,8 +13,8 @@ from PIL import Image
 
 from pipelines import AugmentConfig, build_loader
 from pipelines.batches import detect_batch
-from pipelines.tasks import TASKS
 from pipelines.store import RawSample
+from pipelines.tasks import TASKS
 from shards import ConvertOptions, convert
 from shards.samples import make_coins
 from training.config import validate

@@ -19,8 +19,16 @@ from training.config import RunConfig, TrainError, validate
 from training.dist import World
 from training.knn import knn_predict, knn_top1
 from training.optim import StepPlan, build_optimizer
-from training.tasks.dino import (DinoTask, cosine, dino_loss, epochs_done, knn_data, koleo_loss, teacher_temp,
-                                 updated_center)
+from training.tasks.dino import (
+    DinoTask,
+    cosine,
+    dino_loss,
+    epochs_done,
+    knn_data,
+    koleo_loss,
+    teacher_temp,
+    updated_center,
+)
 
 CPU = torch.device("cpu")
 ONE = World(0, 0, 1, CPU)

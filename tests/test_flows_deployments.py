@@ -27,10 +27,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from servers import PrefectServer, start_group, stop_group
 
 import shards
 import training
+from servers import PrefectServer, start_group, stop_group
 from shards import samples
 from shards.manifest import ShardIndex, load_json
 

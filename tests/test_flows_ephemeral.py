@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import ephemeral_prefect_env
 
 import shards
+from servers import ephemeral_prefect_env
 from shards import samples
 
 REPO = Path(__file__).resolve().parents[1]

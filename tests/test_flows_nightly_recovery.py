@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import ephemeral_prefect_env
 
 import shards
+from servers import ephemeral_prefect_env
 from shards import samples
 
 REPO = Path(__file__).resolve().parents[1]

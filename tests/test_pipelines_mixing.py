@@ -21,8 +21,17 @@ import webdataset
 from pipelines import DataConfig, build_loader
 from shards import ConvertOptions, convert, inspect_store, read_manifest, samples
 from shards.keys import sample_key
-from shards.manifest import (IndexItem, Manifest, ShardEntry, ShardIndex, SplitEntry, Totals, index_sha256, now_utc,
-                             write_index, write_manifest)
+from shards.manifest import (
+    IndexItem,
+    Manifest,
+    ShardIndex,
+    SplitEntry,
+    Totals,
+    index_sha256,
+    now_utc,
+    write_index,
+    write_manifest,
+)
 from shards.storage import open_fs
 from shards.writers import file_digest
 

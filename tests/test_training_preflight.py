@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from shards import ConvertOptions, convert
-from training import TrainError, launch, load_config, run_dir
-from training import checkpoint
+from training import TrainError, checkpoint, launch, load_config, run_dir
 from training.config import to_dict
 from training.model import build_model
 

@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,11 +21,11 @@ app = typer.Typer()
 @app.command(context_settings={"allow_extra_args": False})
 def train(
     config: Annotated[Path, typer.Argument(help="run config YAML (see configs/)")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. train.max_steps=20")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.max_steps=20")] = None,
     nproc_per_node: Annotated[int, typer.Option(help="processes (GPUs) on this node")] = 1,
     nnodes: Annotated[int, typer.Option(help="number of nodes")] = 1,
     node_rank: Annotated[int, typer.Option(help="this node's rank (0..nnodes-1)")] = 0,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of the rendezvous (multi-node)")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node)")] = None,
 ) -> None:
     """Train a timm model on a shard store with DDP (wraps torchrun); exit code 75 = preempted, resume me."""
     try:
@@ -57,7 +57,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
     format: Annotated[str, typer.Option(help="json (out/predictions.json) or yolo (out/labels/*.txt)")] = "json",
     draw: Annotated[bool, typer.Option(help="also write the images with their boxes to out/images/")] = False,
-    conf: Annotated[Optional[float], typer.Option(help="minimum score [default: detect.predict_score_thresh]")] = None,
+    conf: Annotated[float | None, typer.Option(help="minimum score [default: detect.predict_score_thresh]")] = None,
 ) -> None:
     """Boxes for new images from a detect checkpoint (NMS and thresholds from the config's detect: section)."""
     from training.config import load_config

@@ -16,7 +16,6 @@ from training.metrics import SUMMARY_FILE
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
 
 
-
 def torchrun_command(
     config: str | Path,
     overrides: Sequence[str],
