@@ -20,7 +20,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # reader of the config alone (training.config, hence every `shardtrain` command) does not need.
 _MODULES = {"AugmentConfig": "config", "DataConfig": "config", "DataError": "config", "decode_image": "decode",
             "Loader": "loader", "build_loader": "loader", "detect_eval": "presets"}
-__all__ = sorted(_MODULES)
+__all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "build_loader", "decode_image", "detect_eval"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers (at run time __getattr__ imports them)
     from pipelines.config import AugmentConfig, DataConfig, DataError
