@@ -25,4 +25,5 @@ def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 # Keyword arguments for @task on storage work.
-STORAGE_RETRIES = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS, "retry_condition_fn": is_transient}
+STORAGE_RETRIES = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS,
+                   "retry_condition_fn": is_transient}

@@ -95,7 +95,8 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
         item = {"image": img, "bboxes": boxes, "labels": labels}
         if spec.train:
             # whole areas at the letterbox scale (mosaic cells are at it too): the visibility rule's reference
-            item["areas"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * (spec.size / max(height, width)) ** 2
+            scale = spec.size / max(height, width)
+            item["areas"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * scale**2
         items.append(item)
     images, boxes, labels = [], [], []
     for i, (_, seed, _) in enumerate(good):

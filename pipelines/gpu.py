@@ -30,7 +30,8 @@ CANVAS_BYTES = 512 << 20  # float32 budget of one roi_align call's padded input
 T, U = TypeVar("T"), TypeVar("U")
 
 
-def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator) -> tuple[float, float, float, float]:
+def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            rng: np.random.Generator) -> tuple[float, float, float, float]:
     """torchvision's RandomResizedCrop.get_params, on a numpy Generator: (x0, y0, x1, y1)."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -42,7 +43,8 @@ def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], ratio: t
             x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
             return x, y, x + cw, y + ch
     in_ratio = w / h  # fallback: central crop at the nearest allowed ratio
-    cw, ch = (w, round(w / min(ratio))) if in_ratio < min(ratio) else (round(h * max(ratio)), h) if in_ratio > max(ratio) else (w, h)
+    cw, ch = (w, round(w / min(ratio))) if in_ratio < min(ratio) \
+        else (round(h * max(ratio)), h) if in_ratio > max(ratio) else (w, h)
     x, y = (w - cw) // 2, (h - ch) // 2
     return x, y, x + cw, y + ch
 
@@ -82,7 +84,8 @@ def worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
         labels.append(raw.meta["cls"])
         keys.append((raw.shard, raw.key, raw.ext))
     batch = {
-        "data": torch.frombuffer(bytearray().join(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8),
+        "data": torch.frombuffer(bytearray().join(payload), dtype=torch.uint8) if payload
+        else torch.zeros(0, dtype=torch.uint8),
         "length": torch.tensor([len(p) for p in payload], dtype=torch.int64),
         "orientation": torch.tensor(orient, dtype=torch.int64),
         "box": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -118,12 +121,14 @@ def decode_one(data: torch.Tensor, ext: str, device: torch.device) -> torch.Tens
     return decode_image(data, mode=ImageReadMode.RGB).to(device)  # png/webp: CPU decode
 
 
-def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]], device: torch.device) -> list[torch.Tensor | Exception]:
+def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
+                 device: torch.device) -> list[torch.Tensor | Exception]:
     """Decode all JPEGs in one batched call; if one is corrupt, retry one by one to find it."""
     out: list[torch.Tensor | Exception] = [None] * len(data)  # type: ignore[list-item]
     jpegs = [i for i, k in enumerate(keys) if k[2] in ("jpg", "jpeg")]
     try:
-        for i, img in zip(jpegs, decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []):
+        images = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+        for i, img in zip(jpegs, images):
             out[i] = img
         todo = sorted(set(range(len(data))) - set(jpegs))
     except RuntimeError:
@@ -139,7 +144,8 @@ def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]], dev
 _DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, str]], device: torch.device) -> list[torch.Tensor | Exception]:
+def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
+                         device: torch.device) -> list[torch.Tensor | Exception]:
     """`decode_batch` on CUDA, made safe against nvJPEG's hardware decoder.
 
     That decoder writes its outputs before the work already queued on its stream has run
@@ -191,7 +197,8 @@ def device_batch(batch: dict, size: int, device: torch.device) -> tuple[dict, li
     data = list(batch["data"].split(batch["length"].tolist()))
     decoded = decode_on_own_stream(data, batch["keys"], device)
     keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
-    bad = [BadSample(key[0], key[1], f"cannot decode: {img}") for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]
+    bad = [BadSample(key[0], key[1], f"cannot decode: {img}")
+           for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]
     orientation = batch["orientation"].tolist()
     images = [apply_orientation(decoded[i], orientation[i]) for i in keep]
     rows = slice(None) if len(keep) == len(decoded) else torch.tensor(keep, device=device)

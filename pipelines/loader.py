@@ -34,7 +34,8 @@ WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 16 << 20, 64 << 20
 class EpochBatches(Sampler):
     """Yields this rank's batch references for one epoch, from `start` on (see plan.py)."""
 
-    def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int, shuffle_block: int):
+    def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int,
+                 shuffle_block: int):
         self.store, self.train, self.seed = store, train, seed
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.shuffle_block = shuffle_block
@@ -46,8 +47,10 @@ class EpochBatches(Sampler):
         return max(self.num_batches - self.start, 0)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        seq = plan.epoch_sequence(self.store.counts, train=self.train, seed=self.seed, epoch=epoch, block=self.shuffle_block)
-        span = plan.rank_span(len(seq), rank=self.rank, world_size=self.world_size, batch_size=self.batch_size, train=self.train)
+        seq = plan.epoch_sequence(self.store.counts, train=self.train, seed=self.seed, epoch=epoch,
+                                  block=self.shuffle_block)
+        span = plan.rank_span(len(seq), rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                              train=self.train)
         return plan.rank_batches(seq, span, self.batch_size)
 
     def __iter__(self) -> Iterator[BatchRef]:
@@ -129,8 +132,8 @@ def keep_freed_heap() -> None:
 
     By default glibc maps every block over 128 KiB on its own and hands free memory at the top of the
     heap back to the OS once more than 128 KiB is free there. It raises those limits only after the
-    process frees a large mapped block. A worker forked before its parent did so decodes a batch, frees it, and faults all of
-    that memory in again for the next. On the dev machine that was 1.20 ms per image against 0.83, and
+    process frees a large mapped block. A worker forked before its parent did so decodes a batch, frees it,
+    and faults all of that memory in again for the next. On the dev machine that was 1.20 ms per image against 0.83, and
     the cause of the loaders created first in a process running slower. Keeping 64 MiB bounds a worker's
     extra memory. Other C libraries have no mallopt and are left as they are.
     """
@@ -143,7 +146,8 @@ def keep_freed_heap() -> None:
 class Loader:
     """One split for one process; see the package docstring for what an epoch covers."""
 
-    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *, task: TaskData, device: torch.device, normalise: Normalise):
+    def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *,
+                 task: TaskData, device: torch.device, normalise: Normalise):
         self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
         self.task, self.decoder, self.device = task, task.decoders[cfg.decode], device
         self.num_samples = store.num_samples
@@ -206,10 +210,12 @@ class Loader:
 def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool, world_size: int) -> None:
     data = TASKS[task]
     if store.layout not in data.layouts:
-        raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(data.layouts)}, this one is {store.layout!r}")
+        raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(data.layouts)}, "
+                        f"this one is {store.layout!r}")
     if cfg.decode not in data.decoders:
         able = [name for name, other in TASKS.items() if cfg.decode in other.decoders]
-        raise DataError(f"data.decode={cfg.decode} supports task {' or '.join(able)} only, not {task}; use data.decode=cpu")
+        raise DataError(f"data.decode={cfg.decode} supports task {' or '.join(able)} only, not {task}; "
+                        "use data.decode=cpu")
     if train and store.num_samples < world_size * cfg.batch_size:
         raise DataError(
             f"{cfg.path}: split {store.split!r} has {store.num_samples} samples, fewer than one batch per rank "
@@ -217,13 +223,14 @@ def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool
         )
 
 
-def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: int, world_size: int, seed: int, device: torch.device) -> Loader:
+def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: int, world_size: int, seed: int,
+                 device: torch.device) -> Loader:
     """The loader of one split for this process (rank of world_size); see docs/data-pipelines.md."""
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
     data = TASKS[task]
-    dataset = StoreBatches(make_reader(store), data.decoders[cfg.decode].worker, data.spec(train, cfg.image_size, cfg.augment),
-                           seed=seed, rank=rank, on_error=cfg.on_error)
+    dataset = StoreBatches(make_reader(store), data.decoders[cfg.decode].worker,
+                           data.spec(train, cfg.image_size, cfg.augment), seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,
         batch_size=cfg.batch_size, shuffle_block=cfg.shuffle_block,

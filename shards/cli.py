@@ -101,8 +101,9 @@ def inspect(
     shown = ", ".join(info["classes"][:20]) + (", ..." if len(info["classes"]) > 20 else "")
     typer.echo(f"classes ({len(info['classes'])}): {shown}")
     order = info["order"]
-    typer.echo("sample order: " + ("listing (class by class as the source was listed)" if order["rule"] == "listing"
-                                   else f"key-hash, seed {order['seed']} (from store version {order['since_version']})"))
+    typer.echo("sample order: " + (
+        "listing (class by class as the source was listed)" if order["rule"] == "listing"
+        else f"key-hash, seed {order['seed']} (from store version {order['since_version']})"))
     if info["holdout"]:
         h = info["holdout"]
         typer.echo(f"holdout: {h['fraction']:.1%} of the inputs in {h['split']} ({h['rule']})")

@@ -107,8 +107,8 @@ def shm_info(path: str = "/dev/shm", min_bytes: int = SHM_MIN_BYTES) -> dict[str
     warning = None
     if total < min_bytes:
         warning = (
-            f"{path} is {total / 1e9:.2f} GB (< {min_bytes / 1e9:.2f} GB): DataLoader workers may crash with 'bus error'; "
-            "run the container with --shm-size=8g or --ipc=host"
+            f"{path} is {total / 1e9:.2f} GB (< {min_bytes / 1e9:.2f} GB): "
+            "DataLoader workers may crash with 'bus error'; run the container with --shm-size=8g or --ipc=host"
         )
     return {
         "path": path,

@@ -53,8 +53,9 @@ def launch(
     """Run `torchrun ... -m training CONFIG OVERRIDES` (through training.torchrun); return its exit code.
 
     The config is validated and checked here first (training.preflight: the model name, the store and its
-    splits, the weights, the run dir's checkpoint), so those mistakes fail before any process starts (TrainError). With `stream=None` the workers inherit this process's stdout (a
-    terminal keeps its live progress bar); otherwise each output line goes to `stream`.
+    splits, the weights, the run dir's checkpoint), so those mistakes fail before any process starts (TrainError).
+    With `stream=None` the workers inherit this process's stdout (a terminal keeps its live progress bar);
+    otherwise each output line goes to `stream`.
     After a SIGTERM/SIGINT the workers save a checkpoint and the result is EXIT_PREEMPTED.
     """
     if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:

@@ -63,6 +63,7 @@ def fetch_explicit(url: str, ckpt_dir: Path, dest_name: str | None = None) -> Pa
     try:
         marker = fs.cat_file(path + checkpoint.MARKER)
     except FileNotFoundError:
-        raise TrainError(f"bad value for resume: {url} has no {checkpoint.MARKER} marker (incomplete upload?)") from None
+        raise TrainError(f"bad value for resume: {url} has no {checkpoint.MARKER} marker "
+                         "(incomplete upload?)") from None
     dest = ckpt_dir / (dest_name or f"resume_{Path(path).name}")
     return storage.download(url, dest, json.loads(marker).get("sha256"))

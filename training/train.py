@@ -267,7 +267,8 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:  # another model's checkpoint: one line, not load_state_dict's list of every key
             raise TrainError(f"the checkpoint to resume from holds another model than {cfg.model.name} "
-                             f"({str(e).splitlines()[1].strip()[:160]}): give the run another name, or set resume") from None
+                             f"({str(e).splitlines()[1].strip()[:160]}): give the run another name, "
+                             "or set resume") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
         # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.
@@ -286,7 +287,8 @@ class Trainer:
         if self.rng is not None and self.train_loader.batch == 0:
             self.restore_rng()  # an epoch's start: nothing of the epoch has drawn yet
         if world.is_main and ckpt["config"] != to_dict(cfg):
-            print(f"warning: config differs from the checkpoint's: {', '.join(diff_keys(ckpt['config'], to_dict(cfg)))}")
+            diff = ", ".join(diff_keys(ckpt["config"], to_dict(cfg)))
+            print(f"warning: config differs from the checkpoint's: {diff}")
 
     def save(self, best_info: dict | None = None) -> None:
         """A checkpoint in the background (best.pt too, with `best_info`), then to storage. Collective."""

@@ -26,7 +26,8 @@ class ClassifyTask(Task):
         self.mixup = None
         if t.mixup > 0 or t.cutmix > 0:
             if cfg.data.batch_size % 2:
-                raise TrainError("data.batch_size must be even with train.mixup/train.cutmix (timm's Mixup pairs samples)")
+                raise TrainError("data.batch_size must be even with train.mixup/train.cutmix "
+                                 "(timm's Mixup pairs samples)")
             self.mixup = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
                                num_classes=self.num_classes)
             self.criterion: torch.nn.Module = SoftTargetCrossEntropy()
