@@ -25,7 +25,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
     if data[:3] == JPEG_SOI:
         return decode_jpeg(data, min_side)
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # its message names a BytesIO object's address, no help to anyone
         raise OSError(f"not an image (starts with {data[:8].hex()})") from None
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright

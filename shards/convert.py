@@ -73,6 +73,7 @@ class ShardLimit:
         """Whether a shard holding `samples`/`nbytes` must be closed before adding `incoming` bytes."""
         if self.max_samples is not None:
             return samples >= self.max_samples
+        assert self.max_bytes is not None  # parse_shard_size sets one of the two
         return samples > 0 and nbytes + incoming > self.max_bytes
 
 

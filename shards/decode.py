@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from shards.layouts import Input
 from shards.storage import is_local, join
@@ -111,7 +111,7 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
     img = open_image(data, max_pixels)
     eight_bit = not any("16" in str(t.args) for t in img.tile)  # tile args are cleared by load()
     fits = max_side is None or max(img.size) <= max_side
-    if not fits and img.format == "JPEG":
+    if max_side is not None and not fits and img.format == "JPEG":
         # DCT scaling: decode at 1/2..1/8 size, never below max_side; every byte is still read
         img.draft(img.mode, (max_side, max_side))
     try:
@@ -127,7 +127,7 @@ def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tupl
         return KEPT_FORMATS[img.format], data
     lossless = img.format in LOSSLESS_FORMATS or (img.format == "WEBP" and webp_is_lossless(data))
     rgb = to_rgb(ImageOps.exif_transpose(img))  # the orientation tag is not carried into a re-encode
-    if not fits:
+    if max_side is not None and not fits:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     out = io.BytesIO()
     if lossless:
@@ -153,7 +153,7 @@ def webp_is_lossless(data: bytes) -> bool:
     return False
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

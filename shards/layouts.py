@@ -46,7 +46,8 @@ class Listing:
     holdout: float | None = None  # share held out as val (no split folders); None: the source's splits as they are
 
 
-def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: str, val_fraction: float | None = None) -> Listing:
+def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Literal["auto"],
+                val_fraction: float | None = None) -> Listing:
     """Every input under `root` in listing order (sorted relative paths), for `layout` or auto.
 
     A labeled source without split folders holds out `val_fraction` of its inputs (None: the default)
@@ -134,7 +135,8 @@ def walk_local(root: str, skipped: list[str]) -> list[str]:
         skipped.append(f"{rel(e.filename)}: cannot read the folder ({e.strerror})")
 
     files = []
-    inside = {root: (folder_id(root),)}  # per folder to walk: the folders it is inside, itself included
+    # per folder to walk: the folders it is inside, itself included
+    inside: dict[str, tuple[tuple[int, int], ...]] = {root: (folder_id(root),)}
     for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
         chain = inside.pop(folder)
         for name in list(subfolders):

@@ -105,9 +105,11 @@ def local_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         yield local
 
 
-def read_tar(path: str) -> Iterator[tuple[str, str, bytes | None]]:
-    """(key, image extension, image bytes) per sample, grouping adjacent members by key."""
-    key, ext, image = None, None, None
+def read_tar(path: str) -> Iterator[tuple[str, str | None, bytes | None]]:
+    """(key, image extension, image bytes) per sample, grouping adjacent members by key (None: no image)."""
+    key: str | None = None
+    ext: str | None = None
+    image: bytes | None = None
     with tarfile.open(path, "r:") as tar:
         for member in tar:
             k, _, e = member.name.partition(".")
@@ -116,7 +118,8 @@ def read_tar(path: str) -> Iterator[tuple[str, str, bytes | None]]:
                 ext, image = None, None
             key = k
             if e in IMAGE_EXTS:
-                ext, image = e, tar.extractfile(member).read()
+                data = tar.extractfile(member)  # None for a member that is not a file: no image
+                ext, image = e, data.read() if data is not None else None
     if key is not None:
         yield key, ext, image
 

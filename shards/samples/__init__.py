@@ -37,7 +37,7 @@ def _random_crop(img: Image.Image, rng: random.Random, size: int) -> Image.Image
     w, h = img.size
     side = rng.randint(min(w, h) // 3, min(w, h))
     x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-    return img.crop((x, y, x + side, y + side)).resize((size, size), Image.BILINEAR)
+    return img.crop((x, y, x + side, y + side)).resize((size, size), Image.Resampling.BILINEAR)
 
 
 def class_names() -> list[str]:
@@ -119,7 +119,8 @@ def make_yolo(
         (dest / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             canvas = _random_crop(rng.choice(textures), rng, size)
-            lines, placed = [], []
+            lines: list[str] = []
+            placed: list[tuple[int, int, int, int]] = []
             for _ in range(rng.randint(1, max_objects)):
                 cls = rng.randrange(len(names))
                 w, h = rng.randint(size // 5, size // 2), rng.randint(size // 5, size // 2)
@@ -127,7 +128,7 @@ def make_yolo(
                 if any(x < px + pw and px < x + w and y < py + ph and py < y + h for px, py, pw, ph in placed):
                     continue  # objects never overlap, so every box is fully visible
                 placed.append((x, y, w, h))
-                canvas.paste(objects[cls].resize((w, h), Image.BILINEAR), (x, y))
+                canvas.paste(objects[cls].resize((w, h), Image.Resampling.BILINEAR), (x, y))
                 lines.append(f"{cls} {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}")
             canvas.save(dest / "images" / split / f"img_{i:04d}.jpg", quality=90)
             (dest / "labels" / split / f"img_{i:04d}.txt").write_text("\n".join(lines) + "\n")
@@ -147,6 +148,8 @@ def coin_boxes() -> np.ndarray:
     """(x0, y0, x1, y1) pixel boxes of the 24 coins of coins.jpg, from a segmentation of the photo: local
     (adaptive) threshold against the uneven lighting, holes filled, connected components of over 500 px."""
     gray = cv2.imread(str(PHOTOS_DIR / "coins.jpg"), cv2.IMREAD_GRAYSCALE)
+    if gray is None:  # imread returns None rather than raising
+        raise FileNotFoundError(f"cannot read {PHOTOS_DIR / 'coins.jpg'}")
     fg = cv2.adaptiveThreshold(cv2.GaussianBlur(gray, (5, 5), 0), 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C,
                                cv2.THRESH_BINARY, 71, -5)
     fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
@@ -213,7 +216,8 @@ def make_coins(
             (left, top, right, bottom), held = _coin_window(rng, boxes, region, coins.get(split, (2, 24)))
             w, h = right - left, bottom - top
             f = rng.uniform(lo, hi)
-            photo.crop((left, top, right, bottom)).resize((round(w * f), round(h * f)), Image.BILINEAR).save(
+            crop = photo.crop((left, top, right, bottom))
+            crop.resize((round(w * f), round(h * f)), Image.Resampling.BILINEAR).save(
                 dest / "images" / split / f"coins_{i:04d}.jpg", quality=90)
             cx, cy = ((held[:, 0] + held[:, 2]) / 2 - left) / w, ((held[:, 1] + held[:, 3]) / 2 - top) / h
             bw, bh = (held[:, 2] - held[:, 0]) / w, (held[:, 3] - held[:, 1]) / h
