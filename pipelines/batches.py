@@ -91,20 +91,22 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
     items = []
     for raw, _, img in good:
         height, width = img.shape[:2]
-        boxes, labels = yolo_to_pixels(raw.meta, width, height)
-        item = {"image": img, "bboxes": boxes, "labels": labels}
+        xyxy, cls = yolo_to_pixels(raw.meta, width, height)
+        item = {"image": img, "bboxes": xyxy, "labels": cls}
         if spec.train:
             # whole areas at the letterbox scale (mosaic cells are at it too): the visibility rule's reference
             scale = spec.size / max(height, width)
-            item["areas"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * scale**2
+            item["areas"] = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) * scale**2
         items.append(item)
-    images, boxes, labels = [], [], []
+    images: list[np.ndarray] = []
+    boxes: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     for i, (_, seed, _) in enumerate(good):
         data = dict(items[i])
         if spec.train:
             # mosaic partners: 3 other samples of this batch, chosen from the sample's seed
             others = [j for j in range(len(items)) if j != i]
-            picks = np.random.default_rng(seed).permutation(others)[:3] if others else []
+            picks: np.ndarray | list[int] = np.random.default_rng(seed).permutation(others)[:3] if others else []
             data["mosaic_metadata"] = [items[j] for j in picks]
         out = apply(spec.transforms[0], seed, **data)
         keep = presets.keep_visible(out, spec.aug) if spec.train else slice(None)

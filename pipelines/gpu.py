@@ -27,7 +27,8 @@ from pipelines.store import BadSample, RawSample
 
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
 CANVAS_BYTES = 512 << 20  # float32 budget of one roi_align call's padded input
-T, U = TypeVar("T"), TypeVar("U")
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -124,7 +125,7 @@ def decode_one(data: torch.Tensor, ext: str, device: torch.device) -> torch.Tens
 def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
                  device: torch.device) -> list[torch.Tensor | Exception]:
     """Decode all JPEGs in one batched call; if one is corrupt, retry one by one to find it."""
-    out: list[torch.Tensor | Exception] = [None] * len(data)  # type: ignore[list-item]
+    out: list[torch.Tensor | Exception] = [None] * len(data)  # type: ignore[list-item]  # every slot is filled below
     jpegs = [i for i, k in enumerate(keys) if k[2] in ("jpg", "jpeg")]
     try:
         images = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
@@ -200,7 +201,7 @@ def device_batch(batch: dict, size: int, device: torch.device) -> tuple[dict, li
     bad = [BadSample(key[0], key[1], f"cannot decode: {img}")
            for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]
     orientation = batch["orientation"].tolist()
-    images = [apply_orientation(decoded[i], orientation[i]) for i in keep]
+    images = [apply_orientation(img, orientation[i]) for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
     rows = slice(None) if len(keep) == len(decoded) else torch.tensor(keep, device=device)
     box, flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("box", "flip", "label"))
     out = crop_resize(images, box, size)

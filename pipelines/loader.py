@@ -10,7 +10,7 @@ the device, where it becomes float.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -185,12 +185,13 @@ class Loader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.sampler.epoch, self.sampler.start = self._epoch, self._batch
-        items = self.dataloader
+        items: Iterable[tuple[dict | None, int, str | None]] = self.dataloader
         if self.decoder.device is not None:
             items = gpu.run_ahead(items, self._decode, self.device)
         for batch, skipped, failure in items:
             if failure:
                 raise DataError(failure)
+            assert batch is not None  # a batch is missing only with a failure
             self.skipped += skipped
             self._batch += 1
             yield self.task.to_device(batch, self.device, self._normalise)
@@ -200,7 +201,7 @@ class Loader:
         batch, skipped, failure = item
         if failure:
             return item
-        assert self.decoder.device is not None
+        assert batch is not None and self.decoder.device is not None
         batch, bad = self.decoder.device(batch, self.cfg.image_size, self.device)
         if bad and self.cfg.on_error == "fail":
             return None, skipped + len(bad), describe(bad[0])

@@ -13,7 +13,7 @@ import os
 import struct
 import tarfile
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import fsspec
 import numpy as np
@@ -21,6 +21,9 @@ import numpy as np
 from pipelines.config import DataError
 from pipelines.plan import shard_starts
 from pipelines.store import BadSample, RawSample, StoreSplit
+
+if TYPE_CHECKING:
+    import lmdb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 READ_BLOCK = 4 << 20  # fsspec readahead while scanning a remote shard's headers
@@ -84,7 +87,7 @@ def parse_sample_with_tarfile(chunk: bytes) -> tuple[str, dict[str, bytes]]:
         for info in tar:
             if info.isfile():
                 key, _, ext = os.path.basename(info.name).partition(".")
-                members[ext.lower()] = tar.extractfile(info).read()
+                members[ext.lower()] = tar.extractfile(info).read()  # type: ignore[union-attr]  # a file's reader
     return key, members
 
 
@@ -193,7 +196,7 @@ class TarReader(ShardReader):
             if isinstance(chunk, Exception):  # storage failed: not a corrupt sample, so never skipped
                 raise self._storage_error(shard, chunk)
             out[pos] = self._parse(shard, int(local[pos]), chunk)
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  # every slot is filled above
 
     def _storage_error(self, shard: int, e: Exception) -> DataError:
         return DataError(f"cannot read shard {self.split.shards[shard]}: {type(e).__name__}: {e}")
@@ -243,7 +246,7 @@ class LmdbReader(ShardReader):
             got = self._read_shard(int(shard), local[where][order].tolist())
             for pos, sample in zip(where[order], got):
                 out[pos] = sample
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  # every slot is filled above
 
     def _read_shard(self, shard: int, local: list[int]) -> list[RawSample | BadSample]:
         name = os.path.basename(self.split.shards[shard])
@@ -267,7 +270,7 @@ class LmdbReader(ShardReader):
         return out
 
 
-_ENVS: dict[str, object] = {}
+_ENVS: dict[str, lmdb.Environment] = {}
 _ENVS_PID = -1
 
 
