@@ -10,6 +10,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from training.config import TrainError, load_config, run_dir
 from training.metrics import SUMMARY_FILE
@@ -77,7 +79,7 @@ def launch(
     pipe = subprocess.PIPE if stream is not None else None
     proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
     with forward_signals(proc) as signals:
-        if proc.stdout is not None:
+        if stream is not None and proc.stdout is not None:  # both or neither
             for line in proc.stdout:
                 stream(line.rstrip("\n"))
         code = proc.wait()
@@ -111,7 +113,7 @@ class forward_signals:
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         self.forwarded = False  # a SIGTERM was passed on: the run was asked to stop
 
     def __enter__(self) -> forward_signals:

@@ -6,6 +6,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 EXIT_PREEMPTED: int = 75  # EX_TEMPFAIL: "saved on a signal, requeue me"
 PREEMPTED_FILE = "preempted.json"  # left in the run dir by a preempted save; `launch` reads it
@@ -24,7 +27,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.first_at: float | None = None
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # `run` called from a thread: no handlers
