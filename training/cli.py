@@ -64,8 +64,6 @@ def predict(
     from training.predict import predict as run_predict
 
     try:
-        if format not in ("json", "yolo"):
-            raise TrainError(f"--format must be json or yolo, not {format}")
         records = run_predict(load_config(config), checkpoint, images, out, fmt=format, draw_boxes=draw, conf=conf)
     except TrainError as e:
         typer.echo(f"error: {e}", err=True)

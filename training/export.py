@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import fsspec
 import torch
@@ -29,7 +28,6 @@ from training.config import RunConfig, TrainError
 from training.model import build_model
 from training.tasks.detect import build_detector, detect_settings
 
-Format = Literal["safetensors", "onnx"]
 FORMATS: dict[str, tuple[str, ...]] = {"safetensors": ("classify", "dino"), "onnx": ("classify", "detect")}
 DINO_BACKBONE = "teacher.module.backbone."
 OPSET = 17
@@ -116,7 +114,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[s
                           output_names=outputs, dynamic_axes=axes)
 
 
-def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: Format = "safetensors") -> list[Path]:
+def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str = "safetensors") -> list[Path]:
     """Write `checkpoint`'s model into `out` as `fmt`; returns the files written."""
     if fmt not in FORMATS:
         raise TrainError(f"--format must be safetensors or onnx, not {fmt}")

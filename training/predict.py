@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -115,10 +115,12 @@ def draw(path: Path, image: np.ndarray, det: dict[str, torch.Tensor], classes: l
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
 
 
-def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, fmt: Literal["json", "yolo"] = "json",
+def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, fmt: str = "json",
             draw_boxes: bool = False, conf: float | None = None, log=print) -> list[dict]:
     """Detect objects in `images` (files or folders); write `out`/predictions.json or `out`/labels/*.txt (and
     `out`/images/* with the boxes drawn); returns one record per image (`error` set where it could not be read)."""
+    if fmt not in ("json", "yolo"):
+        raise TrainError(f"--format must be json or yolo, not {fmt}")
     found = list_images(images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, classes = load_detector(cfg, checkpoint, device)
@@ -127,7 +129,7 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     mean = torch.tensor(aug.mean, device=device).view(3, 1, 1) * 255
     std = torch.tensor(aug.std, device=device).view(3, 1, 1) * 255
     conf = detect_settings(cfg).predict_score_thresh if conf is None else conf
-    records = []
+    records: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     for path, name in track(found, description="predict", transient=True):
         try:
