@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from botocore.exceptions import BotoCoreError
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import Task
@@ -25,5 +27,5 @@ def is_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 
 # Keyword arguments for @task on storage work.
-STORAGE_RETRIES = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS,
-                   "retry_condition_fn": is_transient}
+STORAGE_RETRIES: dict[str, Any] = {"retries": len(RETRY_DELAYS), "retry_delay_seconds": RETRY_DELAYS,
+                                   "retry_condition_fn": is_transient}

@@ -8,9 +8,12 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class World:
     size: int
     device: torch.device
     # A CPU (gloo) group for control flags, so agreeing on "stop now" never syncs the GPU.
-    control: object | None = None
+    control: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -46,6 +49,7 @@ def setup() -> World:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(minutes=30))
         control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        control = cast(dist.ProcessGroup, control)  # every rank is a member, so never NON_GROUP_MEMBER
         return World(rank, local_rank, size, device, control)
     return World(rank, local_rank, size, device)
 
@@ -121,7 +125,7 @@ def gather(world: World, obj: object) -> list:
     return out
 
 
-def broadcast(world: World, obj: object) -> object:
+def broadcast(world: World, obj: T) -> T:
     """Rank 0's `obj` on every rank."""
     if not world.distributed:
         return obj

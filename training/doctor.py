@@ -212,7 +212,8 @@ def checked_settings(config: dict[str, Any]) -> tuple[int | None, str | None]:
 def diagnose(workers: int | None = None, storage: str | None = None, require_gpu: bool = False) -> dict[str, Any]:
     """Every check, and the lists of required things missing (`problems`) and warnings."""
     report: dict[str, Any] = {"python": python_info(), "torch": torch_info()}
-    problems, warnings = [], []
+    problems: list[str] = []
+    warnings: list[str] = []
     if not report["python"]["ok"]:
         problems.append(f"python {report['python']['version']} < {'.'.join(map(str, MIN_PYTHON))}")
     cuda = report["torch"].get("cuda_available", False)

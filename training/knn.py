@@ -7,7 +7,7 @@ queries, and the hit counts are summed, so every query counts once across ranks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,8 @@ def extract(backbone: torch.nn.Module, loader: Any) -> tuple[torch.Tensor, torch
     backbone.train(was_training)
     if not feats:  # a split smaller than the number of ranks leaves some ranks nothing
         device = next(backbone.parameters()).device
-        return torch.zeros(0, backbone.num_features, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        width = cast(int, backbone.num_features)  # a timm model's
+        return torch.zeros(0, width, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
 
 

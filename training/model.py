@@ -47,6 +47,7 @@ def hub_weights(name: str) -> str:
     can be reached, else found there; a one-line TrainError naming the model and the fixes otherwise."""
     check_model_name(name)
     extra: tuple[str, ...] = ()
+    files: tuple[str, ...]
     if name.startswith(HF_HUB_PREFIX):
         repo, files, extra = name.removeprefix(HF_HUB_PREFIX), WEIGHT_FILES, ("config.json",)
     else:
@@ -126,5 +127,5 @@ def build_model(cfg: ModelConfig, num_classes: int, cache_dir: Path) -> torch.nn
     except RuntimeError as e:
         raise TrainError(f"model {cfg.name}: cannot load model.pretrained weights: {str(e).splitlines()[0]}") from None
     if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(True)  # type: ignore[operator]  # timm's, reached through Module.__getattr__
     return model

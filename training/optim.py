@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -18,7 +19,7 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    extra = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
+    extra: dict[str, Any] = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
     return create_optimizer_v2(model, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay,
                                layer_decay=cfg.layer_decay, **extra)
 

@@ -107,7 +107,7 @@ def model_identity(config: dict, num_classes: int) -> dict:
     task = config.get("task")
     identity = {"task": task, "model.name": config["model"]["name"], "model.kwargs": config["model"].get("kwargs", {}),
                 "classes": None if task == "dino" else num_classes}  # a dino model has no class head
-    for key in MODEL_KEYS.get(task, ()):
+    for key in MODEL_KEYS.get(task or "", ()):
         section, name = key.split(".")
         identity[key] = config.get(section, {}).get(name)
     return identity

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import yaml
@@ -80,7 +81,8 @@ class Trainer:
         random_seed(cfg.seed, world.rank)  # per rank: different dropout/mixup draws on each rank
         self.vote = dist.StopVote(world)
 
-        loader_args = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed, device=world.device)
+        loader_args: dict[str, Any] = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed,
+                                           device=world.device)
         self.train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
         self.task = build_task(cfg, self.train_loader.classes, world, self.rdir / "pretrained")
         self.val_loader = self.task.val_loader(**loader_args)
@@ -112,7 +114,7 @@ class Trainer:
         self.train_model: torch.nn.Module = DDP(self.model, gradient_as_bucket_view=True) \
             if world.distributed else self.model
         if cfg.train.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = cast(torch.nn.Module, torch.compile(self.train_model))
         self.uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) \
             if cfg.checkpoint.storage and world.is_main else None
         self.writer = checkpoint.Writer(self.ckpt_dir, cfg.checkpoint.keep)
@@ -173,7 +175,9 @@ class Trainer:
         micro = min(accum, n_batches - group_start)  # the epoch's last group may be short
         last_micro = i + 1 == group_start + micro
         # DDP all-reduces gradients only on a group's last micro-batch.
-        no_sync = self.train_model.no_sync() if self.world.distributed and not last_micro else contextlib.nullcontext()
+        no_sync = contextlib.nullcontext()
+        if self.world.distributed and not last_micro:
+            no_sync = self.train_model.no_sync()  # type: ignore[operator]  # DDP's, also through torch.compile
         with no_sync:
             with torch.autocast(self.world.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 loss = self.task.train_loss(self.train_model, batch)

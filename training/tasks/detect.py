@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -36,10 +37,11 @@ class TimmFPN(nn.Module):
     def __init__(self, body: nn.Module, out_channels: int, p6p7: bool) -> None:
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels,
+        info = cast(FeatureInfo, body.feature_info)  # a timm features_only model's
+        self.fpn = FeaturePyramidNetwork(info.channels(), out_channels,
                                          extra_blocks=LastLevelP6P7(out_channels, out_channels) if p6p7 else None)
         self.out_channels = out_channels
-        reductions = body.feature_info.reduction()
+        reductions = info.reduction()
         self.strides = reductions + ([reductions[-1] * 2, reductions[-1] * 4] if p6p7 else [])
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,8 @@ class Encoder(nn.Module):
 
 
 class DinoModel(nn.Module):
+    center: torch.Tensor  # a buffer: the teacher outputs' running mean
+
     def __init__(self, student: Encoder, out_dim: int, global_crops: int) -> None:
         super().__init__()
         self.global_crops = global_crops
@@ -183,7 +185,7 @@ class DinoTask(Task):
                 aug.local_size != self.cfg.data.image_size:
             raise TrainError(f"model.kwargs: {self.cfg.model.name} takes one input size; add dynamic_img_size: true "
                              "so DINO's local crops pass")
-        head = DinoHead(backbone.num_features, d.out_dim, d.hidden_dim, d.bottleneck_dim, d.head_layers,
+        head = DinoHead(cast(int, backbone.num_features), d.out_dim, d.hidden_dim, d.bottleneck_dim, d.head_layers,
                         d.norm_last_layer)
         self.model = DinoModel(Encoder(backbone, head), d.out_dim, aug.global_crops)
         return self.model
@@ -192,16 +194,16 @@ class DinoTask(Task):
         self.optimizer, self.plan = optimizer, plan
         self.set_step(step)
 
-    def before_step(self, model: DinoModel, step: int) -> None:
+    def before_step(self, model: nn.Module, step: int) -> None:
         """The prototypes stay as initialised during the first dino.freeze_last_layer epochs (DINO's stabiliser)."""
         assert self.plan is not None
         if epochs_done(self.plan, step) < self.dino.freeze_last_layer:
-            for p in model.student.head.last_layer.parameters():
+            for p in cast(DinoModel, model).student.head.last_layer.parameters():
                 p.grad = None  # not even weight decay or optimizer state, as in DINO
 
-    def after_step(self, model: DinoModel, step: int) -> None:
+    def after_step(self, model: nn.Module, step: int) -> None:
         assert self.plan is not None
-        model.update_teacher(cosine(self.dino.momentum_teacher, 1.0, step - 1, self.plan.total_steps))
+        cast(DinoModel, model).update_teacher(cosine(self.dino.momentum_teacher, 1.0, step - 1, self.plan.total_steps))
         self.set_step(step)
 
     def set_step(self, step: int) -> None:
@@ -239,6 +241,7 @@ class DinoTask(Task):
         (the loop names it val_knn_top1)."""
         assert self.bank_loader is not None
         self.bank_loader.set_epoch(0)
-        top1 = knn.knn_top1(model.teacher.module.backbone, self.bank_loader, loader, self.world, len(loader.classes),
-                            self.cfg.eval.knn_k, self.cfg.eval.knn_temperature)
+        teacher = cast(DinoModel, model).teacher.module.backbone
+        top1 = knn.knn_top1(teacher, self.bank_loader, loader, self.world, len(loader.classes), self.cfg.eval.knn_k,
+                            self.cfg.eval.knn_temperature)
         return {"knn_top1": top1}
