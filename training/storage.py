@@ -124,7 +124,7 @@ class Uploader:
                 if not item.local.exists():  # pruned locally after a newer save: nothing to do
                     return
                 err = "not found"
-            except Exception as e:  # noqa: BLE001 - any storage failure is retried; the local copy stays
+            except Exception as e:  # any storage failure is retried; the local copy stays
                 err = f"{type(e).__name__}: {e}"
             self.log(f"upload of {item.local.name} to storage failed ({err}); retrying in {delay:.0f}s")
             with self.cond:  # a newer file of its group, queued meanwhile, makes this one's late copy waste
@@ -164,7 +164,7 @@ def latest_remote(storage: str, name: str) -> CheckpointRef | None:
         names = fs.ls(folder, detail=False)
     except FileNotFoundError:
         return None
-    except Exception as e:  # noqa: BLE001 - storage errors are the user's to fix: one line
+    except Exception as e:  # storage errors are the user's to fix: one line
         raise TrainError(f"checkpoint.storage: cannot list {storage}: {type(e).__name__}: {e}") from None
     present = {p.rsplit("/", 1)[-1] for p in names}
     steps = sorted(n for n in present if STEP_FILE.match(n) and n + MARKER in present)
@@ -182,7 +182,7 @@ def download(url: str, dest: Path, sha256: str | None) -> Path:
     tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
         fs.get_file(path, str(tmp))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         tmp.unlink(missing_ok=True)
         raise TrainError(f"cannot fetch checkpoint {url}: {type(e).__name__}: {e}") from None
     if sha256 and sha256_of(tmp) != sha256:
