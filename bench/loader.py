@@ -55,7 +55,9 @@ def make_photos(dest: Path, count: int, seed: int = 0) -> None:
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
         folder = dest / "train" / name
         folder.mkdir(parents=True, exist_ok=True)
-        img.crop((x, y, x + cw, y + ch)).resize((400, 300), Image.BILINEAR).save(folder / f"{name}_{i:05d}.jpg", quality=90)
+        img.crop((x, y, x + cw, y + ch)).resize((400, 300), Image.BILINEAR).save(
+            folder / f"{name}_{i:05d}.jpg", quality=90
+        )
 
 
 def interleaved_rates(epoch_fns: dict, rounds: int) -> dict[str, list[float]]:
@@ -138,7 +140,10 @@ def main() -> None:
     count = sum(1 for _ in (args.src / "train").rglob("*.jpg"))
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for fmt in ("wds", "lmdb"):
-            convert(ConvertOptions(src=str(args.src), dest=f"{tmp}/{fmt}", format=fmt, workers=max(args.workers, 1)), progress=False)
+            convert(
+                ConvertOptions(src=str(args.src), dest=f"{tmp}/{fmt}", format=fmt, workers=max(args.workers, 1)),
+                progress=False,
+            )
         epochs = {fmt: ours(f"{tmp}/{fmt}", args, aug) for fmt in ("wds", "lmdb")}
         if args.device == "cuda":
             epochs.update({f"{fmt}-gpu": ours(f"{tmp}/{fmt}", args, aug, decode="gpu") for fmt in ("wds", "lmdb")})
@@ -159,10 +164,18 @@ def main() -> None:
     for key, ratio in gpu_ratios.items():
         print(f"{key.removeprefix('ratio_').replace('_', ' ')}: {ratio:.2f}")
     result = {
-        "bench": "loader", "images": count, "workers": args.workers, "batch_size": args.batch_size, "size": args.size,
-        "rounds": args.rounds, **{f"{name}_images_per_s": round(float(np.median(r)), 1) for name, r in rates.items()},
-        "ratio_wds_vs_imagefolder": round(wds_ratio, 3), "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3), **gpu_ratios,
-        "device": args.device, **machine(),
+        "bench": "loader",
+        "images": count,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "rounds": args.rounds,
+        **{f"{name}_images_per_s": round(float(np.median(r)), 1) for name, r in rates.items()},
+        "ratio_wds_vs_imagefolder": round(wds_ratio, 3),
+        "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3),
+        **gpu_ratios,
+        "device": args.device,
+        **machine(),
     }
     record("loader", result)
 

@@ -313,7 +313,9 @@ def main() -> None:
                 lines, _ = launch(cfg, runs)
                 rate, wait = steady_rate(lines, args.warmup_steps)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))
-                print(f"{name}: {rate:.0f} images/s, {rate / ceil:.3f} of the ceiling, data wait {wait:.0%}", flush=True)
+                print(
+                    f"{name}: {rate:.0f} images/s, {rate / ceil:.3f} of the ceiling, data wait {wait:.0%}", flush=True
+                )
                 out[f"images_per_s_{key}_{fmt}_{decode}"] = round(rate, 1)
                 out[f"ratio_{key}_{fmt}_{decode}"] = round(rate / ceil, 3)
             # The headline ratio is the best input path's: the one a user should pick on this host.

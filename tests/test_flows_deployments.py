@@ -209,7 +209,9 @@ def test_train_refuses_a_missing_store_before_torchrun(deployed, client, tmp_pat
 
 
 def val_keys(store: Path) -> set[str]:
-    return {it.key for idx in (store / "_index").glob("val-*.json") for it in load_json(ShardIndex, idx.read_text()).items}
+    return {
+        it.key for idx in (store / "_index").glob("val-*.json") for it in load_json(ShardIndex, idx.read_text()).items
+    }
 
 
 @pytest.mark.slow

@@ -241,11 +241,15 @@ def test_truncated_lmdb_shard_is_a_bad_shard_not_a_crash(tmp_path):
 
 def test_bad_settings_are_one_line_errors(tmp_path, store):
     with pytest.raises(DataError, match="no manifest|no shard store"):
-        build_loader(cfg_for(str(tmp_path)), "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU)
+        build_loader(
+            cfg_for(str(tmp_path)), "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU
+        )
     with pytest.raises(DataError, match="no split 'test'"):
         build_loader(cfg_for(store), "test", train=False, task="classify", rank=0, world_size=1, seed=0, device=CPU)
     with pytest.raises(DataError, match="fewer than one batch per rank"):
-        build_loader(cfg_for(store, batch_size=64), "val", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU)
+        build_loader(
+            cfg_for(store, batch_size=64), "val", train=True, task="classify", rank=0, world_size=1, seed=0, device=CPU
+        )
     with pytest.raises(DataError, match="needs a store of layout yolo"):
         build_loader(cfg_for(store), "val", train=False, task="detect", rank=0, world_size=1, seed=0, device=CPU)
 
@@ -270,7 +274,9 @@ def test_gpu_decode_path_on_cpu_matches_the_cpu_path(store):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_decode_on_cuda(store):
     cfg = cfg_for(store, decode="gpu", augment=AugmentConfig())
-    ld = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=torch.device("cuda"))
+    ld = build_loader(
+        cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=torch.device("cuda")
+    )
     ld.set_epoch(0)
     for batch in ld:
         assert batch["image"].is_cuda and batch["image"].shape == (4, 3, 32, 32)

@@ -15,7 +15,10 @@ SHAPES = [([1], 1, 1), ([7], 2, 2), ([5, 5, 3], 2, 4), ([100, 1, 17, 64], 3, 8),
 @pytest.mark.parametrize("counts,world,batch", SHAPES)
 def test_eval_covers_every_sample_once_in_store_order(counts, world, batch):
     seq = plan.epoch_sequence(counts, train=False, seed=0, epoch=5, block=4)
-    per_rank = [plan.rank_batches(seq, plan.rank_span(len(seq), rank=r, world_size=world, batch_size=batch, train=False), batch) for r in range(world)]
+    per_rank = [
+        plan.rank_batches(seq, plan.rank_span(len(seq), rank=r, world_size=world, batch_size=batch, train=False), batch)
+        for r in range(world)
+    ]
     flat = np.concatenate([b for rank in per_rank for b in rank] or [np.zeros(0, dtype=np.int64)])
     assert flat.tolist() == list(range(sum(counts)))
     sizes = [len(rank) for rank in per_rank]
@@ -29,7 +32,10 @@ def test_train_gives_every_rank_the_same_full_batches(block, counts, world, batc
     for epoch in range(3):
         seq = plan.epoch_sequence(counts, train=True, seed=1, epoch=epoch, block=block)
         assert sorted(seq.tolist()) == list(range(n))
-        per_rank = [plan.rank_batches(seq, plan.rank_span(n, rank=r, world_size=world, batch_size=batch, train=True), batch) for r in range(world)]
+        per_rank = [
+            plan.rank_batches(seq, plan.rank_span(n, rank=r, world_size=world, batch_size=batch, train=True), batch)
+            for r in range(world)
+        ]
         assert len({len(rank) for rank in per_rank}) == 1
         assert all(len(b) == batch for rank in per_rank for b in rank)
         used = [int(i) for rank in per_rank for b in rank for i in b]
@@ -62,5 +68,10 @@ def test_sample_seeds_depend_on_position_only():
     a = plan.sample_seeds(0, 1, 0, 5, 4)
     assert a == plan.sample_seeds(0, 1, 0, 5, 4)
     assert len(set(a)) == 4
-    for other in (plan.sample_seeds(1, 1, 0, 5, 4), plan.sample_seeds(0, 2, 0, 5, 4), plan.sample_seeds(0, 1, 1, 5, 4), plan.sample_seeds(0, 1, 0, 6, 4)):
+    for other in (
+        plan.sample_seeds(1, 1, 0, 5, 4),
+        plan.sample_seeds(0, 2, 0, 5, 4),
+        plan.sample_seeds(0, 1, 1, 5, 4),
+        plan.sample_seeds(0, 1, 0, 6, 4),
+    ):
         assert other != a

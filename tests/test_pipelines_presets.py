@@ -81,7 +81,9 @@ def test_presets_keep_shapes_and_uint8():
     assert len(views) == 8
     shapes = [v(image=img)["image"].shape for v in views]
     assert shapes == [(48, 48, 3)] * 2 + [(96, 96, 3)] * 6
-    det = presets.detect_train(64, aug)(image=img, bboxes=np.array([[10, 10, 60, 50]], np.float32), labels=[3], areas=[2000.0], mosaic_metadata=[])
+    det = presets.detect_train(64, aug)(
+        image=img, bboxes=np.array([[10, 10, 60, 50]], np.float32), labels=[3], areas=[2000.0], mosaic_metadata=[]
+    )
     assert det["image"].shape == (64, 64, 3) and det["image"].dtype == np.uint8
 
 
@@ -104,7 +106,12 @@ def test_detection_preset_keeps_each_box_on_its_object(mosaic):
     aug = AugmentConfig(mosaic=mosaic, hsv=(0.0, 0.0, 0.0))  # colours intact so the objects can be found
     compose = presets.detect_train(96, aug)
     red_box, blue_box = (30, 20, 70, 60), (10, 40, 60, 80)
-    partner = {"image": scene(BLUE, blue_box), "bboxes": np.array([blue_box], np.float32), "labels": [1], "areas": [2000.0]}
+    partner = {
+        "image": scene(BLUE, blue_box),
+        "bboxes": np.array([blue_box], np.float32),
+        "labels": [1],
+        "areas": [2000.0],
+    }
     kept = 0
     for seed in range(12):
         compose.set_random_seed(seed)
@@ -147,7 +154,10 @@ def test_detect_loader_batches(yolo_store):
 
 def test_dino_loader_on_an_unlabeled_store(tmp_path):
     samples.make_unlabeled(tmp_path / "src", count=10, size=48)
-    convert(ConvertOptions(src=str(tmp_path / "src"), dest=str(tmp_path / "store"), format="lmdb", workers=1), progress=False)
+    convert(
+        ConvertOptions(src=str(tmp_path / "src"), dest=str(tmp_path / "store"), format="lmdb", workers=1),
+        progress=False,
+    )
     aug = AugmentConfig(global_crops=2, local_crops=2, local_size=16)
     cfg = DataConfig(path=str(tmp_path / "store"), image_size=32, batch_size=4, workers=1, augment=aug)
     ld = build_loader(cfg, "train", train=True, task="dino", rank=0, world_size=1, seed=0, device=CPU)

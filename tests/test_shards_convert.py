@@ -82,7 +82,9 @@ def test_symlinked_class_folder_is_followed(imagefolder_src, tmp_path):
     for cls in ("chelsea", "rocket"):
         (src / cls).symlink_to(imagefolder_src / "train" / cls, target_is_directory=True)
     summary = run(src, tmp_path / "s", val_fraction=0)
-    assert summary.layout == "imagefolder" and summary.added == 2 * len(image_files(imagefolder_src / "train" / "rocket"))
+    assert summary.layout == "imagefolder" and summary.added == 2 * len(
+        image_files(imagefolder_src / "train" / "rocket")
+    )
 
 
 def test_imagefolder_without_splits_and_forced_layout(imagefolder_src, tmp_path):

@@ -85,7 +85,9 @@ def test_cli_prints_error_line_and_exits_2(tmp_path):
     proc = subprocess.run([str(shardtrain), "train", str(write(tmp_path)), "train.epochs=0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: bad value for train.epochs: Input should be greater than or equal to 1 (got 0)"
+    assert (
+        proc.stderr.strip() == "error: bad value for train.epochs: Input should be greater than or equal to 1 (got 0)"
+    )
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
