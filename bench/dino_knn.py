@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from timm.utils import random_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,7 +33,6 @@ from training import run  # noqa: E402
 from training.config import RunConfig, apply_override, validate  # noqa: E402
 from training.dist import World  # noqa: E402
 from training.tasks.dino import DinoTask  # noqa: E402
-from training.train import seed_everything  # noqa: E402
 
 
 def grayscale(folder: Path) -> None:
@@ -82,7 +82,7 @@ def run_config(work: Path, stores: tuple[str, str], size: int, epochs: int, batc
 def random_init_top1(cfg: RunConfig) -> float:
     """The k-NN top-1 of the model the run starts from (the loop seeds the same way before building it)."""
     world = World(0, 0, 1, torch.device("cpu"))
-    seed_everything(cfg.seed)
+    random_seed(cfg.seed)  # as the loop seeds rank 0 (training/train.py)
     task = DinoTask(cfg, [], world, Path(cfg.runs_dir) / "pretrained")
     model = task.build_model()
     queries = task.val_loader(task="dino", rank=0, world_size=1, seed=cfg.seed, device=world.device)

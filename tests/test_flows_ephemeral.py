@@ -33,7 +33,8 @@ with concurrency(NIGHTLY_LIMIT, occupy=1, strict=True):
 NIGHTLY = """
 import sys
 from flows.nightly import nightly_retrain
-print(nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="configs/demo.yaml", storage=sys.argv[3]).model_dump())
+result = nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="configs/demo.yaml", storage=sys.argv[3])
+print(result.model_dump())
 """
 
 
