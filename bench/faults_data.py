@@ -268,7 +268,8 @@ def conversion_kills(work: Path, kills: int, rng: random.Random) -> dict:
         shutil.copytree(bases[fmt], append_base)
         append_windows[fmt] = timed_convert(full, append_base, fmt, append=True)
     print(f"baseline conversion {', '.join(f'{f} {windows[f]:.1f}s' for f in FORMATS)}; append "
-          f"{', '.join(f'{f} {append_windows[f]:.1f}s' for f in FORMATS)} (kill window: from the layout line to manifest.json)",
+          f"{', '.join(f'{f} {append_windows[f]:.1f}s' for f in FORMATS)} "
+          "(kill window: from the layout line to manifest.json)",
           flush=True)
 
     ok = {False: 0, True: 0}
@@ -510,7 +511,8 @@ def outcome(rel: str, expect: Expect, stored: dict[str, list[Stored]], rejects: 
             return "wrong", f"stored mode {img.mode}"
         pixels = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=float)
     if pixels.shape != expect.pixels.shape:
-        return "wrong", f"stored {pixels.shape[1]}x{pixels.shape[0]}, expected {expect.pixels.shape[1]}x{expect.pixels.shape[0]}"
+        want = expect.pixels.shape
+        return "wrong", f"stored {pixels.shape[1]}x{pixels.shape[0]}, expected {want[1]}x{want[0]}"
     diff = float(np.abs(pixels - expect.pixels).mean())
     if diff > expect.tol:
         return "wrong", f"pixels differ by {diff:.1f} (> {expect.tol})"

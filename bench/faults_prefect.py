@@ -45,7 +45,7 @@ from shards import samples
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from servers import MotoServer, PrefectServer, start_group, stop_group
+from servers import MotoServer, PrefectServer, start_group, stop_group  # noqa: E402
 
 PREFECT = Path(sys.executable).with_name("prefect")
 POOL = "shardtrain"
@@ -250,7 +250,8 @@ def run(work: Path, kills: int, seed: int) -> dict:
             done = wait_final(client, night1, RUN_TIMEOUT_S)
             if done is None or not done.state.is_completed():
                 raise RuntimeError(f"night 1 did not complete:\n{flow_logs(client, night1)}")
-            spans = {name: (start.timestamp() - done.start_time.timestamp(), end.timestamp() - done.start_time.timestamp())
+            t0 = done.start_time.timestamp()
+            spans = {name: (start.timestamp() - t0, end.timestamp() - t0)
                      for name, (start, end) in phases(client, night1).items()}
             print(f"night 1 clean in {done.total_run_time.total_seconds():.0f}s: append "
                   f"{spans['append'][0]:.1f}-{spans['append'][1]:.1f}s, train {spans['train'][0]:.1f}-"
@@ -299,7 +300,8 @@ def run(work: Path, kills: int, seed: int) -> dict:
                     figures["prefect_zombie_runs"] += 1
                     out = prefect_cli(env, "flow-run", "cancel", str(killed))
                     gone = wait_final(client, killed, CANCEL_TIMEOUT_S)
-                    cancelled = gone.state.name if gone is not None else f"still {client.read_flow_run(killed).state.name}"
+                    cancelled = gone.state.name if gone is not None \
+                        else f"still {client.read_flow_run(killed).state.name}"
                     if out.returncode != 0:
                         cancelled += f" (cancel exited {out.returncode})"
                     figures["prefect_zombies_cancelled"] += gone is not None and gone.state.is_cancelled()

@@ -29,10 +29,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import MotoServer
-from shards import ConvertOptions, convert
-from shards.samples import make_imagefolder
-from training import EXIT_PREEMPTED
+from servers import MotoServer  # noqa: E402
+from shards import ConvertOptions, convert  # noqa: E402
+from shards.samples import make_imagefolder  # noqa: E402
+from training import EXIT_PREEMPTED  # noqa: E402
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 NPROC = 2
@@ -425,7 +425,7 @@ def storage_outages(work: Path, store: str, moto: MotoServer, runs: int, rng: ra
             # storage, and says so with exit 2), and not once the last checkpoint is written (a restarted
             # moto forgets what was uploaded before, which real storage would not).
             for step in sorted(rng.sample(range(1, STEPS - 1), rng.randint(2, 3))):
-                wait_until(lambda: step in step_lines(run.text()), run, poll=0.005)
+                wait_until(lambda: step in step_lines(run.text()), run, poll=0.005)  # noqa: B023 - used within this iteration
                 if not run.running() or f"checkpoint step {STEPS}:" in run.text():
                     break
                 cuts.append(rng.uniform(0.3, 3.0))
@@ -470,7 +470,7 @@ def partial_checkpoints(work: Path, store: str, moto: MotoServer, baseline: dict
             if how == "mid-upload":
                 aim(run, "upload", rng, 0)
             else:
-                wait_until(lambda: step_lines(run.text()), run, poll=0.01)
+                wait_until(lambda: step_lines(run.text()), run, poll=0.01)  # noqa: B023 - used within this iteration
                 moto.stop()
                 time.sleep(rng.uniform(0.2, 2.0))
             if run.running():
