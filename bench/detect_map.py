@@ -4,15 +4,17 @@ Data, made by `shards.samples.make_coins` from the bundled coins photo (see shar
 class, "coin"; every image is a window of the photo whose edges cut no coin, with each coin's box from a
 segmentation of the photo. Train windows come from the top three rows of coins (18 coins), held-out ones from
 the fourth row (6 coins no train image shows), so mAP is on objects never seen in training:
-- `train`: windows of 3 to 18 coins (coins about 1/20 to 1/4 of the image side once letterboxed);
-- `val`: held-out windows of 2 to 6 coins (the same range of sizes);
-- `val_zoom`: held-out windows of 1 or 2 coins (zoomed in: coins about 1/3 to 2/3 of the side), a scale
-  the train set never shows; the scale jitter should help there.
+- `train`: windows of 3 to 18 coins (a coin's side, once letterboxed, 0.12 to 0.31 of the image side);
+- `val`: held-out windows of 2 to 6 coins (0.13 to 0.44, median 0.29);
+- `val_far`, `val_near`: the same held-out windows photographed from farther or nearer (`make_coins`' zoom):
+  coins 0.3 to 0.5 times (0.04 to 0.2 of the side) and 1.5 to 2 times (0.22 to 0.76, median 0.37) the size
+  of those of `val`, scales the train set barely or never shows but the scale jitter (0.5 to 1.5) reaches.
 
 Every variant trains the same model (FCOS, torchvision, on a timm body with an FPN, from random init: no
 pretrained weights) with `configs/detector.yaml`'s optimizer (SGD 0.01, momentum 0.9) and schedule for the
-same steps, and differs only in `data.augment`: the shipped augmentation, none, and each augmentation alone.
-Variants run side by side, one process each (--parallel):
+same steps, and differs only in `data.augment`: the shipped augmentation, none, each augmentation alone, and
+the shipped one less one of its parts. Variants run side by side, one process each (--parallel), all on the
+one GPU where there is one; each variant's line is appended to --partial as it finishes:
 
     python bench/detect_map.py                                          # the GPU run of bench/RESULTS.md
     python bench/detect_map.py --size 128 --steps 120 --train 64 --batch 8 --workers 0 --model test_resnet \
@@ -53,16 +55,21 @@ VARIANTS = {
     "none": OFF,
     **{f"{k}_only": {**OFF, k: AUG[k]} for k in ("mosaic", "scale_jitter", "translate", "hflip", "hsv")},
     "shipped_vis10": {"min_visibility": 0.1},  # ultralytics' area threshold instead of ours
+    "shipped_no_close": {"close_mosaic": 0},  # mosaic to the last epoch
 }
-SPLITS = {"train": ((3, 18), 160), "val": ((2, 6), 32), "val_zoom": ((1, 2), 32)}
+# split: (coins per image, images, zoom or None)
+SPLITS = {"train": ((3, 18), 160, None), "val": ((2, 6), 32, None), "val_far": ((2, 6), 32, (0.3, 0.5)),
+          "val_near": ((2, 6), 32, (1.5, 2.0))}
+HELD_OUT = [s for s in SPLITS if s != "train"]
 
 
 def make_store(work: Path, train: int) -> str:
     dest = work / f"store_{train}"
     if not (dest / "manifest.json").exists():
-        per_split = {s: train if s == "train" else n for s, (_, n) in SPLITS.items()}
-        raw = samples.make_coins(work / f"raw_{train}", per_split=per_split,
-                                 coins={s: c for s, (c, _) in SPLITS.items()}, seed=5)
+        per_split = {s: train if s == "train" else n for s, (_, n, _) in SPLITS.items()}
+        raw = samples.make_coins(work / f"raw_{train}", per_split=per_split, seed=5,
+                                 coins={s: c for s, (c, _, _) in SPLITS.items()},
+                                 zoom={s: z for s, (_, _, z) in SPLITS.items() if z})
         convert(ConvertOptions(src=str(raw), dest=str(dest), format="wds"), progress=False)
     return str(dest)
 
@@ -74,7 +81,7 @@ def write_config(work: Path, store: str, variant: str, args: argparse.Namespace)
     cfg.update(name=variant, runs_dir=str(work / "runs"), resume="never")
     cfg["data"].update(path=store, image_size=args.size, batch_size=args.batch, workers=args.workers,
                        augment={**cfg["data"]["augment"], **VARIANTS[variant]})
-    cfg["model"].update(name=args.model)
+    cfg["model"].update(name=args.model, pretrained=None)  # from scratch
     cfg["detect"].update(fpn_channels=args.fpn_channels, head_convs=args.head_convs)
     cfg["train"].update(epochs=-(-args.steps // steps_per_epoch), max_steps=args.steps, log_every=50)
     cfg["eval"].update(every_epochs=10_000)  # once, at the end
@@ -90,7 +97,7 @@ def held_out_maps(cfg: RunConfig, device: torch.device) -> dict[str, float]:
     world = World(0, 0, 1, device)
     ckpt = torch.load(Path(cfg.runs_dir) / cfg.name / "checkpoints" / "last.pt", weights_only=True, map_location=device)
     out = {}
-    for split in ("val", "val_zoom"):
+    for split in HELD_OUT:
         loader = build_loader(cfg.data, split, train=False, task="detect", rank=0, world_size=1, seed=cfg.seed,
                               device=device)
         task = DetectTask(cfg, loader.classes, world, Path(cfg.runs_dir) / "pretrained")
@@ -127,6 +134,7 @@ def main() -> None:
     p.add_argument("--head-convs", type=int, default=SHIPPED["detect"]["head_convs"])
     p.add_argument("--parallel", type=int, default=len(VARIANTS), help="variants trained at the same time")
     p.add_argument("--work", type=Path, default=Path("/tmp/detect-bench"))
+    p.add_argument("--partial", type=Path, help="append each variant's JSON line here as it finishes")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -156,15 +164,18 @@ def main() -> None:
             results[name] = json.loads(lines[-1][7:]) if proc.returncode == 0 and lines else \
                 {"variant": name, "error": text[-1500:]}
             print(json.dumps(results[name]), flush=True)
+            if args.partial:
+                with open(args.partial, "a") as f:
+                    f.write(json.dumps(results[name]) + "\n")
             del running[name]
-    print(f"{'variant':14s} {'train loss':>10s} {'val mAP':>8s} {'val mAP50':>9s} {'zoom mAP':>8s} {'zoom mAP50':>10s}")
+    print(f"{'variant':18s} {'train loss':>10s}" + "".join(f" {s + ' mAP':>13s} {s + ' mAP50':>15s}" for s in HELD_OUT))
     for name in names:
         r = results[name]
         if "error" in r:
-            print(f"{name:14s} failed")
+            print(f"{name:18s} failed")
             continue
-        print(f"{name:14s} {r['train_loss']:10.3f} {r['val_map']:8.3f} {r['val_map50']:9.3f} "
-              f"{r['val_zoom_map']:8.3f} {r['val_zoom_map50']:10.3f}")
+        print(f"{name:18s} {r['train_loss']:10.3f}" +
+              "".join(f" {r[s + '_map']:13.3f} {r[s + '_map50']:15.3f}" for s in HELD_OUT))
     record("detect_map", {
         "bench": "detect_map", "variants": results, "wall_s": round(time.perf_counter() - start, 1),
         "settings": {"steps": args.steps, "size": args.size, "batch": args.batch, "train": args.train,
@@ -172,7 +183,7 @@ def main() -> None:
                               "random init",
                      "optim": SHIPPED["optim"], "shipped_augment": AUG,
                      "data": "shards.samples.make_coins: windows of the coins photo, boxes by segmentation; "
-                             f"splits (coins per image, images): {SPLITS}"},
+                             f"splits (coins per image, images, zoom): {SPLITS}"},
         "machine": machine(),
     })
 

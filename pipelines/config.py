@@ -51,14 +51,17 @@ class AugmentConfig(pydantic.BaseModel, extra="forbid"):
     mosaic: float = pydantic.Field(
         default=0.5, description="detect train: probability of a mosaic of 4 images from the same batch, each cell "
         "at the letterbox scale.")
+    close_mosaic: int = pydantic.Field(
+        default=0, ge=0, description="detect train: no mosaic in the run's last this many epochs, so that the model "
+        "ends on whole images as it is evaluated (YOLO's close_mosaic).")
     translate: float = pydantic.Field(
         default=0.1, description="detect train: affine translation, as a fraction of the image side.")
     scale_jitter: float = pydantic.Field(
         default=0.5, description="detect train: affine scale drawn from [1 - this, 1 + this], one factor for both "
         "axes.")
     hsv: tuple[float, float, float] = pydantic.Field(
-        default=(0.015, 0.7, 0.4), description="detect train: hue, saturation and value shift limits, as fractions "
-        "of their range.")
+        default=(0.015, 0.7, 0.4), description="detect train: YOLO's HSV gains: hue shifted by up to this "
+        "fraction of the circle, saturation and value multiplied by a factor in [1 - s, 1 + s] and [1 - v, 1 + v].")
     min_box_px: float = pydantic.Field(
         default=2.0, description="detect train: boxes narrower or lower than this (pixels) are dropped with their "
         "labels.")

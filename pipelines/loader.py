@@ -65,6 +65,10 @@ class StoreBatches(Dataset):
     def __init__(self, reader: ShardReader, batch_fn: BatchFn, spec: BatchSpec, *, seed: int, rank: int, on_error: str):
         self.reader, self.batch_fn, self.spec = reader, batch_fn, spec
         self.seed, self.rank, self.on_error = seed, rank, on_error
+        self.closing: tuple[int, BatchSpec] | None = None  # (first epoch, spec): the spec of the last epochs
+
+    def spec_at(self, epoch: int) -> BatchSpec:
+        return self.closing[1] if self.closing and epoch >= self.closing[0] else self.spec
 
     def __getitem__(self, ref: BatchRef) -> tuple[dict | None, int, str | None]:
         epoch, batch, indices = ref
@@ -76,7 +80,7 @@ class StoreBatches(Dataset):
             return None, 0, str(e)
         bad = [r for r in raws if isinstance(r, BadSample)]
         good = [(r, s) for r, s in zip(raws, seeds) if not isinstance(r, BadSample)]
-        out, more_bad = self.batch_fn([r for r, _ in good], [s for _, s in good], self.spec)
+        out, more_bad = self.batch_fn([r for r, _ in good], [s for _, s in good], self.spec_at(epoch))
         bad += more_bad
         if bad and self.on_error == "fail":
             return None, len(bad), describe(bad[0])
@@ -172,6 +176,15 @@ class Loader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self._epoch, self._batch = epoch, start_batch
         self.sampler.epoch, self.sampler.start = epoch, start_batch
+
+    def plan_epochs(self, epochs: int) -> None:
+        """The epochs training runs: the last `augment.close_mosaic` of them get no mosaic, so that the model ends
+        on images like those it is evaluated on (YOLO's close_mosaic). Call it before the first iteration: the
+        workers take their copy of the dataset then."""
+        aug, dataset = self.cfg.augment, self.dataloader.dataset
+        if aug.close_mosaic and dataset.spec.train:
+            closed = self.task.spec(True, self.cfg.image_size, aug.model_copy(update={"mosaic": 0.0}))
+            dataset.closing = (max(epochs - aug.close_mosaic, 0), closed)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch": self._batch}

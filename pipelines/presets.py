@@ -102,7 +102,10 @@ def detect_train(size: int, aug: AugmentConfig) -> A.Compose:
                 p=1.0,
             ),
             A.HorizontalFlip(p=aug.hflip),
-            A.HueSaturationValue(hue_shift_limit=h * 180, sat_shift_limit=s * 255, val_shift_limit=v * 255, p=1.0),
+            # YOLO's HSV gains: saturation and value multiplied by a factor in [1 - s, 1 + s] and [1 - v, 1 + v],
+            # hue shifted by up to h of the circle. (HueSaturationValue shifts by amounts added to the uint8
+            # channels: s=0.7 was a shift of up to 178 of 255, far harsher than YOLO's gain of 0.3 to 1.7.)
+            A.ColorJitter(brightness=v, contrast=0.0, saturation=s, hue=h, p=1.0),
         ],
         bbox_params=_bbox_params(aug, ("labels", "areas")),
         save_applied_params=True,

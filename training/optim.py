@@ -47,6 +47,15 @@ class StepPlan:
         total = sum(self.steps_in(e) for e in range(self.epochs))
         return min(total, self.max_steps) if self.max_steps else total
 
+    @property
+    def epochs_run(self) -> int:
+        """The epochs the run covers: train.epochs, or fewer where max_steps ends it sooner."""
+        epoch, steps = 0, 0
+        while epoch < self.epochs and steps < self.total_steps:
+            steps += self.steps_in(epoch)
+            epoch += 1
+        return epoch
+
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, plan: StepPlan) -> CosineLRScheduler:
     """Warmup then cosine to min_lr, stepped per optimizer step (a pure function of the step)."""

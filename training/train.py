@@ -97,6 +97,7 @@ class Trainer:
 
         self.plan = StepPlan(len(self.train_loader), cfg.train.accum_steps, cfg.train.batch_ramp, cfg.train.epochs,
                              cfg.train.max_steps)
+        self.train_loader.plan_epochs(self.plan.epochs_run)
         self.global_batch = cfg.data.batch_size * world.size * cfg.train.accum_steps
         self.optimizer = build_optimizer(cfg.optim, self.model, scaled_lr(cfg.optim, self.global_batch))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.plan)

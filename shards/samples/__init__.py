@@ -184,12 +184,45 @@ def _coin_window(rng: random.Random, boxes: np.ndarray, region: tuple[int, int, 
             return (left, top, right, bottom), held
 
 
+def coin_scale(window: tuple[int, int, int, int], held: np.ndarray) -> float:
+    """The coins' mean side over the window's longest side: their size once the image is letterboxed to 1."""
+    left, top, right, bottom = window
+    return float(np.maximum(held[:, 2] - held[:, 0], held[:, 3] - held[:, 1]).mean()) / max(right - left, bottom - top)
+
+
+def _zoomed_window(rng: random.Random, boxes: np.ndarray, region: tuple[int, int, int, int],
+                   coins: tuple[int, int], zoom: float) -> tuple[tuple[int, int, int, int], np.ndarray, float]:
+    """A window whose coins, once letterboxed, are `zoom` times the size of those of a window of coins[0] to
+    coins[1] coins (drawn as a reference); and its coins, and the margin (>= 1) to frame it with to get there.
+    Zooming in needs a window of fewer coins (1 to coins[1]), zooming out the margin."""
+    while True:
+        target = zoom * coin_scale(*_coin_window(rng, boxes, region, coins))
+        window, held = _coin_window(rng, boxes, region, coins if zoom <= 1 else (1, coins[1]))
+        if coin_scale(window, held) >= target:
+            return window, held, coin_scale(window, held) / target
+
+
+def _frame(rng: random.Random, window: Image.Image, margin: float) -> tuple[Image.Image, tuple[int, int]]:
+    """The window placed at random in a frame `margin` times its size, of its own edges' median grey; and where.
+    A margin of 1 draws nothing from `rng` (the unzoomed splits are the sets they were before zoom existed)."""
+    if margin == 1.0:
+        return window, (0, 0)
+    w, h = round(window.width * margin), round(window.height * margin)
+    x, y = rng.randint(0, w - window.width), rng.randint(0, h - window.height)
+    pixels = np.asarray(window)
+    grey = int(np.median(np.concatenate([pixels[[0, -1]].ravel(), pixels[:, [0, -1]].ravel()])))
+    framed = Image.new(window.mode, (w, h), (grey,) * len(window.getbands()))
+    framed.paste(window, (x, y))
+    return framed, (x, y)
+
+
 def make_coins(
     dest: str | Path,
     per_split: dict[str, int] | None = None,
     scale: dict[str, tuple[float, float]] | None = None,
     coins: dict[str, tuple[int, int]] | None = None,
     seed: int = 0,
+    zoom: dict[str, tuple[float, float]] | None = None,
 ) -> Path:
     """Write a one-class ("coin") YOLO set of windows of the coins photo: `images/<split>/*.jpg`,
     `labels/<split>/*.txt`, `data.yaml`.
@@ -199,10 +232,14 @@ def make_coins(
     random factor in scale[split] (default (1, 2): coins of about 40 to 130 px). The "train" split is cut from
     the top three rows of coins (18 coins), every other split from the held-out fourth row (6 coins). Fewer
     coins in a window means larger coins once the image is letterboxed to a training size.
+
+    A split in `zoom` shows its coins at another scale: each image's coins, once letterboxed, are a factor
+    drawn from zoom[split] times the size of those of a window of coins[split] coins (`coin_scale`), as if
+    photographed from nearer or farther. Zooming out frames the window in a margin of its own background grey.
     """
     dest = Path(dest)
     per_split = per_split or {"train": 64, "val": 16}
-    scale, coins = scale or {}, coins or {}
+    scale, coins, zoom = scale or {}, coins or {}, zoom or {}
     rng = random.Random(seed)
     photo = _open("coins")
     boxes = coin_boxes()
@@ -213,13 +250,18 @@ def make_coins(
             (0, COINS_HELD_OUT_Y, photo.width, photo.height)
         lo, hi = scale.get(split, (1.0, 2.0))
         for i in range(count):
-            (left, top, right, bottom), held = _coin_window(rng, boxes, region, coins.get(split, (2, 24)))
-            w, h = right - left, bottom - top
+            split_coins = coins.get(split, (2, 24))
+            if split in zoom:
+                (left, top, right, bottom), held, margin = _zoomed_window(rng, boxes, region, split_coins,
+                                                                          rng.uniform(*zoom[split]))
+            else:
+                ((left, top, right, bottom), held), margin = _coin_window(rng, boxes, region, split_coins), 1.0
+            image, (x, y) = _frame(rng, photo.crop((left, top, right, bottom)), margin)
+            w, h = image.size
             f = rng.uniform(lo, hi)
-            crop = photo.crop((left, top, right, bottom))
-            crop.resize((round(w * f), round(h * f)), Image.Resampling.BILINEAR).save(
+            image.resize((round(w * f), round(h * f)), Image.Resampling.BILINEAR).save(
                 dest / "images" / split / f"coins_{i:04d}.jpg", quality=90)
-            cx, cy = ((held[:, 0] + held[:, 2]) / 2 - left) / w, ((held[:, 1] + held[:, 3]) / 2 - top) / h
+            cx, cy = ((held[:, 0] + held[:, 2]) / 2 - left + x) / w, ((held[:, 1] + held[:, 3]) / 2 - top + y) / h
             bw, bh = (held[:, 2] - held[:, 0]) / w, (held[:, 3] - held[:, 1]) / h
             (dest / "labels" / split / f"coins_{i:04d}.txt").write_text(
                 "".join(f"0 {a:.6f} {b:.6f} {c:.6f} {d:.6f}\n" for a, b, c, d in zip(cx, cy, bw, bh)))
