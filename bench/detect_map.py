@@ -84,7 +84,7 @@ def write_config(work: Path, store: str, variant: str, args: argparse.Namespace)
     cfg["model"].update(name=args.model, pretrained=None)  # from scratch
     cfg["detect"].update(fpn_channels=args.fpn_channels, head_convs=args.head_convs)
     cfg["train"].update(epochs=-(-args.steps // steps_per_epoch), max_steps=args.steps, log_every=50)
-    cfg["eval"].update(every_epochs=10_000)  # once, at the end
+    cfg["eval"].update(every_epochs=args.eval_every)  # val mAP in the run's results.csv; and after the last epoch
     cfg["checkpoint"].update(every_steps=100_000, keep=1)
     path = work / "configs" / f"{variant}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +135,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=len(VARIANTS), help="variants trained at the same time")
     p.add_argument("--work", type=Path, default=Path("/tmp/detect-bench"))
     p.add_argument("--partial", type=Path, help="append each variant's JSON line here as it finishes")
+    p.add_argument("--eval-every", type=int, default=10_000, help="epochs between the runs' own val evaluations")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:

@@ -81,6 +81,43 @@ def test_scale_jitter_keeps_the_objects_shape(one_coin):
     np.testing.assert_allclose(ratios, 1.0, atol=0.06)  # one scale for both axes: a coin stays round
 
 
+def test_close_mosaic_turns_mosaic_off_for_the_last_epochs(tmp_path):
+    """Mosaic on one-coin windows shows several coins an image; closed, each image is its own window: one coin."""
+    src = make_coins(tmp_path / "src", per_split={"train": 8}, coins={"train": (1, 1)}, seed=3)
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "store"), format="wds"), progress=False)
+    cfg = validate({"name": "t", "task": "detect", "model": {"name": "test_resnet"},
+                    "data": {"path": str(tmp_path / "store"), "image_size": SIZE, "batch_size": 4, "workers": 1,
+                             "pin_memory": False, "augment": {"mosaic": 1.0, "close_mosaic": 2, **STILL}}})
+    loader = build_loader(cfg.data, "train", train=True, task="detect", rank=0, world_size=1, seed=0,
+                          device=torch.device("cpu"))
+    plan = StepPlan(len(loader), 1, 0, 10, 2 * 3 + 1)  # max_steps ends the run in its 4th epoch of 2 steps
+    assert plan.epochs_run == 4
+    loader.plan_epochs(plan.epochs_run)
+    coins = []
+    for epoch in range(plan.epochs_run):
+        loader.set_epoch(epoch)
+        coins.append([len(boxes) for batch in loader for boxes in batch["boxes"]])
+    assert all(n == [1] * 8 for n in coins[2:]), coins
+    assert all(max(n) > 1 for n in coins[:2]), coins
+
+
+def test_zoomed_splits_show_the_held_out_coins_farther_and_nearer(tmp_path):
+    """make_coins' zoom: each image's coins, once letterboxed, at the asked factor of a plain window's."""
+    splits = {"val": None, "far": (0.3, 0.5), "near": (1.5, 2.0)}
+    src = make_coins(tmp_path, per_split={s: 24 for s in splits}, coins={s: (2, 6) for s in splits}, seed=2,
+                     zoom={s: z for s, z in splits.items() if z})
+    sizes = {}
+    for split in splits:
+        sizes[split] = []
+        for label in sorted((src / "labels" / split).glob("*.txt")):
+            w, h = Image.open(src / "images" / split / f"{label.stem}.jpg").size
+            boxes = np.loadtxt(label, ndmin=2)[:, 1:] * [w, h, w, h]
+            sizes[split].append(np.maximum(boxes[:, 2], boxes[:, 3]).mean() / max(w, h))
+    val = np.median(sizes["val"])
+    assert 0.25 * val < np.median(sizes["far"]) < 0.6 * val, sizes
+    assert 1.3 * val < np.median(sizes["near"]) < 2.3 * val, sizes
+
+
 @pytest.fixture(scope="module")
 def coins_store(tmp_path_factory) -> str:
     """24 train windows of 3 to 8 real coins each."""
