@@ -56,6 +56,7 @@ VARIANTS = {
     **{f"{k}_only": {**OFF, k: AUG[k]} for k in ("mosaic", "scale_jitter", "translate", "hflip", "hsv")},
     "shipped_vis10": {"min_visibility": 0.1},  # ultralytics' area threshold instead of ours
     "shipped_no_close": {"close_mosaic": 0},  # mosaic to the last epoch
+    "shipped_no_mosaic": {"mosaic": 0.0},
 }
 # split: (coins per image, images, zoom or None)
 SPLITS = {"train": ((3, 18), 160, None), "val": ((2, 6), 32, None), "val_far": ((2, 6), 32, (0.3, 0.5)),
