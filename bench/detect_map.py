@@ -4,11 +4,13 @@ Data, made by `shards.samples.make_coins` from the bundled coins photo (see shar
 class, "coin"; every image is a window of the photo whose edges cut no coin, with each coin's box from a
 segmentation of the photo. Train windows come from the top three rows of coins (18 coins), held-out ones from
 the fourth row (6 coins no train image shows), so mAP is on objects never seen in training:
-- `train`: windows of 3 to 18 coins (a coin's side, once letterboxed, 0.12 to 0.31 of the image side);
-- `val`: held-out windows of 2 to 6 coins (0.13 to 0.44, median 0.29);
-- `val_far`, `val_near`: the same held-out windows photographed from farther or nearer (`make_coins`' zoom):
-  coins 0.3 to 0.5 times (0.04 to 0.2 of the side) and 1.5 to 2 times (0.22 to 0.76, median 0.37) the size
-  of those of `val`, scales the train set barely or never shows but the scale jitter (0.5 to 1.5) reaches.
+- `train`: windows of 3 to 18 coins (a coin's mean side per image, once letterboxed, 0.12 to 0.37 of the
+  image side, median 0.19: 70 px at 384);
+- `val`: held-out windows of 2 to 6 coins (0.13 to 0.44, median 0.28);
+- `val_far`, `val_near`: held-out windows of 2 to 6 coins photographed from farther or nearer (`make_coins`'
+  zoom): coins 0.3 to 0.5 times (0.06 to 0.20, median 0.12) and 1.5 to 2 times (0.22 to 0.66, median 0.37)
+  the size of a plain window's, scales the train set shows rarely or never but the scale jitter (0.5 to 1.5
+  times) reaches.
 
 Every variant trains the same model (FCOS, torchvision, on a timm body with an FPN, from random init: no
 pretrained weights) with `configs/detector.yaml`'s optimizer (SGD 0.01, momentum 0.9) and schedule for the
@@ -16,9 +18,11 @@ same steps, and differs only in `data.augment`: the shipped augmentation, none, 
 the shipped one less one of its parts. Variants run side by side, one process each (--parallel), all on the
 one GPU where there is one; each variant's line is appended to --partial as it finishes:
 
-    python bench/detect_map.py                                          # the GPU run of bench/RESULTS.md
+    python bench/detect_map.py --eval-every 10 \
+        --variants shipped,none,mosaic_only,scale_jitter_only,translate_only,hflip_only,hsv_only,shipped_no_close,shipped_no_mosaic
+                                                                        # the H200 run of bench/RESULTS.md
     python bench/detect_map.py --size 128 --steps 120 --train 64 --batch 8 --workers 0 --model test_resnet \
-        --fpn-channels 64 --head-convs 2 --parallel 2                   # the CPU run of bench/RESULTS.md
+        --fpn-channels 64 --head-convs 2 --parallel 2 --variants shipped,none,hsv_only,shipped_no_close  # the CPU run
 
 The last line is one JSON object, also appended to bench/results/detect_map.jsonl.
 """
@@ -125,7 +129,7 @@ def one(config: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--size", type=int, default=384, help="training image size (letterboxed)")
     p.add_argument("--train", type=int, default=160, help="train images")
     p.add_argument("--batch", type=int, default=16)
