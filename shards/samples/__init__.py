@@ -195,11 +195,12 @@ def _zoomed_window(rng: random.Random, boxes: np.ndarray, region: tuple[int, int
     """A window whose coins, once letterboxed, are `zoom` times the size of those of a window of coins[0] to
     coins[1] coins (drawn as a reference); and its coins, and the margin (>= 1) to frame it with to get there.
     Zooming in needs a window of fewer coins (1 to coins[1]), zooming out the margin."""
-    while True:
+    for _ in range(10_000):
         target = zoom * coin_scale(*_coin_window(rng, boxes, region, coins))
         window, held = _coin_window(rng, boxes, region, coins if zoom <= 1 else (1, coins[1]))
         if coin_scale(window, held) >= target:
             return window, held, coin_scale(window, held) / target
+    raise ValueError(f"zoom {zoom:.2f}: no window of the coins photo shows its coins that large")
 
 
 def _frame(rng: random.Random, window: Image.Image, margin: float) -> tuple[Image.Image, tuple[int, int]]:
