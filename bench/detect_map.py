@@ -18,9 +18,8 @@ same steps, and differs only in `data.augment`: the shipped augmentation, none, 
 the shipped one less one of its parts. Variants run side by side, one process each (--parallel), all on the
 one GPU where there is one; each variant's line is appended to --partial as it finishes:
 
-    python bench/detect_map.py --eval-every 10 \
-        --variants shipped,none,mosaic_only,scale_jitter_only,translate_only,hflip_only,hsv_only,shipped_no_close,shipped_no_mosaic
-                                                                        # the H200 run of bench/RESULTS.md
+    V=shipped,none,mosaic_only,scale_jitter_only,translate_only,hflip_only,hsv_only  # the H200 run of RESULTS.md:
+    python bench/detect_map.py --eval-every 10 --variants $V,shipped_no_close,shipped_no_mosaic
     python bench/detect_map.py --size 128 --steps 120 --train 64 --batch 8 --workers 0 --model test_resnet \
         --fpn-channels 64 --head-convs 2 --parallel 2 --variants shipped,none,hsv_only,shipped_no_close  # the CPU run
 

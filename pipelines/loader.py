@@ -182,6 +182,7 @@ class Loader:
         on images like those it is evaluated on (YOLO's close_mosaic). Call it before the first iteration: the
         workers take their copy of the dataset then."""
         aug, dataset = self.cfg.augment, self.dataloader.dataset
+        assert isinstance(dataset, StoreBatches)
         if aug.close_mosaic and dataset.spec.train:
             closed = self.task.spec(True, self.cfg.image_size, aug.model_copy(update={"mosaic": 0.0}))
             dataset.closing = (max(epochs - aug.close_mosaic, 0), closed)
