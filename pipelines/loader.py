@@ -10,6 +10,9 @@ the device, where it becomes float.
 from __future__ import annotations
 
 import ctypes
+import os
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -129,6 +132,28 @@ def init_worker(_: int) -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     keep_freed_heap()
+    outlive_stop_signals()
+
+
+def outlive_stop_signals() -> None:
+    """A worker lives until its rank closes the loader, even when SIGTERM or SIGINT reaches it first.
+
+    On a stop signal the rank finishes its step and saves; a worker that died of the signal would end the
+    rank with "DataLoader worker is killed by signal" instead. Such signals reach workers from torchrun
+    (which signals each rank's whole process group), a terminal or a scheduler that signals every process.
+    SIGINT is ignored. SIGTERM is taken in a thread that knows the sender: the rank's own (a DataLoader
+    shutting down its workers, as torch's handler does) ends the worker quietly, anyone else's is ignored.
+    A worker whose rank died exits by torch's watchdog.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started after this inherit it
+    threading.Thread(target=exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def exit_on_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def keep_freed_heap() -> None:
