@@ -8,9 +8,10 @@ import signal
 import sys
 
 # A scheduler's SIGTERM while the commands are still importing finds nothing started: exit with the preemption
-# code (training.EXIT_PREEMPTED, "run me again"), not a signal death. Once imported, the default returns;
-# `shardtrain train` installs its own until torchrun forwards the signal.
+# code (training.EXIT_PREEMPTED, "run me again"), not a signal death; a Ctrl-C exits quietly, without an import's
+# traceback. Once imported, the defaults return; `shardtrain train` installs its own until torchrun has the signal.
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))
 
 from importlib.metadata import version  # noqa: E402
 from typing import Annotated  # noqa: E402
@@ -23,6 +24,7 @@ from training.cli import app as training_app  # noqa: E402
 from training.doctor import app as doctor_app  # noqa: E402
 
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 app = typer.Typer(
     help="Raw image folders to verified shards, and timm models trained on them.",

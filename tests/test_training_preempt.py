@@ -1,12 +1,21 @@
-"""SIGTERM to `shardtrain train` outside the loop's steps: the exit code still says what happened.
+"""Stop signals to `shardtrain train`, delivered the ways the world sends them.
 
-torchrun answers a SIGTERM with 143 whatever its workers did; the launcher must turn that into 75
-(preempted, resume me) when the workers were still starting, and 0 when the run had finished.
+Mid-training, SIGTERM to the launcher alone (Kubernetes, `docker stop`), to its process group, or to every
+process of the run (Slurm's `scancel`, systemd), and SIGINT to the launcher alone, must each make every rank
+finish its step, save a checkpoint at that step and exit 75, with no traceback; the runs have a DataLoader
+worker, which the signal reaches too. A second signal stops at once with one line.
+
+Outside the loop's steps the exit code must still say what happened: torchrun answers a SIGTERM with 143
+whatever its workers did; the launcher must turn that into 75 (preempted, resume me) when the workers were
+still starting, and 0 when the run had finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +23,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from shards import ConvertOptions, convert
 from training import EXIT_PREEMPTED
+from training.preempt import DUPLICATE_WINDOW_S
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
@@ -29,31 +40,36 @@ def store(imagefolder_src, tmp_path_factory) -> str:
     return str(dest)
 
 
-def write_config(tmp_path: Path, store: str, max_steps: int) -> Path:
+def write_config(tmp_path: Path, store: str, max_steps: int, workers: int = 0, **checkpoint) -> Path:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "name": "t", "runs_dir": str(tmp_path / "runs"), "seed": 0,
-        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
+        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": workers, "pin_memory": False,
                  "channels_last": False},
         "model": {"name": "test_resnet"},
-        "train": {"epochs": 1, "max_steps": max_steps},
+        "train": {"epochs": 10, "max_steps": max_steps, "log_every": 1},
+        "checkpoint": {"every_steps": 1000, **checkpoint},
     }))
     return config
 
 
-def start(tmp_path: Path, store: str) -> subprocess.Popen:
-    config = write_config(tmp_path, store, max_steps=2)
+def start(tmp_path: Path, store: str, max_steps: int = 2, *args: str, **config) -> subprocess.Popen:
+    config = write_config(tmp_path, store, max_steps, **config)
     log = open(tmp_path / "log.txt", "w+")
-    proc = subprocess.Popen([SHARDTRAIN, "train", str(config)], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([SHARDTRAIN, "train", str(config), *args], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     proc.log = log
     return proc
 
 
-def wait_until(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
+def text(proc: subprocess.Popen) -> str:
+    return Path(proc.log.name).read_text()
+
+
+def wait_until(cond, proc: subprocess.Popen | None, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
-        assert proc.poll() is None, "the run ended first"
+        assert proc is None or proc.poll() is None, "the run ended first"
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
@@ -67,6 +83,22 @@ def torchrun_started(pid: int) -> bool:
         except OSError:  # gone already
             continue
     return False
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process under it: the launcher, torchrun, the ranks and their DataLoader workers."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # gone already
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -114,3 +146,73 @@ def test_an_in_process_run_gives_the_signal_handlers_back(store, tmp_path):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     run(load_config(str(config)))
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# ---- mid-training: each way a stop signal arrives ------------------------------------------------------------
+
+
+def send(proc: subprocess.Popen, how: str) -> None:
+    if how == "launcher":
+        proc.send_signal(signal.SIGTERM)
+    elif how == "group":  # the launcher's process group, as `kill -- -PGID` or a terminal sends it
+        os.killpg(proc.pid, signal.SIGTERM)
+    elif how == "every-process":  # as Slurm's scancel and systemd do
+        processes = descendants(proc.pid)
+        assert len(processes) >= 6, processes  # launcher, torchrun, 2 ranks, a DataLoader worker each
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):  # a fork of an import's, gone already
+                os.kill(pid, signal.SIGTERM)
+    elif how == "sigint-launcher":  # `kill -INT PID`: what Ctrl-C does, for a launcher without a terminal
+        proc.send_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("how", ["launcher", "group", "every-process", "sigint-launcher"])
+def test_a_signal_mid_training_saves_at_its_step_and_exits_75(store, tmp_path, how):
+    nproc = 2 if how == "every-process" else 1
+    proc = start(tmp_path, store, 60, f"--nproc-per-node={nproc}", workers=1)
+    wait_until(lambda: "\nstep 3 epoch" in text(proc), proc)
+    send(proc, how)
+    code, out = finish(proc)
+    assert code == EXIT_PREEMPTED, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    saved = json.loads((tmp_path / "runs" / "t" / "preempted.json").read_text())["step"]
+    steps = [int(s) for s in re.findall(r"^step (\d+) epoch", out, re.MULTILINE)]
+    assert 3 < saved == steps[-1] < 60  # the ranks stop one step after the one they agreed on, and save it
+    ckpt = tmp_path / "runs" / "t" / "checkpoints" / f"step_{saved:08d}.pt"
+    assert (ckpt.parent / f"{ckpt.name}.complete").exists()
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["world_size"] == nproc
+
+
+def test_a_second_signal_stops_at_once_with_one_line(store, moto_server, s3_bucket, tmp_path):
+    # S3 goes down: the preempted run waits for its last upload (up to preempt_timeout); the user insists.
+    proc = start(tmp_path, store, 60, workers=1, storage=s3_bucket, preempt_timeout=300)
+    wait_until(lambda: "\nstep 3 epoch" in text(proc), proc)
+    moto_server.stop()
+    try:
+        proc.send_signal(signal.SIGTERM)
+        saved = tmp_path / "runs" / "t" / "checkpoints" / "last.pt.complete"
+        wait_until(saved.exists, proc)  # written; now its upload is waited for
+        time.sleep(DUPLICATE_WINDOW_S + 0.5)  # a repeat within the window is the same request; this one insists
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code, out = finish(proc)
+        took = time.monotonic() - sent
+    finally:
+        moto_server.start(buckets=(s3_bucket.removeprefix("s3://"),))
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert took < 10, took
+    assert "Traceback" not in out, out[-3000:]
+    assert out.rstrip().splitlines()[-1].startswith("stopped at once on a second SIGTERM, without saving")
+    wait_until(lambda: not running(tmp_path / "run.yaml"), None, timeout=10)  # DataLoader workers too
+
+
+def running(config: Path) -> list[int]:
+    """The processes of a run: every command line names its config."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(config).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 from training.config import TrainError, load_config, run_dir
 from training.metrics import SUMMARY_FILE
-from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE
+from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, insist_message
 
 
 def torchrun_command(
@@ -58,7 +54,8 @@ def launch(
     splits, the weights, the run dir's checkpoint), so those mistakes fail before any process starts (TrainError).
     With `stream=None` the workers inherit this process's stdout (a terminal keeps its live progress bar);
     otherwise each output line goes to `stream`.
-    After a SIGTERM/SIGINT the workers save a checkpoint and the result is EXIT_PREEMPTED.
+    After a SIGTERM/SIGINT the workers save a checkpoint and the result is EXIT_PREEMPTED; after a second
+    one (past training.preempt.DUPLICATE_WINDOW_S) torchrun is killed at once and the result is 128 + signal.
     """
     if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise TrainError("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
@@ -78,12 +75,17 @@ def launch(
     started = time.time()
     pipe = subprocess.PIPE if stream is not None else None
     proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
-    with forward_signals(proc) as signals:
+    relay = Relay(proc)
+    with StopSignals(relay.first, relay.insist) as signals:
         if stream is not None and proc.stdout is not None:  # both or neither
             for line in proc.stdout:
                 stream(line.rstrip("\n"))
         code = proc.wait()
-    return exit_code(code, run_dir(cfg), started, signals.forwarded)
+    if relay.insisted is not None:
+        say = stream or (lambda line: print(line, file=sys.stderr))
+        say(insist_message(relay.insisted))
+        return 128 + relay.insisted
+    return exit_code(code, run_dir(cfg), started, signals.requested)
 
 
 def exit_code(code: int, directory: Path, started: float, signalled: bool) -> int:
@@ -102,34 +104,26 @@ def exit_code(code: int, directory: Path, started: float, signalled: bool) -> in
     return code
 
 
-class forward_signals:
-    """While the child runs, pass a SIGTERM on to it (torchrun asks its workers to save and stop).
+class Relay:
+    """The launcher's answers to stop signals: pass the first on to torchrun (which passes it to the workers,
+    who save and stop), and kill torchrun at once on an insisting one (the workers die with it).
 
-    A terminal's Ctrl-C already reaches torchrun itself (same process group): SIGINT is not passed
-    on, as a second signal would cut torchrun's wait for its workers' save short.
+    SIGINT is passed on as well: a terminal's Ctrl-C reaches torchrun directly too, and torchrun takes the
+    two as one request (training.torchrun); `kill -INT` of the launcher reaches only the launcher.
     """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
-        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
-        self.forwarded = False  # a SIGTERM was passed on: the run was asked to stop
+        self.insisted: int | None = None
 
-    def __enter__(self) -> forward_signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._forward)
-        return self
+    def first(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
 
-    def _forward(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGTERM and self.proc.poll() is None:
-            self.forwarded = True
-            self.proc.send_signal(signal.SIGTERM)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+    def insist(self, signum: int) -> None:
+        self.insisted = signum
+        if self.proc.poll() is None:
+            self.proc.kill()
 
 
 def preempted_since(directory: Path, started: float) -> bool:

@@ -3,20 +3,45 @@
 Plain torchrun ends a failed run with a Python traceback and exit code 1, whatever the workers said;
 here a worker's `error: ...` line stays the last word and its exit code (2 bad input, 75 preempted)
 becomes the launcher's.
+
+Plain torchrun also takes every SIGTERM/SIGINT as a new order to stop: a second one cuts short its wait for
+the workers' save, and it kills them. Yet one request often reaches it twice (the launcher passes its signal
+on, and a terminal or a scheduler signals torchrun directly as well), so here a repeat within moments is
+ignored (training.preempt.StopSignals) and only a later one stops at once.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args, run
+# Importing torch takes seconds; a Ctrl-C in that window ends quietly (nothing is started yet).
+signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
+
+from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: E402
+from torch.distributed.run import parse_args, run  # noqa: E402
+
+from training.preempt import StopSignals  # noqa: E402
+
+
+def stop_workers(signum: int) -> None:
+    """What torchrun's own handler does: its agent catches this, signals the workers and waits for them.
+
+    The workers get SIGTERM whichever signal came: one still importing then dies quietly (a SIGINT would
+    print a KeyboardInterrupt traceback), and one training saves on either.
+    """
+    name = signal.Signals(signum).name
+    raise SignalException(f"Process {os.getpid()} got signal: {name}", sigval=signal.SIGTERM)
 
 
 def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    args.signals_to_handle = "SIGHUP,SIGQUIT"  # torchrun's own handlers stay for these; SIGTERM, SIGINT are ours
     try:
-        run(parse_args(argv))
+        with StopSignals(first=stop_workers, insist=lambda signum: os._exit(128 + signum)):
+            run(args)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         print(f"error: {len(e.failures)} training process(es) failed (exit code {', '.join(map(str, codes))})",

@@ -25,7 +25,7 @@ from training import checkpoint, dist, metrics, resume
 from training.config import RunConfig, TrainError, run_dir, to_dict
 from training.metrics import RunSummary
 from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr
-from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, Preemption
+from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, preemption_signals
 from training.progress import Reporter
 from training.storage import Uploader
 from training.tasks import build_task
@@ -61,14 +61,14 @@ def run(cfg: RunConfig) -> RunSummary | None:
     """Train `cfg` in this process (one rank of torchrun, or alone); the run's summary (rank 0; None elsewhere)."""
     world = dist.setup()
     try:
-        with Preemption() as preemption:
+        with preemption_signals() as preemption:
             return Trainer(cfg, world, preemption).train()
     finally:
         dist.teardown(world)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, world: dist.World, preemption: Preemption) -> None:
+    def __init__(self, cfg: RunConfig, world: dist.World, preemption: StopSignals) -> None:
         self.cfg, self.world, self.preemption = cfg, world, preemption
         self.rdir, self.ckpt_dir = run_dir(cfg), resume.checkpoint_dir(cfg)
         if world.is_main:
