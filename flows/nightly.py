@@ -6,10 +6,17 @@ import json
 import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
+from uuid import UUID
 
 from fsspec.core import url_to_fs
 from prefect import flow, get_client, get_run_logger, task
+from prefect.client.orchestration import SyncPrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.states import Crashed
+from prefect.variables import Variable
 from pydantic import BaseModel, Field, PositiveInt
 
 import training
@@ -29,6 +36,8 @@ NIGHTLY_LIMIT = "nightly-retrain"
 # lease Prefect keeps on the deployment's own concurrency slot (300 s, not configurable), so a shorter
 # one would not bring a rerun forward, only let a Prefect server outage of that length kill a healthy run.
 NIGHTLY_LEASE_S = 300
+# The flow run inside the slot (a Prefect variable): the next holder ends it as Crashed if it never finished.
+HOLDER_VARIABLE = "nightly-retrain-holder"
 # The store version the model was last trained on (storage, beside the checkpoints): a run that
 # appended and then died has left new samples that a rerun, finding nothing new to append, must train on.
 TRAINED_MARKER = "nightly/trained.json"
@@ -53,6 +62,38 @@ def continue_from_latest(config: str, overrides: list[str], epochs: int) -> list
     if latest is None:
         return [*overrides, f"train.epochs={epochs}", "resume=never"]
     return [*overrides, f"train.epochs={latest.epoch + epochs}", f"resume={latest.path}"]
+
+
+def take_over_slot() -> None:
+    """Record this run as the slot's holder, first ending the previous holder as Crashed if it is still RUNNING.
+
+    A run whose host died stays RUNNING in the server forever (no process is left to report), and
+    `prefect flow-run cancel` only leaves it Cancelling. Holding the slot now proves it dead: the slot
+    came free only because that run stopped renewing its lease.
+    """
+    me = str(flow_run.id)
+    previous = Variable.get(HOLDER_VARIABLE)
+    if previous and previous != me:
+        with get_client(sync_client=True) as client:
+            crash_unfinished(client, UUID(previous), me)
+    Variable.set(HOLDER_VARIABLE, me, overwrite=True)
+
+
+def crash_unfinished(client: SyncPrefectClient, run_id: UUID, successor: str) -> None:
+    """Set `run_id` and its subflow runs (the training) to Crashed where they are running or cancelling."""
+    try:
+        dead = client.read_flow_run(run_id)
+    except ObjectNotFound:  # deleted meanwhile
+        return
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+    )
+    message = (f"its host died: the {NIGHTLY_LIMIT!r} slot's lease expired while it held it, and nightly "
+               f"run {successor} took the slot over")
+    for run in (dead, *children):
+        if run.state is not None and (run.state.is_running() or run.state.is_cancelling()):
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            get_run_logger().warning("set flow run %s (%s) to Crashed: %s", run.name, run.id, message)
 
 
 @task(**STORAGE_RETRIES)
@@ -119,6 +160,7 @@ def nightly_retrain(
     ensure_nightly_limit()
     logger.info("acquiring the %r concurrency slot (waits while another nightly run holds it)", NIGHTLY_LIMIT)
     with concurrency(NIGHTLY_LIMIT, occupy=1, lease_duration=NIGHTLY_LEASE_S, strict=True):
+        take_over_slot()
         # append=True also creates the store on the first night.
         summary = convert_task(ConvertOptions(src=raw_dir, dest=store, format=format, append=True,
                                               val_fraction=val_fraction))
