@@ -1,10 +1,12 @@
-"""Training faults: kill -9 at random moments, SIGTERM (preemption), S3 outages, a NAS that turns read-only.
+"""Training faults: kill -9 at random moments, SIGTERM and SIGINT (preemption) delivered each way a scheduler or a
+terminal sends them, S3 outages, a NAS that turns read-only.
 
 Every run is `shardtrain train CONFIG --nproc-per-node 2` (gloo DDP on CPU, deterministic) of timm's
 `test_resnet` at 32 px on a small ImageFolder store: 3 epochs of 6 steps, a checkpoint every 2 steps
-uploaded to storage (the moto S3 server, or a local folder as the NAS), an eval every epoch. An
-interrupted run is resumed with `resume: auto` and must end with the model and optimizer state of the
-uninterrupted baseline, bit for bit. `run(work, kills, seed)` returns flat figures (see `run`).
+uploaded to storage (the moto S3 server, or a local folder as the NAS), an eval every epoch; the
+preemption trials with a DataLoader worker per rank. An interrupted run is resumed with `resume: auto`
+and must end with the model and optimizer state of the uninterrupted baseline, bit for bit.
+`run(work, kills, seed)` returns flat figures (see `run`); `run_preemptions` the preemption trials alone.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from servers import MotoServer  # noqa: E402
 from shards import ConvertOptions, convert  # noqa: E402
 from shards.samples import make_imagefolder  # noqa: E402
 from training import EXIT_PREEMPTED  # noqa: E402
+from training.preempt import DUPLICATE_WINDOW_S  # noqa: E402
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 NPROC = 2
@@ -57,13 +60,13 @@ def make_store(work: Path) -> str:
     return str(dest)
 
 
-def write_config(folder: Path, store: str, storage: str) -> Path:
+def write_config(folder: Path, store: str, storage: str, workers: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
         "name": RUN,
         "runs_dir": str(folder / "runs"),
         "seed": 3,
-        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": 0, "pin_memory": False,
+        "data": {"path": store, "image_size": 32, "batch_size": 8, "workers": workers, "pin_memory": False,
                  "channels_last": False},
         "model": {"name": "test_resnet"},
         "optim": {"lr": 3e-3, "warmup_epochs": 0.5},
@@ -307,49 +310,145 @@ def train_kills(work: Path, store: str, baseline: dict, baseline_s: float, kills
     }
 
 
-# ---- 2. SIGTERM ------------------------------------------------------------------------------------------------
+# ---- 2. SIGTERM and SIGINT, delivered each way the world sends them ------------------------------------------
+
+# How a stop signal reaches the run (see `deliver`). The trials before these modes sent SIGTERM to the launcher
+# alone, to runs without DataLoader workers: they could not see a worker killed by torchrun's signal to its
+# rank's process group, nor torchrun taking one request delivered twice as two (docs/RELIABILITY.md).
+MODES = ("launcher", "group", "every-process", "sigint-launcher", "second-signal")
+LOADER_WORKERS = 1  # DataLoader workers per rank in the preemption trials: the signal reaches them too
 
 
-def preemptions(work: Path, store: str, baseline: dict, baseline_s: float, kills: int,
-                rng: random.Random) -> dict:
+def deliver(run: Run, mode: str) -> None:
+    if mode in ("launcher", "second-signal"):  # Kubernetes, `docker stop`, `kill PID`
+        run.proc.send_signal(signal.SIGTERM)
+    elif mode == "group":  # `kill -- -PGID`; a terminal's Ctrl-C reaches the same processes
+        os.killpg(run.proc.pid, signal.SIGTERM)
+    elif mode == "every-process":  # Slurm's scancel, systemd: every process, DataLoader workers included
+        for pid in descendants(run.proc.pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    elif mode == "sigint-launcher":  # `kill -INT PID`
+        run.proc.send_signal(signal.SIGINT)
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:  # exited while we looked
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: random.Random) -> dict:
+    """`trials` signals per mode, each at a random step or (but for second-signal) a uniform random time;
+    a run that ends before its moment comes is replaced by another;
+    every interrupted run resumed to the end and compared with an uninterrupted baseline of the same setup.
+
+    second-signal: S3 goes down, then SIGTERM: the preempted run waits for its last upload, and a second
+    SIGTERM 2.5-4 s after the first must stop it at once (exit 143, one line); the resume starts from the
+    checkpoint saved locally on the first.
+    """
     # The bound: the stop vote is read one step late (2 steps), the checkpoint is written, the upload waited
     # for (checkpoint.preempt_timeout), then the processes exit; 15 s covers steps, write and exit on a
     # loaded 2-core machine with room to spare.
     bound = PREEMPT_TIMEOUT + 15
-    ok, worst, moments, sent_count = 0, 0.0, Counter(), 0
-    for i in range(kills):
-        folder = work / f"term{i}"
-        storage = f"s3://{BUCKET}/term{i}"
-        config = write_config(folder, store, storage)
-        run = Run(config)
-        try:
-            aim(run, "random" if i % 2 == 0 else "step", rng, baseline_s)
-            if not run.running():
-                moments["after-end"] += 1
-                print(f"preempt {i + 1}/{kills}: the run ended before the signal", flush=True)
-                continue
-            what = phase(run)
-            moments[what] += 1
-            sent = time.time()
-            sent_count += 1
-            run.proc.send_signal(signal.SIGTERM)  # to `shardtrain train` alone, as a scheduler would
-            code = run.wait(timeout=bound + 120)
-            took = time.time() - sent
-        finally:
-            run.stop()
-        wait_workers_gone(config)
-        worst = max(worst, took)
-        problems = preempt_problems(folder, storage, code, took, bound, what)
-        rcode, log = train_to_end(config)
-        if rcode != 0 or not identical(baseline, final_state(folder)):
-            problems.append(f"resumed run {'exit ' + str(rcode) if rcode else 'differs from the baseline'}")
-        ok += not problems
-        print(f"preempt {i + 1}/{kills} at {sent - run.started:.1f}s ({what}): exit {code} after {took:.1f}s, "
-              f"resumed at step {resumed_step(log) or 0}: " + ("ok" if not problems else "; ".join(problems)),
-              flush=True)
-        shutil.rmtree(folder / "runs", ignore_errors=True)
-    return {"preemptions": sent_count, "preemptions_ok": ok, "preempt_exit_max_s": round(worst, 2),
-            "preempt_bound_s": bound, "preempt_moments": ",".join(f"{k}:{v}" for k, v in sorted(moments.items()))}
+    config = write_config(work / "baseline", store, f"s3://{BUCKET}/preempt-baseline", workers=LOADER_WORKERS)
+    started = time.monotonic()
+    code, log = train_to_end(config)
+    baseline_s = time.monotonic() - started
+    if code != 0:
+        raise RuntimeError(f"the preemption baseline run failed (exit {code}):\n{log[-3000:]}")
+    baseline = final_state(work / "baseline")
+    print(f"preemption baseline ({LOADER_WORKERS} DataLoader worker per rank): {STEPS} steps in {baseline_s:.1f}s",
+          flush=True)
+    figures: dict = {"preempt_bound_s": bound}
+    for mode in MODES:
+        key = "preempt_" + mode.replace("-", "_")
+        moments: Counter = Counter()
+        sent_count = ok = same = 0
+        worst = 0.0
+        for i in range(2 * trials):  # a run that ends before its signal does not count: another one is started
+            if sent_count == trials:
+                break
+            folder = work / f"{mode}{i}"
+            storage = f"s3://{BUCKET}/{mode}{i}"
+            config = write_config(folder, store, storage, workers=LOADER_WORKERS)
+            run = Run(config)
+            outage = False
+            try:
+                aim(run, "step" if i % 2 == 0 or mode == "second-signal" else "random", rng, baseline_s)
+                if not run.running():
+                    moments["after-end"] += 1
+                    print(f"{mode}: the run ended before the signal (not counted)", flush=True)
+                    continue
+                what = phase(run)
+                moments[what] += 1
+                sent_count += 1
+                if mode == "second-signal":
+                    moto.stop()
+                    outage = True
+                sent = time.time()
+                deliver(run, mode)
+                if mode == "second-signal":
+                    time.sleep(rng.uniform(DUPLICATE_WINDOW_S + 0.5, DUPLICATE_WINDOW_S + 2))
+                    if run.running():
+                        sent = time.time()
+                        run.proc.send_signal(signal.SIGTERM)
+                code = run.wait(timeout=bound + 120)
+                took = time.time() - sent
+            finally:
+                run.stop()
+                if outage:
+                    moto.start(buckets=(BUCKET,))
+            wait_workers_gone(config)
+            worst = max(worst, took)
+            log = run.text()
+            if mode == "second-signal":
+                problems = insist_problems(code, took, log)
+            else:
+                problems = preempt_problems(folder, storage, code, took, bound, what)
+            if "Traceback" in log:
+                problems.append("a traceback in the output")
+            rcode, rlog = train_to_end(config)
+            resumed = rcode == 0 and identical(baseline, final_state(folder))
+            same += resumed
+            if not resumed:
+                problems.append(f"resumed run {'exit ' + str(rcode) if rcode else 'differs from the baseline'}")
+            ok += not problems
+            print(f"{mode} {sent_count}/{trials} at {sent - run.started:.1f}s ({what}): exit {code} after {took:.1f}s, "
+                  f"resumed at step {resumed_step(rlog) or 0}: " + ("ok" if not problems else "; ".join(problems)),
+                  flush=True)
+            if problems:
+                print(log[-2000:], flush=True)
+            shutil.rmtree(folder / "runs", ignore_errors=True)
+        figures |= {f"{key}_signals": sent_count, f"{key}_ok": ok, f"{key}_identical": same,
+                    f"{key}_exit_max_s": round(worst, 2),
+                    f"{key}_moments": ",".join(f"{k}:{v}" for k, v in sorted(moments.items()))}
+    figures["preempt_baseline_s"] = round(baseline_s, 1)
+    return figures
+
+
+def insist_problems(code: int, took: float, log: str) -> list[str]:
+    """A second signal: exit 128 + SIGTERM within a few seconds, its one line last."""
+    problems = []
+    if code != 128 + signal.SIGTERM:
+        problems.append(f"exit {code}, not {128 + signal.SIGTERM}")
+    if took > 10:
+        problems.append(f"took {took:.1f}s after the second signal")
+    if not log.rstrip().endswith("a rerun resumes from the last checkpoint"):
+        problems.append("not ended by the second signal's line")
+    return problems
 
 
 def phase(run: Run) -> str:
@@ -551,7 +650,8 @@ def unmount(path: Path) -> None:
 
 def run(work: Path, kills: int, seed: int) -> dict:
     """Figures: train_kills, train_kills_identical, train_kill_moments, train_worst/median_time_lost_s;
-    preemptions, preemptions_ok, preempt_exit_max_s, preempt_bound_s, preempt_moments; storage_outages,
+    preempt_<mode>_signals/_ok/_identical/_exit_max_s/_moments per delivery mode (MODES), preempt_bound_s,
+    preempt_baseline_s; storage_outages,
     storage_outage_runs(_ok), partial_trials, partial_checkpoints_loaded, partial_skipped,
     partial_resumes_identical; nas_readonly_ok, nas_readonly_failed_uploads; train_baseline_s."""
     work.mkdir(parents=True, exist_ok=True)
@@ -569,8 +669,15 @@ def run(work: Path, kills: int, seed: int) -> dict:
         print(f"baseline: {STEPS} steps in {baseline_s:.1f}s", flush=True)
         figures = {"train_baseline_s": round(baseline_s, 1)}
         figures |= train_kills(work, store, baseline, baseline_s, kills, rng)
-        figures |= preemptions(work, store, baseline, baseline_s, max(2, kills // 2), rng)
+        figures |= preemptions(work / "preempt", store, moto, max(2, kills // 4), rng)
         figures |= storage_outages(work, store, moto, max(1, kills // 4), rng)
         figures |= partial_checkpoints(work, store, moto, baseline, max(2, kills // 4), rng)
         figures |= nas_readonly(work, store, rng)
         return figures
+
+
+def run_preemptions(work: Path, kills: int, seed: int) -> dict:
+    """The preemption trials alone (`bench/faults.py --only preempt`): `kills` signals per delivery mode."""
+    work.mkdir(parents=True, exist_ok=True)
+    with MotoServer().serving(buckets=(BUCKET,)) as moto:
+        return preemptions(work, make_store(work), moto, kills, random.Random(seed))
