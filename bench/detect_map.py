@@ -39,16 +39,15 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import machine, record
+from pipelines import build_loader
+from shards import ConvertOptions, convert, samples
+from training import run
+from training.config import RunConfig, load_config
+from training.dist import World
+from training.tasks.detect import DetectTask
 
-from common import machine, record  # noqa: E402
-from pipelines import build_loader  # noqa: E402
-from shards import ConvertOptions, convert, samples  # noqa: E402
-from training import run  # noqa: E402
-from training.config import RunConfig, load_config  # noqa: E402
-from training.dist import World  # noqa: E402
-from training.tasks.detect import DetectTask  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OFF = {"mosaic": 0.0, "scale_jitter": 0.0, "translate": 0.0, "hflip": 0.0, "hsv": [0.0, 0.0, 0.0]}
 SHIPPED = yaml.safe_load((ROOT / "configs" / "detector.yaml").read_text())

@@ -16,7 +16,6 @@ The last line is one JSON object, also appended to bench/results/dino_knn.jsonl.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -24,15 +23,12 @@ import torch
 from PIL import Image
 from timm.utils import random_seed
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from common import machine, record  # noqa: E402
-from shards import ConvertOptions, convert, samples  # noqa: E402
-from training import run  # noqa: E402
-from training.config import RunConfig, apply_override, validate  # noqa: E402
-from training.dist import World  # noqa: E402
-from training.tasks.dino import DinoTask  # noqa: E402
+from common import machine, record
+from shards import ConvertOptions, convert, samples
+from training import run
+from training.config import RunConfig, apply_override, validate
+from training.dist import World
+from training.tasks.dino import DinoTask
 
 
 def grayscale(folder: Path) -> None:

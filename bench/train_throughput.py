@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import machine, record
+from shards import ConvertOptions, convert
+from shards.samples import photo_paths
 
-from common import machine, record  # noqa: E402
-from shards import ConvertOptions, convert  # noqa: E402
-from shards.samples import photo_paths  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 

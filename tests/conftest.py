@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from servers import MotoServer
 from shards import samples
+from tests.servers import MotoServer
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("faults", "the fault campaign (tests/faults, -m faults)")
+    group.addoption("--kills", type=int, default=20, help="kills (or faults) per scenario")
+    group.addoption("--fault-seed", type=int, default=0, help="seed of the campaign's random choices")
 
 
 @pytest.fixture(scope="session")

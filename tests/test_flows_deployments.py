@@ -30,9 +30,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import shards
 import training
-from servers import PrefectServer, start_group, stop_group
 from shards import samples
 from shards.manifest import ShardIndex, load_json
+from tests.servers import PrefectServer, start_group, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).with_name("prefect")

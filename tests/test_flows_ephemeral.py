@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import shards
-from servers import ephemeral_prefect_env
 from shards import samples
+from tests.servers import ephemeral_prefect_env
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from servers import PrefectServer
 from shards import samples
+from tests.servers import PrefectServer
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = {"train": 2, "val": 1}

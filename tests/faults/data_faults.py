@@ -1,4 +1,4 @@
-"""The data faults of the campaign (bench/faults.py --only data): kill -9 of `shardtrain convert` and of
+"""The data faults of the campaign (tests/faults/test_campaign.py::test_data): kill -9 of `shardtrain convert` and of
 `--append`, a corpus of malformed inputs, and corrupted stores, verified and trained on.
 
     run(work, kills, seed) -> flat figures (keys in README of docs/RELIABILITY.md's data section)

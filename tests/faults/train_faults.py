@@ -28,14 +28,11 @@ import fsspec
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from servers import MotoServer  # noqa: E402
-from shards import ConvertOptions, convert  # noqa: E402
-from shards.samples import make_imagefolder  # noqa: E402
-from training import EXIT_PREEMPTED  # noqa: E402
-from training.preempt import DUPLICATE_WINDOW_S  # noqa: E402
+from shards import ConvertOptions, convert
+from shards.samples import make_imagefolder
+from tests.servers import MotoServer
+from training import EXIT_PREEMPTED
+from training.preempt import DUPLICATE_WINDOW_S
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 NPROC = 2
@@ -677,7 +674,7 @@ def run(work: Path, kills: int, seed: int) -> dict:
 
 
 def run_preemptions(work: Path, kills: int, seed: int) -> dict:
-    """The preemption trials alone (`bench/faults.py --only preempt`): `kills` signals per delivery mode."""
+    """The preemption trials alone (test_campaign.py::test_preemptions): `kills` signals per delivery mode."""
     work.mkdir(parents=True, exist_ok=True)
     with MotoServer().serving(buckets=(BUCKET,)) as moto:
         return preemptions(work, make_store(work), moto, kills, random.Random(seed))

@@ -1,0 +1,1 @@
+"""The test suite; `tests.servers` starts the real servers the tests talk to."""
