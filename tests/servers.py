@@ -1,4 +1,4 @@
-"""Real servers for tests and the fault campaign (`bench/faults.py` imports this module too)."""
+"""Real servers for tests and the fault campaign (tests/faults too): `from tests.servers import ...`."""
 
 from __future__ import annotations
 

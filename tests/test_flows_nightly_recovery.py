@@ -1,7 +1,7 @@
 """A nightly run whose host died (kill -9 of the flow's process and everything under it) during its training,
 on a real Prefect server: the next run, finding nothing new to append, still trains on the samples the dead
 run appended, and sets the dead run and its training subflow to Crashed; the night after is a no-op.
-(bench/faults_prefect.py kills a deployment's worker host the same way.)"""
+(tests/faults/prefect_faults.py kills a deployment's worker host the same way.)"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults the campaign (bench/faults_data.py) found in conversion, each fixed and kept fixed here."""
+"""Faults the campaign (tests/faults/data_faults.py) found in conversion, each fixed and kept fixed here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The checkpoint uploader against a NAS path that fails, then recovers (found by bench/faults_train.py)."""
+"""The checkpoint uploader against a NAS path that fails, then recovers (found by tests/faults/train_faults.py)."""
 
 from __future__ import annotations
 
