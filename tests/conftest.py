@@ -16,6 +16,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("faults", "the fault campaign (tests/faults, -m faults)")
     group.addoption("--kills", type=int, default=20, help="kills (or faults) per scenario")
     group.addoption("--fault-seed", type=int, default=0, help="seed of the campaign's random choices")
+    group.addoption("--fault-budget-s", type=float, default=None,
+                    help="preemption trials: start none after this many seconds (each mode gets its turn per round)")
 
 
 @pytest.fixture(scope="session")

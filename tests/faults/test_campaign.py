@@ -3,6 +3,7 @@
     .venv/bin/python -m pytest tests/faults -m faults -s                    # every part, 20 kills each (hours)
     .venv/bin/python -m pytest tests/faults -m faults -s -k data --kills 5
     .venv/bin/python -m pytest tests/faults -m faults -s -k preemptions --kills 5   # the delivery modes alone
+    ... -k preemptions --kills 5 --fault-budget-s 3600    # no trial started after an hour: a cut-short campaign
 
 Each part (`train_faults`, `data_faults`, `prefect_faults`) exposes `run(work, kills, seed) -> dict` of flat
 figures (the preemption trials alone: `train_faults.run_preemptions`) and prints one line per trial (`-s`
@@ -12,6 +13,7 @@ whether or not they pass, then fails on any trial that went wrong. docs/RELIABIL
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +46,9 @@ def assert_preemptions(figures: dict) -> None:
 
 
 def test_preemptions(tmp_path, pytestconfig):
-    figures = campaign("preempt", train_faults.run_preemptions, tmp_path, pytestconfig)
+    budget_s = pytestconfig.getoption("fault_budget_s")
+    figures = campaign("preempt", functools.partial(train_faults.run_preemptions, budget_s=budget_s), tmp_path,
+                       pytestconfig)
     assert_preemptions(figures)
     assert all(figures[f"preempt_{m.replace('-', '_')}_signals"] == pytestconfig.getoption("kills")
                for m in train_faults.MODES)

@@ -347,10 +347,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: random.Random) -> dict:
+def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: random.Random,
+                budget_s: float | None = None) -> dict:
     """`trials` signals per mode, each at a random step or (but for second-signal) a uniform random time;
     a run that ends before its moment comes is replaced by another;
     every interrupted run resumed to the end and compared with an uninterrupted baseline of the same setup.
+    No trial starts once `budget_s` seconds have passed since the baseline (the figures then say how many signals
+    each mode got).
 
     second-signal: S3 goes down, then SIGTERM: the preempted run waits for its last upload, and a second
     SIGTERM 2.5-4 s after the first must stop it at once (exit 143, one line); the resume starts from the
@@ -369,71 +372,84 @@ def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: rand
     baseline = final_state(work / "baseline")
     print(f"preemption baseline ({LOADER_WORKERS} DataLoader worker per rank): {STEPS} steps in {baseline_s:.1f}s",
           flush=True)
+    tally = {mode: Counter() for mode in MODES}  # signals, ok, identical, after-end and the moments hit
+    worst = dict.fromkeys(MODES, 0.0)
+    # Round after round, one trial of each mode that still needs one: a campaign cut short has tried every mode.
+    # A run that ends before its signal does not count: another one is started.
+    deadline = time.monotonic() + (budget_s if budget_s is not None else float("inf"))
+    for i, mode in ((i, mode) for i in range(2 * trials) for mode in MODES):
+        if tally[mode]["signals"] == trials:
+            continue
+        if time.monotonic() > deadline:
+            print(f"time budget of {budget_s:.0f}s spent: no further trials", flush=True)
+            break
+        took = preempt_trial(work / f"{mode}{i}", store, moto, mode, i, rng, baseline, baseline_s, bound,
+                             tally[mode], trials)
+        worst[mode] = max(worst[mode], took or 0.0)
     figures: dict = {"preempt_bound_s": bound}
-    for mode in MODES:
+    for mode, counts in tally.items():
         key = "preempt_" + mode.replace("-", "_")
-        moments: Counter = Counter()
-        sent_count = ok = same = 0
-        worst = 0.0
-        for i in range(2 * trials):  # a run that ends before its signal does not count: another one is started
-            if sent_count == trials:
-                break
-            folder = work / f"{mode}{i}"
-            storage = f"s3://{BUCKET}/{mode}{i}"
-            config = write_config(folder, store, storage, workers=LOADER_WORKERS)
-            run = Run(config)
-            outage = False
-            try:
-                aim(run, "step" if i % 2 == 0 or mode == "second-signal" else "random", rng, baseline_s)
-                if not run.running():
-                    moments["after-end"] += 1
-                    print(f"{mode}: the run ended before the signal (not counted)", flush=True)
-                    continue
-                what = phase(run)
-                moments[what] += 1
-                sent_count += 1
-                if mode == "second-signal":
-                    moto.stop()
-                    outage = True
-                sent = time.time()
-                deliver(run, mode)
-                if mode == "second-signal":
-                    time.sleep(rng.uniform(DUPLICATE_WINDOW_S + 0.5, DUPLICATE_WINDOW_S + 2))
-                    if run.running():
-                        sent = time.time()
-                        run.proc.send_signal(signal.SIGTERM)
-                code = run.wait(timeout=bound + 120)
-                took = time.time() - sent
-            finally:
-                run.stop()
-                if outage:
-                    moto.start(buckets=(BUCKET,))
-            wait_workers_gone(config)
-            worst = max(worst, took)
-            log = run.text()
-            if mode == "second-signal":
-                problems = insist_problems(code, took, log)
-            else:
-                problems = preempt_problems(folder, storage, code, took, bound, what)
-            if "Traceback" in log:
-                problems.append("a traceback in the output")
-            rcode, rlog = train_to_end(config)
-            resumed = rcode == 0 and identical(baseline, final_state(folder))
-            same += resumed
-            if not resumed:
-                problems.append(f"resumed run {'exit ' + str(rcode) if rcode else 'differs from the baseline'}")
-            ok += not problems
-            print(f"{mode} {sent_count}/{trials} at {sent - run.started:.1f}s ({what}): exit {code} after {took:.1f}s, "
-                  f"resumed at step {resumed_step(rlog) or 0}: " + ("ok" if not problems else "; ".join(problems)),
-                  flush=True)
-            if problems:
-                print(log[-2000:], flush=True)
-            shutil.rmtree(folder / "runs", ignore_errors=True)
-        figures |= {f"{key}_signals": sent_count, f"{key}_ok": ok, f"{key}_identical": same,
-                    f"{key}_exit_max_s": round(worst, 2),
+        moments = {k: v for k, v in counts.items() if k not in ("signals", "ok", "identical")}
+        figures |= {f"{key}_signals": counts["signals"], f"{key}_ok": counts["ok"],
+                    f"{key}_identical": counts["identical"], f"{key}_exit_max_s": round(worst[mode], 2),
                     f"{key}_moments": ",".join(f"{k}:{v}" for k, v in sorted(moments.items()))}
     figures["preempt_baseline_s"] = round(baseline_s, 1)
     return figures
+
+
+def preempt_trial(folder: Path, store: str, moto: MotoServer, mode: str, i: int, rng: random.Random, baseline: dict,
+                  baseline_s: float, bound: float, counts: Counter, trials: int) -> float | None:
+    """One signal delivered as `mode`, then the resume to the end; counted in `counts`. Returns the seconds from
+    the (last) signal to the exit, None when the run ended before its moment came."""
+    storage = f"s3://{BUCKET}/{folder.name}"
+    config = write_config(folder, store, storage, workers=LOADER_WORKERS)
+    run = Run(config)
+    outage = False
+    try:
+        aim(run, "step" if i % 2 == 0 or mode == "second-signal" else "random", rng, baseline_s)
+        if not run.running():
+            counts["after-end"] += 1
+            print(f"{mode}: the run ended before the signal (not counted)", flush=True)
+            return None
+        what = phase(run)
+        counts[what] += 1
+        counts["signals"] += 1
+        if mode == "second-signal":
+            moto.stop()
+            outage = True
+        sent = time.time()
+        deliver(run, mode)
+        if mode == "second-signal":
+            time.sleep(rng.uniform(DUPLICATE_WINDOW_S + 0.5, DUPLICATE_WINDOW_S + 2))
+            if run.running():
+                sent = time.time()
+                run.proc.send_signal(signal.SIGTERM)
+        code = run.wait(timeout=bound + 120)
+        took = time.time() - sent
+    finally:
+        run.stop()
+        if outage:
+            moto.start(buckets=(BUCKET,))
+    wait_workers_gone(config)
+    log = run.text()
+    if mode == "second-signal":
+        problems = insist_problems(code, took, log)
+    else:
+        problems = preempt_problems(folder, storage, code, took, bound, what)
+    if "Traceback" in log:
+        problems.append("a traceback in the output")
+    rcode, rlog = train_to_end(config)
+    resumed = rcode == 0 and identical(baseline, final_state(folder))
+    counts["identical"] += resumed
+    if not resumed:
+        problems.append(f"resumed run {'exit ' + str(rcode) if rcode else 'differs from the baseline'}")
+    counts["ok"] += not problems
+    print(f"{mode} {counts['signals']}/{trials} at {sent - run.started:.1f}s ({what}): exit {code} after {took:.1f}s, "
+          f"resumed at step {resumed_step(rlog) or 0}: " + ("ok" if not problems else "; ".join(problems)), flush=True)
+    if problems:
+        print(log[-2000:], flush=True)
+    shutil.rmtree(folder / "runs", ignore_errors=True)
+    return took
 
 
 def insist_problems(code: int, took: float, log: str) -> list[str]:
@@ -673,8 +689,9 @@ def run(work: Path, kills: int, seed: int) -> dict:
         return figures
 
 
-def run_preemptions(work: Path, kills: int, seed: int) -> dict:
-    """The preemption trials alone (test_campaign.py::test_preemptions): `kills` signals per delivery mode."""
+def run_preemptions(work: Path, kills: int, seed: int, budget_s: float | None = None) -> dict:
+    """The preemption trials alone (test_campaign.py::test_preemptions): `kills` signals per delivery mode,
+    none started after `budget_s` seconds."""
     work.mkdir(parents=True, exist_ok=True)
     with MotoServer().serving(buckets=(BUCKET,)) as moto:
-        return preemptions(work, make_store(work), moto, kills, random.Random(seed))
+        return preemptions(work, make_store(work), moto, kills, random.Random(seed), budget_s)
