@@ -200,7 +200,7 @@ def test_a_second_signal_stops_at_once_with_one_line(store, moto_server, s3_buck
     finally:
         moto_server.start(buckets=(s3_bucket.removeprefix("s3://"),))
     assert code == 128 + signal.SIGTERM, out[-3000:]
-    assert took < 10, took
+    assert took < 60, took  # at once (11 s seen on a loaded 2-core machine), not the 300 s the save waits
     assert "Traceback" not in out, out[-3000:]
     assert out.rstrip().splitlines()[-1].startswith("stopped at once on a second SIGTERM, without saving")
     wait_until(lambda: not running(tmp_path / "run.yaml"), None, timeout=10)  # DataLoader workers too
