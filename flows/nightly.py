@@ -72,7 +72,7 @@ def take_over_slot() -> None:
     came free only because that run stopped renewing its lease.
     """
     me = str(flow_run.id)
-    previous = Variable.get(HOLDER_VARIABLE)
+    previous = str(Variable.get(HOLDER_VARIABLE, default=""))  # a variable holds any JSON; this one a run id
     if previous and previous != me:
         with get_client(sync_client=True) as client:
             crash_unfinished(client, UUID(previous), me)
