@@ -5,7 +5,7 @@ Run on a GPU host, from the repo root (everything that belongs together, in one 
     python bench/train_throughput.py                      # ceilings + end-to-end, resnet50 and deit_small
     python bench/train_throughput.py --models resnet50    # one model
     torchrun is not needed: each end-to-end run is `python -m training CONFIG` in a subprocess
-    python bench/train_throughput.py --scaling 1,2        # DDP: images/s per GPU on 1 and 2 GPUs (torchrun)
+    python bench/train_throughput.py --scaling 1,2        # DDP: images/s per GPU on 1 and 2 GPUs, each model
 
 What it does:
 1. Makes `--images` JPEGs of ImageNet-like size (~500x375) from the bundled real photos (one class
@@ -272,26 +272,26 @@ def main() -> None:
     table = []
 
     if args.scaling:
-        model = args.models.split(",")[0]
         counts = [int(c) for c in args.scaling.split(",")]
-        per_gpu = {}
         # The same CPU share per GPU in every run: each rank's main process and pin thread get 2 cores.
         workers = max(1, (os.cpu_count() or 2) // max(counts) - 2)
         out["workers"] = workers
         fmt, decode = args.paths.split(",")[0].split("-")
-        for n in counts:
-            cfg = run_config(f"scale-{model}-{n}", stores[fmt], model, decode, args.batch, workers, args.steps,
-                             compile, runs, 10**9, None)
-            lines, _ = launch(cfg, runs, nproc=n)
-            total, wait = steady_rate(lines, args.warmup_steps)
-            per_gpu[n] = total / n
-            table.append((f"{model} DDP x{n} ({fmt}, {decode} decode), per GPU", total, total / n, wait))
-            print(f"DDP x{n}: {total:.0f} images/s, {total / n:.0f} per GPU", flush=True)
-        base = per_gpu[counts[0]] * counts[0] if counts[0] == 1 else None
-        out["scaling"] = {str(n): round(per_gpu[n], 1) for n in counts}
-        if base:
-            out["scaling_efficiency"] = {str(n): round(per_gpu[n] / per_gpu[1], 3) for n in counts}
-        out["model"], out["path"] = model, f"{fmt}-{decode}"
+        out["path"] = f"{fmt}-{decode}"
+        for model in args.models.split(","):
+            key = model.split("_patch")[0]
+            per_gpu = {}
+            for n in counts:
+                cfg = run_config(f"scale-{model}-{n}", stores[fmt], model, decode, args.batch, workers, args.steps,
+                                 compile, runs, 10**9, None)
+                lines, _ = launch(cfg, runs, nproc=n)
+                total, wait = steady_rate(lines, args.warmup_steps)
+                per_gpu[n] = total / n
+                table.append((f"{model} DDP x{n} ({fmt}, {decode} decode), per GPU", total, total / n, wait))
+                print(f"{model} DDP x{n}: {total:.0f} images/s, {total / n:.0f} per GPU", flush=True)
+                out[f"images_per_s_per_gpu_{key}_{n}"] = round(per_gpu[n], 1)
+                if 1 in per_gpu:
+                    out[f"efficiency_{key}_{n}"] = round(per_gpu[n] / per_gpu[1], 3)
     else:
         for path in args.paths.split(","):
             fmt, decode = path.split("-")
