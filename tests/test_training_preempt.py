@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from shards import ConvertOptions, convert
+from tests.processes import descendants
 from training import EXIT_PREEMPTED
 from training.preempt import DUPLICATE_WINDOW_S
 
@@ -83,22 +84,6 @@ def torchrun_started(pid: int) -> bool:
         except OSError:  # gone already
             continue
     return False
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process under it: the launcher, torchrun, the ranks and their DataLoader workers."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:  # gone already
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo += children.get(found[-1], [])
-    return found
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:

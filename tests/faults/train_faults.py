@@ -30,6 +30,7 @@ import yaml
 
 from shards import ConvertOptions, convert
 from shards.samples import make_imagefolder
+from tests.processes import descendants
 from tests.servers import MotoServer
 from training import EXIT_PREEMPTED
 from training.preempt import DUPLICATE_WINDOW_S
@@ -329,22 +330,6 @@ def deliver(run: Run, mode: str) -> None:
                 pass
     elif mode == "sigint-launcher":  # `kill -INT PID`
         run.proc.send_signal(signal.SIGINT)
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except OSError:  # exited while we looked
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo += children.get(found[-1], [])
-    return found
 
 
 def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: random.Random,
