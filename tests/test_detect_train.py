@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_training_runs import finish, kill_group, start, wait_for
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
@@ -25,6 +24,7 @@ from flows.cli import app
 from pipelines import DataConfig, build_loader
 from shards import ConvertOptions, convert
 from shards.samples import make_yolo
+from tests.test_training_runs import finish, kill_group, start, wait_for
 from training import load_config, run
 from training.dist import World
 from training.tasks.detect import DetectTask

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_training_runs import finish, kill_group, start, train, wait_for
 
 from shards import ConvertOptions, convert
+from tests.test_training_runs import finish, kill_group, start, train, wait_for
 
 STEPS = 8  # 32 unlabeled images / batch 8 = 4 steps an epoch, 2 epochs
 

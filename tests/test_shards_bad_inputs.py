@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from test_shards_reader import decode, read_store
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples
 from shards.keys import order_key, sample_key
+from tests.test_shards_reader import decode, read_store
 
 MAX_PIXELS = 150 * 150
 

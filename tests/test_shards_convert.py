@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_shards_reader import read_store
 
 from shards import ConvertOptions, StoreError, convert, inspect_store, read_manifest, samples, verify
 from shards.keys import order_key, sample_key
+from tests.test_shards_reader import read_store
 
 
 def run(src, dest, **kw):

@@ -9,10 +9,10 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from test_shards_reader import decode, read_store
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples, verify
 from shards.keys import sample_key
+from tests.test_shards_reader import decode, read_store
 
 
 def test_same_command_after_a_kill_past_the_manifest_is_a_no_op(tmp_path):

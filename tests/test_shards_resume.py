@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_shards_reader import read_store
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples, verify
 from shards.keys import order_key, sample_key
+from tests.test_shards_reader import read_store
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
