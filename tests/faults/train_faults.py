@@ -58,6 +58,17 @@ def make_store(work: Path) -> str:
     return str(dest)
 
 
+def run_baseline(folder: Path, store: str, storage: str, label: str, workers: int = 0) -> tuple[dict | None, float]:
+    """Train an uninterrupted run to the end: its final state (what every fault's resume must match) and its seconds."""
+    started = time.monotonic()
+    code, log = train_to_end(write_config(folder, store, storage, workers=workers))
+    seconds = time.monotonic() - started
+    if code != 0:
+        raise RuntimeError(f"the {label} run failed (exit {code}):\n{log[-3000:]}")
+    print(f"{label}: {STEPS} steps in {seconds:.1f}s", flush=True)
+    return final_state(folder), seconds
+
+
 def write_config(folder: Path, store: str, storage: str, workers: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = {
@@ -348,15 +359,9 @@ def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: rand
     # for (checkpoint.preempt_timeout), then the processes exit; 15 s covers steps, write and exit on a
     # loaded 2-core machine with room to spare.
     bound = PREEMPT_TIMEOUT + 15
-    config = write_config(work / "baseline", store, f"s3://{BUCKET}/preempt-baseline", workers=LOADER_WORKERS)
-    started = time.monotonic()
-    code, log = train_to_end(config)
-    baseline_s = time.monotonic() - started
-    if code != 0:
-        raise RuntimeError(f"the preemption baseline run failed (exit {code}):\n{log[-3000:]}")
-    baseline = final_state(work / "baseline")
-    print(f"preemption baseline ({LOADER_WORKERS} DataLoader worker per rank): {STEPS} steps in {baseline_s:.1f}s",
-          flush=True)
+    baseline, baseline_s = run_baseline(work / "baseline", store, f"s3://{BUCKET}/preempt-baseline",
+                                         f"preemption baseline ({LOADER_WORKERS} DataLoader worker per rank)",
+                                         workers=LOADER_WORKERS)
     tally = {mode: Counter() for mode in MODES}  # signals, ok, identical, after-end and the moments hit
     worst = dict.fromkeys(MODES, 0.0)
     # Round after round, one trial of each mode that still needs one: a campaign cut short has tried every mode.
@@ -657,14 +662,7 @@ def run(work: Path, kills: int, seed: int) -> dict:
     # s3fs here and in every training process finds moto through the AWS_* variables
     with MotoServer().serving(buckets=(BUCKET,)) as moto:
         store = make_store(work)
-        config = write_config(work / "baseline", store, f"s3://{BUCKET}/baseline")
-        started = time.monotonic()
-        code, log = train_to_end(config)
-        baseline_s = time.monotonic() - started
-        if code != 0:
-            raise RuntimeError(f"the baseline run failed (exit {code}):\n{log[-3000:]}")
-        baseline = final_state(work / "baseline")
-        print(f"baseline: {STEPS} steps in {baseline_s:.1f}s", flush=True)
+        baseline, baseline_s = run_baseline(work / "baseline", store, f"s3://{BUCKET}/baseline", "baseline")
         figures = {"train_baseline_s": round(baseline_s, 1)}
         figures |= train_kills(work, store, baseline, baseline_s, kills, rng)
         figures |= preemptions(work / "preempt", store, moto, max(2, kills // 4), rng)
