@@ -4,6 +4,8 @@ Start-up imports only what the commands' signatures need (typer, rich, pydantic,
 albumentations and prefect are imported by the commands that use them, so `--help` and `inspect` are quick.
 """
 
+import atexit
+import gc
 import signal
 import sys
 
@@ -25,6 +27,9 @@ from training.doctor import app as doctor_app  # noqa: E402
 
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.signal(signal.SIGINT, signal.default_int_handler)
+# The interpreter's last garbage collection walks every object torch and timm made: seconds on a busy
+# host, after a command's work (and a second signal's "at once") is done. Objects frozen are left to the OS.
+atexit.register(gc.freeze)
 
 app = typer.Typer(
     help="Raw image folders to verified shards, and timm models trained on them.",

@@ -12,6 +12,7 @@ from pathlib import Path
 from training.config import TrainError, load_config, run_dir
 from training.metrics import SUMMARY_FILE
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, insist_message
+from training.processes import kill_tree
 
 
 def torchrun_command(
@@ -106,7 +107,7 @@ def exit_code(code: int, directory: Path, started: float, signalled: bool) -> in
 
 class Relay:
     """The launcher's answers to stop signals: pass the first on to torchrun (which passes it to the workers,
-    who save and stop), and kill torchrun at once on an insisting one (the workers die with it).
+    who save and stop), and kill torchrun, the ranks and their DataLoader workers at once on an insisting one.
 
     SIGINT is passed on as well: a terminal's Ctrl-C reaches torchrun directly too, and torchrun takes the
     two as one request (training.torchrun); `kill -INT` of the launcher reaches only the launcher.
@@ -123,7 +124,8 @@ class Relay:
     def insist(self, signum: int) -> None:
         self.insisted = signum
         if self.proc.poll() is None:
-            self.proc.kill()
+            # torchrun's death alone would leave the ranks saving (and writing to our output) in their own groups
+            kill_tree(self.proc.pid)
 
 
 def preempted_since(directory: Path, started: float) -> bool:

@@ -44,6 +44,7 @@ import shards
 import training
 from shards import samples
 from tests.servers import MotoServer, PrefectServer, start_group, stop_group
+from training.processes import kill_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,37 +73,12 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
     return start_group([str(PREFECT), "worker", "start", "--pool", POOL], env, log, REPO)
 
 
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (from /proc), parents first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we looked
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo.extend(children.get(p, []))
-    return found
-
-
 def host_crash(worker: subprocess.Popen) -> int:
     """kill -9 the worker and everything it started, as a host crash would; returns how many processes died.
 
     Stopped first, then killed, so no process can notice its parent's death and clean up (torchrun would).
     """
-    pids = descendants(worker.pid)
-    for sig in (signal.SIGSTOP, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    pids = kill_tree(worker.pid)
     try:
         os.killpg(worker.pid, signal.SIGKILL)
     except ProcessLookupError:
