@@ -69,6 +69,9 @@ class OptimConfig(_Section):
         "from the head down gets this factor once more.")
     clip_grad: float | None = Field(
         default=None, gt=0, description="Clip the gradients' global norm to this; null = no clipping.")
+    fused: bool = Field(
+        default=True, description="On a GPU, torch's fused optimizer kernel (one launch updates every parameter); "
+        "false: its foreach kernels.")
 
 
 class TrainConfig(_Section):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import CosineLRScheduler
 
 from training.config import OptimConfig
@@ -20,8 +21,16 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     extra: dict[str, Any] = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
+    if cfg.fused and fusable(cfg.name, model):
+        extra["fused"] = True  # one kernel updates every parameter, not a chain of foreach kernels per group
     return create_optimizer_v2(model, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay,
                                layer_decay=cfg.layer_decay, **extra)
+
+
+def fusable(name: str, model: torch.nn.Module) -> bool:
+    """Whether the optimizer has a fused CUDA kernel (torch's SGD, Adam, AdamW...) and the model is on a GPU."""
+    on_gpu = all(p.is_cuda for p in model.parameters())
+    return on_gpu and "fused" in inspect.signature(get_optimizer_info(name).opt_class).parameters
 
 
 @dataclass(frozen=True)
