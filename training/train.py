@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import yaml
@@ -115,7 +115,7 @@ class Trainer:
         self.train_model: torch.nn.Module = DDP(self.model, gradient_as_bucket_view=True) \
             if world.distributed else self.model
         if cfg.train.compile:
-            self.train_model = cast(torch.nn.Module, torch.compile(self.train_model))
+            self.train_model = self.task.compile(self.train_model)
         self.uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) \
             if cfg.checkpoint.storage and world.is_main else None
         self.writer = checkpoint.Writer(self.ckpt_dir, cfg.checkpoint.keep)
@@ -128,6 +128,8 @@ class Trainer:
         self.reporter.line(f"{self.cfg.task} {self.cfg.model.name}: {self.world.size} process(es) on "
                            f"{self.world.device.type}, amp {amp}, {self.plan.total_steps} steps, "
                            f"global batch {self.global_batch}")
+        if self.cfg.train.compile:
+            self.reporter.line(f"compiled: {self.task.compiled}")
         if self.source:
             if self.world.is_main:
                 metrics.keep_results_until(self.rdir / "results.csv", self.progress.last_eval_step)

@@ -10,7 +10,7 @@ hooks and `step` the optimizer steps done. The hooks do nothing here; a task ove
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,11 +22,17 @@ from training.optim import StepPlan
 
 
 class Task:
+    compiled = "the whole model"  # what `compile` compiles, for the run's log
+
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         self.cfg, self.classes, self.world, self.cache_dir = cfg, classes, world, cache_dir
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def compile(self, model: nn.Module, **options: Any) -> nn.Module:
+        """train.compile: the model `train_loss` is given, compiled where it compiles (here: all of it)."""
+        return cast(nn.Module, torch.compile(model, **options))
 
     def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """A scalar loss of one micro-batch (`model` may be DDP- or compile-wrapped)."""

@@ -101,13 +101,25 @@ def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, 
 
 
 class DetectTask(Task):
+    compiled = ("the backbone, FPN and head; target assignment, the losses and postprocessing run eager "
+                "(their shapes follow the boxes of each batch)")
+
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if not classes:
             raise TrainError("data.path: a detect run needs a store with class names (convert with --layout yolo)")
         super().__init__(cfg, classes, world, cache_dir)
 
     def build_model(self) -> nn.Module:
-        return build_detector(self.cfg, len(self.classes), self.cache_dir)
+        self.model = build_detector(self.cfg, len(self.classes), self.cache_dir)
+        return self.model
+
+    def compile(self, model: nn.Module, **options: Any) -> nn.Module:
+        """The convolutions compile in place (the state dict keeps its keys); FCOS's/RetinaNet's matching of
+        boxes to locations, losses and NMS stay eager: compiled, their per-batch box counts recompile every step."""
+        detector = cast(FCOS | RetinaNet, self.model)
+        detector.backbone.compile(**options)
+        detector.head.compile(**options)
+        return model
 
     def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         losses = model(list(batch["image"]), targets_of(batch))  # focal + GIoU (+ centerness for FCOS)

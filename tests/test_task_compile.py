@@ -1,0 +1,97 @@
+"""train.compile for DINO and detection on the CPU (dynamo with its eager backend: the graphs, graph breaks and
+recompiles inductor would get, without the minutes of its C++ build): what compiles has no graph break, the compiled step gives the eager
+step's loss, the state dict keeps its keys; DINO's forward grouped by crop size equals one pass per crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+from training.config import validate
+from training.dist import World
+from training.tasks.detect import DetectTask
+from training.tasks.dino import DinoTask, dino_loss
+
+ONE = World(0, 0, 1, torch.device("cpu"))
+
+
+def dino_task() -> DinoTask:
+    cfg = validate({
+        "name": "dino", "task": "dino", "data": {"path": "unused", "image_size": 32,
+                                                  "augment": {"local_crops": 3, "local_size": 16}},
+        "eval": {"knn_path": None},
+        "model": {"name": "vit_tiny_patch16_224", "drop_path": 0.0,
+                  "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "dynamic_img_size": True}},
+        "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16},
+    })
+    task = DinoTask.__new__(DinoTask)  # knn_data() would read a store; these tests need the model alone
+    task.cfg, task.dino, task.world, task.cache_dir = cfg, cfg.dino, ONE, Path("unused")
+    task.crops = 5
+    return task
+
+
+def detect_task(head: str) -> DetectTask:
+    cfg = validate({"name": "d", "task": "detect", "data": {"path": "unused", "image_size": 64},
+                    "model": {"name": "test_resnet"}, "detect": {"head": head, "fpn_channels": 32}})
+    return DetectTask(cfg, ["a", "b", "c"], ONE, Path("."))
+
+
+def crops(batch: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, 3, 32, 32, generator=g) for _ in range(2)] + \
+        [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(3)]
+
+
+def test_dino_forward_grouped_by_size_equals_one_pass_per_crop():
+    torch.manual_seed(0)
+    task = dino_task()
+    model = task.build_model().eval()  # no dropped paths: both forwards see the same network
+    views = crops()
+    with torch.no_grad():
+        grouped, _ = model.student(views)
+        per_crop = torch.cat([model.student.head(model.student.backbone(c)) for c in views])
+        teacher = torch.cat([model.teacher.module.head(model.teacher.module.backbone(c)) for c in views[:2]])
+        center = torch.randn(1, 64)
+    torch.testing.assert_close(grouped, per_crop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dino_loss(grouped, teacher, center, 5, 0.1, 0.04),
+                               dino_loss(per_crop, teacher, center, 5, 0.1, 0.04), rtol=1e-6, atol=1e-6)
+
+
+def test_dino_compiled_model_gives_the_eager_loss_and_keeps_its_keys():
+    torch.manual_seed(0)
+    task = dino_task()
+    model = task.build_model()
+    views = crops()
+    eager_student, eager_teacher, _ = model(views)
+    keys = list(model.state_dict())
+    compiled = task.compile(model, backend="eager")
+    student, teacher, _ = compiled(views)
+    torch.testing.assert_close(student, eager_student, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher, eager_teacher, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == keys  # checkpoints hold the unwrapped model
+
+
+def test_detector_compiles_its_convolutions_without_graph_breaks_and_keeps_the_loss():
+    for head in ("fcos", "retinanet"):
+        torch.manual_seed(0)
+        task = detect_task(head)
+        model = task.build_model()
+        images = [torch.randn(3, 64, 64) for _ in range(2)]
+        targets = [{"boxes": torch.tensor([[4.0, 8, 30, 40]]), "labels": torch.tensor([2])},
+                   {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+        x = torch.stack(images)
+        features = list(model.backbone(x).values())
+        for part, args in ((model.backbone, (x,)), (model.head, (features,))):
+            explained = torch._dynamo.explain(part)(*args)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, (head, explained.break_reasons)
+        eager = sum(model(images, targets).values())
+        keys = list(model.state_dict())
+        torch._dynamo.reset()
+        assert task.compile(model, backend="eager") is model  # compiled in place: target matching stays eager
+        loss = sum(model(images, targets).values())
+        torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        assert list(model.state_dict()) == keys
