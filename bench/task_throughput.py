@@ -1,0 +1,226 @@
+"""DINO and detection throughput: each task's own step on a GPU batch (the ceiling) against shardtrain's loop
+from a full-size JPEG store (end to end), their ratio, and the TFLOP/s achieved.
+
+Run on a GPU host, from the repo root:
+
+    python bench/task_throughput.py                          # both tasks as shipped (configs/dino_vits16.yaml,
+                                                             # configs/detector.yaml): ceiling, end to end, ratio
+    python bench/task_throughput.py --tasks dino --variants ';train.compile=false;data.batch_size=64 optim.fused=false'
+    python bench/task_throughput.py --tasks dino --gpus 1,2  # DDP: efficiency_dino_2 = per-GPU rate on 2 / on 1
+
+A variant is the shipped config with space-separated dotted overrides (`shardtrain train`'s); variants are
+separated by ';', the empty one is the shipped config. Every variant's ceiling is measured; the first variant
+also runs end to end and gives the headline keys (ratio_dino, images_per_s_dino, tflops_dino, ...).
+
+- Data: `--images` JPEGs of ImageNet-like size (~500x375, bench/train_throughput.py's `make_raw`) converted at
+  full size to WebDataset for DINO; for detection, windows of the bundled coins photo at 2 to 3 times their size
+  (about 200 to 1,500 px a side, every coin boxed) converted from YOLO layout.
+- Ceiling: the loop's own `Trainer` built from the variant's config, stepping with its own `train_step` (task
+  loss, backward, clipping, the task's hooks, optimizer, schedules, logging) on one real batch of the store,
+  already on the GPU; no data loading. Each variant runs in a process of its own (`--ceiling CONFIG`).
+- FLOPs: torch.utils.flop_counter over one eager forward and backward of the task's loss (the optimizer's
+  few FLOPs left out), per image; TFLOP/s = FLOPs per image x images/s.
+- End to end: `python -m training CONFIG` (torchrun for --gpus), images/s the median of the loop's logged
+  windows after --warmup-steps (train_throughput's `steady_rate`).
+The last line is one JSON object, also appended to bench/results/task_throughput.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from common import machine, record
+from shards import ConvertOptions, convert, samples
+from train_throughput import launch, make_raw, steady_rate
+from training.config import apply_override
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"dino": ROOT / "configs" / "dino_vits16.yaml", "detect": ROOT / "configs" / "detector.yaml"}
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+def make_store(work: Path, task: str, n_train: int, n_val: int) -> str:
+    dest = work / f"store-{task}"
+    if not (dest / "manifest.json").exists():
+        t = time.perf_counter()
+        raw = work / f"raw-{task}"
+        if task == "dino":
+            make_raw(raw, n_train, n_val, os.cpu_count() or 1)
+        else:
+            samples.make_coins(raw, per_split={"train": n_train, "val": n_val}, seed=0,
+                               scale={"train": (2.0, 3.0), "val": (2.0, 3.0)})
+        convert(ConvertOptions(src=str(raw), dest=str(dest), format="wds", workers=os.cpu_count() or 1),
+                progress=False)
+        print(f"made the {task} store ({n_train} + {n_val} images) in {time.perf_counter() - t:.1f}s", flush=True)
+    return str(dest)
+
+
+def bench_config(task: str, variant: str, name: str, store: str, runs: Path, steps: int,
+                 workers: int | None) -> dict:
+    """The shipped config of `task` with the variant's overrides, on `store`, for `steps` steps, no checkpoints."""
+    raw = yaml.safe_load(CONFIGS[task].read_text())
+    raw.update(name=name, runs_dir=str(runs), resume="never")
+    raw["data"]["path"] = store
+    if workers is not None:
+        raw["data"]["workers"] = workers
+    raw["model"]["pretrained"] = None  # no model hub here; the step's speed is the same
+    raw["train"].update(epochs=1000, max_steps=steps, log_every=10)
+    raw["checkpoint"].update(every_steps=10**9, storage=None)
+    raw["eval"]["every_epochs"] = 1000
+    if task == "dino":
+        raw["eval"]["knn_path"] = None  # the store is an ImageFolder: its own labels for the k-NN at the end
+    for item in variant.split():
+        apply_override(raw, item)
+    return raw
+
+
+# ---- ceiling (in a process of its own) ----------------------------------------------------------------------------
+
+
+def step_flops(trainer, batch: dict) -> float:  # noqa: ANN001 (training.train.Trainer, imported in the child)
+    """FLOPs of one eager forward and backward of the task's loss on `batch`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+        with torch.autocast(trainer.world.device.type, dtype=trainer.dtype, enabled=trainer.dtype is not None):
+            loss = trainer.task.train_loss(trainer.train_model, batch)
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def ceiling(config: Path, warmup: int, steps: int) -> dict:
+    """images/s of the loop's own `train_step` on one batch of the store already on the device, and its FLOPs."""
+    from training import dist
+    from training.config import load_config
+    from training.preempt import preemption_signals
+    from training.train import Trainer
+
+    cfg = load_config(config)
+    world = dist.setup()
+    with preemption_signals() as preemption:
+        trainer = Trainer(cfg, world, preemption)
+        loader = trainer.train_loader
+        batch = next(iter(loader))
+        n = loader.batch_size(batch)
+        flops = step_flops(trainer, batch) / n
+        sync = torch.cuda.synchronize if world.device.type == "cuda" else lambda: None
+        for _ in range(warmup):
+            trainer.train_step(batch, 0, len(loader))
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch, 0, len(loader))
+        sync()
+        rate = n * steps / (time.perf_counter() - t)
+    dist.teardown(world)
+    return {"images_per_s": rate, "flops_per_image": flops}
+
+
+def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int) -> dict:
+    path = runs / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, __file__, "--ceiling", str(path), "--warmup-steps", str(warmup), "--steps", str(steps)]
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        raise RuntimeError(f"ceiling of {cfg['name']} failed:\n" + "\n".join(lines[-30:]))
+    return json.loads(lines[-1])
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/shardtrain-task-bench")
+    p.add_argument("--tasks", default="dino,detect")
+    p.add_argument("--variants", default="", help="';'-separated override sets; the first runs end to end too")
+    p.add_argument("--images", type=int, default=8192, help="DINO train images (detection: a quarter of it)")
+    p.add_argument("--workers", type=int, default=None, help="data.workers (default: the shipped config's)")
+    p.add_argument("--steps", type=int, default=150, help="end-to-end steps (the ceiling: --ceiling-steps)")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--ceiling-steps", type=int, default=30)
+    p.add_argument("--ceiling-warmup", type=int, default=10)
+    p.add_argument("--gpus", default=None, help="comma-separated GPU counts: DINO end to end under DDP only")
+    p.add_argument("--no-e2e", action="store_true", help="ceilings only")
+    p.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the child process measuring one ceiling
+    args = p.parse_args()
+    if args.ceiling:
+        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps)))
+        return
+    if not torch.cuda.is_available():
+        sys.exit("error: this benchmark needs a CUDA GPU")
+
+    work = Path(args.work)
+    runs = work / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    out: dict = {"bench": "task_throughput", "machine": machine(), "gpu": machine()["gpu"], "images": args.images}
+    table = []
+    tasks = ["dino"] if args.gpus else args.tasks.split(",")
+    for task in tasks:
+        n_train = args.images if task == "dino" else args.images // 4
+        store = make_store(work, task, n_train, 512 if task == "dino" else 64)
+        if args.gpus:
+            counts = [int(c) for c in args.gpus.split(",")]
+            # The same CPU share per GPU in every run: each rank's main process and pin thread get 2 cores.
+            workers = max(1, (os.cpu_count() or 2) // max(counts) - 2)
+            variant = args.variants.split(";")[0]
+            out.update(variant=variant, workers=workers)
+            per_gpu = {}
+            for n in counts:
+                cfg = bench_config(task, variant, f"{task}-ddp{n}", store, runs, args.steps, workers)
+                total, wait = steady_rate(launch(cfg, runs, nproc=n)[0], args.warmup_steps)
+                per_gpu[n] = total / n
+                table.append((f"{task} DDP x{n}, per GPU", per_gpu[n], None, wait, None))
+                out[f"images_per_s_per_gpu_{task}_{n}"] = round(per_gpu[n], 1)
+                if 1 in per_gpu:
+                    out[f"efficiency_{task}_{n}"] = round(per_gpu[n] / per_gpu[1], 3)
+            continue
+        out[f"variants_{task}"] = []
+        for i, variant in enumerate(args.variants.split(";")):
+            label = variant or "shipped"
+            name = f"{task}-ceiling-{i}"
+            cfg = bench_config(task, variant, name, store, runs, 10**6, args.workers)
+            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps)
+            gflop = c["flops_per_image"] / 1e9
+            ceil = c["images_per_s"]
+            row = {"variant": label, "ceiling": round(ceil, 1), "gflop_per_image": round(gflop, 2),
+                   "ceiling_tflops": round(gflop * ceil / 1e3, 1)}
+            print(f"{task} [{label}] ceiling {ceil:.0f} images/s, {gflop:.1f} GFLOP/image, "
+                  f"{gflop * ceil / 1e3:.0f} TFLOP/s", flush=True)
+            table.append((f"{task} [{label}] ceiling", ceil, None, None, gflop * ceil / 1e3))
+            if i == 0 and not args.no_e2e:
+                cfg = bench_config(task, variant, f"{task}-e2e", store, runs, args.steps, args.workers)
+                rate, wait = steady_rate(launch(cfg, runs)[0], args.warmup_steps)
+                row |= {"images_per_s": round(rate, 1), "ratio": round(rate / ceil, 3), "data_wait": wait}
+                table.append((f"{task} [{label}] end to end", rate, rate / ceil, wait, gflop * rate / 1e3))
+                out |= {f"images_per_s_{task}": round(rate, 1), f"ceiling_{task}": round(ceil, 1),
+                        f"ratio_{task}": round(rate / ceil, 3), f"tflops_{task}": round(gflop * rate / 1e3, 1),
+                        f"gflop_per_image_{task}": round(gflop, 2), f"config_{task}": label,
+                        f"workers_{task}": cfg["data"]["workers"]}
+            out[f"variants_{task}"].append(row)
+
+    print()
+    print(f"{'run':64s} {'images/s':>9s} {'ratio':>6s} {'wait':>5s} {'TFLOP/s':>8s}")
+    for name, rate, ratio, wait, tflops in table:
+        r = f"{ratio:.3f}" if ratio is not None else ""
+        w = f"{wait:.0%}" if wait is not None else ""
+        tf = f"{tflops:.0f}" if tflops is not None else ""
+        print(f"{name:64s} {rate:9.0f} {r:>6s} {w:>5s} {tf:>8s}")
+    record("task_throughput", out)
+
+
+if __name__ == "__main__":
+    main()
