@@ -1,6 +1,7 @@
 """train.compile for DINO and detection on the CPU (dynamo with its eager backend: the graphs, graph breaks and
-recompiles inductor would get, without the minutes of its C++ build): what compiles has no graph break, the compiled step gives the eager
-step's loss, the state dict keeps its keys; DINO's forward grouped by crop size equals one pass per crop."""
+recompiles inductor would get, without the minutes of its C++ build): what compiles has no graph break, the
+compiled step gives the eager step's loss, the state dict keeps its keys; DINO's forward grouped by crop size
+equals one pass per crop."""
 
 from __future__ import annotations
 

@@ -29,8 +29,9 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float) -> torc
 
 def fusable(name: str, model: torch.nn.Module) -> bool:
     """Whether the optimizer has a fused CUDA kernel (torch's SGD, Adam, AdamW...) and the model is on a GPU."""
+    opt_class = get_optimizer_info(name).opt_class
     on_gpu = all(p.is_cuda for p in model.parameters())
-    return on_gpu and "fused" in inspect.signature(get_optimizer_info(name).opt_class).parameters
+    return on_gpu and callable(opt_class) and "fused" in inspect.signature(opt_class).parameters
 
 
 @dataclass(frozen=True)
