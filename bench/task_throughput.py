@@ -173,7 +173,7 @@ def main() -> None:
     runs = work / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     out: dict = {"bench": "task_throughput", "machine": machine(), "gpu": machine()["gpu"], "images": args.images}
-    table = []
+    table: list[tuple[str, float, float | None, float | None, float | None]] = []  # rate, ratio, wait, TFLOP/s
     tasks = ["dino"] if args.gpus else args.tasks.split(",")
     for task in tasks:
         n_train = args.images if task == "dino" else args.images // 4
@@ -222,11 +222,11 @@ def main() -> None:
 
     print()
     print(f"{'run':64s} {'images/s':>9s} {'ratio':>6s} {'wait':>5s} {'TFLOP/s':>8s}")
-    for name, rate, ratio, wait, tflops in table:
+    for name, images_per_s, ratio, data_wait, tflops in table:
         r = f"{ratio:.3f}" if ratio is not None else ""
-        w = f"{wait:.0%}" if wait is not None else ""
+        w = f"{data_wait:.0%}" if data_wait is not None else ""
         tf = f"{tflops:.0f}" if tflops is not None else ""
-        print(f"{name:64s} {rate:9.0f} {r:>6s} {w:>5s} {tf:>8s}")
+        print(f"{name:64s} {images_per_s:9.0f} {r:>6s} {w:>5s} {tf:>8s}")
     record("task_throughput", out)
 
 

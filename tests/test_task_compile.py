@@ -28,6 +28,7 @@ def dino_task() -> DinoTask:
                   "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2, "dynamic_img_size": True}},
         "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16},
     })
+    assert cfg.dino is not None
     task = DinoTask.__new__(DinoTask)  # knn_data() would read a store; these tests need the model alone
     task.cfg, task.dino, task.world, task.cache_dir = cfg, cfg.dino, ONE, Path("unused")
     task.crops = 5
