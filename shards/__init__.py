@@ -3,6 +3,8 @@
 The public surface; other packages import only these names.
 """
 
+from typing import TYPE_CHECKING
+
 from shards.convert import ConvertOptions, ConvertSummary, convert
 from shards.manifest import Manifest, read_manifest
 from shards.storage import StoreError, open_fs
@@ -15,7 +17,20 @@ __all__ = [
     "StoreError",
     "convert",
     "inspect_store",
+    "local_cluster_options",
     "open_fs",
     "read_manifest",
     "verify",
 ]
+
+if TYPE_CHECKING:  # at run time __getattr__ imports it
+    from shards.distributed import local_cluster_options
+
+
+def __getattr__(name: str) -> object:
+    # shards.distributed imports Dask's distributed (a second or two), which only --dask needs
+    if name != "local_cluster_options":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from shards import distributed
+
+    return distributed.local_cluster_options

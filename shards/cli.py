@@ -48,6 +48,9 @@ def convert(
     layout: Literal["auto", "imagefolder", "unlabeled", "yolo"] = typer.Option("auto"),
     shard_size: str = typer.Option("256MB", help="bytes per shard (256MB, 1GB, 500KB) or samples (1000samples)"),
     workers: int | None = typer.Option(None, min=1, help="decoding processes (default: the CPU count)"),
+    dask: str | None = typer.Option(
+        None, help="decode and write on a Dask cluster instead: its scheduler (tcp://HOST:8786), or local:N "
+                   "for N processes here (--workers is then unused)"),
     max_side: int | None = typer.Option(None, min=1, help="shrink images whose longer side is larger"),
     max_pixels: int = typer.Option(89_478_485, min=1, help="reject images with more pixels (too_large)"),
     append: bool = typer.Option(False, "--append", help="add new inputs to an existing store"),
@@ -59,7 +62,8 @@ def convert(
 ) -> None:
     """Convert a raw image folder into a WebDataset or LMDB shard store."""
     fields = dict(src=src, dest=dest, format=format, layout=layout, shard_size=shard_size, max_side=max_side,
-                  max_pixels=max_pixels, append=append, on_error=on_error, seed=seed, val_fraction=val_fraction)
+                  max_pixels=max_pixels, append=append, on_error=on_error, seed=seed, val_fraction=val_fraction,
+                  dask=dask)
     if workers is not None:
         fields["workers"] = workers
     try:

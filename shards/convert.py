@@ -4,6 +4,8 @@ Workers decode inputs in parallel; the parent packs their results into shards in
 order, so the shards are the same whatever the worker count. Each shard is written under a
 temporary name and renamed (or uploaded in one PUT), then its `_index/` entry is written; a
 rerun after a kill skips the inputs that finished shards already cover. manifest.json last.
+With `--dask`, shards.distributed does the decoding and writing on a Dask cluster, and this
+module does the rest (listing, packing, the indexes and the manifest) the same way.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import os
 import re
 import signal
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,6 +57,9 @@ from shards.progress import console, progress_bar
 from shards.storage import WRITE_PROBE, StoreError, check_writable, is_local, join, open_fs, public_url, publish_file
 from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 _SIZE = re.compile(r"^\s*(\d+)\s*(samples?|[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -62,6 +67,7 @@ _UNITS = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
 # (.NAME.partial), the files commit() writes before the manifest, temp files of atomic writes, the write probe.
 _OUR_FILES = {INDEX_DIR, REJECTS, TIMM_INFO, MANIFEST, WRITE_PROBE}
 _SHARD_FILE = re.compile(rf"^\.?.+-\d{{6}}\.({'|'.join(SUFFIX.values())})(\.partial)?$")
+_DASK = re.compile(r"^(local:[1-9]\d*|[a-z]+://\S+)$")
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,21 @@ class ConvertOptions(BaseModel):
     # Share of a source without split folders held out as val (None: 0.05 for a new store, the store's own
     # on --append); refused above 0 for a source with split folders.
     val_fraction: float | None = Field(default=None, ge=0, lt=1)
+    # A Dask scheduler's address (tcp://HOST:8786) or local:N (a LocalCluster of N processes) to decode and
+    # write on, instead of `workers` processes here: shards.distributed.
+    dask: str | None = None
 
     @field_validator("shard_size")
     @classmethod
     def _valid_shard_size(cls, v: str) -> str:
         parse_shard_size(v)
+        return v
+
+    @field_validator("dask")
+    @classmethod
+    def _valid_dask(cls, v: str | None) -> str | None:
+        if v is not None and not _DASK.match(v):
+            raise ValueError(f"{v!r} is neither a scheduler address like tcp://HOST:8786 nor local:N")
         return v
 
 
@@ -127,13 +143,25 @@ class ConvertSummary(BaseModel):
     skipped: list[str] = []  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
 
 
+class Packable(Protocol):
+    """What packing needs of a decoded sample: a decode.Sample, or (on a Dask client) a
+    shards.distributed.SampleRef to one that stays on a worker."""
+
+    @property
+    def input(self) -> Input: ...
+    @property
+    def sha1(self) -> str: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
 @dataclass
 class OpenShard:
     """The shard being filled for one split, with the rejects met while filling it."""
 
     split: str
     number: int
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Packable] = field(default_factory=list)
     nbytes: int = 0
     rejects: list[RejectRecord] = field(default_factory=list)
 
@@ -152,8 +180,9 @@ class StoreState:
         return self.manifest.version + 1 if self.manifest else 1
 
 
-def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
-    """Convert `opts.src` into the store at `opts.dest`; see the module docstring."""
+def convert(opts: ConvertOptions, progress: bool = True, client: Client | None = None) -> ConvertSummary:
+    """Convert `opts.src` into the store at `opts.dest`; see the module docstring. With `client` (a Dask
+    client, as a task on a Dask cluster has) or `opts.dask`, the decoding and writing run on that cluster."""
     src_fs, src_root = open_fs(opts.src)
     fs, root = open_fs(opts.dest)
     check_dest(fs, root, opts.dest)
@@ -180,7 +209,6 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
             console.print(f"no split folders: {listing.holdout:.0%} of the inputs held out as {HOLDOUT_SPLIT} "
                           "by a hash of their keys (--val-fraction)")
     state = load_state(fs, root, manifest, opts, listing)
-    limit = parse_shard_size(opts.shard_size)
     settings = Settings(src_fs, src_root, opts.max_side, opts.max_pixels, len(listing.classes))
 
     covered = {sample_key(r.path) for idx in state.resumed.values() for r in idx.rejects}
@@ -193,16 +221,39 @@ def convert(opts: ConvertOptions, progress: bool = True) -> ConvertSummary:
     if progress and state.resumed:
         console.print(f"resuming: {len(state.resumed)} finished shards kept, {len(tasks)} inputs left")
 
+    written = list(state.resumed.values())
+    with progress_bar(progress, "images") as bar:
+        task = bar.add_task("converting", total=len(tasks))
+        if client is not None or opts.dask is not None:
+            from shards import distributed  # here: `distributed` takes a second to import, and only --dask needs it
+
+            packer = distributed.pack(client, fs, root, opts, state, settings, tasks, known, written,
+                                      advance=lambda: bar.advance(task))
+        else:
+            packer = pack(fs, root, opts, state, settings, tasks, known, written, advance=lambda: bar.advance(task))
+    return commit(fs, root, opts, listing, state, written, packer)
+
+
+def pack(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, state: StoreState, settings: Settings,
+         tasks: list[tuple[Input, bool]], known: dict[str, str], written: list[ShardIndex],
+         advance: Callable[[], None]) -> Packer:
+    """Decode `tasks` in `opts.workers` processes here and pack them into shards, each written (and its index
+    after it) as soon as it is full; their indexes are appended to `written`."""
     with tempfile.TemporaryDirectory(prefix="shardtrain-convert-") as tmp:
         build_dir = root if is_local(fs) else tmp
-        packer = Packer(fs, root, build_dir, opts.format, limit, state)
-        with progress_bar(progress, "images") as bar:
-            task = bar.add_task("converting", total=len(tasks))
-            for result in run_workers(settings, tasks, opts.workers):
-                packer.take(result, known, fail=opts.on_error == "fail")
-                bar.advance(task)
-            packer.finish()
-    return commit(fs, root, opts, listing, state, packer)
+
+        def write(shard: OpenShard) -> None:
+            samples = cast(list[Sample], shard.samples)  # packed from run_workers' results: all decode.Samples
+            index = write_shard(fs, root, build_dir, opts.format, state.version, shard, samples)
+            write_index(fs, root, index)
+            written.append(index)
+
+        packer = Packer(parse_shard_size(opts.shard_size), state, write)
+        for result in run_workers(settings, tasks, opts.workers):
+            packer.take(result, known, fail=opts.on_error == "fail")
+            advance()
+        packer.finish()
+    return packer
 
 
 def check_dest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
@@ -307,12 +358,11 @@ def default_sigterm() -> None:
 
 
 class Packer:
-    """Takes results in input order and packs samples into shards, one open shard per split."""
+    """Takes results in input order and packs samples into shards, one open shard per split; a full shard
+    goes to `write`. A sample may be a decode.Sample or anything with its `input`, `sha1` and `nbytes`."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: str,
-                 limit: ShardLimit, state: StoreState) -> None:
-        self.fs, self.root, self.build_dir, self.fmt, self.limit = fs, root, build_dir, fmt, limit
-        self.version = state.version
+    def __init__(self, limit: ShardLimit, state: StoreState, write: Callable[[OpenShard], None]) -> None:
+        self.limit, self.write = limit, write
         self.old_rejects = {(r.path, r.sha1) for r in state.old_rejects}
         stored = [*state.committed.values(), *state.resumed.values()]
         self.first_of = {it.sha1: it.key for idx in stored for it in idx.items}  # for duplicates
@@ -321,11 +371,10 @@ class Packer:
             number = int(idx.shard.rsplit("-", 1)[1].split(".")[0])
             self.next_number[idx.split] = max(self.next_number.get(idx.split, 0), number + 1)
         self.open: dict[str, OpenShard] = {}
-        self.written: list[ShardIndex] = list(state.resumed.values())
         self.trailing: list[RejectRecord] = []
         self.unchanged = 0
 
-    def take(self, result: Result, known: dict[str, str], fail: bool) -> None:
+    def take(self, result: Reject | Digest | Packable, known: dict[str, str], fail: bool) -> None:
         item = result.input
         if isinstance(result, Digest):
             if result.sha1 == known[item.key] or (item.relpath, result.sha1) in self.old_rejects:
@@ -333,7 +382,7 @@ class Packer:
                 return
             result = Reject(item, result.sha1, "changed",
                             f"content differs from the stored sample {item.key} (kept)")
-        if isinstance(result, Sample) and result.sha1 in self.first_of:
+        if not isinstance(result, Reject) and result.sha1 in self.first_of:
             first = self.first_of[result.sha1]
             result = Reject(item, result.sha1, "duplicate", f"same content as {first}", of=first)
         if isinstance(result, Reject):
@@ -356,9 +405,9 @@ class Packer:
             self.open[split] = OpenShard(split, self.next_number.get(split, 0))
         return self.open[split]
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Packable) -> None:
         shard = self.shard_for(sample.input.split)
-        size = payload_bytes(sample)
+        size = payload_bytes(sample.nbytes)
         if self.limit.full(len(shard.samples), shard.nbytes, size):
             self.close(shard)
             shard = self.shard_for(sample.input.split)
@@ -366,21 +415,9 @@ class Packer:
         shard.nbytes += size
 
     def close(self, shard: OpenShard) -> None:
-        """Write the shard under a temporary name, publish it, then its index."""
         del self.open[shard.split]
         self.next_number[shard.split] = shard.number + 1
-        name = shard_name(shard.split, shard.number, self.fmt)
-        build = join(self.build_dir, f".{name}.partial")
-        WRITERS[self.fmt](build, shard.samples)
-        nbytes, sha256 = file_digest(build)
-        publish_file(self.fs, build, join(self.root, name))
-        index = ShardIndex(
-            shard=name, split=shard.split, version=self.version, samples=len(shard.samples), bytes=nbytes,
-            sha256=sha256, rejects=shard.rejects,
-            items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1) for s in shard.samples],
-        )
-        write_index(self.fs, self.root, index)
-        self.written.append(index)
+        self.write(shard)
 
     def finish(self) -> None:
         for shard in list(self.open.values()):
@@ -390,34 +427,52 @@ class Packer:
                 self.trailing.extend(shard.rejects)
                 del self.open[shard.split]
 
-    def new_rejects(self) -> list[RejectRecord]:
-        found = [r for idx in self.written for r in idx.rejects] + self.trailing
-        return sorted(found, key=lambda r: r.path)
+
+def write_shard(fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: str, version: int,
+                shard: OpenShard, samples: list[Sample]) -> ShardIndex:
+    """Write `shard` under a temporary name in `build_dir` and publish it; returns its index (not yet written).
+    `samples`: the shard's, with their images."""
+    name = shard_name(shard.split, shard.number, fmt)
+    build = join(build_dir, f".{name}.partial")
+    WRITERS[fmt](build, samples)
+    nbytes, sha256 = file_digest(build)
+    publish_file(fs, build, join(root, name))
+    return ShardIndex(
+        shard=name, split=shard.split, version=version, samples=len(samples), bytes=nbytes,
+        sha256=sha256, rejects=shard.rejects,
+        items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1) for s in samples],
+    )
+
+
+def new_rejects(written: list[ShardIndex], packer: Packer) -> list[RejectRecord]:
+    found = [r for idx in written for r in idx.rejects] + packer.trailing
+    return sorted(found, key=lambda r: r.path)
 
 
 def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listing: Listing,
-           state: StoreState, packer: Packer) -> ConvertSummary:
-    """Write rejects.jsonl, _info.json and, last, manifest.json (unless nothing changed)."""
-    added = sum(idx.samples for idx in packer.written)
-    new_rejects = packer.new_rejects()
+           state: StoreState, written: list[ShardIndex], packer: Packer) -> ConvertSummary:
+    """Write rejects.jsonl, _info.json and, last, manifest.json (unless nothing changed). `written`: the
+    indexes of the shards this run added, a resumed run's earlier ones first."""
+    added = sum(idx.samples for idx in written)
+    rejects = new_rejects(written, packer)
     old = state.manifest
     version = state.version if added or old is None else old.version
-    for r in new_rejects:
+    for r in rejects:
         r.version = version
-    if old is not None and not added and not new_rejects:
+    if old is not None and not added and not rejects:
         manifest = old  # nothing new: the store stays byte for byte as it was
     else:
-        new_shards = [(idx.split, idx.entry(index_sha256(fs, root, idx.shard))) for idx in packer.written]
+        new_shards = [(idx.split, idx.entry(index_sha256(fs, root, idx.shard))) for idx in written]
         manifest = build_manifest(opts, listing, old, version, new_shards,
-                                  rejects=len(state.old_rejects) + len(new_rejects))
-        write_rejects(fs, root, state.old_rejects + new_rejects)
+                                  rejects=len(state.old_rejects) + len(rejects))
+        write_rejects(fs, root, state.old_rejects + rejects)
         if manifest.format == "wds":
             write_timm_info(fs, root, manifest)
         write_manifest(fs, root, manifest)
     return ConvertSummary(
         layout=listing.layout, format=manifest.format, version=manifest.version, added=added,
-        rejected=len(new_rejects), unchanged=packer.unchanged,
-        shards_written=[idx.shard for idx in packer.written],
+        rejected=len(rejects), unchanged=packer.unchanged,
+        shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
     )
 

@@ -43,6 +43,10 @@ class Sample:
     image: bytes
     meta: dict = field(default_factory=dict)  # {"cls": i} or {"boxes": [...], "labels": [...]}
 
+    @property
+    def nbytes(self) -> int:
+        return len(self.image)
+
 
 @dataclass
 class Reject:

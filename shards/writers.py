@@ -18,9 +18,9 @@ def shard_name(split: str, number: int, fmt: str) -> str:
     return f"{split}-{number:06d}.{SUFFIX[fmt]}"
 
 
-def payload_bytes(sample: Sample) -> int:
-    """What a sample adds to a shard, for byte-sized shards (members plus their tar headers)."""
-    return len(sample.image) + 1024
+def payload_bytes(nbytes: int) -> int:
+    """What a sample of `nbytes` image bytes adds to a shard, for byte-sized shards (members plus their tar headers)."""
+    return nbytes + 1024
 
 
 def meta_members(sample: Sample) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shards import samples
-from tests.servers import MotoServer
+from tests.servers import DaskCluster, MotoServer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,6 +24,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def moto_server():
     with MotoServer().serving() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(moto_server, tmp_path_factory):
+    """A Dask scheduler and two worker processes on 127.0.0.1 (after moto: they have its AWS_* variables)."""
+    cluster = DaskCluster(tmp_path_factory.mktemp("dask"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

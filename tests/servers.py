@@ -173,3 +173,46 @@ def ephemeral_prefect_env(home: Path) -> dict[str, str]:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
     return env
+
+
+class DaskCluster:
+    """`dask scheduler` and `workers` x `dask worker` (one thread each, under a nanny that restarts a killed
+    worker) on 127.0.0.1; they inherit this process's environment (AWS_* of a moto server started before)."""
+
+    def __init__(self, home: Path, workers: int = 2) -> None:
+        self.home, self.workers = home, workers
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        dask = str(Path(sys.executable).with_name("dask"))
+        scheduler = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"]
+        self.procs.append(start_group(scheduler, dict(os.environ), self.home / "scheduler.log", self.home))
+        wait_for_port(self.port)
+        worker = [dask, "worker", self.address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard"]
+        for n in range(self.workers):
+            self.procs.append(start_group(worker, dict(os.environ), self.home / f"worker{n}.log", self.home))
+        from distributed import Client
+
+        with Client(self.address) as client:
+            client.wait_for_workers(self.workers, timeout=60)
+
+    def worker_pids(self) -> dict[str, int]:
+        """The worker processes (under their nannies), by address."""
+        from distributed import Client
+
+        with Client(self.address) as client:
+            return client.run(os.getpid)
+
+    def keys_held(self) -> dict[str, int]:
+        """How many results each worker holds in memory, by address."""
+        from distributed import Client
+
+        with Client(self.address) as client:
+            return {address: len(keys) for address, keys in client.has_what().items()}
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop_group(proc)
+        self.procs = []
