@@ -212,6 +212,13 @@ class DaskCluster:
         with Client(self.address) as client:
             return {address: len(keys) for address, keys in client.has_what().items()}
 
+    def task_prefixes(self) -> set[str]:
+        """The names of the functions the scheduler has run tasks of (decode_part, build_shard, ...)."""
+        from distributed import Client
+
+        with Client(self.address) as client:
+            return set(client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             stop_group(proc)

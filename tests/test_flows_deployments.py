@@ -33,6 +33,7 @@ import training
 from shards import samples
 from shards.manifest import ShardIndex, load_json
 from tests.servers import PrefectServer, start_group, stop_group
+from tests.test_shards_dask import contents
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = Path(sys.executable).with_name("prefect")
@@ -294,6 +295,19 @@ def test_transient_storage_outage_is_retried(deployed, client, moto_server, s3_b
     assert_completed(client, run_id)
     assert shards.verify(dest) == []
     assert shards.read_manifest(dest).totals.samples > 0
+
+
+def test_convert_shards_on_a_dask_cluster(deployed, client, dask_cluster, s3_bucket, imagefolder_src, tmp_path):
+    """The flow's `dask` option: its convert task runs on a DaskTaskRunner of the cluster and spreads the
+    conversion over the cluster's workers; the store is the single-host one."""
+    dest = f"{s3_bucket}/store"
+    run_id = run_deployment(deployed, "convert-shards/manual",
+                            options={"src": str(imagefolder_src), "dest": dest, "dask": dask_cluster.address})
+    assert_completed(client, run_id)
+    assert {"convert_task", "decode_part", "build_shard"} <= dask_cluster.task_prefixes()
+    reference = tmp_path / "store"
+    shards.convert(shards.ConvertOptions(src=str(imagefolder_src), dest=str(reference), workers=1), progress=False)
+    assert contents(dest) == contents(str(reference))
 
 
 def wait_for_retry(client: SyncPrefectClient, run_id: UUID, timeout: float = 300) -> None:
