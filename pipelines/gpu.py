@@ -5,6 +5,7 @@ batch ahead of the step (`run_ahead`). Without CUDA the same code decodes on the
 how the tests run it.
 
 Classification only. Colour jitter is not applied in this mode (crop, flip and resize are).
+`data.decode: hw` (pipelines/hw.py) runs the same code with the hardware decoder's `decode_batch`.
 """
 
 from __future__ import annotations
@@ -145,9 +146,12 @@ def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
 _DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
-                         device: torch.device) -> list[torch.Tensor | Exception]:
-    """`decode_batch` on CUDA, made safe against nvJPEG's hardware decoder.
+DecodeFn = Callable[[list[torch.Tensor], list[tuple[str, str, str]], torch.device], list[torch.Tensor | Exception]]
+
+
+def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, str]], device: torch.device,
+                         decode: DecodeFn = decode_batch) -> list[torch.Tensor | Exception]:
+    """`decode` (nvJPEG's `decode_batch`, or hw's) on CUDA, made safe against the hardware decoder.
 
     That decoder writes its outputs before the work already queued on its stream has run
     (pytorch/vision#9606), so on the training stream it can overwrite memory a queued kernel
@@ -156,12 +160,12 @@ def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, st
     from handing its outputs to the decoder again before the training stream is done with them.
     """
     if device.type != "cuda":
-        return decode_batch(data, keys, device)
+        return decode(data, keys, device)
     stream = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
     consumer = torch.cuda.current_stream(device)
     stream.synchronize()  # waits for this stream's own last decode only, never for the training step
     with torch.cuda.stream(stream):
-        out = decode_batch(data, keys, device)
+        out = decode(data, keys, device)
     consumer.wait_stream(stream)
     for img in out:
         if isinstance(img, torch.Tensor):
@@ -191,12 +195,13 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
     return torch.cat(out) if out else torch.zeros((0, 3, size, size))
 
 
-def device_batch(batch: dict, size: int, device: torch.device) -> tuple[dict, list[BadSample]]:
-    """The device half: decode, orient, crop+resize, flip. Returns float 0..255 images and labels
-    on the device. The small tensors go over from the batch's pinned memory: a copy from pageable
-    memory would wait for the training step queued before it."""
+def device_batch(batch: dict, size: int, device: torch.device,
+                 decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
+    """The device half: decode (nvJPEG's `decode_batch`, or hw's), orient, crop+resize, flip. Returns float
+    0..255 images and labels on the device. The small tensors go over from the batch's pinned memory: a copy
+    from pageable memory would wait for the training step queued before it."""
     data = list(batch["data"].split(batch["length"].tolist()))
-    decoded = decode_on_own_stream(data, batch["keys"], device)
+    decoded = decode_on_own_stream(data, batch["keys"], device, decode)
     keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
     bad = [BadSample(key[0], key[1], f"cannot decode: {img}")
            for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]

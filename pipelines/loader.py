@@ -22,7 +22,7 @@ import torch
 from timm.utils import random_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines import gpu, plan
+from pipelines import gpu, hw, plan
 from pipelines.batches import BatchFn, BatchSpec
 from pipelines.config import DataConfig, DataError
 from pipelines.readers import ShardReader, make_reader
@@ -176,8 +176,9 @@ class Loader:
     """One split for one process; see the package docstring for what an epoch covers."""
 
     def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *,
-                 task: TaskData, device: torch.device, normalise: Normalise):
+                 task: TaskData, device: torch.device, normalise: Normalise, decode_choice: str):
         self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
+        self.decode_choice = decode_choice  # the mode data.decode came to and why, a line for the run's log
         self.task, self.decoder, self.device = task, task.decoders[cfg.decode], device
         self.num_samples = store.num_samples
         self.classes = store.classes
@@ -236,7 +237,8 @@ class Loader:
             yield self.task.to_device(batch, self.device, self._normalise)
 
     def _decode(self, item: tuple[dict | None, int, str | None]) -> tuple[dict | None, int, str | None]:
-        """The training process's half of the decode (data.decode: gpu), on a worker's batch of encoded images."""
+        """The training process's half of the decode (data.decode: gpu or hw), on a worker's batch of encoded
+        images."""
         batch, skipped, failure = item
         if failure:
             return item
@@ -252,7 +254,7 @@ def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool
     if store.layout not in data.layouts:
         raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(data.layouts)}, "
                         f"this one is {store.layout!r}")
-    if cfg.decode not in data.decoders:
+    if cfg.decode != "auto" and cfg.decode not in data.decoders:
         able = [name for name, other in TASKS.items() if cfg.decode in other.decoders]
         raise DataError(f"data.decode={cfg.decode} supports task {' or '.join(able)} only, not {task}; "
                         "use data.decode=cpu")
@@ -269,6 +271,8 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
     data = TASKS[task]
+    decode, why = hw.choose(cfg.decode, data.decoders, cfg.augment.color_jitter, device)
+    cfg = cfg.model_copy(update={"decode": decode})
     dataset = StoreBatches(make_reader(store), data.decoders[cfg.decode].worker,
                            data.spec(train, cfg.image_size, cfg.augment), seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
@@ -286,4 +290,5 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         worker_init_fn=init_worker if workers > 0 else None,
     )
-    return Loader(cfg, store, sampler, dataloader, task=data, device=device, normalise=make_normalise(cfg, device))
+    return Loader(cfg, store, sampler, dataloader, task=data, device=device, normalise=make_normalise(cfg, device),
+                  decode_choice=f"data.decode: {decode} ({why})")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import albumentations as A
 import torch
 
-from pipelines import gpu, presets
+from pipelines import gpu, hw, presets
 from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch
 from pipelines.config import AugmentConfig
 from pipelines.store import BadSample
@@ -62,7 +62,8 @@ TASKS: dict[str, TaskData] = {
     "classify": TaskData(
         layouts=("imagefolder",),
         transforms=lambda train, size, aug: [(presets.classify_train if train else presets.classify_eval)(size, aug)],
-        decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, gpu.device_batch)},
+        decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, gpu.device_batch),
+                  "hw": Decoder(gpu.worker_batch, hw.device_batch)},
         images="image",
     ),
     "dino": TaskData(

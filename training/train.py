@@ -130,6 +130,7 @@ class Trainer:
                            f"global batch {self.global_batch}")
         if self.cfg.train.compile:
             self.reporter.line(f"compiled: {self.task.compiled}")
+        self.reporter.line(self.train_loader.decode_choice)
         if self.source:
             if self.world.is_main:
                 metrics.keep_results_until(self.rdir / "results.csv", self.progress.last_eval_step)

@@ -1,0 +1,147 @@
+"""decode: hw, and the choice that `decode: auto` makes.
+
+hw: the GPU's hardware JPEG decoder (the NVJPG engines of A100, H100, H200, L4, ...) through nvImageCodec
+(`pip install shardtrain[gpu]`). The workers send encoded bytes and crop boxes as in `gpu` mode
+(`gpu.worker_batch`); the training process decodes each batch's JPEGs in one call to nvImageCodec's
+HW_GPU_ONLY backend, one batch ahead on a stream of its own (`gpu.run_ahead`, `gpu.decode_on_own_stream`),
+then crops, resizes and flips them with `gpu` mode's code. The engines use no SMs, so the decode does not
+compete with the training step for them, as nvJPEG's CUDA kernels do.
+
+Images the hardware does not take (PNG or WebP samples, a JPEG it refuses or cannot decode) are decoded one by
+one on the CPU (libjpeg through torchvision, as `gpu` mode does for PNG), counted in `FALLBACKS` by reason and
+reported in a line at the 1st, 10th, 100th, ... of them. One that the CPU cannot decode either is a corrupt
+sample (skipped and counted, or the run's error, by `data.on_error`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+import torch
+
+from pipelines import gpu
+from pipelines.config import DataError
+
+JPEG_EXTS = ("jpg", "jpeg")
+FALLBACKS: Counter[str] = Counter()  # images of this process decoded on the CPU instead, by reason
+
+
+@functools.cache
+def unavailable(device: torch.device) -> str | None:
+    """Why the hardware decoder cannot decode on `device`, or None where it can: nvImageCodec imports and
+    decodes a small JPEG with its HW_GPU_ONLY backend (GPUs without the engines return no image). Probed once
+    per device and process."""
+    if device.type != "cuda":
+        return f"no CUDA GPU (the device is {device.type})"
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return "nvImageCodec is not installed (pip install 'shardtrain[gpu]')"
+    except Exception as e:  # a wheel for another CUDA major fails to load its libraries
+        return f"nvImageCodec does not load: {type(e).__name__}: {e}"
+    probe = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 64, 3))
+    data = cv2.imencode(".jpg", probe)[1].tobytes()
+    try:
+        image = decoder(device).decode(nvimgcodec.CodeStream(data), params=params())
+    except Exception as e:  # no engines, no driver support: nvImageCodec raises or returns None
+        return f"nvImageCodec's hardware decoder failed on {torch.cuda.get_device_name(device)}: {e}"
+    if image is None:
+        return f"{torch.cuda.get_device_name(device)} has no hardware JPEG decoder that nvImageCodec can use"
+    return None
+
+
+def describe(device: torch.device) -> str:
+    """What decodes with data.decode=hw on `device`, for the log line of the choice."""
+    from nvidia import nvimgcodec
+
+    return f"nvImageCodec {nvimgcodec.__version__} hardware JPEG decoder on {torch.cuda.get_device_name(device)}"
+
+
+@functools.cache
+def decoder(device: torch.device):
+    from nvidia import nvimgcodec
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return nvimgcodec.Decoder(device_id=index, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+
+
+@functools.cache
+def params():
+    """RGB, 8 bits, EXIF orientation left to `gpu.apply_orientation` (the crop boxes are drawn on the oriented
+    image, the same for every decoder)."""
+    from nvidia import nvimgcodec
+
+    return nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                   sample_format=nvimgcodec.SampleFormat.I_RGB)
+
+
+def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
+                 device: torch.device) -> list[torch.Tensor | Exception]:
+    """The JPEGs in one hardware call on the current stream, as CHW uint8 tensors in torch's own memory; the
+    rest decoded on the CPU (`cpu_fallback`)."""
+    from nvidia import nvimgcodec
+
+    jpegs = [i for i, key in enumerate(keys) if key[2] in JPEG_EXTS]
+    hw: list[torch.Tensor | None] = [None] * len(data)
+    if jpegs:
+        stream = torch.cuda.current_stream(device)
+        try:
+            images = decoder(device).decode([nvimgcodec.CodeStream(data[i].numpy()) for i in jpegs],
+                                            params=params(), cuda_stream=stream.cuda_stream)
+        except Exception:  # the batch as a whole refused: each of its images goes to the CPU
+            images = [None] * len(jpegs)
+        for i, image in zip(jpegs, images):
+            # A copy in torch's memory, ordered on this stream: nvImageCodec's buffer may go as soon as its
+            # Image does, and the caching allocator can then keep the copy alive for the consumer's stream.
+            hw[i] = None if image is None else torch.from_dlpack(image).permute(2, 0, 1).contiguous()
+    return cpu_fallback(data, keys, hw, device)
+
+
+def cpu_fallback(data: list[torch.Tensor], keys: list[tuple[str, str, str]], hw: list[torch.Tensor | None],
+                 device: torch.device) -> list[torch.Tensor | Exception]:
+    """Each image the hardware gave none for (None in `hw`), decoded on the CPU and moved to `device`;
+    counted in FALLBACKS, an error in its slot where the CPU cannot decode it either."""
+    out: list[torch.Tensor | Exception] = []
+    for i, image in enumerate(hw):
+        if image is not None:
+            out.append(image)
+            continue
+        ext = keys[i][2]
+        count(f"the hardware decoder refused the {ext}" if ext in JPEG_EXTS else f"{ext} is not a JPEG")
+        try:
+            out.append(gpu.decode_one(data[i], ext, torch.device("cpu")).to(device))
+        except RuntimeError as e:
+            out.append(e)
+    return out
+
+
+def count(reason: str) -> None:
+    FALLBACKS[reason] += 1
+    total = FALLBACKS.total()
+    if total == 10 ** (len(str(total)) - 1):  # 1, 10, 100, ...
+        reasons = ", ".join(f"{n} {why}" for why, n in FALLBACKS.most_common())
+        print(f"data.decode=hw: {total} image(s) decoded on the CPU instead ({reasons})", flush=True)
+
+
+device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
+
+
+def choose(decode: str, modes: Iterable[str], color_jitter: float, device: torch.device) -> tuple[str, str]:
+    """The decode mode a loader runs for `data.decode`, and why, in words for the run's log. auto is hw where the
+    task has it, the hardware decoder works on `device` and no colour jitter would be lost (it runs in the CPU
+    workers only); else cpu. An explicit hw that cannot work is a one-line error."""
+    if decode == "hw" and (why := unavailable(device)):
+        raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
+    if decode != "auto":
+        return decode, "set in the config"
+    if "hw" not in modes:
+        return "cpu", "auto: this task decodes in the CPU workers only"
+    if color_jitter:
+        return "cpu", f"auto: data.augment.color_jitter={color_jitter} runs in the CPU workers only"
+    if why := unavailable(device):
+        return "cpu", f"auto: {why}"
+    return "hw", f"auto: {describe(device)}"

@@ -1,0 +1,124 @@
+"""data.decode: hw (nvImageCodec's hardware JPEG decoder) and auto: the choice and its reason, the config, the
+per-image CPU fallback; on a GPU with the engines (`pytest -m gpu`), the decode itself against nvJPEG's."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from pipelines import AugmentConfig, DataConfig, DataError, build_loader, hw
+from tests.test_pipelines_loader import CPU, FIXED, cfg_for, loaders, make_store
+
+CUDA = torch.device("cuda")
+HW_WHY_NOT = hw.unavailable(CUDA if torch.cuda.is_available() else CPU)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return make_store(tmp_path_factory.mktemp("store"), "wds", {"train": 9, "val": 3}, "5")
+
+
+def encoded(fmt: str, seed: int, **save) -> torch.Tensor:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt, **save)
+    return torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
+
+
+def test_decode_defaults_to_auto_and_takes_only_known_modes():
+    assert DataConfig(path="x").decode == "auto"
+    for mode in ("auto", "cpu", "gpu", "hw"):
+        assert DataConfig(path="x", decode=mode).decode == mode
+    with pytest.raises(pydantic.ValidationError, match="decode"):
+        DataConfig(path="x", decode="nvjpeg")
+
+
+@pytest.mark.skipif(HW_WHY_NOT is None, reason="this host has a usable hardware JPEG decoder")
+def test_auto_falls_to_cpu_decode_with_the_reason(store):
+    (auto,) = loaders(cfg_for(store, workers=0), "val", train=False, world_size=1)
+    assert auto.decode_choice == f"data.decode: cpu (auto: {HW_WHY_NOT})"
+    (cpu,) = loaders(cfg_for(store, workers=0, decode="cpu"), "val", train=False, world_size=1)
+    assert cpu.decode_choice == "data.decode: cpu (set in the config)"
+    for a, b in zip(auto, cpu, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_auto_keeps_colour_jitter_and_other_tasks_on_the_cpu(store):
+    (jitter,) = loaders(cfg_for(store, augment=AugmentConfig()), "train", train=True, world_size=1)
+    assert jitter.decode_choice == "data.decode: cpu (auto: data.augment.color_jitter=0.4 runs in the CPU workers only)"
+    dino = build_loader(cfg_for(store, augment=FIXED), "train", train=True, task="dino", rank=0, world_size=1, seed=0,
+                        device=CPU)
+    assert dino.decode_choice == "data.decode: cpu (auto: this task decodes in the CPU workers only)"
+
+
+def test_hw_for_another_task_or_without_the_engines_is_a_one_line_error(store):
+    with pytest.raises(DataError, match="data.decode=hw supports task classify only, not dino"):
+        build_loader(cfg_for(store, decode="hw"), "train", train=True, task="dino", rank=0, world_size=1, seed=0,
+                     device=CPU)
+    with pytest.raises(DataError) as err:
+        loaders(cfg_for(store, decode="hw"), "val", train=False, world_size=1)
+    assert str(err.value) == "data.decode=hw: no CUDA GPU (the device is cpu); use data.decode=auto or cpu"
+
+
+def test_images_the_hardware_gave_none_for_are_decoded_on_the_cpu_and_counted(capsys):
+    hw.FALLBACKS.clear()
+    jpeg, png, webp = encoded("JPEG", 1, quality=95), encoded("PNG", 2), encoded("WEBP", 3, lossless=True)
+    corrupt = jpeg[: len(jpeg) // 3]
+    from_hw = torch.zeros(3, 24, 40, dtype=torch.uint8)
+    data = [jpeg, png, from_hw, webp, corrupt]
+    keys = [("s", f"k{i}", ext) for i, ext in enumerate(["jpg", "png", "jpg", "webp", "jpeg"])]
+    out = hw.cpu_fallback(data, keys, [None, None, from_hw, None, None], CPU)
+
+    assert torch.equal(out[0], decode_jpeg(jpeg, mode=ImageReadMode.RGB))
+    png_pixels = np.array(Image.open(io.BytesIO(png.numpy().tobytes())))
+    assert torch.equal(out[1], torch.from_numpy(png_pixels).permute(2, 0, 1))
+    assert out[2] is from_hw  # what the hardware decoded is kept as it is
+    assert out[3].shape == (3, 24, 40)
+    assert isinstance(out[4], RuntimeError)  # the CPU cannot decode it either: a corrupt sample
+    assert hw.FALLBACKS == {"the hardware decoder refused the jpg": 1, "png is not a JPEG": 1,
+                            "webp is not a JPEG": 1, "the hardware decoder refused the jpeg": 1}
+    assert capsys.readouterr().out == "data.decode=hw: 1 image(s) decoded on the CPU instead " \
+                                      "(1 the hardware decoder refused the jpg)\n"
+    for _ in range(6):  # the line again at the 10th
+        hw.cpu_fallback([png], [("s", "k", "png")], [None], CPU)
+    assert "data.decode=hw: 10 image(s) decoded on the CPU instead (7 png is not a JPEG," in capsys.readouterr().out
+
+
+def cuda_loader(cfg: DataConfig, **update):
+    return build_loader(cfg.model_copy(update=update), "val", train=False, task="classify", rank=0, world_size=1,
+                        seed=0, device=CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(HW_WHY_NOT is not None, reason=f"no hardware decoder: {HW_WHY_NOT}")
+def test_hw_decode_on_cuda_matches_nvjpeg_and_falls_back_per_image(store):
+    cfg = cfg_for(store, augment=FIXED)
+    hw_loader, nvjpeg, auto = cuda_loader(cfg, decode="hw"), cuda_loader(cfg, decode="gpu"), cuda_loader(cfg)
+    assert auto.decode_choice.startswith("data.decode: hw (auto: nvImageCodec ")
+    batches = 0
+    for a, b in zip(hw_loader, nvjpeg, strict=True):
+        assert a["image"].is_cuda and a["image"].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a["label"], b["label"])
+        assert (a["image"] - b["image"]).abs().mean() < 0.05  # two JPEG decoders: IDCT and upsampling differ
+        batches += 1
+    assert batches == len(hw_loader) and hw_loader.skipped == 0
+
+    hw.FALLBACKS.clear()
+    jpeg, png = encoded("JPEG", 1, quality=95), encoded("PNG", 2)
+    keys = [("s", "a", "jpg"), ("s", "b", "png"), ("s", "c", "jpg")]
+    # Not a JPEG at all: neither decoder takes it. (A truncated JPEG the hardware decodes, grey where data is
+    # missing, as nvJPEG does; the CPU's libjpeg refuses it.)
+    garbage = torch.frombuffer(bytearray(b"\xff\xd8\xff" + bytes(range(256)) * 4), dtype=torch.uint8)
+    out = hw.decode_batch([jpeg, png, garbage], keys, CUDA)
+    torch.cuda.synchronize()
+    assert out[0].is_cuda and out[0].shape == (3, 24, 40)
+    assert (out[0].cpu().float() - decode_jpeg(jpeg, mode=ImageReadMode.RGB).float()).abs().mean() < 3
+    assert out[1].is_cuda and out[1].shape == (3, 24, 40)
+    assert isinstance(out[2], RuntimeError)
+    assert hw.FALLBACKS["png is not a JPEG"] == 1 and hw.FALLBACKS["the hardware decoder refused the jpg"] >= 1
