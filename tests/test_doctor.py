@@ -57,6 +57,7 @@ def test_cpu_host_warns_and_fails_only_when_gpu_required():
     code, report = run_doctor()
     assert code == 0 and report["h2d_bandwidth_gbs"] is None
     assert any("no CUDA GPU" in w for w in report["warnings"])
+    assert report["hw_jpeg_decoder"] == {"usable": False, "detail": "no CUDA GPU (the device is cpu)"}
     code, report = run_doctor("--require-gpu")
     assert code == 1 and report["ok"] is False
     assert any("no CUDA GPU" in p for p in report["problems"])
@@ -76,6 +77,11 @@ def test_gpu_host_reports_devices_and_bandwidth():
     assert report["gpus"][0]["memory_gb"] > 1
     assert report["h2d_bandwidth_gbs"] > 0.1
     assert report["torch"]["cudnn"] and report["torch"]["nccl"]
+    from pipelines import hw
+
+    why = hw.unavailable(torch.device("cuda", 0))
+    assert report["hw_jpeg_decoder"]["usable"] == (why is None)
+    assert report["hw_jpeg_decoder"]["detail"] == (why or hw.describe(torch.device("cuda", 0)))
 
 
 def test_text_report_is_readable():

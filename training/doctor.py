@@ -80,6 +80,17 @@ def gpu_info() -> list[dict[str, Any]]:
     return gpus
 
 
+def hw_decoder_info() -> dict[str, Any]:
+    """Whether `data.decode: hw` (and so `auto`) can use GPU 0's hardware JPEG decoder, and what or why not."""
+    import torch
+
+    from pipelines import hw
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    why = hw.unavailable(device)
+    return {"usable": why is None, "detail": why or hw.describe(device)}
+
+
 def h2d_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
     """Pinned host memory to GPU 0, in GB/s: the ceiling for feeding batches to the GPU."""
     import torch
@@ -221,6 +232,7 @@ def diagnose(workers: int | None = None, storage: str | None = None, require_gpu
         problems.append(f"torch does not import: {report['torch']['error']}")
     report["gpus"] = gpu_info() if cuda else []
     report["h2d_bandwidth_gbs"] = h2d_bandwidth_gbs() if cuda else None
+    report["hw_jpeg_decoder"] = hw_decoder_info() if report["torch"]["ok"] else None
     if not report["gpus"]:
         (problems if require_gpu else warnings).append("no CUDA GPU visible: training runs on CPU")
     report["shm"] = shm_info()
@@ -257,6 +269,9 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_row("gpu", "none")
     if report["h2d_bandwidth_gbs"] is not None:
         table.add_row("host->gpu", f"{report['h2d_bandwidth_gbs']} GB/s (pinned)")
+    if report["hw_jpeg_decoder"]:
+        decoder = report["hw_jpeg_decoder"]
+        table.add_row("jpeg decode", f"{'hardware' if decoder['usable'] else 'CPU'}: {decoder['detail']}")
     table.add_row("shm", f"{shm['path']} {shm['total_gb']} GB")
     workers = "" if cpu["workers"] is None else f" for {cpu['workers_total']} DataLoader workers"
     table.add_row("cpus", f"{cpu['count']:g}{workers}")
@@ -282,7 +297,8 @@ def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
     require_gpu: bool = typer.Option(False, "--require-gpu", help="Fail when no CUDA GPU is visible."),
 ) -> None:
-    """Check this machine for training: Python, torch/CUDA/NCCL, GPUs, /dev/shm, CPUs, storage, Prefect."""
+    """Check this machine for training: Python, torch/CUDA/NCCL, GPUs, the hardware JPEG decoder, /dev/shm, CPUs,
+    storage, Prefect."""
     try:
         workers, storage = checked_settings(read_config(config)) if config else (None, None)
     except ValueError as e:
