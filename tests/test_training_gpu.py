@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from pipelines import hw
 from shards import ConvertOptions, convert
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,5 +65,13 @@ def test_gpu_decode_under_compile_keeps_losses_finite(store, tmp_path):
     # nvJPEG's hardware decoder once wrote into memory that queued compiled kernels still read,
     # turning every loss into NaN (pipelines/gpu.py decodes on a drained stream of its own since).
     ckpt, out = train_once(tmp_path, store, "data.decode=gpu", "train.amp=bf16", "train.compile=true")
+    assert "nan" not in out.lower()
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.skipif(hw.unavailable(torch.device("cuda")) is not None, reason="no usable hardware JPEG decoder")
+def test_auto_picks_the_hardware_decoder_and_losses_stay_finite_under_compile(store, tmp_path):
+    ckpt, out = train_once(tmp_path, store, "data.augment.color_jitter=0", "train.amp=bf16", "train.compile=true")
+    assert "data.decode: hw (auto: nvImageCodec " in out
     assert "nan" not in out.lower()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
