@@ -14,8 +14,9 @@ What it does:
 2. Ceiling: the same model, optimizer (AdamW), bf16 autocast, channels_last and torch.compile, stepping
    on one fixed random batch already on the GPU.
 3. End to end: `python -m training` on the store with the production settings, for each input path
-   (gpu decode from wds and lmdb, cpu decode from wds); images/s is the median of the loop's own
-   logged windows (train/images_per_s in TensorBoard) after warm-up.
+   (cpu decode from wds and lmdb, nvJPEG gpu decode and the hardware decoder from wds, `--workers` CPU
+   workers); images/s is the median of the loop's own logged windows (train/images_per_s in TensorBoard)
+   after warm-up.
 4. Checkpoints: the training stall per checkpoint save, and the time from process start to the first
    step of a resumed run.
 The last line is one JSON object, also appended to bench/results/train_throughput.jsonl.
@@ -248,10 +249,13 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=512)
     p.add_argument("--max-side", type=int, default=256, help="convert's --max-side; 0 keeps the images' full size")
     p.add_argument("--models", default="resnet50,deit_small_patch16_224")
-    p.add_argument("--paths", default="wds-cpu,lmdb-cpu,wds-gpu",
-                   help="end-to-end input paths, FORMAT-DECODE; --scaling uses the first")
+    p.add_argument("--paths", default="wds-cpu,lmdb-cpu,wds-gpu,wds-hw",
+                   help="end-to-end input paths, FORMAT-DECODE (decode: cpu, gpu = nvJPEG, hw = the hardware "
+                   "decoder); --scaling uses the first")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="DataLoader workers (CPU decode processes) per GPU: lower it to measure a host with few "
+                   "cores per GPU")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--no-compile", action="store_true")
