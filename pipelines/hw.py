@@ -133,15 +133,16 @@ device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
 def choose(decode: str, modes: Iterable[str], color_jitter: float, device: torch.device) -> tuple[str, str]:
     """The decode mode a loader runs for `data.decode`, and why, in words for the run's log. auto is hw where the
     task has it, the hardware decoder works on `device` and no colour jitter would be lost (it runs in the CPU
-    workers only); else cpu. An explicit hw that cannot work is a one-line error."""
+    workers only); else cpu, with the first of those reasons that holds. An explicit hw that cannot work is a
+    one-line error."""
     if decode == "hw" and (why := unavailable(device)):
         raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
     if decode != "auto":
         return decode, "set in the config"
     if "hw" not in modes:
         return "cpu", "auto: this task decodes in the CPU workers only"
-    if color_jitter:
-        return "cpu", f"auto: data.augment.color_jitter={color_jitter} runs in the CPU workers only"
     if why := unavailable(device):
         return "cpu", f"auto: {why}"
+    if color_jitter:
+        return "cpu", f"auto: data.augment.color_jitter={color_jitter} runs in the CPU workers only"
     return "hw", f"auto: {describe(device)}"

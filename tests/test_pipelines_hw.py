@@ -43,15 +43,15 @@ def test_decode_defaults_to_auto_and_takes_only_known_modes():
 def test_auto_falls_to_cpu_decode_with_the_reason(store):
     (auto,) = loaders(cfg_for(store, workers=0), "val", train=False, world_size=1)
     assert auto.decode_choice == f"data.decode: cpu (auto: {HW_WHY_NOT})"
+    (jitter,) = loaders(cfg_for(store, augment=AugmentConfig()), "train", train=True, world_size=1)
+    assert jitter.decode_choice == auto.decode_choice  # no hardware decoder is the reason, not the jitter
     (cpu,) = loaders(cfg_for(store, workers=0, decode="cpu"), "val", train=False, world_size=1)
     assert cpu.decode_choice == "data.decode: cpu (set in the config)"
     for a, b in zip(auto, cpu, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
-def test_auto_keeps_colour_jitter_and_other_tasks_on_the_cpu(store):
-    (jitter,) = loaders(cfg_for(store, augment=AugmentConfig()), "train", train=True, world_size=1)
-    assert jitter.decode_choice == "data.decode: cpu (auto: data.augment.color_jitter=0.4 runs in the CPU workers only)"
+def test_auto_keeps_other_tasks_on_the_cpu(store):
     dino = build_loader(cfg_for(store, augment=FIXED), "train", train=True, task="dino", rank=0, world_size=1, seed=0,
                         device=CPU)
     assert dino.decode_choice == "data.decode: cpu (auto: this task decodes in the CPU workers only)"
@@ -101,6 +101,8 @@ def test_hw_decode_on_cuda_matches_nvjpeg_and_falls_back_per_image(store):
     cfg = cfg_for(store, augment=FIXED)
     hw_loader, nvjpeg, auto = cuda_loader(cfg, decode="hw"), cuda_loader(cfg, decode="gpu"), cuda_loader(cfg)
     assert auto.decode_choice.startswith("data.decode: hw (auto: nvImageCodec ")
+    jitter = cuda_loader(cfg, augment=AugmentConfig())
+    assert jitter.decode_choice == "data.decode: cpu (auto: data.augment.color_jitter=0.4 runs in the CPU workers only)"
     batches = 0
     for a, b in zip(hw_loader, nvjpeg, strict=True):
         assert a["image"].is_cuda and a["image"].is_contiguous(memory_format=torch.channels_last)
