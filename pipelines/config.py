@@ -84,11 +84,12 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     batch_size: int = pydantic.Field(default=64, description="Samples per batch, per process.")
     workers: int = pydantic.Field(default=4, description="DataLoader worker processes per training process.")
     decode: Literal["auto", "cpu", "gpu", "hw"] = pydantic.Field(
-        default="auto", description="cpu: the workers decode and augment. gpu (classify only): the workers send the "
+        default="cpu", description="cpu: the workers decode and augment. gpu (classify only): the workers send the "
         "JPEG bytes, decoded with nvJPEG and cropped on the device (on the CPU without CUDA); no colour jitter. "
         "hw (classify only): as gpu, decoded by the GPU's hardware JPEG decoder through nvImageCodec (`pip install "
         "'shardtrain[gpu]'`), other images on the CPU. auto: hw where that works and nothing is lost by it "
-        "(classify, `augment.color_jitter: 0`), else cpu; the run's log says which and why.")
+        "(classify, `augment.color_jitter: 0`), else cpu; the run's log says which and why. The default stays cpu "
+        "until hw is faster end to end (bench/RESULTS.md, issue 19).")
     pin_memory: bool = pydantic.Field(
         default=True, description="Worker batches in pinned memory (on CUDA), for non-blocking copies to the "
         "device.")
