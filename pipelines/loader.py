@@ -132,7 +132,19 @@ def init_worker(_: int) -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     keep_freed_heap()
+    forget_parent_exit_hooks()
     outlive_stop_signals()
+
+
+def forget_parent_exit_hooks() -> None:
+    """Drop the exit hooks this forked worker inherited from its parent's threads.
+
+    Prefect's services (in a process that also ran a flow or used the Prefect client) register one through
+    `threading._register_atexit`; a worker has none of those threads, the hook fails at its exit, and a
+    failing hook ends it with exit code 1: "DataLoader worker exited unexpectedly". Python has no public
+    way to unregister them.
+    """
+    threading._threading_atexits.clear()  # type: ignore[attr-defined]
 
 
 def outlive_stop_signals() -> None:
