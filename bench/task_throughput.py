@@ -23,7 +23,7 @@ also runs end to end and gives the headline keys (ratio_dino, images_per_s_dino,
 - End to end: `python -m training CONFIG` (torchrun for --gpus), images/s the median of the loop's logged
   windows (train_throughput's `steady_rate`) after --warmup-steps and after the first epoch: while the model
   compiles, the loader's workers fill their prefetch queues, which the first epoch then drains faster than
-  the workers could produce (so --steps must reach into the third epoch).
+  the workers could produce (a run is lengthened to 100 steps past the skipped ones).
 The last line is one JSON object, also appended to bench/results/task_throughput.jsonl.
 """
 
@@ -188,6 +188,7 @@ def main() -> None:
             for n in counts:
                 cfg = bench_config(task, variant, f"{task}-ddp{n}", store, runs, args.steps, workers)
                 skip = max(args.warmup_steps, steps_per_epoch(cfg, n_train, n))
+                cfg["train"]["max_steps"] = max(args.steps, skip + 100)
                 total, wait = steady_rate(launch(cfg, runs, nproc=n)[0], skip)
                 per_gpu[n] = total / n
                 table.append((f"{task} DDP x{n}, per GPU", per_gpu[n], None, wait, None))
@@ -211,6 +212,8 @@ def main() -> None:
             if i == 0 and not args.no_e2e:
                 cfg = bench_config(task, variant, f"{task}-e2e", store, runs, args.steps, args.workers)
                 skip = max(args.warmup_steps, steps_per_epoch(cfg, n_train))
+                # the windows after the skipped ones are the measurement: a run that ends first measures nothing
+                cfg["train"]["max_steps"] = max(args.steps, skip + 100)
                 rate, wait = steady_rate(launch(cfg, runs)[0], skip)
                 row |= {"images_per_s": round(rate, 1), "ratio": round(rate / ceil, 3), "data_wait": wait}
                 table.append((f"{task} [{label}] end to end", rate, rate / ceil, wait, gflop * rate / 1e3))
