@@ -23,3 +23,15 @@ def record(bench: str, result: dict) -> None:
     with open(RESULTS_DIR / f"{bench}.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps(result))
+
+
+def print_table(columns: dict[str, str], rows: list[tuple]) -> None:
+    """A results table: a name column, then one column per `columns` entry (heading: format spec of its
+    numbers); a cell that is None stays empty."""
+    width = max(len(str(row[0])) for row in rows) if rows else 3
+    cell_widths = [max(len(heading), 9) for heading in columns]
+    print()
+    print(f"{'run':{width}s} " + " ".join(f"{h:>{w}s}" for h, w in zip(columns, cell_widths, strict=True)))
+    for name, *values in rows:
+        cells = ("" if v is None else format(v, spec) for v, spec in zip(values, columns.values(), strict=True))
+        print(f"{name:{width}s} " + " ".join(f"{c:>{w}s}" for c, w in zip(cells, cell_widths, strict=True)))

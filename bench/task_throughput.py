@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import machine, record
+from common import machine, print_table, record
 from shards import ConvertOptions, convert, samples
 from train_throughput import launch, make_raw, steady_rate
 from training.config import apply_override
@@ -223,13 +223,7 @@ def main() -> None:
                         f"workers_{task}": cfg["data"]["workers"]}
             out[f"variants_{task}"].append(row)
 
-    print()
-    print(f"{'run':64s} {'images/s':>9s} {'ratio':>6s} {'wait':>5s} {'TFLOP/s':>8s}")
-    for name, images_per_s, ratio, data_wait, tflops in table:
-        r = f"{ratio:.3f}" if ratio is not None else ""
-        w = f"{data_wait:.0%}" if data_wait is not None else ""
-        tf = f"{tflops:.0f}" if tflops is not None else ""
-        print(f"{name:64s} {images_per_s:9.0f} {r:>6s} {w:>5s} {tf:>8s}")
+    print_table({"images/s": ".0f", "ratio": ".3f", "wait": ".0%", "TFLOP/s": ".0f"}, table)
     record("task_throughput", out)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import machine, record
+from common import machine, print_table, record
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
 
@@ -343,12 +343,7 @@ def main() -> None:
             out["checkpoint_stall_max_s"] = round(max(stalls), 3) if stalls else None
             out["resume_to_first_step_s"] = round(first_step_after(lines), 1)
 
-    print()
-    print(f"{'run':52s} {'images/s':>10s} {'ratio':>7s} {'wait':>6s}")
-    for name, rate, ratio, wait in table:
-        r = f"{ratio:.3f}" if ratio is not None else ""
-        w = f"{wait:.0%}" if wait is not None else ""
-        print(f"{name:52s} {rate:10.0f} {r:>7s} {w:>6s}")
+    print_table({"images/s": ".0f", "ratio": ".3f", "wait": ".0%"}, table)
     record("train_throughput", out)
 
 
