@@ -137,13 +137,15 @@ def ceiling(model_name: str, batch: int, num_classes: int, compile: bool, warmup
 
 
 def loader_rate(store: str, decode: str, batch: int, workers: int, warmup: int = 8, batches: int = 40) -> float:
-    """images/s of the train loader alone (decode, augment, copy, normalise on the GPU), no model."""
+    """images/s of the train loader alone (decode, augment, copy, normalise on the GPU), no model: `batches`
+    after `warmup`, fewer where an epoch has fewer."""
     from pipelines import DataConfig, build_loader
 
     cfg = DataConfig(path=store, image_size=224, batch_size=batch, workers=workers, decode=decode)
     loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0,
                           device=torch.device("cuda"))
-    if len(loader) < warmup + batches:
+    batches = min(batches, len(loader) - warmup)
+    if batches < 8:
         raise RuntimeError(f"{store} has {len(loader)} batches per epoch; raise --images")
     loader.set_epoch(0)
     it = iter(loader)

@@ -16,6 +16,7 @@ sample (skipped and counted, or the run's error, by `data.on_error`).
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from collections.abc import Iterable
 
@@ -81,24 +82,38 @@ def params():
 
 def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
                  device: torch.device) -> list[torch.Tensor | Exception]:
-    """The JPEGs in one hardware call on the current stream, as CHW uint8 tensors in torch's own memory; the
-    rest decoded on the CPU (`cpu_fallback`)."""
+    """The JPEGs in one hardware call on the current stream, written straight into torch's memory: one buffer
+    for the batch from the caching allocator, an HWC view of it per image, handed on as CHW views. (Left to
+    nvImageCodec, each image is a cudaMallocAsync and a free, and a copy into torch's memory.) The rest are
+    decoded on the CPU (`cpu_fallback`)."""
     from nvidia import nvimgcodec
 
-    jpegs = [i for i, key in enumerate(keys) if key[2] in JPEG_EXTS]
+    streams = {i: stream for i, key in enumerate(keys) if key[2] in JPEG_EXTS and (stream := code_stream(data[i]))}
     hw: list[torch.Tensor | None] = [None] * len(data)
-    if jpegs:
-        stream = torch.cuda.current_stream(device)
+    if streams:
+        shapes = [(s.height, s.width, 3) for s in streams.values()]
+        flat = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.uint8, device=device)
+        buffers = [b.view(shape) for b, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes)]
+        stream = torch.cuda.current_stream(device).cuda_stream
         try:
-            images = decoder(device).decode([nvimgcodec.CodeStream(data[i].numpy()) for i in jpegs],
-                                            params=params(), cuda_stream=stream.cuda_stream)
+            images = decoder(device).decode(list(streams.values()), params=params(), cuda_stream=stream,
+                                            images=nvimgcodec.as_images(buffers, cuda_stream=stream))
         except Exception:  # the batch as a whole refused: each of its images goes to the CPU
-            images = [None] * len(jpegs)
-        for i, image in zip(jpegs, images):
-            # A copy in torch's memory, ordered on this stream: nvImageCodec's buffer may go as soon as its
-            # Image does, and the caching allocator can then keep the copy alive for the consumer's stream.
-            hw[i] = None if image is None else torch.from_dlpack(image).permute(2, 0, 1).contiguous()
+            images = [None] * len(streams)
+        for i, buffer, image in zip(streams, buffers, images):
+            hw[i] = None if image is None else buffer.permute(2, 0, 1)
     return cpu_fallback(data, keys, hw, device)
+
+
+def code_stream(data: torch.Tensor):
+    """nvImageCodec's view of one encoded image, or None where it cannot read the header."""
+    from nvidia import nvimgcodec
+
+    try:
+        stream = nvimgcodec.CodeStream(data.numpy())
+        return stream if stream.height > 0 and stream.width > 0 else None
+    except Exception:
+        return None
 
 
 def cpu_fallback(data: list[torch.Tensor], keys: list[tuple[str, str, str]], hw: list[torch.Tensor | None],

@@ -1,0 +1,219 @@
+"""The hardware JPEG decoder's stages in isolation (data.decode: hw, issue 19), on one GPU, side by side.
+
+    python bench/hw_decode.py --images 6144 --workers 15,4
+
+1. bare: nvImageCodec's batch decode of 256 CodeStreams made beforehand, as the decoder gives it: new Images each
+   batch (each a cudaMallocAsync and a free), reusing the last batch's Images, writing into torch's memory
+   (`as_images`), with the CodeStreams made in the loop, with 4 CPU threads, and with the CUDA default memory
+   pool's release threshold raised (the pool then keeps the memory the freed Images had).
+2. device batch: the training process's half as the loader runs it (decode on its own stream, orient, crop and
+   resize, flip) on worker batches already in memory: the code before this change, shardtrain's now, and nvJPEG's.
+3. input alone: `train_throughput.loader_rate` through the real loader and its workers, hw and cpu decode.
+Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine, record
+from pipelines import DataConfig, build_loader, gpu, hw
+from pipelines.tasks import TASKS, Decoder
+from shards import ConvertOptions, convert
+from train_throughput import loader_rate, make_raw
+
+DEVICE = torch.device("cuda")
+
+
+def make_store(work: Path, images: int) -> str:
+    raw, dest = work / "raw", work / "store-wds"
+    if not (raw / "train").exists():
+        make_raw(raw, images, 64, os.cpu_count() or 1)
+    if not (dest / "manifest.json").exists():
+        convert(ConvertOptions(src=str(raw), dest=str(dest), format="wds", max_side=None,
+                               workers=os.cpu_count() or 1), progress=False)
+    return str(dest)
+
+
+def worker_batches(store: str, n: int, batch: int) -> list[dict]:
+    """`n` worker batches of encoded JPEGs and crop boxes, as the hw loader's workers send them (pinned)."""
+    loader = build_loader(DataConfig(path=store, batch_size=batch, workers=4, decode="hw"), "train", train=True,
+                          task="classify", rank=0, world_size=1, seed=0, device=DEVICE)
+    loader.sampler.epoch, loader.sampler.start = 0, 0
+    out = []
+    for item, _, _ in loader.dataloader:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def rate(fn, batches: list, reps: int = 2) -> float:
+    """images/s of fn over the batches, after one warm-up pass."""
+    for b in batches[:2]:
+        fn(b)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 0
+    for _ in range(reps):
+        for b in batches:
+            n += fn(b)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def raise_release_threshold(device: torch.device) -> None:
+    """The CUDA default memory pool keeps what is freed into it instead of handing it back at each sync."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    pool = ctypes.c_void_p()
+    assert cuda.cuDeviceGetDefaultMemPool(ctypes.byref(pool), ctypes.c_int(device.index or 0)) == 0
+    value = ctypes.c_uint64(2**64 - 1)
+    assert cuda.cuMemPoolSetAttribute(pool, ctypes.c_int(4), ctypes.byref(value)) == 0  # RELEASE_THRESHOLD
+
+
+def decode_before(data, keys, device):
+    """pipelines/hw.py's decode_batch before this change: new Images, each copied to a contiguous CHW tensor."""
+    from nvidia import nvimgcodec
+
+    jpegs = [i for i, key in enumerate(keys) if key[2] in hw.JPEG_EXTS]
+    out = [None] * len(data)
+    stream = torch.cuda.current_stream(device)
+    images = hw.decoder(device).decode([nvimgcodec.CodeStream(data[i].numpy()) for i in jpegs],
+                                       params=hw.params(), cuda_stream=stream.cuda_stream)
+    for i, image in zip(jpegs, images):
+        out[i] = None if image is None else torch.from_dlpack(image).permute(2, 0, 1).contiguous()
+    return hw.cpu_fallback(data, keys, out, device)
+
+
+def gil_share(fn) -> float:
+    """The share of a pure-Python counting thread's rate that it keeps while `fn` runs (1: fn releases the GIL)."""
+    def spin(seconds: float) -> int:
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    alone = spin(0.5) / 0.5
+    counts = []
+    stop = threading.Event()
+
+    def count() -> None:
+        n = 0
+        t = time.perf_counter()
+        while not stop.is_set():
+            n += 1
+        counts.append(n / (time.perf_counter() - t))
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    fn()
+    stop.set()
+    thread.join()
+    return counts[0] / alone
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/shardtrain-hw")
+    p.add_argument("--images", type=int, default=6144)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batches", type=int, default=12, help="worker batches held in memory for stages 1-2")
+    p.add_argument("--workers", default="15,4")
+    args = p.parse_args()
+    from nvidia import nvimgcodec
+
+    store = make_store(Path(args.work), args.images)
+    out: dict = {"bench": "hw_decode", "machine": machine(), "batch": args.batch,
+                 "nvimgcodec": nvimgcodec.__version__}
+
+    def put(key: str, value: float) -> None:
+        out[key] = round(value, 1) if isinstance(value, float) else value
+        print(f"{key}: {out[key]}", flush=True)
+
+    batches = worker_batches(store, args.batches, args.batch)
+    data = [list(b["data"].split(b["length"].tolist())) for b in batches]
+    streams = [[nvimgcodec.CodeStream(d.numpy()) for d in ds] for ds in data]
+    dec, params = hw.decoder(DEVICE), hw.params()
+    cuda_stream = torch.cuda.current_stream(DEVICE).cuda_stream
+
+    # 1. bare decoder
+    put("bare_new_images", rate(lambda s: len(dec.decode(s, params=params, cuda_stream=cuda_stream)), streams))
+    last: dict = {}
+
+    def reuse(s):
+        prev = last.get(len(s))
+        last[len(s)] = dec.decode(s, images=prev, params=params, cuda_stream=cuda_stream)
+        return len(s)
+
+    put("bare_reuse_images", rate(reuse, streams))
+
+    def into_torch(s):
+        shapes = [(c.height, c.width, 3) for c in s]
+        flat = torch.empty(sum(h * w * c for h, w, c in shapes), dtype=torch.uint8, device=DEVICE)
+        bufs = [b.view(shape) for b, shape in zip(flat.split([h * w * c for h, w, c in shapes]), shapes)]
+        images = dec.decode(s, images=nvimgcodec.as_images(bufs, cuda_stream=cuda_stream), params=params,
+                            cuda_stream=cuda_stream)
+        last["same"] = all(im.__cuda_array_interface__["data"][0] == b.data_ptr() for im, b in zip(images, bufs))
+        return len(s)
+
+    try:
+        put("bare_into_torch", rate(into_torch, streams))
+        put("into_torch_writes_in_place", last["same"])
+    except Exception as e:
+        put("bare_into_torch", f"{type(e).__name__}: {e}")
+    put("bare_with_codestreams", rate(
+        lambda ds: len(dec.decode([nvimgcodec.CodeStream(d.numpy()) for d in ds], params=params,
+                                  cuda_stream=cuda_stream)), data))
+    dec4 = nvimgcodec.Decoder(device_id=0, max_num_cpu_threads=4,
+                              backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+    put("bare_4_cpu_threads", rate(lambda s: len(dec4.decode(s, params=params, cuda_stream=cuda_stream)), streams))
+    put("gil_kept_during_decode", gil_share(lambda: [dec.decode(s, params=params, cuda_stream=cuda_stream)
+                                                      for s in streams[:4]]))
+
+    # 2. the training process's half, on worker batches in memory
+    variants = {"before": decode_before, "now": hw.decode_batch, "nvjpeg": gpu.decode_batch}
+
+    def device_batch(decode, b):
+        return len(gpu.device_batch(b, 224, DEVICE, decode=decode)[0]["label"])
+
+    def decode_only(decode, b):
+        return len(gpu.decode_on_own_stream(list(b["data"].split(b["length"].tolist())), b["keys"], DEVICE, decode))
+
+    for name, decode in variants.items():
+        put(f"decode_{name}", rate(functools.partial(decode_only, decode), batches))
+        put(f"device_batch_{name}", rate(functools.partial(device_batch, decode), batches))
+
+    def ahead(decode, bs):
+        fn = functools.partial(gpu.device_batch, size=224, device=DEVICE, decode=decode)
+        return sum(len(o[0]["label"]) for o in gpu.run_ahead(bs, fn, DEVICE))
+
+    for name in ("before", "now"):
+        put(f"run_ahead_{name}", rate(functools.partial(ahead, variants[name]), [batches]))
+
+    # 3. input alone through the real loader
+    for workers in [int(w) for w in args.workers.split(",")]:
+        put(f"loader_hw_{workers}", loader_rate(store, "hw", args.batch, workers, warmup=4, batches=16))
+        put(f"loader_cpu_{workers}", loader_rate(store, "cpu", args.batch, workers, warmup=4, batches=16))
+    TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
+                                                                                  decode=decode_before))
+    put("loader_hw_before_15", loader_rate(store, "hw", args.batch, 15, warmup=4, batches=16))
+
+    # last: the pool keeps what it is given back, for the rest of this process
+    raise_release_threshold(DEVICE)
+    put("bare_new_images_pool_kept", rate(lambda s: len(dec.decode(s, params=params, cuda_stream=cuda_stream)),
+                                          streams))
+    put("device_batch_before_pool_kept", rate(functools.partial(device_batch, decode_before), batches))
+    put("loader_hw_before_pool_kept_15", loader_rate(store, "hw", args.batch, 15, warmup=4, batches=16))
+    record("hw_decode", out)
+
+
+if __name__ == "__main__":
+    main()
