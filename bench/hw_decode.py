@@ -7,7 +7,8 @@
    (`as_images`), with the CodeStreams made in the loop, with 4 CPU threads, and with the CUDA default memory
    pool's release threshold raised (the pool then keeps the memory the freed Images had).
 2. device batch: the training process's half as the loader runs it (decode on its own stream, orient, crop and
-   resize, flip) on worker batches already in memory: the code before this change, shardtrain's now, and nvJPEG's.
+   resize, flip) on worker batches already in memory: the baseline (per-image copies out of nvImageCodec's
+   Images, the code before issue 19's fix), shardtrain's now, and nvJPEG's.
 3. input alone: `train_throughput.loader_rate` through the real loader and its workers, hw and cpu decode.
 Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
 """
@@ -80,7 +81,8 @@ def raise_release_threshold(device: torch.device) -> None:
 
 
 def decode_before(data, keys, device):
-    """pipelines/hw.py's decode_batch before this change: new Images, each copied to a contiguous CHW tensor."""
+    """The baseline: pipelines/hw.py's decode_batch before issue 19's fix, new Images from nvImageCodec, each
+    copied to a contiguous CHW tensor in torch's memory (and freed)."""
     from nvidia import nvimgcodec
 
     jpegs = [i for i, key in enumerate(keys) if key[2] in hw.JPEG_EXTS]
