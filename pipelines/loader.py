@@ -5,6 +5,12 @@ epochs. The DataLoader is map-style with batch_size=None: the sampler below yiel
 (epoch, batch number, sample numbers) reference per batch, a worker turns it into a
 uint8 batch (a quarter of float's bytes to pass between processes), and the Loader moves it to
 the device, where it becomes float.
+
+A train loader iterates its DataLoader once for the whole run: the sampler goes on from one epoch
+into the next, and each iteration of the Loader takes one epoch's batches from that live iteration.
+So the workers prepare the next epoch's first batches while this epoch ends and while validation
+runs, instead of refilling the prefetch queue from empty at every epoch start. A position set
+elsewhere (a resume) starts a new iteration there. An eval loader's iteration is one epoch.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 16 << 20, 64 << 20
 
 
 class EpochBatches(Sampler):
-    """Yields this rank's batch references for one epoch, from `start` on (see plan.py)."""
+    """Yields this rank's batch references from batch `start` of `epoch` on (see plan.py): for eval that epoch's,
+    for train epoch after epoch, until `end` (the run's epoch count, when known)."""
 
     def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int,
                  shuffle_block: int):
@@ -43,11 +50,9 @@ class EpochBatches(Sampler):
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.shuffle_block = shuffle_block
         self.epoch, self.start = 0, 0
+        self.end: int | None = None
         lo, hi = plan.rank_span(store.num_samples, rank=rank, world_size=world_size, batch_size=batch_size, train=train)
         self.num_batches = -(-(hi - lo) // batch_size)
-
-    def __len__(self) -> int:
-        return max(self.num_batches - self.start, 0)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         seq = plan.epoch_sequence(self.store.counts, train=self.train, seed=self.seed, epoch=epoch,
@@ -57,9 +62,13 @@ class EpochBatches(Sampler):
         return plan.rank_batches(seq, span, self.batch_size)
 
     def __iter__(self) -> Iterator[BatchRef]:
-        epoch = self.epoch
-        for j, samples in enumerate(self.batches(epoch)[self.start :], start=self.start):
-            yield epoch, j, samples
+        epoch, start = self.epoch, self.start
+        while True:
+            for j, samples in enumerate(self.batches(epoch)[start:], start=start):
+                yield epoch, j, samples
+            epoch, start = epoch + 1, 0
+            if not self.train or (self.end is not None and epoch >= self.end):
+                return
 
 
 class StoreBatches(Dataset):
@@ -197,6 +206,8 @@ class Loader:
         self.skipped = 0
         self._epoch, self._batch = 0, 0
         self._normalise = normalise
+        self._items: Iterator[tuple[dict | None, int, str | None]] = iter(())  # the live iteration of dataloader
+        self._items_at: tuple[int, int] | None = None  # (epoch, batch) of its next item
 
     def __len__(self) -> int:
         return self.sampler.num_batches
@@ -213,7 +224,6 @@ class Loader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self._epoch, self._batch = epoch, start_batch
-        self.sampler.epoch, self.sampler.start = epoch, start_batch
 
     def plan_epochs(self, epochs: int) -> None:
         """The epochs training runs: the last `augment.close_mosaic` of them get no mosaic, so that the model ends
@@ -224,6 +234,7 @@ class Loader:
         if aug.close_mosaic and dataset.spec.train:
             closed = self.task.spec(True, self.cfg.image_size, aug.model_copy(update={"mosaic": 0.0}))
             dataset.closing = (max(epochs - aug.close_mosaic, 0), closed)
+        self.sampler.end = epochs  # no batches of an epoch the run never reaches
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch": self._batch}
@@ -236,8 +247,10 @@ class Loader:
         return self.task.batch_size(batch)
 
     def __iter__(self) -> Iterator[Batch]:
-        self.sampler.epoch, self.sampler.start = self._epoch, self._batch
-        items: Iterable[tuple[dict | None, int, str | None]] = self.dataloader
+        if self._items_at != (self._epoch, self._batch):  # a first epoch, a resume, an eval pass
+            self.sampler.epoch, self.sampler.start = self._epoch, self._batch
+            self._items, self._items_at = iter(self.dataloader), (self._epoch, self._batch)
+        items: Iterable[tuple[dict | None, int, str | None]] = self._take(len(self) - self._batch)
         if self.decoder.device is not None:
             items = gpu.run_ahead(items, self._decode, self.device)
         for batch, skipped, failure in items:
@@ -247,6 +260,15 @@ class Loader:
             self.skipped += skipped
             self._batch += 1
             yield self.task.to_device(batch, self.device, self._normalise)
+
+    def _take(self, n: int) -> Iterator[tuple[dict | None, int, str | None]]:
+        """The live iteration's next `n` items; `_items_at` follows what was taken (run_ahead takes ahead of what
+        was yielded, so a consumer that leaves mid-epoch leaves the iteration elsewhere, and the next starts anew)."""
+        for _ in range(n):
+            item = next(self._items)
+            epoch, batch = self._items_at  # type: ignore[misc]  # set with _items
+            self._items_at = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
+            yield item
 
     def _decode(self, item: tuple[dict | None, int, str | None]) -> tuple[dict | None, int, str | None]:
         """The training process's half of the decode (data.decode: gpu or hw), on a worker's batch of encoded
@@ -301,6 +323,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
         persistent_workers=cfg.persistent_workers and workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         worker_init_fn=init_worker if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # its base seed is not drawn from the training's RNG
     )
     return Loader(cfg, store, sampler, dataloader, task=data, device=device, normalise=make_normalise(cfg, device),
                   decode_choice=f"data.decode: {decode} ({why})")

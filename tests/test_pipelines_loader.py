@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from pipelines import AugmentConfig, DataConfig, DataError, build_loader
+from pipelines.loader import EpochBatches
 from pipelines.readers import make_reader
 from pipelines.store import open_split
 from shards import ConvertOptions, convert, samples
@@ -123,6 +124,76 @@ def test_resume_after_a_kill_yields_exactly_the_rest_bitwise(store, workers, dec
     assert len(first) + len(rest) == len(expected)
     for (img, lab), (img2, lab2) in zip(first + rest, expected):
         assert torch.equal(img, img2) and torch.equal(lab, lab2)
+
+
+def images(loader) -> list[torch.Tensor]:
+    return [b["image"].clone() for b in loader]
+
+
+@pytest.mark.parametrize("workers,decode", [(0, "cpu"), (2, "cpu"), (2, "gpu")])
+def test_epochs_from_one_live_iteration_match_a_fresh_loader_per_epoch_and_a_resume(store, workers, decode):
+    # The train loader goes from one epoch into the next on one iteration of its DataLoader; each batch still
+    # comes from its own (epoch, batch) reference, so the batches are those of a loader started at that epoch.
+    cfg = cfg_for(store, workers=workers, decode=decode, augment=AugmentConfig())  # real random augmentation
+    fresh = []
+    for epoch in range(3):
+        (ld,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+        ld.set_epoch(epoch)
+        fresh.append(images(ld))
+
+    (live,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+    live.plan_epochs(3)
+    got = []
+    for epoch in range(3):
+        live.set_epoch(epoch)
+        got.append(images(live))
+    # a resume mid-epoch 1, in a new process's loader, then on through epoch 2 as the trainer does
+    (resumed,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+    resumed.plan_epochs(3)
+    resumed.load_state_dict({"epoch": 1, "batch": 2})
+    rest = images(resumed)
+    resumed.set_epoch(2)
+    rest_2 = images(resumed)
+    # and the live loader moved back to an epoch it has passed (set_epoch elsewhere starts anew there)
+    live.set_epoch(0, 3)
+    again = images(live)
+
+    for a, b in zip(got + [rest, rest_2, again], fresh + [fresh[1][2:], fresh[2], fresh[0][3:]], strict=True):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_next_epoch_is_handed_to_the_workers_before_this_one_ends(store, monkeypatch):
+    # Before, each epoch started a new iteration of the DataLoader: the workers had nothing to do from an
+    # epoch's last batches until the next epoch began, and its first batches were prepared from empty.
+    handed: list[tuple[int, int]] = []  # the references the sampler gave the DataLoader, in order
+    sampler_iter = EpochBatches.__iter__
+
+    def recording(self):
+        for ref in sampler_iter(self):
+            handed.append(ref[:2])
+            yield ref
+
+    monkeypatch.setattr(EpochBatches, "__iter__", recording)
+    (ld,) = loaders(cfg_for(store), "train", train=True, world_size=1)  # 2 workers x prefetch 2
+    ld.plan_epochs(2)
+    batches = iter(ld)
+    for _ in range(len(ld)):
+        next(batches)
+    assert (1, 0) in handed  # while the consumer holds epoch 0's last batch
+    started = ld.dataloader._iterator
+    ld.set_epoch(1)
+    images(ld)
+    assert ld.dataloader._iterator is started
+    assert handed == [(e, j) for e in range(2) for j in range(len(ld))]  # each once; nothing past the planned end
+
+    # eval: one epoch per iteration, from its first batch every time
+    (val,) = loaders(cfg_for(store), "val", train=False, world_size=1)
+    handed.clear()
+    first = images(val)
+    val.set_epoch(0)
+    second = images(val)
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    assert handed == [(0, j) for j in range(len(val))] * 2
 
 
 def test_one_shard_feeds_four_consumers(tmp_path):
