@@ -227,8 +227,8 @@ class Loader:
 
     def plan_epochs(self, epochs: int) -> None:
         """The epochs training runs: the last `augment.close_mosaic` of them get no mosaic, so that the model ends
-        on images like those it is evaluated on (YOLO's close_mosaic). Call it before the first iteration: the
-        workers take their copy of the dataset then."""
+        on images like those it is evaluated on (YOLO's close_mosaic), and the sampler stops after the last. Call it
+        before the first iteration: the workers take their copy of the dataset then."""
         aug, dataset = self.cfg.augment, self.dataloader.dataset
         assert isinstance(dataset, StoreBatches)
         if aug.close_mosaic and dataset.spec.train:
