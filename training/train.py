@@ -104,7 +104,6 @@ class Trainer:
         self.dtype = amp_dtype(cfg.train.amp, world.device)
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
-        self.rng = None  # this rank's RNG state from a mid-epoch checkpoint, set once its epoch has started
         self.source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
         if self.source:
             self.load_state_dict(load_on_node(cfg, world, self.source))
@@ -150,7 +149,6 @@ class Trainer:
             for i in range(first, n_batches):
                 with self.reporter.data_wait():
                     batch = next(batches)
-                self.restore_rng()
                 if not self.train_step(batch, i, n_batches):
                     continue  # a micro-batch: the optimizer steps on its group's last
                 if self.vote.poll(self.preemption.requested):
@@ -205,13 +203,6 @@ class Trainer:
             self.ema.update(self.model, step=p.step)
         self.reporter.step(p.step, self.optimizer.param_groups[0]["lr"], grad_norm, log_now)
         return True
-
-    def restore_rng(self) -> None:
-        """A mid-epoch checkpoint's RNG state, once its epoch's iteration has begun: starting an iteration may
-        draw from torch's RNG (the DataLoader's base seed), which the uninterrupted run did before the save."""
-        if self.rng is not None:
-            checkpoint.set_rng_state(self.rng)
-            self.rng = None
 
     def end_epoch(self, epoch: int) -> None:
         """Evaluate (every eval.every_epochs, and after the last) and save; the loader moves to the next epoch."""
@@ -288,12 +279,11 @@ class Trainer:
         progress.pop("batch", None)  # checkpoints before the loader's own state kept its batch here too
         self.progress = Progress(**progress)
         same_world = ckpt.get("world_size") == world.size
-        self.rng = ckpt["rng"][world.rank] if same_world else None
-        if not same_world and world.is_main:
+        if same_world:  # starting the loader's iteration draws nothing from these (its DataLoader has a generator)
+            checkpoint.set_rng_state(ckpt["rng"][world.rank])
+        elif world.is_main:
             print(f"warning: checkpoint was written by {ckpt.get('world_size')} processes, this run has "
                   f"{world.size}; random streams restart from the seed")
-        if self.rng is not None and self.train_loader.batch == 0:
-            self.restore_rng()  # an epoch's start: nothing of the epoch has drawn yet
         if world.is_main and ckpt["config"] != to_dict(cfg):
             diff = ", ".join(diff_keys(ckpt["config"], to_dict(cfg)))
             print(f"warning: config differs from the checkpoint's: {diff}")
