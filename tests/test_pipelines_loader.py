@@ -196,6 +196,15 @@ def test_next_epoch_is_handed_to_the_workers_before_this_one_ends(store, monkeyp
     assert handed == [(0, j) for j in range(len(val))] * 2
 
 
+def test_starting_an_iteration_draws_nothing_from_torchs_rng(store):
+    # A resumed run restores the checkpoint's RNG state and then starts its loader's iteration, which the
+    # uninterrupted run had started epochs before: a draw there (the DataLoader's base seed) would part them.
+    (ld,) = loaders(cfg_for(store), "train", train=True, world_size=1)
+    state = torch.random.get_rng_state()
+    next(iter(ld))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_one_shard_feeds_four_consumers(tmp_path):
     path = make_store(tmp_path, "wds", {"train": 3, "val": 2}, "1000")  # everything in one shard per split
     cfg = cfg_for(path, batch_size=2)
