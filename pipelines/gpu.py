@@ -4,13 +4,16 @@ flips it with one `torchvision.ops.roi_align` per group of images, in a thread o
 batch ahead of the step (`run_ahead`). Without CUDA the same code decodes on the CPU, which is
 how the tests run it.
 
-Classification only. Colour jitter is not applied in this mode (crop, flip and resize are).
+Classification: crop, flip and resize (no colour jitter in this mode). DINO: every view of an image is cropped
+from its one decode, then flipped, colour-jittered, greyed, blurred and solarized with the parameters its
+worker drew (`pipelines/gpu_color.py`), as `presets.dino_views` does in the CPU workers.
 `data.decode: hw` (pipelines/hw.py) runs the same code with the hardware decoder's `decode_batch`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import queue
 import threading
@@ -22,6 +25,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
+from pipelines import gpu_color, presets
 from pipelines.batches import BatchSpec
 from pipelines.decode import probe_image
 from pipelines.store import BadSample, RawSample
@@ -58,14 +62,19 @@ def center_crop_box(w: int, h: int, crop_pct: float) -> tuple[float, float, floa
     return x, y, x + side, y + side
 
 
-def worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
-    """The worker half: probe headers, draw crop boxes and flips; no pixel decoding.
+Draw = Callable[[int, int, int], dict[str, np.ndarray]]  # (width, height, seed) -> one image's parameters
+
+
+def encoded_batch(samples: list[RawSample], seeds: list[int],
+                  draw: Draw) -> tuple[dict, list[RawSample], list[BadSample]]:
+    """The worker half: probe headers and draw each image's parameters (`draw`, from its oriented size and its
+    seed); no pixel decoding. Returns the batch, the samples in it and the unreadable ones.
 
     The encoded images travel as one flat uint8 tensor with their lengths: a DataLoader worker
     passes every tensor through a shared-memory segment of its own, and hundreds of small
     segments per batch cost more than decoding them does.
     """
-    payload, orient, boxes, flips, labels, keys, bad = [], [], [], [], [], [], []
+    payload, orient, drawn, good, bad = [], [], [], [], []
     for raw, seed in zip(samples, seeds):
         try:
             w, h, o = probe_image(raw.image)
@@ -74,27 +83,68 @@ def worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
             continue
         if o in SWAPS_AXES:
             w, h = h, w
-        rng = np.random.default_rng(seed)
-        if spec.train:
-            boxes.append(random_resized_crop_box(w, h, spec.aug.scale, spec.aug.ratio, rng))
-            flips.append(bool(rng.random() < spec.aug.hflip))
-        else:
-            boxes.append(center_crop_box(w, h, spec.aug.eval_crop_pct))
-            flips.append(False)
+        drawn.append(draw(w, h, seed))
         payload.append(raw.image)
         orient.append(o)
-        labels.append(raw.meta["cls"])
-        keys.append((raw.shard, raw.key, raw.ext))
+        good.append(raw)
+    template = drawn[0] if drawn else draw(1, 1, 0)  # gives an empty batch its fields' shapes
     batch = {
         "data": torch.frombuffer(bytearray().join(payload), dtype=torch.uint8) if payload
         else torch.zeros(0, dtype=torch.uint8),
         "length": torch.tensor([len(p) for p in payload], dtype=torch.int64),
         "orientation": torch.tensor(orient, dtype=torch.int64),
-        "box": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "flip": torch.tensor(flips, dtype=torch.bool),
-        "label": torch.tensor(labels, dtype=torch.int64),
-        "keys": keys,
+        **{key: torch.from_numpy(np.stack([d[key] for d in drawn]) if drawn
+                                 else np.zeros((0, *value.shape), value.dtype)) for key, value in template.items()},
+        "keys": [(raw.shard, raw.key, raw.ext) for raw in good],
     }
+    return batch, good, bad
+
+
+def classify_draw(spec: BatchSpec, w: int, h: int, seed: int) -> dict[str, np.ndarray]:
+    if not spec.train:
+        return {"box": np.array(center_crop_box(w, h, spec.aug.eval_crop_pct), np.float32), "flip": np.array(False)}
+    rng = np.random.default_rng(seed)
+    box = random_resized_crop_box(w, h, spec.aug.scale, spec.aug.ratio, rng)
+    return {"box": np.array(box, np.float32), "flip": np.array(rng.random() < spec.aug.hflip)}
+
+
+def worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
+    """Classification's worker half: a crop box and a flip per image, and its label."""
+    batch, good, bad = encoded_batch(samples, seeds, functools.partial(classify_draw, spec))
+    batch["label"] = torch.tensor([raw.meta["cls"] for raw in good], dtype=torch.int64)
+    return batch, bad
+
+
+def dino_view_params(view: presets.DinoView, hflip: float, w: int, h: int,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One view's crop box, flip and colour parameters, with `_dino_view`'s probabilities and ranges. The jitter
+    factors and order are drawn whether or not the jitter applies, and so is sigma: the same draws every time."""
+    box = random_resized_crop_box(w, h, view.scale, presets.DINO_RATIO, rng)
+    flip = rng.random() < hflip
+    jitter = rng.random() < presets.DINO_JITTER_P
+    b, c, s, hue = presets.DINO_JITTER
+    factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-hue, hue)]
+    order = rng.permutation(4)  # ColorJitter's ops in a random order per image, as albumentations and torchvision
+    gray = rng.random() < presets.DINO_GRAY_P
+    sigma = rng.uniform(*presets.DINO_SIGMA)
+    blur = rng.random() < view.blur
+    solarize = rng.random() < view.solarize
+    return {"box": np.array(box, np.float32), "flip": np.array(flip), "jitter": np.array(jitter),
+            "factors": np.array(factors, np.float32), "order": order.astype(np.int64), "gray": np.array(gray),
+            "sigma": np.array(sigma if blur else 0.0, np.float32), "solarize": np.array(solarize)}
+
+
+def dino_draw(spec: BatchSpec, w: int, h: int, seed: int) -> dict[str, np.ndarray]:
+    """Every view's parameters, (views, ...) per field; view v draws from seed * 131 + v as `dino_batch` does."""
+    views = [dino_view_params(view, spec.aug.hflip, w, h, np.random.default_rng(seed * 131 + v))
+             for v, view in enumerate(presets.dino_view_specs(spec.size, spec.aug))]
+    return {key: np.stack([v[key] for v in views]) for key in views[0]}
+
+
+def dino_worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
+    """DINO's worker half: every view's crop box, flip and colour parameters per image."""
+    batch, _, bad = encoded_batch(samples, seeds, functools.partial(dino_draw, spec))
     return batch, bad
 
 
@@ -174,8 +224,9 @@ def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, st
 
 
 def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each box and resize it to size x size (bilinear, averaging when shrinking),
-    in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
+    """Crop each image's boxes ((N, V, 4): V per image) and resize them to size x size (bilinear, averaging when
+    shrinking): (N, V, 3, size, size), in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
+    views = boxes.shape[1]
     out = []
     start = 0
     while start < len(images):
@@ -188,18 +239,18 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
         canvas = images[start].new_zeros((stop - start, 3, h, w), dtype=torch.float32)
         for i in range(start, stop):
             canvas[i - start, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
-        idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device)[:, None]
-        rois = torch.cat([idx, boxes[start:stop].to(canvas.device)], dim=1)
-        out.append(roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True))
+        idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
+        rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
+        crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        out.append(crops.unflatten(0, (stop - start, views)))
         start = stop
-    return torch.cat(out) if out else torch.zeros((0, 3, size, size))
+    return torch.cat(out) if out else torch.zeros((0, views, 3, size, size))
 
 
-def device_batch(batch: dict, size: int, device: torch.device,
-                 decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
-    """The device half: decode (nvJPEG's `decode_batch`, or hw's), orient, crop+resize, flip. Returns float
-    0..255 images and labels on the device. The small tensors go over from the batch's pinned memory: a copy
-    from pageable memory would wait for the training step queued before it."""
+def decode_images(batch: dict, device: torch.device, decode: DecodeFn) -> tuple[list[torch.Tensor], list[int],
+                                                                                list[BadSample]]:
+    """A worker batch's images decoded (nvJPEG's `decode_batch`, or hw's) and oriented on `device`, the positions
+    of those that decoded, and the samples that did not."""
     data = list(batch["data"].split(batch["length"].tolist()))
     decoded = decode_on_own_stream(data, batch["keys"], device, decode)
     keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
@@ -207,11 +258,69 @@ def device_batch(batch: dict, size: int, device: torch.device,
            for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]
     orientation = batch["orientation"].tolist()
     images = [apply_orientation(img, orientation[i]) for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
-    rows = slice(None) if len(keep) == len(decoded) else torch.tensor(keep, device=device)
+    return images, keep, bad
+
+
+def device_batch(batch: dict, spec: BatchSpec, device: torch.device,
+                 decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
+    """Classification's device half: decode, orient, crop+resize, flip. Returns float 0..255 images and labels
+    on the device. The small tensors go over from the batch's pinned memory: a copy from pageable memory would
+    wait for the training step queued before it."""
+    images, keep, bad = decode_images(batch, device, decode)
+    rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep, device=device)
     box, flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("box", "flip", "label"))
-    out = crop_resize(images, box, size)
+    out = crop_resize(images, box[:, None], spec.size)[:, 0]
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return {"image": out, "label": label}, bad
+
+
+def on_rows(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """x[rows] = fn(x[rows], rows) for the rows set in `mask` (on the CPU: no device sync to find them)."""
+    rows = mask.nonzero().squeeze(1)
+    if len(rows):
+        on_device = gpu_color.upload(rows, x.device)
+        x[on_device] = fn(x[on_device], rows)
+
+
+def with_factors(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], factors: torch.Tensor,
+                 images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return op(images, gpu_color.upload(factors[rows], images.device))
+
+
+def dino_augment(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flip, colour jitter (its four ops in each image's own order), grey, blur and solarize, each on the images
+    drawn for it, in `presets._dino_view`'s order. x: float 0..255 (M,3,S,S); p: the M images' parameters."""
+    on_rows(x, p["flip"], lambda imgs, _: imgs.flip(-1))
+    for k in range(4):
+        for j, op in enumerate(gpu_color.JITTER):
+            on_rows(x, p["jitter"] & (p["order"][:, k] == j), functools.partial(with_factors, op, p["factors"][:, j]))
+    on_rows(x, p["gray"], lambda imgs, _: gpu_color.gray(imgs))
+    on_rows(x, p["sigma"] > 0, lambda imgs, r: gpu_color.gaussian_blur(imgs, p["sigma"][r]))
+    on_rows(x, p["solarize"], lambda imgs, _: gpu_color.solarize(imgs))
+    return x
+
+
+DINO_PARAMS = ("box", "flip", "jitter", "factors", "order", "gray", "sigma", "solarize")
+
+
+def dino_device_batch(batch: dict, spec: BatchSpec, device: torch.device,
+                      decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
+    """DINO's device half: each image decoded once, all its views cropped from it (one roi_align per view size
+    and canvas), then augmented (`dino_augment`). Returns {"crops": one float 0..255 (N,3,S,S) per view}."""
+    images, keep, bad = decode_images(batch, device, decode)
+    rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep)
+    params = {k: batch[k][rows] for k in DINO_PARAMS}  # (N, views, ...), on the CPU
+    views = presets.dino_view_specs(spec.size, spec.aug)
+    crops: list[torch.Tensor] = [None] * len(views)  # type: ignore[list-item]  # every slot is filled below
+    for size in dict.fromkeys(view.size for view in views):
+        group = [v for v, view in enumerate(views) if view.size == size]
+        boxes = gpu_color.upload(params["box"][:, group], device)
+        x = crop_resize(images, boxes, size).flatten(0, 1)  # image-major: (N * len(group), 3, size, size)
+        x = dino_augment(x, {k: params[k][:, group].flatten(0, 1) for k in DINO_PARAMS})
+        x = x.unflatten(0, (len(images), len(group)))
+        for j, v in enumerate(group):
+            crops[v] = x[:, j]
+    return {"crops": crops}, bad
 
 
 def tensors(tree) -> Iterator[torch.Tensor]:

@@ -2,10 +2,11 @@
 
 hw: the GPU's hardware JPEG decoder (the NVJPG engines of A100, H100, H200, L4, ...) through nvImageCodec
 (`pip install shardtrain[gpu]`). The workers send encoded bytes and crop boxes as in `gpu` mode
-(`gpu.worker_batch`); the training process decodes each batch's JPEGs in one call to nvImageCodec's
-HW_GPU_ONLY backend, one batch ahead on a stream of its own (`gpu.run_ahead`, `gpu.decode_on_own_stream`),
-then crops, resizes and flips them with `gpu` mode's code. The engines use no SMs, so the decode does not
-compete with the training step for them, as nvJPEG's CUDA kernels do.
+(`gpu.worker_batch`, `gpu.dino_worker_batch`); the training process decodes each batch's JPEGs in one call to
+nvImageCodec's HW_GPU_ONLY backend, one batch ahead on a stream of its own (`gpu.run_ahead`,
+`gpu.decode_on_own_stream`), then crops, resizes, flips (and for DINO colours) them with `gpu` mode's code.
+The engines use no SMs, so the decode does not compete with the training step for them, as nvJPEG's CUDA
+kernels do.
 
 Images the hardware does not take (PNG or WebP samples, a JPEG it refuses or cannot decode) are decoded one by
 one on the CPU (libjpeg through torchvision, as `gpu` mode does for PNG), counted in `FALLBACKS` by reason and
@@ -143,13 +144,14 @@ def count(reason: str) -> None:
 
 
 device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
+dino_device_batch = functools.partial(gpu.dino_device_batch, decode=decode_batch)
 
 
-def choose(decode: str, modes: Iterable[str], color_jitter: float, device: torch.device) -> tuple[str, str]:
+def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.device) -> tuple[str, str]:
     """The decode mode a loader runs for `data.decode`, and why, in words for the run's log. auto is hw where the
-    task has it, the hardware decoder works on `device` and no colour jitter would be lost (it runs in the CPU
-    workers only); else cpu, with the first of those reasons that holds. An explicit hw that cannot work is a
-    one-line error."""
+    task has it, the hardware decoder works on `device` and nothing would be lost (`lost`: the setting that
+    the task applies in the CPU workers only, e.g. classify's colour jitter; None for none); else cpu, with the
+    first of those reasons that holds. An explicit hw that cannot work is a one-line error."""
     if decode == "hw" and (why := unavailable(device)):
         raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
     if decode != "auto":
@@ -158,6 +160,6 @@ def choose(decode: str, modes: Iterable[str], color_jitter: float, device: torch
         return "cpu", "auto: this task decodes in the CPU workers only"
     if why := unavailable(device):
         return "cpu", f"auto: {why}"
-    if color_jitter:
-        return "cpu", f"auto: data.augment.color_jitter={color_jitter} runs in the CPU workers only"
+    if lost:
+        return "cpu", f"auto: {lost} runs in the CPU workers only"
     return "hw", f"auto: {describe(device)}"

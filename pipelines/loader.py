@@ -276,8 +276,9 @@ class Loader:
         batch, skipped, failure = item
         if failure:
             return item
-        assert batch is not None and self.decoder.device is not None
-        batch, bad = self.decoder.device(batch, self.cfg.image_size, self.device)
+        dataset = self.dataloader.dataset
+        assert batch is not None and self.decoder.device is not None and isinstance(dataset, StoreBatches)
+        batch, bad = self.decoder.device(batch, dataset.spec_at(self._epoch), self.device)
         if bad and self.cfg.on_error == "fail":
             return None, skipped + len(bad), describe(bad[0])
         return batch, skipped + len(bad), None
@@ -305,7 +306,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
     data = TASKS[task]
-    decode, why = hw.choose(cfg.decode, data.decoders, cfg.augment.color_jitter, device)
+    decode, why = hw.choose(cfg.decode, data.decoders, data.cpu_only(cfg.augment), device)
     cfg = cfg.model_copy(update={"decode": decode})
     dataset = StoreBatches(make_reader(store), data.decoders[cfg.decode].worker,
                            data.spec(train, cfg.image_size, cfg.augment), seed=seed, rank=rank, on_error=cfg.on_error)

@@ -7,6 +7,7 @@ augmentation of a sample is a function of its position in the epoch, not of work
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import albumentations as A
 import cv2
@@ -42,27 +43,47 @@ def classify_eval(size: int, aug: AugmentConfig) -> A.Compose:
     ])
 
 
-def _dino_view(size: int, scale: tuple[float, float], aug: AugmentConfig, blur: float, solarize: float) -> A.Compose:
-    """One DINO view (Caron et al. 2021): crop, flip, colour jitter, grey, blur, solarize."""
+# DINO's view recipe (Caron et al. 2021), shared by the CPU presets below and the device path (pipelines/gpu.py)
+DINO_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect range
+DINO_JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+DINO_JITTER_P = 0.8
+DINO_GRAY_P = 0.2
+DINO_SIGMA = (0.1, 2.0)  # gaussian blur's sigma range
+
+
+@dataclass(frozen=True)
+class DinoView:
+    size: int
+    scale: tuple[float, float]
+    blur: float  # probability of a gaussian blur
+    solarize: float  # probability of solarizing
+
+
+def dino_view_specs(size: int, aug: AugmentConfig) -> list[DinoView]:
+    """global_crops global views (the first always blurred, the second sometimes solarized,
+    as in DINO), then local_crops local views."""
+    globals_ = [DinoView(size, aug.global_scale, blur=1.0 if i == 0 else 0.1, solarize=0.0 if i == 0 else 0.2)
+                for i in range(aug.global_crops)]
+    return globals_ + [DinoView(aug.local_size, aug.local_scale, blur=0.5, solarize=0.0)] * aug.local_crops
+
+
+def _dino_view(view: DinoView, aug: AugmentConfig) -> A.Compose:
+    """One DINO view: crop, flip, colour jitter, grey, blur, solarize."""
+    b, c, s, h = DINO_JITTER
     return A.Compose([
-        A.RandomResizedCrop((size, size), scale=scale, interpolation=cv2.INTER_CUBIC),
+        A.RandomResizedCrop((view.size, view.size), scale=view.scale, ratio=DINO_RATIO,
+                            interpolation=cv2.INTER_CUBIC),
         A.HorizontalFlip(p=aug.hflip),
-        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8),
-        A.ToGray(p=0.2),
-        A.GaussianBlur(sigma_limit=(0.1, 2.0), p=blur),
-        A.Solarize(threshold_range=(0.5, 0.5), p=solarize),
+        A.ColorJitter(brightness=b, contrast=c, saturation=s, hue=h, p=DINO_JITTER_P),
+        A.ToGray(p=DINO_GRAY_P),
+        A.GaussianBlur(sigma_limit=DINO_SIGMA, p=view.blur),
+        A.Solarize(threshold_range=(0.5, 0.5), p=view.solarize),
     ])
 
 
 def dino_views(size: int, aug: AugmentConfig) -> list[A.Compose]:
-    """global_crops global views (the first always blurred, the second sometimes solarized,
-    as in DINO), then local_crops local views."""
-    globals_ = [
-        _dino_view(size, aug.global_scale, aug, blur=1.0 if i == 0 else 0.1, solarize=0.0 if i == 0 else 0.2)
-        for i in range(aug.global_crops)
-    ]
-    local = _dino_view(aug.local_size, aug.local_scale, aug, blur=0.5, solarize=0.0)
-    return globals_ + [local] * aug.local_crops
+    """The views of `dino_view_specs` as albumentations presets."""
+    return [_dino_view(view, aug) for view in dino_view_specs(size, aug)]
 
 
 def _bbox_params(aug: AugmentConfig, label_fields: tuple[str, ...] = ("labels",)) -> A.BboxParams:

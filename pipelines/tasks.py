@@ -20,7 +20,7 @@ from pipelines.config import AugmentConfig
 from pipelines.store import BadSample
 
 Batch = dict[str, torch.Tensor | list[torch.Tensor]]
-DeviceFn = Callable[[dict, int, torch.device], tuple[Batch, list[BadSample]]]
+DeviceFn = Callable[[dict, BatchSpec, torch.device], tuple[Batch, list[BadSample]]]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Decoder:
     in the training process, what it runs on each worker batch (one batch ahead, in a thread of its own)."""
 
     worker: BatchFn
-    device: DeviceFn | None = None  # (worker batch, image size, device) -> (batch on the device, bad samples)
+    device: DeviceFn | None = None  # (worker batch, its spec, device) -> (batch on the device, bad samples)
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class TaskData:
     transforms: Callable[[bool, int, AugmentConfig], list[A.Compose]]  # presets, from (train, size, augment)
     decoders: dict[str, Decoder]  # by data.decode
     images: str  # the batch key of the images: a (N,3,H,W) tensor, or a list of them (one per view)
+    # the augment setting that only the cpu mode applies, if set (data.decode: auto keeps such a run on the CPU)
+    cpu_only: Callable[[AugmentConfig], str | None] = lambda aug: None
 
     def spec(self, train: bool, size: int, aug: AugmentConfig) -> BatchSpec:
         """What the workers' batch function gets besides the samples."""
@@ -65,11 +67,13 @@ TASKS: dict[str, TaskData] = {
         decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, gpu.device_batch),
                   "hw": Decoder(gpu.worker_batch, hw.device_batch)},
         images="image",
+        cpu_only=lambda aug: f"data.augment.color_jitter={aug.color_jitter}" if aug.color_jitter else None,
     ),
     "dino": TaskData(
         layouts=("imagefolder", "unlabeled", "yolo"),
         transforms=lambda train, size, aug: presets.dino_views(size, aug),
-        decoders={"cpu": Decoder(dino_batch)},
+        decoders={"cpu": Decoder(dino_batch), "gpu": Decoder(gpu.dino_worker_batch, gpu.dino_device_batch),
+                  "hw": Decoder(gpu.dino_worker_batch, hw.dino_device_batch)},
         images="crops",
     ),
     "detect": TaskData(

@@ -13,6 +13,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipelines import AugmentConfig, DataConfig, DataError, build_loader, hw
+from pipelines.tasks import TASKS
+from shards import ConvertOptions, convert
 from tests.test_pipelines_loader import CPU, FIXED, cfg_for, loaders, make_store
 
 CUDA = torch.device("cuda")
@@ -51,18 +53,40 @@ def test_auto_falls_to_cpu_decode_with_the_reason(store):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
-def test_auto_keeps_other_tasks_on_the_cpu(store):
-    dino = build_loader(cfg_for(store, augment=FIXED, decode="auto"), "train", train=True, task="dino", rank=0,
-                        world_size=1, seed=0, device=CPU)
-    assert dino.decode_choice == "data.decode: cpu (auto: this task decodes in the CPU workers only)"
+@pytest.fixture(scope="module")
+def yolo_store(yolo_src, tmp_path_factory) -> str:
+    dest = tmp_path_factory.mktemp("yolo") / "store"
+    convert(ConvertOptions(src=str(yolo_src), dest=str(dest), format="wds", workers=1), progress=False)
+    return str(dest)
 
 
-def test_hw_for_another_task_or_without_the_engines_is_a_one_line_error(store):
-    with pytest.raises(DataError, match="data.decode=hw supports task classify only, not dino"):
-        build_loader(cfg_for(store, decode="hw"), "train", train=True, task="dino", rank=0, world_size=1, seed=0,
-                     device=CPU)
+def test_auto_keeps_detection_on_the_cpu_and_gives_dino_the_same_reasons_as_classify(store, yolo_store):
+    detect = build_loader(cfg_for(yolo_store, decode="auto"), "train", train=True, task="detect", rank=0,
+                          world_size=1, seed=0, device=CPU)
+    assert detect.decode_choice == "data.decode: cpu (auto: this task decodes in the CPU workers only)"
+    # dino's device path keeps all its colour ops: the classify-only color_jitter is never the reason
+    dino = build_loader(cfg_for(store, augment=AugmentConfig(), decode="auto"), "train", train=True, task="dino",
+                        rank=0, world_size=1, seed=0, device=CPU)
+    assert dino.decode_choice == "data.decode: cpu (auto: no CUDA GPU (the device is cpu))"
+
+
+@pytest.mark.parametrize("jitter,lost", [(0.4, "data.augment.color_jitter=0.4"), (0.0, None)])
+def test_auto_names_what_only_the_cpu_mode_applies(jitter, lost):
+    classify, dino = TASKS["classify"], TASKS["dino"]
+    aug = AugmentConfig(color_jitter=jitter)
+    assert classify.cpu_only(aug) == lost and dino.cpu_only(aug) is None
+
+
+def test_hw_for_another_task_or_without_the_engines_is_a_one_line_error(store, yolo_store):
+    with pytest.raises(DataError, match="data.decode=hw supports task classify or dino only, not detect"):
+        build_loader(cfg_for(yolo_store, decode="hw"), "train", train=True, task="detect", rank=0, world_size=1,
+                     seed=0, device=CPU)
     with pytest.raises(DataError) as err:
         loaders(cfg_for(store, decode="hw"), "val", train=False, world_size=1)
+    assert str(err.value) == "data.decode=hw: no CUDA GPU (the device is cpu); use data.decode=auto or cpu"
+    with pytest.raises(DataError) as err:
+        build_loader(cfg_for(store, decode="hw"), "train", train=True, task="dino", rank=0, world_size=1, seed=0,
+                     device=CPU)
     assert str(err.value) == "data.decode=hw: no CUDA GPU (the device is cpu); use data.decode=auto or cpu"
 
 
