@@ -11,6 +11,11 @@ Run on a GPU host, from the repo root:
 A variant is the shipped config with space-separated dotted overrides (`shardtrain train`'s); variants are
 separated by ';', the empty one is the shipped config. Every variant's ceiling is measured; the first variant
 also runs end to end and gives the headline keys (ratio_dino, images_per_s_dino, tflops_dino, ...).
+`--data-variants` adds overrides to the first variant that leave the step alone (data.decode, data.workers) and
+runs each end to end against the first variant's ceiling:
+
+    python bench/task_throughput.py --tasks dino --variants data.decode=gpu \
+        --data-variants 'data.decode=cpu;data.decode=gpu data.workers=7;data.decode=cpu data.workers=7'
 
 - Data: `--images` JPEGs of ImageNet-like size (~500x375, bench/train_throughput.py's `make_raw`) converted at
   full size to WebDataset for DINO; for detection, windows of the bundled coins photo at 2 to 3 times their size
@@ -145,6 +150,19 @@ def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int) -> dict:
     return json.loads(lines[-1])
 
 
+def end_to_end(task: str, variant: str, name: str, store: str, runs: Path, args: argparse.Namespace,
+               n_train: int) -> tuple[float, float, int]:
+    """images/s and data wait of `python -m training` on the variant's config (train_throughput's `steady_rate`),
+    and its data.workers."""
+    cfg = bench_config(task, variant, name, store, runs, args.steps, args.workers)
+    skip = max(args.warmup_steps, steps_per_epoch(cfg, n_train))
+    # the windows after the skipped ones are the measurement: a run that ends first measures nothing
+    cfg["train"]["max_steps"] = max(args.steps, skip + 100)
+    rate, wait = steady_rate(launch(cfg, runs)[0], skip)
+    print(f"{task} [{variant.strip() or 'shipped'}] end to end {rate:.0f} images/s, data wait {wait:.0%}", flush=True)
+    return rate, wait, cfg["data"]["workers"]
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -153,6 +171,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/shardtrain-task-bench")
     p.add_argument("--tasks", default="dino,detect")
     p.add_argument("--variants", default="", help="';'-separated override sets; the first runs end to end too")
+    p.add_argument("--data-variants", default="",
+                   help="';'-separated overrides added to the first variant and run end to end only, against its "
+                        "ceiling: data settings (decode mode, workers) that do not change the step")
     p.add_argument("--images", type=int, default=8192, help="DINO train images (detection: a quarter of it)")
     p.add_argument("--workers", type=int, default=None, help="data.workers (default: the shipped config's)")
     p.add_argument("--steps", type=int, default=200, help="end-to-end steps (the ceiling: --ceiling-steps)")
@@ -210,17 +231,27 @@ def main() -> None:
                   f"{gflop * ceil / 1e3:.0f} TFLOP/s", flush=True)
             table.append((f"{task} [{label}] ceiling", ceil, None, None, gflop * ceil / 1e3))
             if i == 0 and not args.no_e2e:
-                cfg = bench_config(task, variant, f"{task}-e2e", store, runs, args.steps, args.workers)
-                skip = max(args.warmup_steps, steps_per_epoch(cfg, n_train))
-                # the windows after the skipped ones are the measurement: a run that ends first measures nothing
-                cfg["train"]["max_steps"] = max(args.steps, skip + 100)
-                rate, wait = steady_rate(launch(cfg, runs)[0], skip)
+                rate, wait, workers = end_to_end(task, variant, f"{task}-e2e", store, runs, args, n_train)
                 row |= {"images_per_s": round(rate, 1), "ratio": round(rate / ceil, 3), "data_wait": wait}
                 table.append((f"{task} [{label}] end to end", rate, rate / ceil, wait, gflop * rate / 1e3))
                 out |= {f"images_per_s_{task}": round(rate, 1), f"ceiling_{task}": round(ceil, 1),
                         f"ratio_{task}": round(rate / ceil, 3), f"tflops_{task}": round(gflop * rate / 1e3, 1),
                         f"gflop_per_image_{task}": round(gflop, 2), f"config_{task}": label,
-                        f"workers_{task}": cfg["data"]["workers"]}
+                        f"workers_{task}": workers}
+                out[f"data_variants_{task}"] = []
+                for j, extra in enumerate(v for v in args.data_variants.split(";") if v):
+                    name = f"{label} {extra}"
+                    try:
+                        rate, wait, workers = end_to_end(task, f"{variant} {extra}", f"{task}-e2e-{j}", store, runs,
+                                                         args, n_train)
+                    except RuntimeError as e:  # the other data variants still run
+                        print(f"{task} [{name}] failed: {e}", flush=True)
+                        out[f"data_variants_{task}"].append({"variant": name, "error": str(e).splitlines()[0]})
+                        continue
+                    table.append((f"{task} [{name}] end to end", rate, rate / ceil, wait, gflop * rate / 1e3))
+                    out[f"data_variants_{task}"].append(
+                        {"variant": name, "workers": workers, "images_per_s": round(rate, 1),
+                         "ratio": round(rate / ceil, 3), "data_wait": wait})
             out[f"variants_{task}"].append(row)
 
     print_table({"images/s": ".0f", "ratio": ".3f", "wait": ".0%", "TFLOP/s": ".0f"}, table)
