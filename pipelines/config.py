@@ -30,7 +30,7 @@ class AugmentConfig(pydantic.BaseModel, extra="forbid"):
         "detect).")
     color_jitter: float = pydantic.Field(
         default=0.4, description="classify train: brightness, contrast and saturation jitter strength; 0 = off. "
-        "Not applied with `data.decode: gpu` or `hw`.")
+        "Not applied to classify with `data.decode: gpu` or `hw`.")
     eval_crop_pct: float = pydantic.Field(
         default=0.875, description="classify eval: the shorter side is resized to image_size / eval_crop_pct, then "
         "centre-cropped to image_size (timm's crop_pct).")
@@ -84,12 +84,13 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     batch_size: int = pydantic.Field(default=64, description="Samples per batch, per process.")
     workers: int = pydantic.Field(default=4, description="DataLoader worker processes per training process.")
     decode: Literal["auto", "cpu", "gpu", "hw"] = pydantic.Field(
-        default="cpu", description="cpu: the workers decode and augment. gpu (classify only): the workers send the "
-        "JPEG bytes, decoded with nvJPEG and cropped on the device (on the CPU without CUDA); no colour jitter. "
-        "hw (classify only): as gpu, decoded by the GPU's hardware JPEG decoder through nvImageCodec (`pip install "
+        default="cpu", description="cpu: the workers decode and augment. gpu (classify and dino): the workers send "
+        "the JPEG bytes and each view's crop box, flip (and for dino colour parameters), decoded with nvJPEG, cropped "
+        "and augmented on the device (on the CPU without CUDA); classify gets no colour jitter. hw (classify and "
+        "dino): as gpu, decoded by the GPU's hardware JPEG decoder through nvImageCodec (`pip install "
         "'shardtrain[gpu]'`), other images on the CPU. auto: hw where that works and nothing is lost by it "
-        "(classify, `augment.color_jitter: 0`), else cpu; the run's log says which and why. The default stays cpu "
-        "until hw is faster end to end (bench/RESULTS.md, issue 19).")
+        "(classify with `augment.color_jitter: 0`, dino), else cpu; the run's log says which and why. The default "
+        "stays cpu until hw is faster end to end (bench/RESULTS.md, issue 19).")
     pin_memory: bool = pydantic.Field(
         default=True, description="Worker batches in pinned memory (on CUDA), for non-blocking copies to the "
         "device.")
