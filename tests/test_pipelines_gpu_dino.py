@@ -144,3 +144,16 @@ def test_greyed_views_come_out_grey_in_their_drawn_share(store):
             total += len(crops)
     # 4 batches x 8 images x 5 views = 160 views, 20% drawn grey; a photo crop is grey only when drawn so
     assert total == 160 and 0.1 * total <= grey <= 0.3 * total
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_views_on_cuda_match_the_same_code_on_the_cpu(store):
+    cfg = DataConfig(path=store, image_size=32, batch_size=8, workers=2, augment=AUG, decode="gpu",
+                     channels_last=False)
+    ld = build_loader(cfg, "train", train=True, task="dino", rank=0, world_size=1, seed=0, device=torch.device("cuda"))
+    ld.set_epoch(0)
+    for got, want in zip(ld, first_batches(store, "gpu", count=len(ld)), strict=True):
+        assert all(c.is_cuda for c in got["crops"])
+        for x, y in zip(got["crops"], want["crops"], strict=True):
+            assert (x.cpu() - y).abs().mean() < 0.05  # nvJPEG against libjpeg: IDCT and upsampling differ
