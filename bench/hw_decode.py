@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from common import machine, record
-from pipelines import DataConfig, build_loader, gpu, hw
+from pipelines import AugmentConfig, DataConfig, build_loader, gpu, hw
 from pipelines.tasks import TASKS, Decoder
 from shards import ConvertOptions, convert
 from train_throughput import loader_rate, make_raw
 
 DEVICE = torch.device("cuda")
+SPEC = TASKS["classify"].spec(True, 224, AugmentConfig())  # the device half's crop size and augment settings
 
 
 def make_store(work: Path, images: int) -> str:
@@ -184,7 +185,7 @@ def main() -> None:
     variants = {"before": decode_before, "now": hw.decode_batch, "nvjpeg": gpu.decode_batch}
 
     def device_batch(decode, b):
-        return len(gpu.device_batch(b, 224, DEVICE, decode=decode)[0]["label"])
+        return len(gpu.device_batch(b, SPEC, DEVICE, decode=decode)[0]["label"])
 
     def decode_only(decode, b):
         return len(gpu.decode_on_own_stream(list(b["data"].split(b["length"].tolist())), b["keys"], DEVICE, decode))
@@ -194,7 +195,7 @@ def main() -> None:
         put(f"device_batch_{name}", rate(functools.partial(device_batch, decode), batches))
 
     def ahead(decode, bs):
-        fn = functools.partial(gpu.device_batch, size=224, device=DEVICE, decode=decode)
+        fn = functools.partial(gpu.device_batch, spec=SPEC, device=DEVICE, decode=decode)
         return sum(len(o[0]["label"]) for o in gpu.run_ahead(bs, fn, DEVICE))
 
     for name in ("before", "now"):
