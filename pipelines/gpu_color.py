@@ -1,7 +1,7 @@
 """Colour ops with one parameter per image, on a batch of float 0..255 (N,3,H,W) images on any device.
 
 torchvision's functional ops take one factor per call; these are their formulas with a factor per image
-(tests/test_pipelines_gpu_color.py holds each against torchvision's one-image function). They serve DINO's
+(tests/test_pipelines_gpu_dino.py holds each against torchvision's one-image function). They serve DINO's
 views in `data.decode: gpu` and `hw` (pipelines/gpu.py), as albumentations' ColorJitter, ToGray,
 GaussianBlur and Solarize do in the CPU workers.
 """
