@@ -97,6 +97,13 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     persistent_workers: bool = pydantic.Field(
         default=True, description="Keep the workers (and their shard indexes) across epochs.")
     prefetch_factor: int = pydantic.Field(default=4, description="Batches each worker prepares ahead.")
+    cache_dir: str | None = pydantic.Field(
+        default=None, description="A wds store on object storage (s3://...): each shard is copied whole into "
+        "this local folder the first time a worker reads from it, and read there from then on, as MosaicML "
+        "Streaming and LitData read from their caches. Needs room for the split's shards (a rank reads from all "
+        "of them); copies are shared by the workers and by later runs on this host, and checked against the "
+        "manifest's sizes. Unset: every sample is a byte-range request to the store, and nothing is written "
+        "locally. Local stores ignore it.")
     shuffle_block: int = pydantic.Field(
         default=262_144, ge=1, description="train: the samples are permuted within runs of this many "
         "consecutive samples, after the shard order is shuffled; a worker reads from about shuffle_block / "

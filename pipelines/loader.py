@@ -308,7 +308,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
     data = TASKS[task]
     decode, why = hw.choose(cfg.decode, data.decoders, data.cpu_only(cfg.augment), device)
     cfg = cfg.model_copy(update={"decode": decode})
-    dataset = StoreBatches(make_reader(store), data.decoders[cfg.decode].worker,
+    dataset = StoreBatches(make_reader(store, cfg.cache_dir), data.decoders[cfg.decode].worker,
                            data.spec(train, cfg.image_size, cfg.augment), seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,

@@ -7,6 +7,7 @@ new process drops what the parent had open.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -166,19 +167,26 @@ class TarReader(ShardReader):
 
     The first touch of a shard in a worker scans its headers into an index (kept for later
     epochs: persistent workers); a batch is then one `ByteRanges.fetch` of its samples' spans,
-    whichever shards they are in.
+    whichever shards they are in. With `cache_dir`, a remote store's shard is first copied whole
+    into it (`local_copy`), and read there from then on.
     """
 
-    def __init__(self, split: StoreSplit):
+    def __init__(self, split: StoreSplit, cache_dir: str | None = None):
         super().__init__(split)
         self.paths = [fsspec.core.url_to_fs(url)[1] for url in split.shards]
         self.names = [os.path.basename(p) for p in self.paths]
+        local = split.protocol in ("file", "local")
+        self.cache = None if local or cache_dir is None else os.path.join(cache_dir, store_key(split))
 
     def _reset(self) -> None:
         # made in the reading process: neither the parent's descriptors nor its async S3 client survive a fork
         self.fs = fsspec.core.url_to_fs(self.split.path)[0]
         self._index: dict[int, TarIndex] = {}
-        self._ranges = ByteRanges(self.fs, local=self.split.protocol in ("file", "local"))
+        self._read_paths = list(self.paths)  # a cached shard's entry becomes its local copy's path
+        if self.cache is None:
+            self._ranges = ByteRanges(self.fs, local=self.split.protocol in ("file", "local"))
+        else:
+            self._ranges = ByteRanges(fsspec.filesystem("file"), local=True)
 
     def read(self, indices: np.ndarray) -> list[RawSample | BadSample]:
         self._check_process()
@@ -191,7 +199,8 @@ class TarReader(ShardReader):
                 out[pos] = BadSample(self.names[shard], None, f"sample #{i} unreachable: {index.error}")
             else:
                 wanted.append((pos, shard, *index.spans[i].tolist()))
-        chunks = self._ranges.fetch([self.paths[w[1]] for w in wanted], [w[2] for w in wanted], [w[3] for w in wanted])
+        chunks = self._ranges.fetch([self._read_paths[w[1]] for w in wanted], [w[2] for w in wanted],
+                                    [w[3] for w in wanted])
         for (pos, shard, _, _), chunk in zip(wanted, chunks):
             if isinstance(chunk, Exception):  # storage failed: not a corrupt sample, so never skipped
                 raise self._storage_error(shard, chunk)
@@ -204,11 +213,25 @@ class TarReader(ShardReader):
     def _shard_index(self, shard: int) -> TarIndex:
         if shard not in self._index:
             try:
-                with self.fs.open(self.paths[shard], "rb", block_size=READ_BLOCK) as f:
+                if self.cache is not None:
+                    self._read_paths[shard] = self.local_copy(shard)
+                with self._ranges.fs.open(self._read_paths[shard], "rb", block_size=READ_BLOCK) as f:
                     self._index[shard] = scan_tar(f, self.split.counts[shard])
             except Exception as e:  # as in `read`: storage, not data
                 raise self._storage_error(shard, e) from None
         return self._index[shard]
+
+    def local_copy(self, shard: int) -> str:
+        """The path of the shard's copy in the cache, downloaded whole (one request) unless a copy of the
+        manifest's size is there already, from another worker or an earlier run."""
+        assert self.cache is not None
+        path = os.path.join(self.cache, self.names[shard])
+        if not os.path.exists(path) or os.path.getsize(path) != self.split.sizes[shard]:
+            os.makedirs(self.cache, exist_ok=True)
+            part = f"{path}.{os.getpid()}.part"
+            self.fs.get_file(self.paths[shard], part)
+            os.replace(part, path)  # whole or absent, for the workers that may open it at any moment
+        return path
 
     def _parse(self, shard: int, i: int, chunk: bytes) -> RawSample | BadSample:
         name = self.names[shard]
@@ -300,9 +323,15 @@ def parse_lmdb_value(shard: str, i: int, value: bytes) -> RawSample | BadSample:
     return RawSample(shard, key, ext, value[4 + length :], meta)
 
 
-def make_reader(split: StoreSplit) -> ShardReader:
+def store_key(split: StoreSplit) -> str:
+    """A store's folder in a shard cache: its URL and creation time, so a store rewritten at the same URL gets a
+    new folder."""
+    return hashlib.sha1(f"{split.path}\n{split.created}".encode()).hexdigest()[:16]
+
+
+def make_reader(split: StoreSplit, cache_dir: str | None = None) -> ShardReader:
     if split.fmt == "wds":
-        return TarReader(split)
+        return TarReader(split, cache_dir)
     if split.fmt == "lmdb":
         return LmdbReader(split)
     raise DataError(f"{split.path}: unknown store format {split.fmt!r} (expected wds or lmdb)")

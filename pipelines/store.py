@@ -38,6 +38,7 @@ class StoreSplit:
     shards: list[str]  # full paths or URLs, manifest order
     counts: list[int]
     sizes: list[int]  # bytes per shard, as the manifest recorded them
+    created: str = ""  # when the store was first written (the manifest's `created`): tells a rewritten store apart
 
     @property
     def num_samples(self) -> int:
@@ -65,4 +66,5 @@ def open_split(path: str, split: str) -> StoreSplit:
         shards=[prefix + s.name for s in entries],
         counts=[s.samples for s in entries],
         sizes=[s.bytes for s in entries],
+        created=manifest.created,
     )

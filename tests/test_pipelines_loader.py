@@ -14,6 +14,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import fsspec
 import lmdb
 import numpy as np
 import pytest
@@ -224,6 +225,31 @@ def test_store_on_s3_is_streamed(tmp_path, s3_bucket):
     per_rank = [epoch_digests(ld, 0) for ld in loaders(cfg, "val", train=False, world_size=2)]
     flat = [d for rank in per_rank for b in rank for d in b]
     assert len(flat) == len(set(flat)) == 12
+
+
+def test_s3_store_with_cache_dir_reads_whole_shard_copies(tmp_path, s3_bucket):
+    path = make_store(tmp_path, "wds", {"train": 2, "val": 2}, "5", dest=f"{s3_bucket}/store")
+    cache = tmp_path / "cache"
+    cfg = cfg_for(path, batch_size=3)
+    streamed = [epoch_digests(ld, 0) for ld in loaders(cfg, "val", train=False, world_size=2)]
+    cached = [epoch_digests(ld, 0) for ld in loaders(cfg_for(path, batch_size=3, cache_dir=str(cache)), "val",
+                                                     train=False, world_size=2)]
+    assert cached == streamed
+
+    split = open_split(path, "val")
+    everything = np.arange(split.num_samples)
+    expected = make_reader(split).read(everything)
+    copies = {p.name: p for p in cache.rglob("*.tar")}
+    assert {name: p.stat().st_size for name, p in copies.items()} == {
+        os.path.basename(url): size for url, size in zip(split.shards, split.sizes)
+    }
+    first = copies[os.path.basename(split.shards[0])]
+    first.write_bytes(first.read_bytes()[:1000])  # a stale or cut copy: not the manifest's size, fetched again
+    assert make_reader(split, str(cache)).read(everything) == expected
+    fs = fsspec.core.url_to_fs(path)[0]
+    fs.rm([fsspec.core.url_to_fs(url)[1] for url in split.shards])
+    # gone from the store: a new reader (a new worker, a later run) reads the copies
+    assert make_reader(split, str(cache)).read(everything) == expected
 
 
 def test_lmdb_store_on_s3_asks_for_a_local_copy(tmp_path, s3_bucket):
