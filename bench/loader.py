@@ -18,27 +18,52 @@ With --device cuda (a GPU host) every loader hands its batches to the GPU as a t
 (`data.decode: gpu`, nvJPEG) on the same wds and lmdb stores, reported against CPU decode with
 the same workers. Prints images/s and the ratios; the last line is one JSON object, also appended
 to bench/results/loader.jsonl.
+
+With --s3 the loaders are ways to stream the same images from object storage, beside our reader on
+local disk: the wds store uploaded to a moto S3 server on 127.0.0.1 (the one the tests use:
+tests/servers.py, credentials and endpoint in AWS_* variables) and read by our reader through s3fs;
+MosaicML Streaming (`MDSWriter` shards of the same JPEG bytes, `StreamingDataset` with its local cache)
+and LitData (`optimize` chunks, `StreamingDataset`) reading their own copies from the same server. Every
+loader runs the same per-sample work in its workers (our classify batch function: OpenCV decode, the
+train preset, uint8 out, normalised in this process), so only the storage path differs. All stores use
+--shard-size. Besides images/s it reports the first epoch's rate (peers' caches empty, our shard
+indexes unbuilt), the peak RSS of each loader's workers and the disk each peer's cache used. The peers
+are not dependencies of shardtrain (MosaicML Streaming pins numpy < 2.2): install them beside it only
+for this bench, `pip install mosaicml-streaming litdata`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import random
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
+import psutil
 import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from common import machine, record
+from common import machine, print_table, record
 from pipelines import AugmentConfig, DataConfig, build_loader, presets
+from pipelines.batches import BatchSpec, classify_batch
+from pipelines.loader import init_worker, make_normalise
+from pipelines.store import RawSample
+from pipelines.tasks import TASKS
 from shards import ConvertOptions, convert, samples
+from shards.convert import parse_shard_size
+
+BUCKET = "bench-loader"
 
 
 def make_photos(dest: Path, count: int, seed: int = 0) -> None:
@@ -60,10 +85,16 @@ def make_photos(dest: Path, count: int, seed: int = 0) -> None:
         )
 
 
-def interleaved_rates(epoch_fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Images/s of each epoch function per round, run in turns after one untimed epoch each."""
-    for fn in epoch_fns.values():
-        fn(0)
+def interleaved_rates(epoch_fns: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, float], dict[str, set]]:
+    """Images/s of each epoch function per round, run in turns after one first epoch each (worker start, page
+    cache, tar index, a peer's downloads: left out of the rounds); also each one's first-epoch rate, and the
+    pids of the worker processes that its first epoch started."""
+    first, workers = {}, {}
+    for name, fn in epoch_fns.items():
+        before = child_pids()
+        start = time.perf_counter()
+        first[name] = fn(0) / (time.perf_counter() - start)
+        workers[name] = child_pids() - before
     rates = {name: [] for name in epoch_fns}
     names = list(epoch_fns)
     for e in range(1, rounds + 1):
@@ -72,7 +103,25 @@ def interleaved_rates(epoch_fns: dict, rounds: int) -> dict[str, list[float]]:
             start = time.perf_counter()
             n = epoch_fns[name](e)
             rates[name].append(n / (time.perf_counter() - start))
-    return rates
+    return rates, first, workers
+
+
+def child_pids() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def peak_rss_mib(pids: set[int]) -> float:
+    """Sum of the processes' peak resident sizes (VmHWM; pages shared with the parent count in each)."""
+    total_kib = 0
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError):
+            status = Path(f"/proc/{pid}/status").read_text()
+            total_kib += int(status.split("VmHWM:")[1].split()[0])
+    return total_kib / 1024
+
+
+def disk_mib(path: str) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
 def median_ratio(ours: list[float], baseline: list[float]) -> float:
@@ -85,10 +134,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ours(store: str, args, aug: AugmentConfig, decode: str = "cpu"):
+def ours(store: str, args, aug: AugmentConfig, decode: str = "cpu", cache_dir: str | None = None):
     device = torch.device(args.device)
     cfg = DataConfig(path=store, image_size=args.size, batch_size=args.batch_size, workers=args.workers, decode=decode,
-                     augment=aug)
+                     augment=aug, cache_dir=cache_dir)
     loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0, device=device)
 
     def epoch(e: int) -> int:
@@ -121,37 +170,122 @@ def imagefolder(src: Path, args, aug: AugmentConfig):
     return epoch
 
 
+class PeerBatch:
+    """A peer's collate function: its samples (JPEG bytes and label) through our classify batch function, in
+    its workers as in ours, so that the loaders differ only in how the bytes arrive."""
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=7, help="timed epochs per loader, taken in turns")
-    parser.add_argument("--make", type=int, default=0, help="first write this many 400x300 photos into SRC")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: also GPU decode mode")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda needs a CUDA GPU")
-    if args.make:
-        make_photos(args.src, args.make)
-    aug = AugmentConfig()
-    count = sum(1 for _ in (args.src / "train").rglob("*.jpg"))
+    def __init__(self, spec: BatchSpec):
+        self.spec = spec
+
+    def __call__(self, items: list[dict]) -> dict:
+        raws = [RawSample("peer", "", "jpg", item["image"], {"cls": int(item["label"])}) for item in items]
+        batch, _ = classify_batch(raws, [random.getrandbits(31) for _ in raws], self.spec)
+        return batch
+
+
+def peer(dataset, loader_cls, args, aug: AugmentConfig):
+    """Epochs of a peer's dataset through its own DataLoader class, with our loader's settings and worker setup,
+    the batches moved and normalised as ours are."""
+    device = torch.device(args.device)
+    cfg = DataConfig(path="peer", image_size=args.size, batch_size=args.batch_size, workers=args.workers, augment=aug)
+    task = TASKS["classify"]
+    normalise = make_normalise(cfg, device)
+    loader = loader_cls(
+        dataset, batch_size=args.batch_size, collate_fn=PeerBatch(task.spec(True, args.size, aug)), drop_last=True,
+        num_workers=args.workers, persistent_workers=args.workers > 0, prefetch_factor=cfg.prefetch_factor,
+        worker_init_fn=init_worker, pin_memory=device.type == "cuda",
+    )
+
+    def epoch(e: int) -> int:
+        n = sum(task.batch_size(task.to_device(batch, device, normalise)) for batch in loader)
+        synchronize(device)
+        return n
+
+    return epoch
+
+
+def labelled_files(src: Path) -> list[tuple[Path, int]]:
+    """(JPEG, class number) of every image, class by class as on disk and as convert numbers the classes."""
+    classes = sorted(p.name for p in (src / "train").iterdir() if p.is_dir())
+    return [(path, c) for c, name in enumerate(classes) for path in sorted((src / "train" / name).glob("*.jpg"))]
+
+
+def litdata_item(item: tuple[Path, int]) -> dict:
+    path, label = item
+    return {"image": path.read_bytes(), "label": label}
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """The tests' moto server on 127.0.0.1, with AWS_* pointing at it for this process and its workers; the
+    endpoint. MosaicML Streaming takes its endpoint from S3_ENDPOINT_URL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.servers
+    from tests.servers import MotoServer
+
+    with MotoServer().serving(buckets=(BUCKET,)) as server:
+        os.environ["S3_ENDPOINT_URL"] = server.endpoint
+        try:
+            yield server.endpoint
+        finally:
+            del os.environ["S3_ENDPOINT_URL"]
+
+
+def s3_stores(src: Path, tmp: str, shard_bytes: int) -> None:
+    """The wds store, an MDS copy and a LitData copy of the same JPEG bytes, each written locally under tmp
+    and uploaded to the bucket (s3://BUCKET/wds, /mds, /litdata)."""
+    import s3fs
+    from litdata import optimize
+    from streaming import MDSWriter
+
+    files = labelled_files(src)
+    with MDSWriter(out=f"{tmp}/mds", columns={"image": "bytes", "label": "int"}, size_limit=shard_bytes) as out:
+        for path, label in files:
+            out.write({"image": path.read_bytes(), "label": label})
+    start_method = multiprocessing.get_start_method()
+    optimize(fn=litdata_item, inputs=files, output_dir=f"{tmp}/litdata", chunk_bytes=shard_bytes, num_workers=1)
+    multiprocessing.set_start_method(start_method, force=True)  # optimize sets spawn for the whole process
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    for name in ("wds", "mds", "litdata"):
+        fs.put(f"{tmp}/{name}", f"{BUCKET}/{name}", recursive=True)
+
+
+def s3_loaders(src: Path, tmp: str, args, aug: AugmentConfig, endpoint: str) -> dict:
+    """Epoch functions of our reader on local disk and on S3 (byte ranges each time, and with `data.cache_dir`),
+    and of the two peers on S3 (caches under tmp)."""
+    import litdata
+    import streaming
+    from litdata.streaming import downloader
+
+    # LitData's chunk prefetch (obstore) refuses plain-HTTP endpoints and offers no option for it: the moto
+    # server is http://127.0.0.1, production endpoints are https
+    downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
+    s3_stores(src, tmp, shard_bytes=args.shard_bytes)
+    mds = streaming.StreamingDataset(remote=f"s3://{BUCKET}/mds", local=f"{tmp}/cache-mds", shuffle=True,
+                                     shuffle_seed=0, batch_size=args.batch_size)
+    lit = litdata.StreamingDataset(f"s3://{BUCKET}/litdata", cache_dir=f"{tmp}/cache-litdata", shuffle=True, seed=0,
+                                   storage_options={"endpoint_url": endpoint})
+    return {
+        "wds": ours(f"{tmp}/wds", args, aug),
+        "wds-s3": ours(f"s3://{BUCKET}/wds", args, aug),
+        "wds-s3-cache": ours(f"s3://{BUCKET}/wds", args, aug, cache_dir=f"{tmp}/cache-wds"),
+        "streaming-s3": peer(mds, streaming.StreamingDataLoader, args, aug),
+        "litdata-s3": peer(lit, litdata.StreamingDataLoader, args, aug),
+    }
+
+
+def local_bench(args, aug: AugmentConfig) -> dict:
+    """Ours (wds, lmdb; with cuda, GPU decode too) against ImageFolder."""
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for fmt in ("wds", "lmdb"):
-            convert(
-                ConvertOptions(src=str(args.src), dest=f"{tmp}/{fmt}", format=fmt, workers=max(args.workers, 1)),
-                progress=False,
-            )
+            convert(ConvertOptions(src=str(args.src), dest=f"{tmp}/{fmt}", format=fmt, workers=max(args.workers, 1),
+                                   shard_size=args.shard_size), progress=False)
         epochs = {fmt: ours(f"{tmp}/{fmt}", args, aug) for fmt in ("wds", "lmdb")}
         if args.device == "cuda":
             epochs.update({f"{fmt}-gpu": ours(f"{tmp}/{fmt}", args, aug, decode="gpu") for fmt in ("wds", "lmdb")})
         # last: its workers start after this process has freed large blocks, and inherit the heap limits that
         # glibc raised then (ours set them themselves; see pipelines.loader.keep_freed_heap): its best case
         epochs["imagefolder"] = imagefolder(args.src, args, aug)
-        rates = interleaved_rates(epochs, args.rounds)
-    print(f"{count} images, {args.workers} workers, batch {args.batch_size}, size {args.size}, device {args.device}")
+        rates, _, _ = interleaved_rates(epochs, args.rounds)
     for name, per_round in rates.items():
         print(f"{name:12s} {np.median(per_round):8.1f} images/s (median of {args.rounds} rounds)")
     wds_ratio = median_ratio(rates["wds"], rates["imagefolder"])
@@ -163,6 +297,76 @@ def main() -> None:
     }
     for key, ratio in gpu_ratios.items():
         print(f"{key.removeprefix('ratio_').replace('_', ' ')}: {ratio:.2f}")
+    return {
+        **{f"{name}_images_per_s": round(float(np.median(r)), 1) for name, r in rates.items()},
+        "ratio_wds_vs_imagefolder": round(wds_ratio, 3),
+        "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3),
+        **gpu_ratios,
+    }
+
+
+def s3_bench(args, aug: AugmentConfig) -> dict:
+    """Ours on local disk and on S3, and the two peers on S3; with each one's first epoch, workers' peak RSS and
+    cache on disk."""
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp, s3_server() as endpoint:
+        convert(ConvertOptions(src=str(args.src), dest=f"{tmp}/wds", workers=max(args.workers, 1),
+                               shard_size=args.shard_size), progress=False)
+        epochs = s3_loaders(args.src, tmp, args, aug, endpoint)
+        rates, first, workers = interleaved_rates(epochs, args.rounds)
+        rss = {name: peak_rss_mib(pids) for name, pids in workers.items()}
+        cache = {name: disk_mib(f"{tmp}/cache-{store}")
+                 for name, store in (("wds-s3-cache", "wds"), ("streaming-s3", "mds"), ("litdata-s3", "litdata"))}
+        stores = {name: disk_mib(f"{tmp}/{name}") for name in ("wds", "mds", "litdata")}
+    against_local = {name: median_ratio(r, rates["wds"]) for name, r in rates.items()}
+    print_table({"images/s": ".1f", "first epoch": ".1f", "/ wds local": ".2f", "workers' peak RSS MiB": ".0f",
+                 "cache MiB": ".1f"},
+                [(name, float(np.median(r)), first[name], against_local[name], rss[name], cache.get(name))
+                 for name, r in rates.items()])
+    print(f"stores, MiB: {', '.join(f'{name} {mib:.1f}' for name, mib in stores.items())}")
+    for ours_s3 in ("wds-s3", "wds-s3-cache"):
+        print(f"ratio {ours_s3}/wds {against_local[ours_s3]:.2f} (aim >= 0.8); {ours_s3}/streaming-s3 "
+              f"{median_ratio(rates[ours_s3], rates['streaming-s3']):.2f}, {ours_s3}/litdata-s3 "
+              f"{median_ratio(rates[ours_s3], rates['litdata-s3']):.2f} (aim >= 1)")
+    return {
+        "s3": "moto",
+        "shard_size": args.shard_size,
+        **{f"{name}_images_per_s": round(float(np.median(r)), 1) for name, r in rates.items()},
+        **{f"{name}_first_epoch_images_per_s": round(rate, 1) for name, rate in first.items()},
+        **{f"ratio_{name}_vs_wds".replace("-", "_"): round(ratio, 3) for name, ratio in against_local.items()
+           if name != "wds"},
+        **{f"ratio_{ours_s3}_vs_{peer_s3}".replace("-", "_"): round(median_ratio(rates[ours_s3], rates[peer_s3]), 3)
+           for ours_s3 in ("wds-s3", "wds-s3-cache") for peer_s3 in ("streaming-s3", "litdata-s3")},
+        **{f"{name}_workers_peak_rss_mib": round(mib) for name, mib in rss.items()},
+        **{f"{name}_cache_mib": round(mib, 1) for name, mib in cache.items()},
+        **{f"{name}_store_mib": round(mib, 1) for name, mib in stores.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=7, help="timed epochs per loader, taken in turns")
+    parser.add_argument("--make", type=int, default=0, help="first write this many 400x300 photos into SRC")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: also GPU decode mode")
+    parser.add_argument("--s3", action="store_true", help="our reader on local disk and on S3 (moto), and "
+                                                          "MosaicML Streaming and LitData on S3")
+    parser.add_argument("--shard-size", default="256MB", help="of every store (convert's --shard-size; MDS "
+                                                              "size_limit, LitData chunk_bytes)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    args.shard_bytes = parse_shard_size(args.shard_size).max_bytes
+    if args.s3 and args.shard_bytes is None:
+        parser.error("--s3 needs a --shard-size in bytes (e.g. 4MB): the peers cut their shards by size")
+    if args.make:
+        make_photos(args.src, args.make)
+    aug = AugmentConfig()
+    count = sum(1 for _ in (args.src / "train").rglob("*.jpg"))
+    print(f"{count} images, {args.workers} workers, batch {args.batch_size}, size {args.size}, device {args.device}")
+    figures = s3_bench(args, aug) if args.s3 else local_bench(args, aug)
     result = {
         "bench": "loader",
         "images": count,
@@ -170,10 +374,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "size": args.size,
         "rounds": args.rounds,
-        **{f"{name}_images_per_s": round(float(np.median(r)), 1) for name, r in rates.items()},
-        "ratio_wds_vs_imagefolder": round(wds_ratio, 3),
-        "ratio_lmdb_vs_imagefolder": round(lmdb_ratio, 3),
-        **gpu_ratios,
+        **figures,
         "device": args.device,
         **machine(),
     }
