@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import random
@@ -361,6 +362,8 @@ def main() -> None:
     args.shard_bytes = parse_shard_size(args.shard_size).max_bytes
     if args.s3 and args.shard_bytes is None:
         parser.error("--s3 needs a --shard-size in bytes (e.g. 4MB): the peers cut their shards by size")
+    if args.s3 and not all(importlib.util.find_spec(peer) for peer in ("streaming", "litdata")):
+        parser.error("--s3 needs the peers: pip install mosaicml-streaming litdata (for this bench only)")
     if args.make:
         make_photos(args.src, args.make)
     aug = AugmentConfig()
