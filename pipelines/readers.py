@@ -7,6 +7,7 @@ new process drops what the parent had open.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -229,7 +230,12 @@ class TarReader(ShardReader):
         if not os.path.exists(path) or os.path.getsize(path) != self.split.sizes[shard]:
             os.makedirs(self.cache, exist_ok=True)
             part = f"{path}.{os.getpid()}.part"
-            self.fs.get_file(self.paths[shard], part)
+            try:
+                self.fs.get_file(self.paths[shard], part)
+            except BaseException:  # an outage or a full disk leaves no partial copy behind
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(part)
+                raise
             os.replace(part, path)  # whole or absent, for the workers that may open it at any moment
         return path
 

@@ -38,7 +38,7 @@ class StoreSplit:
     shards: list[str]  # full paths or URLs, manifest order
     counts: list[int]
     sizes: list[int]  # bytes per shard, as the manifest recorded them
-    created: str = ""  # when the store was first written (the manifest's `created`): tells a rewritten store apart
+    created: str  # when the store was first written (the manifest's `created`): tells a rewritten store apart
 
     @property
     def num_samples(self) -> int:

@@ -250,6 +250,11 @@ def test_s3_store_with_cache_dir_reads_whole_shard_copies(tmp_path, s3_bucket):
     fs.rm([fsspec.core.url_to_fs(url)[1] for url in split.shards])
     # gone from the store: a new reader (a new worker, a later run) reads the copies
     assert make_reader(split, str(cache)).read(everything) == expected
+    first.unlink()  # a shard neither cached nor in the store: a one-line storage error, and nothing half-written
+    with pytest.raises(DataError, match=f"cannot read shard {split.shards[0]}") as err:
+        make_reader(split, str(cache)).read(everything)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted(copies)[1:]
 
 
 def test_lmdb_store_on_s3_asks_for_a_local_copy(tmp_path, s3_bucket):
