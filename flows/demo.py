@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+import yaml
 from rich.console import Console
 
 import shards
@@ -42,6 +43,27 @@ def use_ephemeral_prefect(home: Path) -> None:
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     # The temporary server can take longer than the 20 s default to start on a busy small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    write_server_log_config(home)
+
+
+def write_server_log_config(home: Path) -> None:
+    """Prefect's default logging, except that the temporary server logs to `home/server.log`.
+
+    On a busy machine the server's SQLite writes meet "database is locked"; it retries them, logging each
+    with a traceback that would land in the middle of the demo's output. Prefect reads `logging.yml`
+    from PREFECT_HOME in both processes, the demo's and the server's.
+    """
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH
+
+    config = yaml.safe_load(DEFAULT_LOGGING_SETTINGS_PATH.read_text())
+    log = str(home / "server.log").replace("$", "$$")  # Prefect substitutes ${SETTING}s in this file
+    config["handlers"]["server_file"] = {
+        "class": "logging.FileHandler", "filename": log, "formatter": "standard", "delay": True,
+    }
+    for name in ("prefect.server", "uvicorn", "fastapi"):
+        config["loggers"][name].update(handlers=["server_file"], propagate=False)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logging.yml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 class DemoError(Exception):
@@ -114,3 +136,4 @@ def run_demo(out: Path, images: int, size: int) -> None:
     console.print(f"storage (NAS):    {storage}")
     console.print(f"production model: {second.decision.model if second.decision else '-'}")
     console.print(f"flow runs:        PREFECT_HOME={out / 'prefect'} prefect server start, then http://127.0.0.1:4200")
+    console.print(f"server log:       {out / 'prefect' / 'server.log'}  (the temporary Prefect server's own)")

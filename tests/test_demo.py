@@ -70,3 +70,29 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: --out") and "Traceback" not in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_the_temporary_servers_log_goes_to_its_file_and_the_demos_own_to_the_console(tmp_path):
+    # The server retries SQLite "database is locked" writes, logging a traceback each time; on a busy
+    # machine one landed in the middle of the demo's output. Log as the server's process would.
+    home = tmp_path / "prefect"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    write = f"from pathlib import Path; import flows.demo as d; d.use_ephemeral_prefect(Path({str(home)!r}))"
+    subprocess.run([sys.executable, "-c", write], env=env, cwd=REPO, check=True)
+    log = (
+        "import logging, prefect\n"
+        "from prefect.logging.configuration import setup_logging\n"
+        "setup_logging()\n"
+        "try:\n    raise RuntimeError('database is locked')\n"
+        "except RuntimeError:\n"
+        "    logging.getLogger('prefect.server.services.task_run_recorder').exception('Error flushing 3 events')\n"
+        "logging.getLogger('prefect').warning('flow says hello')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", log], env={**env, "PREFECT_HOME": str(home)}, cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "flow says hello" in result.stderr
+    assert "Traceback" not in result.stderr and "Error flushing" not in result.stderr
+    server_log = (home / "server.log").read_text()
+    assert "Error flushing 3 events" in server_log and "RuntimeError: database is locked" in server_log
