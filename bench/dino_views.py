@@ -1,0 +1,139 @@
+"""DINO's views on the GPU (data.decode: gpu, issue 18) in isolation, on one GPU: the colour jitter in one pass
+per order position against the per-op row gathers it replaced, side by side in one process.
+
+    python bench/dino_views.py --images 2048
+
+On worker batches already in memory (the loader's own workers drew them from a store of full-size JPEGs):
+1. augment: `gpu.dino_augment` on each batch's cropped views of one size, before and now;
+2. device half: `gpu.dino_device_batch` (decode, crop, augment), before and now;
+3. run ahead: the device half as the loader runs it, in its thread one batch ahead, before and now.
+Every figure is images/s (a DINO image is its 12 views); the last line is one JSON object, also appended to
+bench/results/dino_views.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine, record
+from hw_decode import make_store
+from pipelines import AugmentConfig, DataConfig, build_loader, gpu, gpu_color, presets
+from pipelines.tasks import TASKS
+
+SPEC = TASKS["dino"].spec(True, 224, AugmentConfig())  # the shipped recipe's 2 x 224 and 10 x 96 views
+
+
+def augment_before(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The baseline: `gpu.dino_augment` before the single pass, one row gather and scatter per jitter op and
+    order position (16 per view size)."""
+    gpu.on_rows(x, p["flip"], lambda imgs, _: imgs.flip(-1))
+    for k in range(4):
+        for j, op in enumerate(gpu_color.JITTER):
+            gpu.on_rows(x, p["jitter"] & (p["order"][:, k] == j),
+                        functools.partial(gpu.with_factors, op, p["factors"][:, j]))
+    gpu.on_rows(x, p["gray"], lambda imgs, _: gpu_color.gray(imgs))
+    gpu.on_rows(x, p["sigma"] > 0, lambda imgs, r: gpu_color.gaussian_blur(imgs, p["sigma"][r]))
+    gpu.on_rows(x, p["solarize"], lambda imgs, _: gpu_color.solarize(imgs))
+    return x
+
+
+def worker_batches(store: str, n: int, batch: int, device: torch.device) -> list[dict]:
+    """`n` DINO worker batches (encoded JPEGs and each view's drawn parameters), as the loader's workers send them."""
+    loader = build_loader(DataConfig(path=store, batch_size=batch, workers=4, decode="gpu"), "train", train=True,
+                          task="dino", rank=0, world_size=1, seed=0, device=device)
+    loader.sampler.epoch, loader.sampler.start = 0, 0
+    out = []
+    for item, _, _ in loader.dataloader:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(fn, batches: list, device: torch.device, reps: int = 3) -> float:
+    """images/s of fn over the batches, after one warm-up pass."""
+    for b in batches[:2]:
+        fn(b)
+    sync(device)
+    t = time.perf_counter()
+    n = 0
+    for _ in range(reps):
+        for b in batches:
+            n += fn(b)
+    sync(device)
+    return n / (time.perf_counter() - t)
+
+
+def cropped(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """One view size's crops of a worker batch, their augment parameters, as `dino_device_batch` makes them, and
+    the number of images."""
+    images, _, _ = gpu.decode_images(batch, device, gpu.decode_batch)
+    group = [v for v, view in enumerate(presets.dino_view_specs(SPEC.size, SPEC.aug)) if view.size == size]
+    x = gpu.crop_resize(images, gpu_color.upload(batch["box"][:, group], device), size).flatten(0, 1)
+    return x, {k: batch[k][:, group].flatten(0, 1) for k in gpu.DINO_PARAMS}, len(images)
+
+
+def with_augment(augment, fn):
+    """fn with `gpu.dino_device_batch`'s augment swapped for `augment` while it runs."""
+    def run(*args):
+        now, gpu.dino_augment = gpu.dino_augment, augment
+        try:
+            return fn(*args)
+        finally:
+            gpu.dino_augment = now
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/shardtrain-hw")
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=12, help="worker batches held in memory")
+    p.add_argument("--device", default="cuda", help="cpu: a quick check that the script runs, not a figure")
+    args = p.parse_args()
+    device = torch.device(args.device)
+
+    batches = worker_batches(make_store(Path(args.work), args.images), args.batches, args.batch, device)
+    out: dict = {"bench": "dino_views", "machine": machine(), "batch": args.batch}
+    variants = {"before": augment_before, "now": gpu.dino_augment}
+
+    def put(key: str, value: float) -> None:
+        out[key] = round(value, 1)
+        print(f"{key:<28} {value:>9.1f} images/s", flush=True)
+
+    for size in dict.fromkeys(view.size for view in presets.dino_view_specs(SPEC.size, SPEC.aug)):
+        views = [cropped(b, size, device) for b in batches]
+        for name, augment in variants.items():
+            def augment_views(v, augment=augment):
+                augment(v[0].clone(), v[1])
+                return v[2]
+            put(f"augment_{size}_{name}", rate(augment_views, views, device))
+
+    def device_half(b):
+        return len(gpu.dino_device_batch(b, SPEC, device)[0]["crops"][0])
+
+    def ahead(bs):
+        fn = functools.partial(gpu.dino_device_batch, spec=SPEC, device=device)
+        return sum(len(o[0]["crops"][0]) for o in gpu.run_ahead(bs, fn, device))
+
+    for name, augment in variants.items():
+        put(f"device_half_{name}", rate(with_augment(augment, device_half), batches, device))
+        put(f"run_ahead_{name}", rate(with_augment(augment, ahead), [batches], device))
+    for stage in ("device_half", "run_ahead"):
+        out[f"ratio_{stage}"] = round(out[f"{stage}_now"] / out[f"{stage}_before"], 3)
+    record("dino_views", out)
+
+
+if __name__ == "__main__":
+    main()
