@@ -223,6 +223,18 @@ def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, st
     return out
 
 
+def paste(canvas: torch.Tensor, img: torch.Tensor) -> None:
+    """img into canvas's top-left corner, its last column, row and corner repeated once into the padding.
+
+    roi_align interpolates a sample point past the last pixel centre (x in (W-1, W]) with the next column; on the
+    lone image it clamps to the edge, on the canvas that column would be the zero padding and darken every crop
+    that reaches the right or bottom edge. One pixel is all a bilinear sample can reach past the edge."""
+    h, w = img.shape[-2:]
+    canvas[:, :h, :w] = img
+    canvas[:, :h, w : w + 1] = canvas[:, :h, w - 1 : w]  # empty where the image fills the canvas
+    canvas[:, h : h + 1, : w + 1] = canvas[:, h - 1 : h, : w + 1]
+
+
 def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each image's boxes ((N, V, 4): V per image) and resize them to size x size (bilinear, averaging when
     shrinking): (N, V, 3, size, size), in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
@@ -238,7 +250,7 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
             h, w, stop = nh, nw, stop + 1
         canvas = images[start].new_zeros((stop - start, 3, h, w), dtype=torch.float32)
         for i in range(start, stop):
-            canvas[i - start, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
+            paste(canvas[i - start], images[i])
         idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
         rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
         crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)

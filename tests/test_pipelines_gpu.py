@@ -1,0 +1,37 @@
+"""pipelines/gpu.py's crop and resize (on the CPU here): a crop cut from a batch of images of different sizes is
+the crop of that image alone, up to its right and bottom edges."""
+
+from __future__ import annotations
+
+import cv2
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.ops import roi_align
+
+from pipelines.gpu import crop_resize
+
+
+@pytest.fixture(scope="module")
+def small_and_big(imagefolder_src) -> list[torch.Tensor]:
+    """Two real photos as the decoder gives them, uint8 (3,H,W): a 27x35 cut of one, then a whole 48x48 one."""
+    a, b = (cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(imagefolder_src.rglob("*.jpg"))[:2])
+    small = torch.from_numpy(a[:27, :35]).permute(2, 0, 1).contiguous()
+    big = torch.from_numpy(b).permute(2, 0, 1).contiguous()
+    assert small.shape == (3, 27, 35) and big.shape == (3, 48, 48)
+    return [small, big]
+
+
+def test_a_crop_to_a_smaller_images_bottom_right_edge_is_that_crop_of_the_image_alone(small_and_big):
+    small, big = small_and_big
+    # (x0, y0, x1, y1): enlarged to 32 px (one bilinear sample per pixel), and shrunk to 8 px (averaged samples)
+    grow, shrink = (21.0, 15.0, 35.0, 27.0), (5.0, 3.0, 35.0, 27.0)
+    for size, box in ((32, grow), (8, shrink)):
+        out = crop_resize([big, small], torch.tensor([[box], [box]]), size)[1, 0]
+        alone = roi_align(small[None].float(), torch.tensor([[0.0, *box]]), size, 1.0, 0, aligned=True)[0]
+        # the samples past the last pixel centre read the edge, not the canvas's zero padding (a dark fringe)
+        assert torch.allclose(out, alone, atol=1e-3), (size, (out - alone).abs().amax(dim=(0, 1)))
+    # the whole image enlarged: torchvision's resize (clamped to the edge too) on the lone image
+    got = crop_resize([big, small], torch.tensor([[(0.0, 0.0, 35.0, 27.0)]] * 2), 48)[1, 0]
+    want = TF.resize(small.float(), [48, 48], antialias=True)
+    assert torch.allclose(got, want, atol=1e-3), (got - want).abs().amax(dim=(0, 1))
