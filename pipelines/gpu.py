@@ -294,18 +294,11 @@ def on_rows(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, tor
         x[on_device] = fn(x[on_device], rows)
 
 
-def with_factors(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], factors: torch.Tensor,
-                 images: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return op(images, gpu_color.upload(factors[rows], images.device))
-
-
 def dino_augment(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     """Flip, colour jitter (its four ops in each image's own order), grey, blur and solarize, each on the images
     drawn for it, in `presets._dino_view`'s order. x: float 0..255 (M,3,S,S); p: the M images' parameters."""
     on_rows(x, p["flip"], lambda imgs, _: imgs.flip(-1))
-    for k in range(4):
-        for j, op in enumerate(gpu_color.JITTER):
-            on_rows(x, p["jitter"] & (p["order"][:, k] == j), functools.partial(with_factors, op, p["factors"][:, j]))
+    x = gpu_color.jitter(x, p["order"], p["factors"], p["jitter"])
     on_rows(x, p["gray"], lambda imgs, _: gpu_color.gray(imgs))
     on_rows(x, p["sigma"] > 0, lambda imgs, r: gpu_color.gaussian_blur(imgs, p["sigma"][r]))
     on_rows(x, p["solarize"], lambda imgs, _: gpu_color.solarize(imgs))

@@ -3,7 +3,8 @@
 torchvision's functional ops take one factor per call; these are their formulas with a factor per image
 (tests/test_pipelines_gpu_dino.py holds each against torchvision's one-image function). They serve DINO's
 views in `data.decode: gpu` and `hw` (pipelines/gpu.py), as albumentations' ColorJitter, ToGray,
-GaussianBlur and Solarize do in the CPU workers.
+GaussianBlur and Solarize do in the CPU workers; `jitter` applies each image's four jitter ops in its own order
+in a fixed number of passes over the whole batch.
 """
 
 from __future__ import annotations
@@ -33,16 +34,17 @@ def blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
     return (f * a + (1 - f) * b).clamp_(0, 255)
 
 
-def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * per_image(factor)).clamp_(0, 255)
+HUE = 3  # jitter ops by index, in factors and orders (DINO_JITTER's): 0 brightness, 1 contrast, 2 saturation, 3 hue
+SLOTS = 7  # an order shifted to put hue in the middle slot: up to 3 blends before it and 3 after
 
 
-def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return blend(x, TF.rgb_to_grayscale(x), factor)
+def blend_op(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast or saturation, whichever each image's op (0, 1, 2) is, with its own factor: each is
+    torchvision's blend of the image with a target (black, the mean of its grey, its grey)."""
+    grey = TF.rgb_to_grayscale(x)
+    target = torch.where(per_image(op == 1), grey.mean(dim=(-3, -2, -1), keepdim=True),
+                         torch.where(per_image(op == 2), grey, 0.0))
+    return blend(x, target, factor)
 
 
 def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,27 @@ def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(torch.cat([h[:, None], hsv[:, 1:]], dim=1)).mul_(255)
 
 
-JITTER = (brightness, contrast, saturation, hue)  # the order of DINO_JITTER's factors
+def jitter_slots(order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's jitter spread over SLOTS passes: its op (-1: none) and factor in each slot, (N, SLOTS) each.
+
+    Every jittered image turns its hue exactly once; with each order shifted so that hue lands in the middle slot,
+    that slot is one hue pass over the batch and every other slot one blend pass (`blend_op`), in each image's
+    own order. order: (N,4) op indices; factors: (N,4) by op; on: (N,) the images jittered."""
+    slot = torch.arange(4) + (SLOTS // 2 - (order == HUE).int().argmax(1, keepdim=True))
+    ops = torch.full((len(order), SLOTS), -1).scatter_(1, slot, order)
+    ops[~on] = -1
+    return ops, torch.zeros(ops.shape).scatter_(1, slot, factors.gather(1, order))
+
+
+def jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """ColorJitter on the images where `on` (CPU tensors, as `jitter_slots` takes them), each with its own factors
+    in its own order, in SLOTS full-batch passes: no gathers, no host syncs. An image with nothing in a slot keeps
+    its pixels exactly (a hue turn by 0 would not: HSV and back rounds)."""
+    ops, factor = (upload(t, x.device) for t in jitter_slots(order, factors, on))
+    for s in range(SLOTS):
+        y = hue(x, factor[:, s]) if s == SLOTS // 2 else blend_op(x, ops[:, s], factor[:, s])
+        x = torch.where(per_image(ops[:, s] >= 0), y, x)
+    return x
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:

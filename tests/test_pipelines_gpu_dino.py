@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as TF
 
 from pipelines import AugmentConfig, DataConfig, build_loader, gpu_color, presets
 from pipelines.batches import BatchSpec
-from pipelines.gpu import dino_draw
+from pipelines.gpu import dino_augment, dino_draw
 from shards import ConvertOptions, convert
 
 CPU = torch.device("cpu")
@@ -31,18 +31,41 @@ def photos(imagefolder_src) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
 
 
+def one_op(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
+    """Colour-jitter op `op` (0 brightness, 1 contrast, 2 saturation, 3 hue) on every image, each with its factor."""
+    return gpu_color.hue(x, factor) if op == gpu_color.HUE else gpu_color.blend_op(x, torch.full((len(x),), op), factor)
+
+
 @pytest.mark.parametrize("op,reference,factors", [
-    (gpu_color.brightness, TF.adjust_brightness, [0.6, 0.9, 1.2, 1.4]),
-    (gpu_color.contrast, TF.adjust_contrast, [0.6, 0.9, 1.2, 1.4]),
-    (gpu_color.saturation, TF.adjust_saturation, [0.8, 0.9, 1.1, 1.2]),
-    (gpu_color.hue, TF.adjust_hue, [-0.1, -0.03, 0.05, 0.1]),
+    (0, TF.adjust_brightness, [0.6, 0.9, 1.2, 1.4]),
+    (1, TF.adjust_contrast, [0.6, 0.9, 1.2, 1.4]),
+    (2, TF.adjust_saturation, [0.8, 0.9, 1.1, 1.2]),
+    (3, TF.adjust_hue, [-0.1, -0.03, 0.05, 0.1]),
 ])
 def test_each_image_gets_its_own_factor_as_torchvision_gives_it(photos, op, reference, factors):
-    out = op(photos.clone(), torch.tensor(factors))
+    out = one_op(photos.clone(), op, torch.tensor(factors))
     for i, f in enumerate(factors):
         expected = reference(photos[i] / 255, f) * 255
-        assert torch.allclose(out[i], expected, atol=0.05), (op.__name__, f, (out[i] - expected).abs().max())
+        assert torch.allclose(out[i], expected, atol=0.05), (reference.__name__, f, (out[i] - expected).abs().max())
     assert not torch.allclose(out, photos, atol=1.0)
+
+
+def test_jitter_in_batch_passes_is_each_images_ops_one_image_at_a_time_in_its_own_order(photos):
+    orders = torch.tensor(list(itertools.permutations(range(4))) * 2)  # all 24 orders, jittered and not
+    n = len(orders)
+    x = photos.repeat(n // len(photos), 1, 1, 1)
+    rng = np.random.default_rng(0)
+    factors = torch.from_numpy(rng.uniform([0.6, 0.6, 0.8, -0.1], [1.4, 1.4, 1.2, 0.1], (n, 4)).astype(np.float32))
+    on = torch.arange(n) % 5 != 0
+    off = torch.zeros(n, dtype=torch.bool)
+    p = {"flip": off, "jitter": on, "factors": factors, "order": orders, "gray": off, "sigma": torch.zeros(n),
+         "solarize": off}
+    got = dino_augment(x.clone(), p)
+    for i in range(n):
+        want = x[i : i + 1]
+        for op in orders[i].tolist() if on[i] else []:
+            want = one_op(want, op, factors[i : i + 1, op])
+        assert torch.equal(got[i], want[0]), (i, orders[i], on[i], (got[i] - want[0]).abs().max())
 
 
 def test_gray_and_solarize_as_albumentations(photos):
