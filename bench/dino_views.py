@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torchvision.transforms.v2.functional as TF
 
 from common import machine, record
 from hw_decode import make_store
@@ -28,14 +29,26 @@ from pipelines.tasks import TASKS
 SPEC = TASKS["dino"].spec(True, 224, AugmentConfig())  # the shipped recipe's 2 x 224 and 10 x 96 views
 
 
+def jitter_op_before(j: int, images: torch.Tensor, rows: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """One jitter op on the rows drawn for it, as before: brightness, contrast, saturation or hue."""
+    f = gpu_color.upload(factors[rows], images.device)
+    if j == 0:
+        return (images * gpu_color.per_image(f)).clamp_(0, 255)
+    if j == 1:
+        return gpu_color.blend(images, TF.rgb_to_grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), f)
+    if j == 2:
+        return gpu_color.blend(images, TF.rgb_to_grayscale(images), f)
+    return gpu_color.hue(images, f)
+
+
 def augment_before(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The baseline: `gpu.dino_augment` before the single pass, one row gather and scatter per jitter op and
-    order position (16 per view size)."""
+    """The baseline: `gpu.dino_augment` before the jitter's full-batch passes, one row gather and scatter per
+    jitter op and order position (16 per view size)."""
     gpu.on_rows(x, p["flip"], lambda imgs, _: imgs.flip(-1))
     for k in range(4):
-        for j, op in enumerate(gpu_color.JITTER):
+        for j in range(4):
             gpu.on_rows(x, p["jitter"] & (p["order"][:, k] == j),
-                        functools.partial(gpu.with_factors, op, p["factors"][:, j]))
+                        functools.partial(jitter_op_before, j, factors=p["factors"][:, j]))
     gpu.on_rows(x, p["gray"], lambda imgs, _: gpu_color.gray(imgs))
     gpu.on_rows(x, p["sigma"] > 0, lambda imgs, r: gpu_color.gaussian_blur(imgs, p["sigma"][r]))
     gpu.on_rows(x, p["solarize"], lambda imgs, _: gpu_color.solarize(imgs))
