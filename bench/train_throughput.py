@@ -16,7 +16,8 @@ What it does:
 3. End to end: `python -m training` on the store with the production settings, for each input path
    (cpu decode from wds and lmdb, nvJPEG gpu decode and the hardware decoder from wds, `--workers` CPU
    workers); images/s is the median of the loop's own logged windows (train/images_per_s in TensorBoard)
-   after warm-up.
+   after warm-up. The peer path `wds-dali` (bench/dali_peer.py) feeds the ceiling's own step from NVIDIA
+   DALI, `--workers` threads, in this process: no logging or checkpoints, which favours it.
 4. Checkpoints: the training stall per checkpoint save, and the time from process start to the first
    step of a resumed run.
 The last line is one JSON object, also appended to bench/results/train_throughput.jsonl.
@@ -33,12 +34,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 import yaml
 
+import dali_peer
 from common import machine, print_table, record
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
@@ -101,34 +104,40 @@ def make_stores(work: Path, n_train: int, n_val: int, max_side: int | None) -> d
 # ---- ceiling ------------------------------------------------------------------------------------------------------
 
 
-def ceiling(model_name: str, batch: int, num_classes: int, compile: bool, warmup: int, steps: int) -> float:
-    """images/s of the bare step on one random GPU batch: the loop's own model and optimizer builders
-    (the settings of `run_config`), bf16 autocast, channels_last; no data, no logging, no checkpoints."""
+def make_step(model_name: str, num_classes: int, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step on a GPU batch: the loop's own model and optimizer builders (the settings of
+    `run_config`), bf16 autocast, channels_last; no logging, no checkpoints."""
     from training.config import ModelConfig, OptimConfig
     from training.model import build_model
     from training.optim import build_optimizer
 
-    device = torch.device("cuda")
-    model = build_model(ModelConfig(name=model_name), num_classes, Path("/tmp")).to(device)
+    model = build_model(ModelConfig(name=model_name), num_classes, Path("/tmp")).to(torch.device("cuda"))
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), model, 1e-3)
     step_model = torch.compile(model) if compile else model
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (batch,), device=device)
 
-    def step() -> None:
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(step_model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def ceiling(step: Callable[[torch.Tensor, torch.Tensor], None], batch: int, num_classes: int, warmup: int,
+            steps: int) -> float:
+    """images/s of the bare step on one random batch already on the GPU: no data."""
+    device = torch.device("cuda")
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), device=device)
     for _ in range(warmup):
-        step()
+        step(x, y)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(x, y)
     torch.cuda.synchronize()
     return batch * steps / (time.perf_counter() - t)
 
@@ -253,7 +262,10 @@ def main() -> None:
     p.add_argument("--models", default="resnet50,deit_small_patch16_224")
     p.add_argument("--paths", default="wds-cpu,lmdb-cpu,wds-gpu,wds-hw",
                    help="end-to-end input paths, FORMAT-DECODE (decode: cpu, gpu = nvJPEG, hw = the hardware "
-                   "decoder); --scaling uses the first")
+                   "decoder, dali = the peer NVIDIA DALI on the same tars, wds only: bench/dali_peer.py); "
+                   "--scaling uses the first")
+    p.add_argument("--dali-hw-load", type=float, default=0.9,
+                   help="DALI's share of each batch for the hardware JPEG decoder (its default)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="DataLoader workers (CPU decode processes) per GPU: lower it to measure a host with few "
@@ -301,31 +313,39 @@ def main() -> None:
     else:
         for path in args.paths.split(","):
             fmt, decode = path.split("-")
-            rate = loader_rate(stores[fmt], decode, args.batch, args.workers)
+            if decode == "dali":
+                rate = dali_peer.input_rate(stores[fmt], args.batch, args.workers, args.dali_hw_load)
+            else:
+                rate = loader_rate(stores[fmt], decode, args.batch, args.workers)
             table.append((f"input alone: {fmt} {decode}-decode", rate, None, None))
             out[f"loader_images_per_s_{fmt}_{decode}"] = round(rate, 1)
             print(f"input alone {path}: {rate:.0f} images/s", flush=True)
         for model in args.models.split(","):
             key = model.split("_patch")[0].replace("_patch16_224", "")
-            ceil = ceiling(model, args.batch, num_classes, compile, warmup=40, steps=100)
+            step = make_step(model, num_classes, compile)
+            ceil = ceiling(step, args.batch, num_classes, warmup=40, steps=100)
             table.append((f"{model} ceiling (synthetic)", ceil, None, None))
             print(f"ceiling {model}: {ceil:.0f} images/s", flush=True)
             out[f"ceiling_{key}"] = round(ceil, 1)
             for path in args.paths.split(","):
                 fmt, decode = path.split("-")
                 name = f"e2e-{key}-{path}"
-                cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, args.steps, compile,
-                                 runs, 10**9, None)
-                lines, _ = launch(cfg, runs)
-                rate, wait = steady_rate(lines, args.warmup_steps)
+                if decode == "dali":  # in this process, on the ceiling's own compiled step
+                    rate, wait = dali_peer.train_rate(stores[fmt], step, args.batch, args.workers, args.dali_hw_load,
+                                                      args.warmup_steps, args.steps - args.warmup_steps)
+                else:
+                    cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, args.steps, compile,
+                                     runs, 10**9, None)
+                    lines, _ = launch(cfg, runs)
+                    rate, wait = steady_rate(lines, args.warmup_steps)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))
                 print(
                     f"{name}: {rate:.0f} images/s, {rate / ceil:.3f} of the ceiling, data wait {wait:.0%}", flush=True
                 )
                 out[f"images_per_s_{key}_{fmt}_{decode}"] = round(rate, 1)
                 out[f"ratio_{key}_{fmt}_{decode}"] = round(rate / ceil, 3)
-            # The headline ratio is the best input path's: the one a user should pick on this host.
-            paths = {k: v for k, v in out.items() if k.startswith(f"ratio_{key}_")}
+            # The headline ratio is the best of our input paths: the one a user should pick on this host.
+            paths = {k: v for k, v in out.items() if k.startswith(f"ratio_{key}_") and not k.endswith("_dali")}
             best = max(paths, key=paths.get)
             out[f"ratio_{key}"], out[f"best_path_{key}"] = paths[best], best.removeprefix(f"ratio_{key}_")
         if args.checkpoint:
