@@ -223,16 +223,21 @@ def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, st
     return out
 
 
-def paste(canvas: torch.Tensor, img: torch.Tensor) -> None:
-    """img into canvas's top-left corner, its last column, row and corner repeated once into the padding.
+def replicate_edges(canvas: torch.Tensor, sizes: torch.Tensor) -> None:
+    """Repeat each pasted image's last column, then its last row, once into the canvas's padding.
 
     roi_align interpolates a sample point past the last pixel centre (x in (W-1, W]) with the next column; on the
     lone image it clamps to the edge, on the canvas that column would be the zero padding and darken every crop
-    that reaches the right or bottom edge. One pixel is all a bilinear sample can reach past the edge."""
-    h, w = img.shape[-2:]
-    canvas[:, :h, :w] = img
-    canvas[:, :h, w : w + 1] = canvas[:, :h, w - 1 : w]  # empty where the image fills the canvas
-    canvas[:, h : h + 1, : w + 1] = canvas[:, h - 1 : h, : w + 1]
+    that reaches the right or bottom edge. One pixel is all a bilinear sample can reach past the edge. Two gathers
+    and two scatters for the whole canvas, not ops per image: the decode thread launches every op.
+    canvas: (N,3,H,W); sizes: (N,2) each image's (h, w), on the canvas's device. An image that fills the canvas in
+    a dimension copies its edge onto itself there."""
+    n, c, h, w = canvas.shape
+    ih, iw = (sizes[:, k].view(n, 1, 1, 1) for k in (0, 1))
+    column = canvas.gather(3, (iw - 1).expand(n, c, h, 1))
+    canvas.scatter_(3, iw.clamp(max=w - 1).expand(n, c, h, 1), column)
+    row = canvas.gather(2, (ih - 1).expand(n, c, 1, w))
+    canvas.scatter_(2, ih.clamp(max=h - 1).expand(n, c, 1, w), row)
 
 
 def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -250,7 +255,9 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
             h, w, stop = nh, nw, stop + 1
         canvas = images[start].new_zeros((stop - start, 3, h, w), dtype=torch.float32)
         for i in range(start, stop):
-            paste(canvas[i - start], images[i])
+            canvas[i - start, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
+        sizes = torch.tensor([images[i].shape[1:] for i in range(start, stop)])
+        replicate_edges(canvas, gpu_color.upload(sizes, canvas.device))
         idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
         rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
         crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
