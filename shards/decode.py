@@ -15,7 +15,7 @@ import fsspec
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from shards.layouts import Input
-from shards.storage import is_local, join
+from shards.storage import is_local, join, special_file
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 LOSSLESS_FORMATS = {"PNG", "BMP", "GIF", "TIFF", "PPM", "TGA", "ICO"}  # re-encoded as PNG, others JPEG
@@ -95,7 +95,7 @@ def read_source(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     """The file's bytes; a file that cannot be read is a reject, but a remote store's other
     errors (network, throttling) propagate: the run stops, and rerunning it resumes."""
     try:
-        data = fs.cat_file(path)
+        data = cat_regular(fs, path)
     except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
         raise BadInput("unreadable", f"{type(e).__name__}: {e.strerror or e}") from None
     except OSError as e:
@@ -105,6 +105,14 @@ def read_source(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     if not data:
         raise BadInput("empty", "file has 0 bytes")
     return data
+
+
+def cat_regular(fs: fsspec.AbstractFileSystem, path: str, prefix: str = "") -> bytes:
+    """fs.cat_file of a regular file; any other kind is a `not_a_file` reject, never opened (storage.special_file)."""
+    kind = special_file(fs, path)
+    if kind:
+        raise BadInput("not_a_file", f"{prefix}{kind}, not a regular file")
+    return fs.cat_file(path)
 
 
 def encode_for_store(data: bytes, max_side: int | None, max_pixels: int) -> tuple[str, bytes]:
@@ -215,8 +223,9 @@ def label_meta(settings: Settings, item: Input) -> dict:
         return {"cls": item.cls}
     if item.label_relpath is None:
         return {}
+    path = join(settings.root, item.label_relpath)
     try:
-        text = settings.fs.cat_file(join(settings.root, item.label_relpath)).decode("utf-8")
+        text = cat_regular(settings.fs, path, f"label {item.label_relpath}: ").decode("utf-8")
     except FileNotFoundError:
         text = ""  # a missing label file means no objects, as in YOLO itself
     except (PermissionError, OSError, UnicodeDecodeError) as e:

@@ -11,7 +11,7 @@ import fsspec
 import yaml
 
 from shards.keys import sample_key
-from shards.storage import StoreError, is_local, join
+from shards.storage import StoreError, is_local, join, special_file
 
 Layout = Literal["imagefolder", "unlabeled", "yolo"]
 
@@ -221,6 +221,9 @@ def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     path = next((join(root, n) for n in YOLO_YAMLS if fs.exists(join(root, n))), None)
     if path is None:
         raise StoreError(f"yolo layout: no data.yaml in {root}")
+    kind = special_file(fs, path)
+    if kind:
+        raise StoreError(f"yolo layout: {path} is {kind}, not a regular file")
     try:
         data = yaml.safe_load(fs.cat_file(path))
     except yaml.YAMLError as e:

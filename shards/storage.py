@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import urllib.parse
 
 import fsspec
@@ -27,6 +28,21 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+# What a local path that is not a regular file is, by its file type (stat.S_IFMT).
+_SPECIAL_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                  stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}
+
+
+def special_file(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """What `path` is when it is a local FIFO, socket, device or folder (through any symlinks) rather than a
+    regular file, else None: such a path is never opened, as opening a FIFO waits for a writer and reading a
+    device like /dev/zero never ends. Object stores hold only files. A broken symlink raises FileNotFoundError."""
+    if not is_local(fs):
+        return None
+    mode = os.stat(path).st_mode
+    return None if stat.S_ISREG(mode) else _SPECIAL_KINDS.get(stat.S_IFMT(mode), "a special file")
 
 
 def public_url(url: str) -> str:

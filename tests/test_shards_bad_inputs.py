@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import signal
+import socket
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from PIL import Image, ImageOps
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples
 from shards.keys import order_key, sample_key
+from tests.test_shards_cli import SHARDTRAIN
 from tests.test_shards_reader import decode, read_store
 
 MAX_PIXELS = 150 * 150
@@ -173,6 +178,64 @@ def test_unreadable_file(tmp_path):
         pytest.skip("running as root: chmod 0 does not make a file unreadable")
     convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
     assert rejects_of(tmp_path / "s")["train/chelsea/locked.jpg"]["reason"] == "unreadable"
+
+
+def test_special_files_are_rejects_never_opened(tmp_path, monkeypatch):
+    """A FIFO named like an image hung convert in open(), waiting for a writer; a device behind a symlink
+    would be read to its end (never, for /dev/zero). The console script runs under a timeout, so that a
+    regression fails here rather than hangs."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea", "rocket"])
+    good = {p.relative_to(src).as_posix() for p in src.rglob("*.jpg")}
+    chelsea = src / "train" / "chelsea"
+    os.mkfifo(chelsea / "pipe.jpg")
+    (chelsea / "to_pipe.jpg").symlink_to(chelsea / "pipe.jpg")
+    (chelsea / "null.jpg").symlink_to(os.devnull)
+    monkeypatch.chdir(chelsea)  # a socket's path has a length limit: bind it relative to its folder
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.jpg")
+    dest = tmp_path / "s"
+    run = subprocess.Popen([SHARDTRAIN, "convert", str(src), str(dest), "--workers", "2"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = run.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # its decoding workers too, blocked on the FIFO
+        run.communicate()
+        pytest.fail("convert hung on a special file")
+    assert run.returncode == 0, stderr
+    details = {p: (r["reason"], r["detail"]) for p, r in rejects_of(dest).items()}
+    assert details == {
+        "train/chelsea/pipe.jpg": ("not_a_file", "a FIFO (named pipe), not a regular file"),
+        "train/chelsea/to_pipe.jpg": ("not_a_file", "a FIFO (named pipe), not a regular file"),
+        "train/chelsea/null.jpg": ("not_a_file", "a character device, not a regular file"),
+        "train/chelsea/sock.jpg": ("not_a_file", "a socket, not a regular file"),
+    }
+    assert set(read_store(dest)) == {sample_key(p) for p in good}
+
+    # The nightly flow's append: tonight's new FIFO is a new reject, last night's are not listed again.
+    os.mkfifo(src / "train" / "rocket" / "tonight.jpg")
+    summary = convert(ConvertOptions(src=str(src), dest=str(dest), append=True, workers=1), progress=False)
+    assert (summary.added, summary.rejected, summary.unchanged) == (0, 1, len(good) + 4)
+    assert rejects_of(dest)["train/rocket/tonight.jpg"]["reason"] == "not_a_file" and len(rejects_of(dest)) == 5
+
+
+@pytest.mark.timeout(60)  # a regression hangs in open(): fail it
+def test_yolo_special_label_and_data_yaml(tmp_path):
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 2}, size=64)
+    label = src / "labels" / "train" / "img_0000.txt"
+    label.unlink()
+    os.mkfifo(label)
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert rejects_of(tmp_path / "s")["images/train/img_0000.jpg"] == {
+        "path": "images/train/img_0000.jpg", "reason": "not_a_file", "version": 1,
+        "detail": "label labels/train/img_0000.txt: a FIFO (named pipe), not a regular file",
+        "sha1": hashlib.sha1((src / "images/train/img_0000.jpg").read_bytes()).hexdigest()}
+
+    data_yaml = src / "data.yaml"
+    data_yaml.unlink()
+    os.mkfifo(data_yaml)
+    with pytest.raises(StoreError, match=r"^yolo layout: .*data\.yaml is a FIFO \(named pipe\), not a regular file$"):
+        convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s2"), workers=1), progress=False)
 
 
 def test_yolo_bad_labels(tmp_path):
