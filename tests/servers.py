@@ -88,10 +88,10 @@ class MotoServer:
 
 
 def start_group(args: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
-    """Start a long-lived process in its own process group, so teardown (or a fault) can end all of it."""
-    return subprocess.Popen(
-        args, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    """Start a long-lived process in its own process group, so teardown (or a fault) can end all of it.
+    Its output goes to `log`, which only the child keeps open (ours is closed once it has started)."""
+    with log.open("w") as out:
+        return subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_group(proc: subprocess.Popen) -> None:
