@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 from timm.utils import random_seed
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from pipelines import gpu, hw, plan
 from pipelines.batches import BatchFn, BatchSpec
@@ -85,7 +85,11 @@ class StoreBatches(Dataset):
     def __getitem__(self, ref: BatchRef) -> tuple[dict | None, int, str | None]:
         epoch, batch, indices = ref
         seeds = plan.sample_seeds(self.seed, epoch, self.rank, batch, len(indices))
-        random_seed(seeds[0] if seeds else self.seed)  # anything outside the presets sees a positional RNG too
+        if get_worker_info() is not None:
+            # In a worker, anything outside the presets sees a positional RNG too. In the training process
+            # (data.workers=0) the global RNGs are the training's own (dropout, mixup): the batch functions
+            # draw only from their per-sample generators, and leave those alone.
+            random_seed(seeds[0] if seeds else self.seed)
         try:
             raws = self.reader.read(indices)
         except DataError as e:  # storage failed: the run stops with this line (a resume continues)

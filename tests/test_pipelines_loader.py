@@ -10,6 +10,7 @@ import gc
 import hashlib
 import json
 import os
+import random
 import sys
 import tarfile
 from pathlib import Path
@@ -204,6 +205,22 @@ def test_starting_an_iteration_draws_nothing_from_torchs_rng(store):
     state = torch.random.get_rng_state()
     next(iter(ld))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_a_loader_without_workers_leaves_the_trainings_rngs_alone(store, decode):
+    # With data.workers=0 the batches are made in the training process (decode gpu: in run_ahead's thread, while
+    # the training draws). Each reseeded its global RNGs, so dropout and mixup depended on the worker count.
+    cfg = cfg_for(store, workers=0, decode=decode, augment=AugmentConfig())  # real random augmentation
+    (ld,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    before = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    got = images(ld)
+    assert torch.equal(torch.random.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]
+    # and the batches are those made in workers, whose global RNGs are seeded per batch: nothing draws from them
+    (with_workers,) = loaders(cfg.model_copy(update={"workers": 2}), "train", train=True, world_size=1, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(got, images(with_workers), strict=True))
 
 
 def test_one_shard_feeds_four_consumers(tmp_path):
