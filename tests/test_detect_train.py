@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,12 +102,16 @@ def test_overfits_a_handful_then_predict_finds_the_objects(handful, tmp_path):
     assert best["classes"] and best["step"] == summary.best_step
 
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "more").mkdir()
+    os.mkfifo(tmp_path / "more" / "pipe.jpg")  # opened, it would wait for a writer forever
     out = tmp_path / "pred"
     proc = subprocess.run([SHARDTRAIN, "predict", str(config), str(run_dir / "checkpoints" / "best.pt"),
-                           str(src / "images" / "train"), str(tmp_path / "broken.jpg"), "--out", str(out),
-                           "--format", "yolo", "--draw", "--conf", "0.3"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr[-2000:]  # one unreadable image: reported, the rest predicted
-    assert "warning: skipped" in proc.stdout and "8 images" in proc.stdout and "1 unreadable" in proc.stdout
+                           str(src / "images" / "train"), str(tmp_path / "broken.jpg"), str(tmp_path / "more"),
+                           "--out", str(out), "--format", "yolo", "--draw", "--conf", "0.3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # two unreadable images: reported, the rest predicted
+    assert f"warning: skipped {tmp_path / 'more' / 'pipe.jpg'}" in proc.stdout
+    assert "warning: skipped" in proc.stdout and "8 images" in proc.stdout and "2 unreadable" in proc.stdout
     found = total = 0
     for label in sorted((src / "labels" / "train").glob("*.txt")):
         true_cls, true_box = yolo_boxes(label, 96, 96)

@@ -133,6 +133,8 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     out.mkdir(parents=True, exist_ok=True)
     for path, name in track(found, description="predict", transient=True):
         try:
+            if not path.is_file():  # a FIFO or device named like an image: opening it could wait forever
+                raise OSError(f"{path} is not a regular file")
             image = decode_image(path.read_bytes())
         except Exception as e:  # PIL raises many types for bad bytes; the image is reported, the rest go on
             log(f"warning: skipped {path}: cannot read it as an image ({type(e).__name__})")
