@@ -3,7 +3,6 @@ job, leaves the finished shards alone, and the result equals an uninterrupted ru
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from shards import ConvertOptions, StoreError, convert, read_manifest, samples, verify
@@ -108,33 +109,33 @@ def pool_workers(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def opening_fifo(pid: int) -> bool:
-    """Whether the process is blocked opening a FIFO for reading (there is no writer)."""
-    with contextlib.suppress(OSError):  # it may exit while we look
-        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
-    return False
-
-
 def test_a_worker_killed_mid_run_fails_in_one_line_and_the_rerun_resumes(tmp_path):
     """As the kernel's OOM killer does it: kill -9 of one decoding worker, not of the command.
 
-    A FIFO among the inputs, last in the sample order and with no writer, keeps the worker that opens it
-    busy, so the kill always lands with work left, after the shards before it are finished."""
+    A large BMP (re-encoded as PNG: seconds) opens the third shard, so once the first shard is finished work is
+    left for a while (the pool's tasks go in chunks of 3: the first shard's last chunk holds none of the third's);
+    the workers are stopped (SIGSTOP) then, one of them is killed and the others go on."""
     src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 8}, size=64)
     seed = ConvertOptions(src=str(src), dest="unused").seed
-    last = max(order_key(sample_key(p.relative_to(src).as_posix()), seed) for p in src.rglob("*.jpg"))
-    fifo = src / next(r for r in (f"train/chelsea/wait_{i}.jpg" for i in range(10_000))
-                      if order_key(sample_key(r), seed) > last)
-    os.mkfifo(fifo)
+    keys = sorted(order_key(sample_key(p.relative_to(src).as_posix()), seed) for p in src.rglob("*.jpg"))
+    big = src / next(r for r in (f"train/chelsea/big_{i}.bmp" for i in range(100_000))
+                     if keys[15] < order_key(sample_key(r), seed) < keys[16])
+    noise = np.random.default_rng(0).integers(0, 256, (4000, 4000, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(big), noise)
     dest = tmp_path / "store"
     proc = cli_convert(src, dest)
     deadline = time.monotonic() + 120
-    while not list((dest / "_index").glob("*.json")) or not (
-            busy := [pid for pid in pool_workers(proc.pid) if opening_fifo(pid)]):
+    while not list((dest / "_index").glob("*.json")):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "conversion made no progress"
         time.sleep(0.002)
-    os.kill(busy[0], signal.SIGKILL)
+    workers = pool_workers(proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    assert not (dest / "manifest.json").exists(), "the kill came too late to test anything"
+    os.kill(workers[0], signal.SIGKILL)
+    for pid in workers[1:]:
+        os.kill(pid, signal.SIGCONT)
     try:
         proc.wait(timeout=60)  # a multiprocessing.Pool waited here forever
     finally:
@@ -148,7 +149,6 @@ def test_a_worker_killed_mid_run_fails_in_one_line_and_the_rerun_resumes(tmp_pat
     finished = shard_files(dest)
     assert finished
 
-    fifo.unlink()
     opts = ConvertOptions(src=str(src), dest=str(dest), shard_size="8samples", workers=2)
     convert(opts, progress=False)
     assert {n: v for n, v in shard_files(dest).items() if n in finished} == finished  # kept, not rewritten
