@@ -133,11 +133,16 @@ def kill_at_random_checkpoint(config: Path, runs: Path, steps: list[int], *args:
 
 
 @pytest.fixture(scope="module")
-def baseline_1proc(store, tmp_path_factory) -> dict:
-    """The uninterrupted single-process run every interrupted one must match."""
+def baseline_1proc_runs(store, tmp_path_factory) -> Path:
+    """The uninterrupted single-process run every interrupted one must match; returns its runs_dir."""
     tmp = tmp_path_factory.mktemp("baseline1")
     train(write_config(tmp / "run.yaml", store), torchrun=False)
-    return final_state(tmp / "runs")
+    return tmp / "runs"
+
+
+@pytest.fixture(scope="module")
+def baseline_1proc(baseline_1proc_runs) -> dict:
+    return final_state(baseline_1proc_runs)
 
 
 def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc, s3_bucket, tmp_path):
@@ -170,14 +175,14 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     assert json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/metrics.json"))["step"] == STEPS
 
 
-def test_fresh_start_over_an_existing_run_is_refused(store, tmp_path):
-    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 3})
-    train(config, torchrun=False)
-    write_config(tmp_path / "run.yaml", store, train={"max_steps": 3}, resume="never")
+def test_fresh_start_over_an_existing_run_is_refused(store, baseline_1proc_runs, tmp_path):
+    # The existing run is the baseline's (training one only for this costs a launch); refused, it is left as it was.
+    config = write_config(tmp_path / "run.yaml", store, runs_dir=str(baseline_1proc_runs), resume="never")
     code, out = finish(start(config, torchrun=False))
     assert code != 0
-    assert "error: resume=never, but run 't' already has a checkpoint at step 3" in out, out[-2000:]
+    assert f"error: resume=never, but run 't' already has a checkpoint at step {STEPS}" in out, out[-2000:]
     assert "Traceback" not in out
+    assert final_state(baseline_1proc_runs)["step"] == STEPS
 
 
 def damage_images(store: Path, count: int) -> None:
