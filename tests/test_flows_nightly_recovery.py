@@ -41,6 +41,8 @@ print("RESULT", nightly.nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], 
 @pytest.fixture
 def server(tmp_path, monkeypatch) -> PrefectServer:
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")  # expired leases freed at once
+    # A run waiting for the slot asks again within a second, not after up to 30 s (the server's Retry-After)
+    monkeypatch.setenv("PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "1")
     server = PrefectServer(tmp_path / "prefect")
     server.home.mkdir()
     server.start(cwd=REPO)
