@@ -4,12 +4,14 @@ worker, `prefect deploy --all` from prefect.yaml, `prefect deployment run`, moto
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from datetime import timezone
 from pathlib import Path
+from unittest import mock
 from uuid import UUID
 
 import pytest
@@ -58,7 +60,10 @@ def prefect_env(tmp_path_factory, moto_server) -> dict[str, str]:
     Started after moto_server, so the env carries the AWS_* variables to the worker's flow runs.
     """
     server = PrefectServer(tmp_path_factory.mktemp("prefect"))
-    server.start(cwd=REPO)
+    # A run waiting for the nightly slot asks again within a second of it coming free, not after up to 30 s
+    # (the server's Retry-After, drawn around the limit's average occupancy: night 1's whole run).
+    with mock.patch.dict(os.environ, {"PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}):
+        server.start(cwd=REPO)
     try:
         yield server.env
     finally:
@@ -119,7 +124,7 @@ def wait_final(client: SyncPrefectClient, run_id: UUID, timeout: float = 600) ->
         run = client.read_flow_run(run_id)
         if run.state is not None and run.state.is_final():
             return run
-        time.sleep(2)
+        time.sleep(0.5)
     raise TimeoutError(f"flow run {run_id} not finished after {timeout}s:\n{flow_logs(client, run_id)}")
 
 
