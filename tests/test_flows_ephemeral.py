@@ -31,8 +31,11 @@ with concurrency(NIGHTLY_LIMIT, occupy=1, strict=True):
 """
 
 NIGHTLY = """
-import sys
+import sys, time
+from pathlib import Path
 from flows.nightly import nightly_retrain
+while not Path(sys.argv[4]).exists():  # imported while the holder starts; the flow runs once the slot is held
+    time.sleep(0.1)
 result = nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], config="configs/demo.yaml", storage=sys.argv[3])
 print(result.model_dump())
 """
@@ -68,14 +71,18 @@ def test_nightly_waits_for_the_slot_in_ephemeral_mode(tmp_path):
     marker.write_text(json.dumps({"store": str(store), "version": 1}))
     env = ephemeral_prefect_env(tmp_path / "prefect")
 
+    go = tmp_path / "go"
     holder, held = python(HOLD, str(release), env=env)
-    wait_for_line(holder, held, "held")
-    nightly, lines = python(NIGHTLY, str(raw), str(store), str(tmp_path / "storage"), env=env)
+    # Started together (each takes seconds to import): the nightly's flow starts once the holder holds the slot.
+    nightly, lines = python(NIGHTLY, str(raw), str(store), str(tmp_path / "storage"), str(go), env=env)
     try:
+        wait_for_line(holder, held, "held")
+        go.touch()
         wait_for_line(nightly, lines, "acquiring the 'nightly-retrain' concurrency slot")
         time.sleep(5)
         before_release = list(lines)
     finally:
+        go.touch()
         release.touch()
     assert nightly.wait(timeout=300) == 0, "".join(lines)
     assert holder.wait(timeout=60) == 0, "".join(held)
