@@ -136,4 +136,4 @@ def run_demo(out: Path, images: int, size: int) -> None:
     console.print(f"storage (NAS):    {storage}")
     console.print(f"production model: {second.decision.model if second.decision else '-'}")
     console.print(f"flow runs:        PREFECT_HOME={out / 'prefect'} prefect server start, then http://127.0.0.1:4200")
-    console.print(f"server log:       {out / 'prefect' / 'server.log'}  (the temporary Prefect server's own)")
+    console.print(f"server log:       {out / 'prefect' / 'server.log'}  (the temporary server's errors, if any)")
