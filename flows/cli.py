@@ -6,14 +6,15 @@ albumentations and prefect are imported by the commands that use them, so `--hel
 
 import atexit
 import gc
+import os
 import signal
-import sys
 
 # A scheduler's SIGTERM while the commands are still importing finds nothing started: exit with the preemption
 # code (training.EXIT_PREEMPTED, "run me again"), not a signal death; a Ctrl-C exits quietly, without an import's
-# traceback. Once imported, the defaults return; `shardtrain train` installs its own until torchrun has the signal.
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
-signal.signal(signal.SIGINT, lambda *_: sys.exit(128 + signal.SIGINT))
+# traceback. At once (os._exit), as training.preempt.exit_now does and says why; nothing is printed yet. Once
+# imported, the defaults return; `shardtrain train` installs its own until torchrun has the signal.
+signal.signal(signal.SIGTERM, lambda *_: os._exit(75))
+signal.signal(signal.SIGINT, lambda *_: os._exit(128 + signal.SIGINT))
 
 from importlib.metadata import version  # noqa: E402
 from typing import Annotated  # noqa: E402

@@ -114,6 +114,29 @@ def test_sigterm_after_the_last_step_exits_0(store, tmp_path):
     assert "done: step 2" in out
 
 
+SWALLOWED = """
+import time
+from training.cli import preempted_on_sigterm
+with preempted_on_sigterm():
+    print("ready", flush=True)
+    try:
+        time.sleep(60)
+    except BaseException:  # as C code that clears any error does: torch's numpy probe while torch imports
+        pass
+    print("went on", flush=True)
+"""
+
+
+def test_sigterm_before_torchrun_exits_preempted_even_where_the_code_swallows_exceptions():
+    # An exception from the handler landed in torch's import of numpy, was cleared there, and the next import of
+    # numpy failed with a traceback and exit 1 (CI, 2026-12-04).
+    proc = subprocess.Popen([sys.executable, "-c", SWALLOWED], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED and "went on" not in out, out
+
+
 def test_sigterm_while_the_cli_imports_exits_preempted(store, tmp_path):
     proc = start(tmp_path, store)
     time.sleep(0.5)  # importing torch, prefect and the rest takes seconds: the signal lands in the imports

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +12,7 @@ import typer
 
 from training.config import TrainError
 from training.launch import launch
-from training.preempt import EXIT_PREEMPTED
+from training.preempt import EXIT_PREEMPTED, exit_now
 
 app = typer.Typer()
 
@@ -42,7 +41,7 @@ def train(
 def preempted_on_sigterm() -> Iterator[None]:
     """Until `launch` forwards SIGTERM to torchrun (and after it returns), a SIGTERM finds no run started:
     exit EXIT_PREEMPTED ("run me again"), as during the CLI's imports (flows/cli.py), not a signal death."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_PREEMPTED))
+    previous = signal.signal(signal.SIGTERM, lambda *_: exit_now(EXIT_PREEMPTED))
     try:
         yield
     finally:

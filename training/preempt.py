@@ -62,6 +62,15 @@ class StopSignals:
             self.insist(signum)
 
 
+def exit_now(code: int) -> None:
+    """Exit with `code` at once, output flushed: for a signal that finds nothing started. A handler that raised
+    SystemExit instead could land in an extension's import, where C code may clear it (torch's numpy probe
+    does), leaving the module half made: the next import of it then failed with a traceback and exit 1."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def exit_at_once(signum: int) -> None:
     """A second signal: stop now, without the checkpoint. Under torchrun the launcher says so (one line for
     the whole run); a rank started alone says it itself."""
