@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from pathlib import Path
 
 import torch
 import torchvision.transforms.v2.functional as TF
 
 from common import machine, record
-from hw_decode import make_store
-from pipelines import AugmentConfig, DataConfig, build_loader, gpu, gpu_color, presets
+from hw_decode import make_store, rate, worker_batches
+from pipelines import AugmentConfig, gpu, gpu_color, presets
 from pipelines.tasks import TASKS
 
 SPEC = TASKS["dino"].spec(True, 224, AugmentConfig())  # the shipped recipe's 2 x 224 and 10 x 96 views
@@ -53,38 +52,6 @@ def augment_before(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     gpu.on_rows(x, p["sigma"] > 0, lambda imgs, r: gpu_color.gaussian_blur(imgs, p["sigma"][r]))
     gpu.on_rows(x, p["solarize"], lambda imgs, _: gpu_color.solarize(imgs))
     return x
-
-
-def worker_batches(store: str, n: int, batch: int, device: torch.device) -> list[dict]:
-    """`n` DINO worker batches (encoded JPEGs and each view's drawn parameters), as the loader's workers send them."""
-    loader = build_loader(DataConfig(path=store, batch_size=batch, workers=4, decode="gpu"), "train", train=True,
-                          task="dino", rank=0, world_size=1, seed=0, device=device)
-    loader.sampler.epoch, loader.sampler.start = 0, 0
-    out = []
-    for item, _, _ in loader.dataloader:
-        out.append(item)
-        if len(out) == n:
-            break
-    return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rate(fn, batches: list, device: torch.device, reps: int = 3) -> float:
-    """images/s of fn over the batches, after one warm-up pass."""
-    for b in batches[:2]:
-        fn(b)
-    sync(device)
-    t = time.perf_counter()
-    n = 0
-    for _ in range(reps):
-        for b in batches:
-            n += fn(b)
-    sync(device)
-    return n / (time.perf_counter() - t)
 
 
 def cropped(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -117,7 +84,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
 
-    batches = worker_batches(make_store(Path(args.work), args.images), args.batches, args.batch, device)
+    batches = worker_batches(make_store(Path(args.work), args.images), args.batches, args.batch, "dino", "gpu", device)
     out: dict = {"bench": "dino_views", "machine": machine(), "batch": args.batch}
     variants = {"before": augment_before, "now": gpu.dino_augment}
 
@@ -131,7 +98,7 @@ def main() -> None:
             def augment_views(v, augment=augment):
                 augment(v[0].clone(), v[1])
                 return v[2]
-            put(f"augment_{size}_{name}", rate(augment_views, views, device))
+            put(f"augment_{size}_{name}", rate(augment_views, views, 3, device))
 
     def device_half(b):
         return len(gpu.dino_device_batch(b, SPEC, device)[0]["crops"][0])
@@ -141,8 +108,8 @@ def main() -> None:
         return sum(len(o[0]["crops"][0]) for o in gpu.run_ahead(bs, fn, device))
 
     for name, augment in variants.items():
-        put(f"device_half_{name}", rate(with_augment(augment, device_half), batches, device))
-        put(f"run_ahead_{name}", rate(with_augment(augment, ahead), [batches], device))
+        put(f"device_half_{name}", rate(with_augment(augment, device_half), batches, 3, device))
+        put(f"run_ahead_{name}", rate(with_augment(augment, ahead), [batches], 3, device))
     for stage in ("device_half", "run_ahead"):
         out[f"ratio_{stage}"] = round(out[f"{stage}_now"] / out[f"{stage}_before"], 3)
     record("dino_views", out)

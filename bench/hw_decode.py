@@ -45,10 +45,12 @@ def make_store(work: Path, images: int) -> str:
     return str(dest)
 
 
-def worker_batches(store: str, n: int, batch: int) -> list[dict]:
-    """`n` worker batches of encoded JPEGs and crop boxes, as the hw loader's workers send them (pinned)."""
-    loader = build_loader(DataConfig(path=store, batch_size=batch, workers=4, decode="hw"), "train", train=True,
-                          task="classify", rank=0, world_size=1, seed=0, device=DEVICE)
+def worker_batches(store: str, n: int, batch: int, task: str = "classify", decode: str = "hw",
+                   device: torch.device = DEVICE) -> list[dict]:
+    """`n` worker batches of encoded JPEGs and their drawn crop (and colour) parameters, as the loader's workers
+    send them for `task` with `decode` (pinned)."""
+    loader = build_loader(DataConfig(path=store, batch_size=batch, workers=4, decode=decode), "train", train=True,
+                          task=task, rank=0, world_size=1, seed=0, device=device)
     loader.sampler.epoch, loader.sampler.start = 0, 0
     out = []
     for item, _, _ in loader.dataloader:
@@ -58,17 +60,22 @@ def worker_batches(store: str, n: int, batch: int) -> list[dict]:
     return out
 
 
-def rate(fn, batches: list, reps: int = 2) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(fn, batches: list, reps: int = 2, device: torch.device = DEVICE) -> float:
     """images/s of fn over the batches, after one warm-up pass."""
     for b in batches[:2]:
         fn(b)
-    torch.cuda.synchronize()
+    sync(device)
     t = time.perf_counter()
     n = 0
     for _ in range(reps):
         for b in batches:
             n += fn(b)
-    torch.cuda.synchronize()
+    sync(device)
     return n / (time.perf_counter() - t)
 
 
