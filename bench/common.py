@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def iterator_rate(it: Iterator, batch: int, warmup: int, count: int) -> float:
+    """images/s of drawing `count` batches of `batch` from `it` on the GPU, after `warmup` batches."""
+    for _ in range(warmup):
+        next(it)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(count):
+        next(it)
+    torch.cuda.synchronize()
+    return batch * count / (time.perf_counter() - start)
 
 
 def machine() -> dict:

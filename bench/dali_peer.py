@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from common import iterator_rate
 from pipelines.config import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from shards import read_manifest
 
@@ -93,12 +94,4 @@ def train_rate(store: str, step: Callable[[torch.Tensor, torch.Tensor], None], b
 
 def input_rate(store: str, batch: int, threads: int, hw_load: float, warmup: int = 8, count: int = 40) -> float:
     """images/s of DALI's pipeline alone, no model: `count` batches after `warmup`."""
-    data = batches(store, batch, threads, 0, hw_load)
-    for _ in range(warmup):
-        next(data)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(count):
-        next(data)
-    torch.cuda.synchronize()
-    return batch * count / (time.perf_counter() - start)
+    return iterator_rate(batches(store, batch, threads, 0, hw_load), batch, warmup, count)

@@ -42,7 +42,7 @@ import torch
 import yaml
 
 import dali_peer
-from common import machine, print_table, record
+from common import iterator_rate, machine, print_table, record
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
 
@@ -157,15 +157,7 @@ def loader_rate(store: str, decode: str, batch: int, workers: int, warmup: int =
     if batches < 8:
         raise RuntimeError(f"{store} has {len(loader)} batches per epoch; raise --images")
     loader.set_epoch(0)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    torch.cuda.synchronize()
-    return batch * batches / (time.perf_counter() - t)
+    return iterator_rate(iter(loader), batch, warmup, batches)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
