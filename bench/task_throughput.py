@@ -111,8 +111,31 @@ def step_flops(trainer, batch: dict) -> float:  # noqa: ANN001 (training.train.T
     return float(counter.get_total_flops())
 
 
-def ceiling(config: Path, warmup: int, steps: int) -> dict:
-    """images/s of the loop's own `train_step` on one batch of the store already on the device, and its FLOPs."""
+def profile_steps(trainer, batch: dict, n_batches: int, steps: int = 5) -> None:  # noqa: ANN001 (as above)
+    """Where `steps` more steps spend the GPU's time: the share of the wall clock with a kernel or copy running,
+    and the kernels that take most of it, printed."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batch, 0, n_batches)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t) * 1e6
+    # the device's own events (kernels, copies): the ops that launched them carry the same time again
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in kernels)
+    print(f"profile: {steps} steps, {wall_us / steps / 1e3:.1f} ms a step, GPU busy {busy / wall_us:.0%} "
+          f"({sum(e.count for e in kernels) // steps} kernels and copies a step); the top kernels:")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]:
+        print(f"  {e.self_device_time_total / busy:6.1%} {e.self_device_time_total / steps / 1e3:7.2f} ms "
+              f"x{e.count // steps:<4d} {e.key[:110]}")
+
+
+def ceiling(config: Path, warmup: int, steps: int, profile: bool = False) -> dict:
+    """images/s of the loop's own `train_step` on one batch of the store already on the device, and its FLOPs
+    (and, with `profile`, where the GPU's time goes, printed before them)."""
     from training import dist
     from training.config import load_config
     from training.preempt import preemption_signals
@@ -135,18 +158,23 @@ def ceiling(config: Path, warmup: int, steps: int) -> dict:
             trainer.train_step(batch, 0, len(loader))
         sync()
         rate = n * steps / (time.perf_counter() - t)
+        if profile and world.device.type == "cuda":
+            profile_steps(trainer, batch, len(loader))
     dist.teardown(world)
     return {"images_per_s": rate, "flops_per_image": flops}
 
 
-def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int) -> dict:
+def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, profile: bool = False) -> dict:
     path = runs / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, __file__, "--ceiling", str(path), "--warmup-steps", str(warmup), "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--ceiling", str(path), "--ceiling-warmup", str(warmup),
+           "--ceiling-steps", str(steps)] + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = proc.stdout.splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
         raise RuntimeError(f"ceiling of {cfg['name']} failed:\n" + "\n".join(lines[-30:]))
+    if profile:
+        print("\n".join(line for line in lines if line.startswith(("profile:", "  "))), flush=True)
     return json.loads(lines[-1])
 
 
@@ -182,10 +210,11 @@ def main() -> None:
     p.add_argument("--ceiling-warmup", type=int, default=10)
     p.add_argument("--gpus", default=None, help="comma-separated GPU counts: DINO end to end under DDP only")
     p.add_argument("--no-e2e", action="store_true", help="ceilings only")
+    p.add_argument("--profile", action="store_true", help="print where each ceiling's GPU time goes (torch.profiler)")
     p.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the child process measuring one ceiling
     args = p.parse_args()
     if args.ceiling:
-        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps)))
+        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps, args.profile)))
         return
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU")
@@ -222,7 +251,7 @@ def main() -> None:
             label = variant or "shipped"
             name = f"{task}-ceiling-{i}"
             cfg = bench_config(task, variant, name, store, runs, 10**6, args.workers)
-            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps)
+            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps, args.profile)
             gflop = c["flops_per_image"] / 1e9
             ceil = c["images_per_s"]
             row = {"variant": label, "ceiling": round(ceil, 1), "gflop_per_image": round(gflop, 2),

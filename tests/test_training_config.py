@@ -190,3 +190,19 @@ def test_pretrained_weights_from_a_path(tmp_path):
         build_model(ModelConfig(name="test_resnet", pretrained=str(tmp_path / "nope.pth")), 3, tmp_path)
     with pytest.raises(TrainError, match="no timm model named 'resnet_nope'"):
         build_model(ModelConfig(name="resnet_nope"), 3, tmp_path)
+
+
+@pytest.mark.parametrize(("deterministic", "benchmark", "expected"),
+                         [(False, True, True), (False, False, False), (True, True, False)])
+def test_cudnn_benchmarks_its_convolutions_unless_told_not_to_or_deterministic(deterministic, benchmark, expected):
+    from training.config import TrainConfig
+    from training.train import set_algorithms
+
+    before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    try:
+        set_algorithms(TrainConfig(deterministic=deterministic, cudnn_benchmark=benchmark))
+        assert torch.backends.cudnn.benchmark is expected
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])

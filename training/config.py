@@ -100,6 +100,9 @@ class TrainConfig(_Section):
     deterministic: bool = Field(
         default=False, description="`torch.use_deterministic_algorithms`: a resume bitwise equal to an "
         "uninterrupted run (on GPUs at some speed cost).")
+    cudnn_benchmark: bool = Field(
+        default=True, description="cuDNN times its convolution algorithms on the first batch of each input shape "
+        "and keeps the fastest (as timm's train.py does). Off under `deterministic`.")
 
 
 class CheckpointConfig(_Section):

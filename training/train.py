@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipelines import build_loader
 from training import checkpoint, dist, metrics, resume
-from training.config import RunConfig, TrainError, run_dir, to_dict
+from training.config import RunConfig, TrainConfig, TrainError, run_dir, to_dict
 from training.metrics import RunSummary
 from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, preemption_signals
@@ -57,6 +57,15 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def set_algorithms(train: TrainConfig) -> None:
+    """Deterministic kernels only (train.deterministic), else the fastest cuDNN convolutions for each input shape,
+    timed on its first batch (train.cudnn_benchmark)."""
+    if train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark and not train.deterministic
+
+
 def run(cfg: RunConfig) -> RunSummary | None:
     """Train `cfg` in this process (one rank of torchrun, or alone); the run's summary (rank 0; None elsewhere)."""
     world = dist.setup()
@@ -75,9 +84,7 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.rdir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             (self.rdir / PREEMPTED_FILE).unlink(missing_ok=True)
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+        set_algorithms(cfg.train)
         random_seed(cfg.seed, world.rank)  # per rank: different dropout/mixup draws on each rank
         self.vote = dist.StopVote(world)
 
