@@ -10,6 +10,10 @@
    resize, flip) on worker batches already in memory: the baseline (per-image copies out of nvImageCodec's
    Images, the code before issue 19's fix), shardtrain's now, and nvJPEG's.
 3. input alone: `train_throughput.loader_rate` through the real loader and its workers, hw and cpu decode.
+4. step beside decode (`--stages step`): ResNet-50's compiled step (`train_throughput.make_step`) on one batch
+   already on the GPU, then fed by the device half in its thread (`gpu.run_ahead`) from worker batches in memory,
+   with the interpreter's default GIL switch interval (5 ms) and a tenth of it, with the decoder's CPU threads cut
+   to 2, and beside a thread that only calls the decoder: which of them slows the step itself.
 Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import itertools
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ from common import machine, record
 from pipelines import AugmentConfig, DataConfig, build_loader, gpu, hw
 from pipelines.tasks import TASKS, Decoder
 from shards import ConvertOptions, convert
-from train_throughput import loader_rate, make_raw
+from train_throughput import ceiling, loader_rate, make_raw, make_step
 
 DEVICE = torch.device("cuda")
 SPEC = TASKS["classify"].spec(True, 224, AugmentConfig())  # the device half's crop size and augment settings
@@ -130,6 +136,63 @@ def gil_share(fn) -> float:
     return counts[0] / alone
 
 
+def fed_rate(step, feed, batch: int, warmup: int = 5, steps: int = 30) -> float:
+    """images/s of `step` on the (float images, labels) that `feed` yields."""
+    for _ in range(warmup):
+        step(*next(feed))
+    sync(DEVICE)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step(*next(feed))
+    sync(DEVICE)
+    return batch * steps / (time.perf_counter() - t)
+
+
+def device_feed(batches: list[dict]):
+    """Normalised (images, labels) from the hw device half, one batch ahead in its thread, the batches cycled."""
+    mean = torch.tensor([0.485, 0.456, 0.406], device=DEVICE).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=DEVICE).view(1, 3, 1, 1) * 255
+    fn = functools.partial(gpu.device_batch, spec=SPEC, device=DEVICE, decode=hw.decode_batch)
+    for out, _ in gpu.run_ahead(itertools.cycle(batches), fn, DEVICE):
+        x = ((out["image"] - mean) / std).contiguous(memory_format=torch.channels_last)
+        yield x, out["label"]
+
+
+def decoding_beside(streams: list, stop: threading.Event) -> None:
+    """The decoder alone, looping in a thread: no per-image Python around it."""
+    stream = torch.cuda.Stream(DEVICE)
+    params = hw.params()
+    for s in itertools.cycle(streams):
+        if stop.is_set():
+            return
+        hw.decoder(DEVICE).decode(s, params=params, cuda_stream=stream.cuda_stream)
+
+
+def step_beside_decode(batches: list[dict], streams: list, batch: int, put) -> None:
+    """Stage 4: what slows ResNet-50's compiled step when the hw device half runs beside it."""
+    from nvidia import nvimgcodec
+
+    step = make_step("resnet50", 1000, compile=True)
+    put("step_ceiling", ceiling(step, batch, 1000, warmup=10, steps=30))
+    put("step_fed_hw", fed_rate(step, device_feed(batches), batch))
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(default / 10)
+    put("step_fed_hw_switch_0.5ms", fed_rate(step, device_feed(batches), batch))
+    sys.setswitchinterval(default)
+    shipped = hw.decoder
+    hw.decoder = functools.cache(lambda device: nvimgcodec.Decoder(
+        device_id=0, max_num_cpu_threads=2, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)]))
+    put("step_fed_hw_2_cpu_threads", fed_rate(step, device_feed(batches), batch))
+    hw.decoder = shipped
+    stop = threading.Event()
+    thread = threading.Thread(target=decoding_beside, args=(streams, stop), daemon=True)
+    thread.start()
+    put("step_ceiling_beside_bare_decode", ceiling(step, batch, 1000, warmup=3, steps=30))
+    stop.set()
+    thread.join()
+    put("step_ceiling_again", ceiling(step, batch, 1000, warmup=3, steps=30))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/shardtrain-hw")
@@ -137,7 +200,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=12, help="worker batches held in memory for stages 1-2")
     p.add_argument("--workers", default="15,4")
+    p.add_argument("--stages", default="bare,device,loader", help="any of bare, device, loader, step (1-4 above)")
     args = p.parse_args()
+    stages = set(args.stages.split(","))
     from nvidia import nvimgcodec
 
     store = make_store(Path(args.work), args.images)
@@ -151,10 +216,25 @@ def main() -> None:
     batches = worker_batches(store, args.batches, args.batch)
     data = [list(b["data"].split(b["length"].tolist())) for b in batches]
     streams = [[nvimgcodec.CodeStream(d.numpy()) for d in ds] for ds in data]
+    if "step" in stages:
+        step_beside_decode(batches, streams, args.batch, put)
+    if "bare" in stages:
+        bare_decoder(streams, data, put)
+    if "device" in stages:
+        device_half(batches, put)
+    if "loader" in stages:
+        loader_alone(store, args.batch, [int(w) for w in args.workers.split(",")], put)
+    if {"bare", "device", "loader"} <= stages:
+        pool_kept(store, streams, batches, args.batch, put)
+    record("hw_decode", out)
+
+
+def bare_decoder(streams: list, data: list, put) -> None:
+    """Stage 1: nvImageCodec's batch decode alone."""
+    from nvidia import nvimgcodec
+
     dec, params = hw.decoder(DEVICE), hw.params()
     cuda_stream = torch.cuda.current_stream(DEVICE).cuda_stream
-
-    # 1. bare decoder
     put("bare_new_images", rate(lambda s: len(dec.decode(s, params=params, cuda_stream=cuda_stream)), streams))
     last: dict = {}
 
@@ -188,11 +268,14 @@ def main() -> None:
     put("gil_kept_during_decode", gil_share(lambda: [dec.decode(s, params=params, cuda_stream=cuda_stream)
                                                       for s in streams[:4]]))
 
-    # 2. the training process's half, on worker batches in memory
-    variants = {"before": decode_before, "now": hw.decode_batch, "nvjpeg": gpu.decode_batch}
 
-    def device_batch(decode, b):
-        return len(gpu.device_batch(b, SPEC, DEVICE, decode=decode)[0]["label"])
+def device_batch(decode, b: dict) -> int:
+    return len(gpu.device_batch(b, SPEC, DEVICE, decode=decode)[0]["label"])
+
+
+def device_half(batches: list[dict], put) -> None:
+    """Stage 2: the training process's half, on worker batches in memory."""
+    variants = {"before": decode_before, "now": hw.decode_batch, "nvjpeg": gpu.decode_batch}
 
     def decode_only(decode, b):
         return len(gpu.decode_on_own_stream(list(b["data"].split(b["length"].tolist())), b["keys"], DEVICE, decode))
@@ -208,21 +291,30 @@ def main() -> None:
     for name in ("before", "now"):
         put(f"run_ahead_{name}", rate(functools.partial(ahead, variants[name]), [batches]))
 
-    # 3. input alone through the real loader
-    for workers in [int(w) for w in args.workers.split(",")]:
-        put(f"loader_hw_{workers}", loader_rate(store, "hw", args.batch, workers, warmup=4, batches=16))
-        put(f"loader_cpu_{workers}", loader_rate(store, "cpu", args.batch, workers, warmup=4, batches=16))
+
+def loader_alone(store: str, batch: int, worker_counts: list[int], put) -> None:
+    """Stage 3: input alone through the real loader."""
+    for workers in worker_counts:
+        put(f"loader_hw_{workers}", loader_rate(store, "hw", batch, workers, warmup=4, batches=16))
+        put(f"loader_cpu_{workers}", loader_rate(store, "cpu", batch, workers, warmup=4, batches=16))
+    shipped = TASKS["classify"].decoders["hw"]
     TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
                                                                                   decode=decode_before))
-    put("loader_hw_before_15", loader_rate(store, "hw", args.batch, 15, warmup=4, batches=16))
+    put("loader_hw_before_15", loader_rate(store, "hw", batch, 15, warmup=4, batches=16))
+    TASKS["classify"].decoders["hw"] = shipped
 
-    # last: the pool keeps what it is given back, for the rest of this process
+
+def pool_kept(store: str, streams: list, batches: list[dict], batch: int, put) -> None:
+    """Last (it holds for the rest of the process): the CUDA pool keeps what it is given back."""
+    dec, params = hw.decoder(DEVICE), hw.params()
+    cuda_stream = torch.cuda.current_stream(DEVICE).cuda_stream
     raise_release_threshold(DEVICE)
     put("bare_new_images_pool_kept", rate(lambda s: len(dec.decode(s, params=params, cuda_stream=cuda_stream)),
                                           streams))
     put("device_batch_before_pool_kept", rate(functools.partial(device_batch, decode_before), batches))
-    put("loader_hw_before_pool_kept_15", loader_rate(store, "hw", args.batch, 15, warmup=4, batches=16))
-    record("hw_decode", out)
+    TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
+                                                                                  decode=decode_before))
+    put("loader_hw_before_pool_kept_15", loader_rate(store, "hw", batch, 15, warmup=4, batches=16))
 
 
 if __name__ == "__main__":
