@@ -64,6 +64,23 @@ def test_dino_loss_equals_the_written_out_cross_entropy():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_dino_loss_and_its_gradients_equal_the_mean_over_pairs_at_the_recipes_crop_count():
+    g = torch.Generator().manual_seed(1)
+    batch, crops, dim = 8, 12, 256  # 2 global views + 10 local, as shipped
+    student = torch.randn(crops * batch, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2 * batch, dim, generator=g, dtype=torch.float64)
+    center = torch.randn(1, dim, generator=g, dtype=torch.float64)
+    log_p = (student / 0.1).log_softmax(-1).chunk(crops)
+    q = ((teacher - center) / 0.04).softmax(-1).chunk(2)
+    expected = torch.stack([(-q[i] * log_p[v]).sum(-1).mean() for i in range(2) for v in range(crops) if v != i]).mean()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+
+    got = dino_loss(student, teacher, center, crops, 0.1, 0.04)
+    (grad,) = torch.autograd.grad(got, student)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)  # dino_loss computes in float32
+
+
 def test_center_is_an_ema_of_the_mean_teacher_output():
     center = torch.tensor([[1.0, -2.0]])
     teacher = torch.tensor([[1.0, 1.0], [3.0, 5.0]])  # mean (2, 3)

@@ -99,11 +99,16 @@ class DinoModel(nn.Module):
 def dino_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor, crops: int,
               student_temp: float, teacher_temp: float) -> torch.Tensor:
     """Mean over (global view of the teacher, other view of the student) pairs of the cross-entropy
-    between the centered, sharpened teacher distribution and the student's."""
-    student = (student_out.float() / student_temp).log_softmax(-1).chunk(crops)
-    teacher = ((teacher_out.float() - center) / teacher_temp).softmax(-1).chunk(len(teacher_out) // len(student[0]))
-    losses = [(-q * student[v]).sum(-1).mean() for i, q in enumerate(teacher) for v in range(crops) if v != i]
-    return torch.stack(losses).mean()
+    between the centered, sharpened teacher distribution and the student's.
+
+    Each teacher view i against every student view but its own, as one product with the sum of the student's
+    log-probabilities less one with view i's: two passes over the (crops, batch, out_dim) log-probabilities
+    instead of one per pair (22 for 2 + 10 crops)."""
+    log_p = (student_out.float() / student_temp).log_softmax(-1).unflatten(0, (crops, -1))  # (crops, B, K)
+    q = ((teacher_out.float() - center) / teacher_temp).softmax(-1).unflatten(0, (-1, log_p.shape[1]))  # (G, B, K)
+    views = len(q)
+    cross = (q * log_p[:views]).sum(-1) - (q * log_p.sum(0)).sum(-1)  # (G, B): summed over the pairs of each i
+    return cross.mean(1).sum() / (views * (crops - 1))
 
 
 def updated_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float, world: World) -> torch.Tensor:
