@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import machine, print_table, record
+from common import machine, print_table, profile_steps, record
 from shards import ConvertOptions, convert, samples
 from train_throughput import launch, make_raw, steady_rate
 from training.config import apply_override
@@ -111,28 +111,6 @@ def step_flops(trainer, batch: dict) -> float:  # noqa: ANN001 (training.train.T
     return float(counter.get_total_flops())
 
 
-def profile_steps(trainer, batch: dict, n_batches: int, steps: int = 5) -> None:  # noqa: ANN001 (as above)
-    """Where `steps` more steps spend the GPU's time: the share of the wall clock with a kernel or copy running,
-    and the kernels that take most of it, printed."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(batch, 0, n_batches)
-        torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t) * 1e6
-    # the device's own events (kernels, copies): the ops that launched them carry the same time again
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-    busy = sum(e.self_device_time_total for e in kernels)
-    print(f"profile: {steps} steps, {wall_us / steps / 1e3:.1f} ms a step, GPU busy {busy / wall_us:.0%} "
-          f"({sum(e.count for e in kernels) // steps} kernels and copies a step); the top kernels:")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]:
-        print(f"  {e.self_device_time_total / busy:6.1%} {e.self_device_time_total / steps / 1e3:7.2f} ms "
-              f"x{e.count // steps:<4d} {e.key[:110]}")
-
-
 def ceiling(config: Path, warmup: int, steps: int, profile: bool = False) -> dict:
     """images/s of the loop's own `train_step` on one batch of the store already on the device, and its FLOPs
     (and, with `profile`, where the GPU's time goes, printed before them)."""
@@ -159,7 +137,7 @@ def ceiling(config: Path, warmup: int, steps: int, profile: bool = False) -> dic
         sync()
         rate = n * steps / (time.perf_counter() - t)
         if profile and world.device.type == "cuda":
-            profile_steps(trainer, batch, len(loader))
+            profile_steps(lambda: trainer.train_step(batch, 0, len(loader)))
     dist.teardown(world)
     return {"images_per_s": rate, "flops_per_image": flops}
 
