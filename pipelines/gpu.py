@@ -17,7 +17,6 @@ import functools
 import math
 import queue
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -241,17 +240,6 @@ def replicate_edges(canvas: torch.Tensor, sizes: torch.Tensor) -> None:
     canvas.scatter_(2, ih.clamp(max=h - 1).expand(n, c, 1, w), row)
 
 
-def paste(images: list[torch.Tensor]) -> torch.Tensor:
-    """The (C,H,W) images as one zero-padded float canvas (N,C,maxH,maxW), each at its top left: a nested tensor
-    padded in one call, so the decode thread launches no op per image (each would hand the GIL to the training
-    step's thread and back). The strided nested layout (a prototype in torch) because each image differs in
-    two dimensions; torch's jagged layout allows one."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
-        nested = torch.nested.as_nested_tensor(images)
-    return nested.to(torch.float32).to_padded_tensor(0.0)
-
-
 def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each image's boxes ((N, V, 4): V per image) and resize them to size x size (bilinear, averaging when
     shrinking): (N, V, 3, size, size), in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
@@ -265,7 +253,9 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
             if stop > start and (stop - start + 1) * 3 * nh * nw * 4 > CANVAS_BYTES:
                 break
             h, w, stop = nh, nw, stop + 1
-        canvas = paste(images[start:stop])
+        canvas = images[start].new_zeros((stop - start, 3, h, w), dtype=torch.float32)
+        for i in range(start, stop):
+            canvas[i - start, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
         sizes = torch.tensor([images[i].shape[1:] for i in range(start, stop)])
         replicate_edges(canvas, gpu_color.upload(sizes, canvas.device))
         idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
