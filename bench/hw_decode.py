@@ -12,9 +12,9 @@
 3. input alone: `train_throughput.loader_rate` through the real loader and its workers, hw and cpu decode.
 4. step beside decode (`--stages step`): ResNet-50's compiled step (`train_throughput.make_step`) on one batch
    already on the GPU, then fed by the device half in its thread (`gpu.run_ahead`) from worker batches in memory,
-   (profiled: the GPU's busy share and top kernels), with the per-image paste it replaced (`paste_before`), with
-   the interpreter's default GIL switch interval (5 ms) and a tenth of it, with the decoder's CPU threads cut
-   to 2, and beside a thread that only calls the decoder: which of them slows the step itself.
+   with the interpreter's default GIL switch interval (5 ms) and a tenth of it, with the decoder's CPU threads cut
+   to 2, and beside a thread that only calls the decoder: which of them slows the step itself. Last, the fed
+   step profiled (the GPU's busy share and top kernels): the profiler slows what runs after it.
 Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
 """
 
@@ -93,16 +93,6 @@ def raise_release_threshold(device: torch.device) -> None:
     assert cuda.cuDeviceGetDefaultMemPool(ctypes.byref(pool), ctypes.c_int(device.index or 0)) == 0
     value = ctypes.c_uint64(2**64 - 1)
     assert cuda.cuMemPoolSetAttribute(pool, ctypes.c_int(4), ctypes.byref(value)) == 0  # RELEASE_THRESHOLD
-
-
-def paste_before(images: list[torch.Tensor]) -> torch.Tensor:
-    """The baseline of `gpu.paste`: a zeroed canvas and one copy per image (each a Python op in the decode
-    thread)."""
-    h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
-    canvas = images[0].new_zeros((len(images), 3, h, w), dtype=torch.float32)
-    for i, image in enumerate(images):
-        canvas[i, :, : image.shape[1], : image.shape[2]] = image
-    return canvas
 
 
 def decode_before(data, keys, device):
@@ -186,14 +176,6 @@ def step_beside_decode(batches: list[dict], streams: list, batch: int, put) -> N
     step = make_step("resnet50", 1000, compile=True)
     put("step_ceiling", ceiling(step, batch, 1000, warmup=10, steps=30))
     put("step_fed_hw", fed_rate(step, device_feed(batches), batch))
-    feed = device_feed(batches)
-    for _ in range(3):  # the decode thread started and one batch ahead
-        step(*next(feed))
-    profile_steps(lambda: step(*next(feed)), top=12)
-    feed.close()
-    shipped_paste, gpu.paste = gpu.paste, paste_before
-    put("step_fed_hw_paste_before", fed_rate(step, device_feed(batches), batch))
-    gpu.paste = shipped_paste
     default = sys.getswitchinterval()
     sys.setswitchinterval(default / 10)
     put("step_fed_hw_switch_0.5ms", fed_rate(step, device_feed(batches), batch))
@@ -210,6 +192,11 @@ def step_beside_decode(batches: list[dict], streams: list, batch: int, put) -> N
     stop.set()
     thread.join()
     put("step_ceiling_again", ceiling(step, batch, 1000, warmup=3, steps=30))
+    feed = device_feed(batches)
+    for _ in range(3):  # the decode thread started and one batch ahead
+        step(*next(feed))
+    profile_steps(lambda: step(*next(feed)), top=12)  # last: the profiler slowed the steps after it
+    feed.close()
 
 
 def main() -> None:
