@@ -7,6 +7,7 @@ Run on a GPU host, from the repo root:
                                                              # configs/detector.yaml): ceiling, end to end, ratio
     python bench/task_throughput.py --tasks dino --variants ';train.compile=false;data.batch_size=64 optim.fused=false'
     python bench/task_throughput.py --tasks dino --gpus 1,2  # DDP: efficiency_dino_2 = per-GPU rate on 2 / on 1
+    python bench/task_throughput.py --tasks dino --no-e2e --profile  # where each ceiling's GPU time goes
 
 A variant is the shipped config with space-separated dotted overrides (`shardtrain train`'s); variants are
 separated by ';', the empty one is the shipped config. Every variant's ceiling is measured; the first variant
