@@ -15,6 +15,7 @@
    with the interpreter's default GIL switch interval (5 ms) and a tenth of it, with the decoder's CPU threads cut
    to 2, and beside a thread that only calls the decoder: which of them slows the step itself. Last, the fed
    step profiled (the GPU's busy share and top kernels): the profiler slows what runs after it.
+   `--compile-mode reduce-overhead` runs the step as CUDA graphs (a few launches a step instead of hundreds).
 Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
 """
 
@@ -169,11 +170,11 @@ def decoding_beside(streams: list, stop: threading.Event) -> None:
         hw.decoder(DEVICE).decode(s, params=params, cuda_stream=stream.cuda_stream)
 
 
-def step_beside_decode(batches: list[dict], streams: list, batch: int, put) -> None:
-    """Stage 4: what slows ResNet-50's compiled step when the hw device half runs beside it."""
+def step_beside_decode(batches: list[dict], streams: list, batch: int, mode: str, put) -> None:
+    """Stage 4: what slows ResNet-50's compiled step (torch.compile `mode`) when the hw device half runs beside it."""
     from nvidia import nvimgcodec
 
-    step = make_step("resnet50", 1000, compile=True)
+    step = make_step("resnet50", 1000, compile=True, mode=mode)
     put("step_ceiling", ceiling(step, batch, 1000, warmup=10, steps=30))
     put("step_fed_hw", fed_rate(step, device_feed(batches), batch))
     default = sys.getswitchinterval()
@@ -207,13 +208,15 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=12, help="worker batches held in memory for stages 1-2")
     p.add_argument("--workers", default="15,4")
     p.add_argument("--stages", default="bare,device,loader", help="any of bare, device, loader, step (1-4 above)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile's mode for stage 4's step (reduce-overhead: CUDA graphs, few launches)")
     args = p.parse_args()
     stages = set(args.stages.split(","))
     from nvidia import nvimgcodec
 
     store = make_store(Path(args.work), args.images)
     out: dict = {"bench": "hw_decode", "machine": machine(), "batch": args.batch,
-                 "nvimgcodec": nvimgcodec.__version__}
+                 "nvimgcodec": nvimgcodec.__version__, "compile_mode": args.compile_mode}
 
     def put(key: str, value: float) -> None:
         out[key] = round(value, 1) if isinstance(value, float) else value
@@ -223,7 +226,7 @@ def main() -> None:
     data = [list(b["data"].split(b["length"].tolist())) for b in batches]
     streams = [[nvimgcodec.CodeStream(d.numpy()) for d in ds] for ds in data]
     if "step" in stages:
-        step_beside_decode(batches, streams, args.batch, put)
+        step_beside_decode(batches, streams, args.batch, args.compile_mode, put)
     if "bare" in stages:
         bare_decoder(streams, data, put)
     if "device" in stages:

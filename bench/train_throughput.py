@@ -104,9 +104,10 @@ def make_stores(work: Path, n_train: int, n_val: int, max_side: int | None) -> d
 # ---- ceiling ------------------------------------------------------------------------------------------------------
 
 
-def make_step(model_name: str, num_classes: int, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def make_step(model_name: str, num_classes: int, compile: bool,
+              mode: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """One training step on a GPU batch: the loop's own model and optimizer builders (the settings of
-    `run_config`), bf16 autocast, channels_last; no logging, no checkpoints."""
+    `run_config`), bf16 autocast, channels_last; no logging, no checkpoints. `mode`: torch.compile's."""
     from training.config import ModelConfig, OptimConfig
     from training.model import build_model
     from training.optim import build_optimizer
@@ -114,7 +115,7 @@ def make_step(model_name: str, num_classes: int, compile: bool) -> Callable[[tor
     model = build_model(ModelConfig(name=model_name), num_classes, Path("/tmp")).to(torch.device("cuda"))
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), model, 1e-3)
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model, mode=mode) if compile else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
