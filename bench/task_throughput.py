@@ -8,6 +8,8 @@ Run on a GPU host, from the repo root:
     python bench/task_throughput.py --tasks dino --variants ';train.compile=false;data.batch_size=64 optim.fused=false'
     python bench/task_throughput.py --tasks dino --gpus 1,2  # DDP: efficiency_dino_2 = per-GPU rate on 2 / on 1
     python bench/task_throughput.py --tasks dino --no-e2e --profile  # where each ceiling's GPU time goes
+    python bench/task_throughput.py --tasks dino --no-e2e --input-alone 40 --variants data.batch_size=256 \
+        --data-variants 'data.decode=gpu'                    # the loader alone, with each data setting
 
 A variant is the shipped config with space-separated dotted overrides (`shardtrain train`'s); variants are
 separated by ';', the empty one is the shipped config. Every variant's ceiling is measured; the first variant
@@ -36,6 +38,7 @@ The last line is one JSON object, also appended to bench/results/task_throughput
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -46,7 +49,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import machine, print_table, profile_steps, record
+from common import iterator_rate, machine, print_table, profile_steps, record
 from shards import ConvertOptions, convert, samples
 from train_throughput import launch, make_raw, steady_rate
 from training.config import apply_override
@@ -143,6 +146,26 @@ def ceiling(config: Path, warmup: int, steps: int, profile: bool = False) -> dic
     return {"images_per_s": rate, "flops_per_image": flops}
 
 
+def input_alone(task: str, raw: dict, batches: int) -> float:
+    """images/s of the config's train loader alone (workers, decode, copy to the GPU, normalise; no model),
+    `batches` batches after the ones its workers had prefetched, across epochs as the loop iterates."""
+    from pipelines import build_loader
+    from training.config import validate
+
+    cfg = validate(raw).data
+    loader = build_loader(cfg, cfg.train_split, train=True, task=task, rank=0, world_size=1, seed=0,
+                          device=torch.device("cuda"))
+    loader.plan_epochs(10**6)
+
+    def across_epochs():
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            yield from loader
+
+    prefetched = cfg.workers * ((cfg.prefetch_factor or 2) + 1)  # queued, plus one in each worker's hands
+    return iterator_rate(across_epochs(), cfg.batch_size, warmup=prefetched + 2, count=batches)
+
+
 def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, profile: bool = False) -> dict:
     path = runs / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -190,6 +213,9 @@ def main() -> None:
     p.add_argument("--gpus", default=None, help="comma-separated GPU counts: DINO end to end under DDP only")
     p.add_argument("--no-e2e", action="store_true", help="ceilings only")
     p.add_argument("--profile", action="store_true", help="print where each ceiling's GPU time goes (torch.profiler)")
+    p.add_argument("--input-alone", type=int, default=0, metavar="BATCHES",
+                   help="also time the first variant's and each data variant's loader alone, BATCHES batches after "
+                        "its workers' prefetched ones (0: not)")
     p.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the child process measuring one ceiling
     args = p.parse_args()
     if args.ceiling:
@@ -225,6 +251,17 @@ def main() -> None:
                 if 1 in per_gpu:
                     out[f"efficiency_{task}_{n}"] = round(per_gpu[n] / per_gpu[1], 3)
             continue
+        if args.input_alone:
+            out[f"input_alone_{task}"] = []
+            first = args.variants.split(";")[0]
+            for extra in [""] + [v for v in args.data_variants.split(";") if v]:
+                label = f"{first} {extra}".strip() or "shipped"
+                raw = bench_config(task, f"{first} {extra}", f"{task}-input", store, runs, 10**6, args.workers)
+                rate = input_alone(task, raw, args.input_alone)
+                print(f"{task} [{label}] input alone {rate:.0f} images/s", flush=True)
+                table.append((f"{task} [{label}] input alone", rate, None, None, None))
+                out[f"input_alone_{task}"].append({"variant": label, "workers": raw["data"]["workers"],
+                                                   "images_per_s": round(rate, 1)})
         out[f"variants_{task}"] = []
         for i, variant in enumerate(args.variants.split(";")):
             label = variant or "shipped"
