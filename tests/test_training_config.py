@@ -15,9 +15,10 @@ import torch
 import yaml
 
 from training import CheckpointRef, TrainError, checkpoint, latest_checkpoint, load_config, run_dir, storage
-from training.config import ModelConfig, OptimConfig
+from training.config import ModelConfig, OptimConfig, TrainConfig
 from training.model import build_model
 from training.optim import StepPlan, scaled_lr
+from training.train import set_algorithms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,9 +196,6 @@ def test_pretrained_weights_from_a_path(tmp_path):
 @pytest.mark.parametrize(("deterministic", "benchmark", "expected"),
                          [(False, True, True), (False, False, False), (True, True, False)])
 def test_cudnn_benchmarks_its_convolutions_unless_told_not_to_or_deterministic(deterministic, benchmark, expected):
-    from training.config import TrainConfig
-    from training.train import set_algorithms
-
     before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     try:
         set_algorithms(TrainConfig(deterministic=deterministic, cudnn_benchmark=benchmark))
