@@ -59,7 +59,7 @@ def cropped(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor,
     the number of images."""
     images, _, _ = gpu.decode_images(batch, device, gpu.decode_batch)
     group = [v for v, view in enumerate(presets.dino_view_specs(SPEC.size, SPEC.aug)) if view.size == size]
-    x = gpu.crop_resize(images, gpu_color.upload(batch["box"][:, group], device), size).flatten(0, 1)
+    x = gpu.crop_resize(images, [(gpu_color.upload(batch["box"][:, group], device), size)])[0].flatten(0, 1)
     return x, {k: batch[k][:, group].flatten(0, 1) for k in gpu.DINO_PARAMS}, len(images)
 
 

@@ -240,12 +240,9 @@ def replicate_edges(canvas: torch.Tensor, sizes: torch.Tensor) -> None:
     canvas.scatter_(2, ih.clamp(max=h - 1).expand(n, c, 1, w), row)
 
 
-def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image's boxes ((N, V, 4): V per image) and resize them to size x size (bilinear, averaging when
-    shrinking): (N, V, 3, size, size), in as few roi_align calls as fit CANVAS_BYTES of padded float input."""
-    views = boxes.shape[1]
-    out = []
-    start = 0
+def canvas_spans(images: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Runs of consecutive images whose padded float canvas fits CANVAS_BYTES (an image too big alone gets its own)."""
+    spans, start = [], 0
     while start < len(images):
         stop, h, w = start, 0, 0
         while stop < len(images):
@@ -253,17 +250,36 @@ def crop_resize(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> t
             if stop > start and (stop - start + 1) * 3 * nh * nw * 4 > CANVAS_BYTES:
                 break
             h, w, stop = nh, nw, stop + 1
-        canvas = images[start].new_zeros((stop - start, 3, h, w), dtype=torch.float32)
-        for i in range(start, stop):
-            canvas[i - start, :, : images[i].shape[1], : images[i].shape[2]] = images[i]
-        sizes = torch.tensor([images[i].shape[1:] for i in range(start, stop)])
-        replicate_edges(canvas, gpu_color.upload(sizes, canvas.device))
-        idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
-        rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
-        crops = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-        out.append(crops.unflatten(0, (stop - start, views)))
+        spans.append((start, stop))
         start = stop
-    return torch.cat(out) if out else torch.zeros((0, views, 3, size, size))
+    return spans
+
+
+def padded(images: list[torch.Tensor]) -> torch.Tensor:
+    """The images pasted into one float (N, 3, H, W) canvas at their top left, their edges replicated once."""
+    h, w = max(img.shape[1] for img in images), max(img.shape[2] for img in images)
+    canvas = images[0].new_zeros((len(images), 3, h, w), dtype=torch.float32)
+    for i, img in enumerate(images):
+        canvas[i, :, : img.shape[1], : img.shape[2]] = img
+    replicate_edges(canvas, gpu_color.upload(torch.tensor([img.shape[1:] for img in images]), canvas.device))
+    return canvas
+
+
+def crop_resize(images: list[torch.Tensor], crops: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """For each (boxes, size) of `crops`, each image's boxes ((N, V, 4): V per image) cut and resized to size x size
+    (bilinear, averaging when shrinking): (N, V, 3, size, size). One roi_align per size and canvas, each canvas
+    (as many images as fit CANVAS_BYTES of padded float input) pasted once for all sizes."""
+    parts: list[list[torch.Tensor]] = [[] for _ in crops]
+    for start, stop in canvas_spans(images):
+        canvas = padded(images[start:stop])
+        for out, (boxes, size) in zip(parts, crops):
+            views = boxes.shape[1]
+            idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
+            rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
+            crop = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+            out.append(crop.unflatten(0, (stop - start, views)))
+    return [torch.cat(out) if out else torch.zeros((0, boxes.shape[1], 3, size, size))
+            for out, (boxes, size) in zip(parts, crops)]
 
 
 def decode_images(batch: dict, device: torch.device, decode: DecodeFn) -> tuple[list[torch.Tensor], list[int],
@@ -288,7 +304,7 @@ def device_batch(batch: dict, spec: BatchSpec, device: torch.device,
     images, keep, bad = decode_images(batch, device, decode)
     rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep, device=device)
     box, flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("box", "flip", "label"))
-    out = crop_resize(images, box[:, None], spec.size)[:, 0]
+    out = crop_resize(images, [(box[:, None], spec.size)])[0][:, 0]
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return {"image": out, "label": label}, bad
 
@@ -318,18 +334,19 @@ DINO_PARAMS = ("box", "flip", "jitter", "factors", "order", "gray", "sigma", "so
 def dino_device_batch(batch: dict, spec: BatchSpec, device: torch.device,
                       decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
     """DINO's device half: each image decoded once, all its views cropped from it (one roi_align per view size
-    and canvas), then augmented (`dino_augment`). Returns {"crops": one float 0..255 (N,3,S,S) per view}."""
+    and canvas, the canvas pasted once), then augmented (`dino_augment`). Returns {"crops": one float 0..255
+    (N,3,S,S) per view}."""
     images, keep, bad = decode_images(batch, device, decode)
     rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep)
     params = {k: batch[k][rows] for k in DINO_PARAMS}  # (N, views, ...), on the CPU
     views = presets.dino_view_specs(spec.size, spec.aug)
+    groups = {size: [v for v, view in enumerate(views) if view.size == size] for size in (view.size for view in views)}
+    cut = crop_resize(images, [(gpu_color.upload(params["box"][:, group], device), size)
+                               for size, group in groups.items()])
     crops: list[torch.Tensor] = [None] * len(views)  # type: ignore[list-item]  # every slot is filled below
-    for size in dict.fromkeys(view.size for view in views):
-        group = [v for v, view in enumerate(views) if view.size == size]
-        boxes = gpu_color.upload(params["box"][:, group], device)
-        x = crop_resize(images, boxes, size).flatten(0, 1)  # image-major: (N * len(group), 3, size, size)
-        x = dino_augment(x, {k: params[k][:, group].flatten(0, 1) for k in DINO_PARAMS})
-        x = x.unflatten(0, (len(images), len(group)))
+    for x, group in zip(cut, groups.values()):
+        x = dino_augment(x.flatten(0, 1), {k: params[k][:, group].flatten(0, 1) for k in DINO_PARAMS})
+        x = x.unflatten(0, (len(images), len(group)))  # image-major, as cut
         for j, v in enumerate(group):
             crops[v] = x[:, j]
     return {"crops": crops}, bad

@@ -27,11 +27,11 @@ def test_a_crop_to_a_smaller_images_bottom_right_edge_is_that_crop_of_the_image_
     # (x0, y0, x1, y1): enlarged to 32 px (one bilinear sample per pixel), and shrunk to 8 px (averaged samples)
     grow, shrink = (21.0, 15.0, 35.0, 27.0), (5.0, 3.0, 35.0, 27.0)
     for size, box in ((32, grow), (8, shrink)):
-        out = crop_resize([big, small], torch.tensor([[box], [box]]), size)[1, 0]
+        out = crop_resize([big, small], [(torch.tensor([[box], [box]]), size)])[0][1, 0]
         alone = roi_align(small[None].float(), torch.tensor([[0.0, *box]]), size, 1.0, 0, aligned=True)[0]
         # the samples past the last pixel centre read the edge, not the canvas's zero padding (a dark fringe)
         assert torch.allclose(out, alone, atol=1e-3), (size, (out - alone).abs().amax(dim=(0, 1)))
     # the whole image enlarged: torchvision's resize (clamped to the edge too) on the lone image
-    got = crop_resize([big, small], torch.tensor([[(0.0, 0.0, 35.0, 27.0)]] * 2), 48)[1, 0]
+    got = crop_resize([big, small], [(torch.tensor([[(0.0, 0.0, 35.0, 27.0)]] * 2), 48)])[0][1, 0]
     want = TF.resize(small.float(), [48, 48], antialias=True)
     assert torch.allclose(got, want, atol=1e-3), (got - want).abs().amax(dim=(0, 1))
