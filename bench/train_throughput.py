@@ -165,7 +165,7 @@ def loader_rate(store: str, decode: str, batch: int, workers: int, warmup: int =
 
 
 def run_config(name: str, store: str, model: str, decode: str, batch: int, workers: int, steps: int,
-               compile: bool, runs: Path, every_steps: int, storage: str | None) -> dict:
+               compile: bool, runs: Path, every_steps: int, storage: str | None, compile_mode: str = "default") -> dict:
     return {
         "name": name,
         "runs_dir": str(runs),
@@ -175,7 +175,8 @@ def run_config(name: str, store: str, model: str, decode: str, batch: int, worke
                  "prefetch_factor": 4},
         "model": {"name": model},
         "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05},
-        "train": {"epochs": 1000, "max_steps": steps, "amp": "bf16", "compile": compile, "log_every": 10},
+        "train": {"epochs": 1000, "max_steps": steps, "amp": "bf16", "compile": compile, "compile_mode": compile_mode,
+                  "log_every": 10},
         "checkpoint": {"every_steps": every_steps, "keep": 2, "storage": storage},
         "eval": {"every_epochs": 1000},
         "resume": "never",
@@ -266,6 +267,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--warmup-steps", type=int, default=60)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile's mode for the ceiling, DALI's step and the runs (train.compile_mode)")
     p.add_argument("--scaling", default=None, help="comma-separated GPU counts for the DDP scaling runs")
     p.add_argument("--checkpoint", action="store_true", help="also measure checkpoint stall and resume time")
     args = p.parse_args()
@@ -279,7 +282,8 @@ def main() -> None:
     compile = not args.no_compile
     num_classes = len(photo_paths())
     out: dict = {"bench": "train_throughput", "machine": machine(), "images": args.images,
-                 "max_side": args.max_side, "batch": args.batch, "workers": args.workers, "compile": compile}
+                 "max_side": args.max_side, "batch": args.batch, "workers": args.workers, "compile": compile,
+                 "compile_mode": args.compile_mode}
     table = []
 
     if args.scaling:
@@ -315,7 +319,7 @@ def main() -> None:
             print(f"input alone {path}: {rate:.0f} images/s", flush=True)
         for model in args.models.split(","):
             key = model.split("_patch")[0].replace("_patch16_224", "")
-            step = make_step(model, num_classes, compile)
+            step = make_step(model, num_classes, compile, mode=args.compile_mode)
             ceil = ceiling(step, args.batch, num_classes, warmup=40, steps=100)
             table.append((f"{model} ceiling (synthetic)", ceil, None, None))
             print(f"ceiling {model}: {ceil:.0f} images/s", flush=True)
@@ -328,7 +332,7 @@ def main() -> None:
                                                       args.warmup_steps, args.steps - args.warmup_steps)
                 else:
                     cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, args.steps, compile,
-                                     runs, 10**9, None)
+                                     runs, 10**9, None, args.compile_mode)
                     lines, _ = launch(cfg, runs)
                     rate, wait = steady_rate(lines, args.warmup_steps)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))

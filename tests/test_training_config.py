@@ -62,6 +62,10 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["eval.metric=ema_val_top1"], "bad config: eval.metric ema_val_top1 needs train.ema_decay"),
         (["train=3"], "bad value for train"),
         (["max_steps"], "override 'max_steps' must look like key.sub=value"),
+        (["train.compile=true", "train.compile_mode=reduce-overhead", "train.accum_steps=2"],
+         "bad config: train.compile_mode=reduce-overhead runs CUDA graphs, which do not accumulate gradients"),
+        (["task=detect", "train.compile=true", "train.compile_mode=max-autotune"],
+         "bad config: train.compile_mode=max-autotune: detection compiles its backbone and head apart"),
     ],
 )
 def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, overrides, message):
@@ -69,6 +73,13 @@ def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, overrides, messag
         load_config(write(tmp_path), overrides)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def test_compile_modes_without_cuda_graphs_accumulate_and_compile_detection(tmp_path):
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        cfg = load_config(write(tmp_path), ["train.compile=true", f"train.compile_mode={mode}", "train.accum_steps=2"])
+        assert (cfg.train.compile_mode, cfg.train.accum_steps) == (mode, 2)
+        assert load_config(write(tmp_path), ["task=detect", "train.compile=true", f"train.compile_mode={mode}"])
 
 
 def test_missing_data_section_and_bad_yaml(tmp_path):

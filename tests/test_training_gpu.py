@@ -25,7 +25,8 @@ def store(imagefolder_src, tmp_path_factory) -> str:
     return str(dest)
 
 
-def train_once(tmp_path: Path, store: str, *overrides: str) -> tuple[dict, str]:
+def train_once(tmp_path: Path, store: str, *overrides: str) -> tuple[dict, str, str]:
+    """The last checkpoint of an 8-step run, its stdout (the run's log) and its stderr (library warnings)."""
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "name": "g", "runs_dir": str(tmp_path / "runs"),
@@ -40,39 +41,53 @@ def train_once(tmp_path: Path, store: str, *overrides: str) -> tuple[dict, str]:
     run = tmp_path / "runs" / "g"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 8 and math.isfinite(metrics["final"]["train_loss"])
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True), proc.stdout
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True), proc.stdout, proc.stderr
 
 
 def test_bf16_channels_last_compile(store, tmp_path):
-    ckpt, out = train_once(tmp_path, store, "train.amp=bf16", "data.channels_last=true", "train.compile=true")
+    ckpt, out, _ = train_once(tmp_path, store, "train.amp=bf16", "data.channels_last=true", "train.compile=true")
     assert "on cuda, amp bfloat16" in out
     assert ckpt["scaler"] == {}  # no GradScaler with bf16
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_fp16_uses_grad_scaler(store, tmp_path):
-    ckpt, out = train_once(tmp_path, store, "train.amp=fp16")
+    ckpt, out, _ = train_once(tmp_path, store, "train.amp=fp16")
     assert "on cuda, amp float16" in out
     assert ckpt["scaler"]["scale"] > 0
 
 
 def test_auto_amp_picks_bf16_where_supported(store, tmp_path):
-    _, out = train_once(tmp_path, store, "train.ema_decay=0.99")
+    _, out, _ = train_once(tmp_path, store, "train.ema_decay=0.99")
     assert f"amp {'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'}" in out
 
 
 def test_gpu_decode_under_compile_keeps_losses_finite(store, tmp_path):
     # nvJPEG's hardware decoder once wrote into memory that queued compiled kernels still read,
     # turning every loss into NaN (pipelines/gpu.py decodes on a drained stream of its own since).
-    ckpt, out = train_once(tmp_path, store, "data.decode=gpu", "train.amp=bf16", "train.compile=true")
+    ckpt, out, _ = train_once(tmp_path, store, "data.decode=gpu", "train.amp=bf16", "train.compile=true")
     assert "nan" not in out.lower()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.skipif(hw.unavailable(torch.device("cuda")) is not None, reason="no usable hardware JPEG decoder")
 def test_auto_picks_the_hardware_decoder_and_losses_stay_finite_under_compile(store, tmp_path):
-    ckpt, out = train_once(tmp_path, store, "data.decode=auto", "data.augment.color_jitter=0", "train.amp=bf16",
-                           "train.compile=true")
+    ckpt, out, _ = train_once(tmp_path, store, "data.decode=auto", "data.augment.color_jitter=0", "train.amp=bf16",
+                              "train.compile=true")
     assert "data.decode: hw (auto: nvImageCodec " in out
     assert "nan" not in out.lower()
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_cuda_graphs_train_as_the_default_compile_does(store, tmp_path):
+    # reduce-overhead replays the compiled step as CUDA graphs: the same kernels, so with deterministic kernels
+    # the same weights, batch norm's running statistics (buffers the graphs update in place) included
+    (tmp_path / "default").mkdir()
+    (tmp_path / "graphs").mkdir()
+    default, _, _ = train_once(tmp_path / "default", store, "train.compile=true", "train.deterministic=true")
+    graphs, _, warnings = train_once(tmp_path / "graphs", store, "train.compile=true",
+                                     "train.compile_mode=reduce-overhead", "train.deterministic=true")
+    assert "skipping cudagraphs" not in warnings  # inductor's line when it falls back to launching kernels
+    for key, value in default["model"].items():
+        if value.is_floating_point():
+            assert torch.allclose(graphs["model"][key], value, rtol=1e-3, atol=1e-5), key

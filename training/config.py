@@ -81,6 +81,10 @@ class TrainConfig(_Section):
         default="auto", description="Mixed precision. auto: bf16 where the GPU has it, else fp16 (with a "
         "GradScaler); off on CPU.")
     compile: bool = Field(default=False, description="`torch.compile` the model.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="`torch.compile`'s mode (timm's `--torchcompile-mode`). reduce-overhead "
+        "replays the compiled step as CUDA graphs: few kernel launches, for steps the CPU cannot launch fast "
+        "enough. Needs `train.accum_steps` 1 (graphs give wrong accumulated gradients, pytorch/pytorch#169545).")
     accum_steps: int = Field(default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
     batch_ramp: int = Field(
         default=0, ge=0, description="Batch-size ramp-up by accumulation: epoch e (0-based) < batch_ramp "
@@ -239,6 +243,19 @@ class RunConfig(_Section):
         for name, info in TASKS.items():
             if info.section is not None and name != self.task and getattr(self, info.section) is not None:
                 raise ValueError(f"the {info.section}: section is for task {name}; this run's task is {self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _cuda_graphs(self) -> RunConfig:
+        t = self.train
+        if not t.compile or t.compile_mode not in ("reduce-overhead", "max-autotune"):
+            return self
+        if t.accum_steps > 1:  # a replay rewrites the gradients the last backward left (pytorch/pytorch#169545)
+            raise ValueError(f"train.compile_mode={t.compile_mode} runs CUDA graphs, which do not accumulate "
+                             "gradients correctly; set train.accum_steps=1 or compile_mode=default")
+        if self.task == "detect":  # the head's graph would read the backbone's outputs (pytorch/pytorch#160281)
+            raise ValueError(f"train.compile_mode={t.compile_mode}: detection compiles its backbone and head "
+                             "apart, and CUDA graphs cannot chain them; use compile_mode=default")
         return self
 
     @model_validator(mode="after")

@@ -121,7 +121,7 @@ class Trainer:
         self.train_model: torch.nn.Module = DDP(self.model, gradient_as_bucket_view=True) \
             if world.distributed else self.model
         if cfg.train.compile:
-            self.train_model = self.task.compile(self.train_model)
+            self.train_model = self.task.compile(self.train_model, mode=cfg.train.compile_mode)
         self.uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) \
             if cfg.checkpoint.storage and world.is_main else None
         self.writer = checkpoint.Writer(self.ckpt_dir, cfg.checkpoint.keep)
