@@ -340,7 +340,8 @@ def dino_device_batch(batch: dict, spec: BatchSpec, device: torch.device,
     rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep)
     params = {k: batch[k][rows] for k in DINO_PARAMS}  # (N, views, ...), on the CPU
     views = presets.dino_view_specs(spec.size, spec.aug)
-    groups = {size: [v for v, view in enumerate(views) if view.size == size] for size in (view.size for view in views)}
+    groups = {size: [v for v, view in enumerate(views) if view.size == size]
+              for size in dict.fromkeys(view.size for view in views)}
     cut = crop_resize(images, [(gpu_color.upload(params["box"][:, group], device), size)
                                for size, group in groups.items()])
     crops: list[torch.Tensor] = [None] * len(views)  # type: ignore[list-item]  # every slot is filled below
