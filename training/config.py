@@ -82,9 +82,10 @@ class TrainConfig(_Section):
         "GradScaler); off on CPU.")
     compile: bool = Field(default=False, description="`torch.compile` the model.")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        default="default", description="`torch.compile`'s mode (timm's `--torchcompile-mode`). reduce-overhead "
-        "replays the compiled step as CUDA graphs: few kernel launches, for steps the CPU cannot launch fast "
-        "enough. Needs `train.accum_steps` 1 (graphs give wrong accumulated gradients, pytorch/pytorch#169545).")
+        default="default", description="The mode `train.compile` compiles with (timm's `--torchcompile-mode`). "
+        "reduce-overhead replays the compiled step as CUDA graphs: few kernel launches, for steps the CPU cannot "
+        "launch fast enough. Needs `train.accum_steps` 1 (graphs give wrong accumulated gradients, "
+        "pytorch/pytorch#169545).")
     accum_steps: int = Field(default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
     batch_ramp: int = Field(
         default=0, ge=0, description="Batch-size ramp-up by accumulation: epoch e (0-based) < batch_ramp "
