@@ -10,14 +10,10 @@ module does the rest (listing, packing, the indexes and the manifest) the same w
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import re
-import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Literal, Protocol, cast
@@ -55,6 +51,7 @@ from shards.manifest import (
 )
 from shards.progress import console, progress_bar
 from shards.storage import WRITE_PROBE, StoreError, check_writable, is_local, join, open_fs, public_url, publish_file
+from shards.workers import WorkerDied, ordered_map
 from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
 if TYPE_CHECKING:
@@ -331,30 +328,22 @@ def shard_is_whole(fs: fsspec.AbstractFileSystem, root: str, index: ShardIndex) 
 
 
 def run_workers(settings: Settings, tasks: list[tuple[Input, bool]], workers: int) -> Iterator[Result]:
-    """Results in task order, from a process pool (or in this process for one worker).
+    """Results in task order, from worker processes (or in this process for one worker).
 
-    A worker that dies (the kernel's OOM killer, a kill -9) breaks the pool: that is a one-line error,
-    and the shards finished so far stay for a rerun to resume from.
+    A worker that dies (the kernel's OOM killer, a kill -9) is a one-line error, and the shards finished so far
+    stay for a rerun to resume from.
     """
     work = partial(process, settings)
     if workers <= 1 or len(tasks) <= 1:
         yield from map(work, tasks)
         return
     chunksize = max(1, min(32, len(tasks) // (workers * 8)))
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=default_sigterm)
     try:
-        yield from pool.map(work, tasks, chunksize=chunksize)
-    except BrokenProcessPool:
-        raise StoreError("a decoding worker process died (killed, e.g. out of memory); the finished shards are "
-                         "kept: rerun the same command to resume, with fewer --workers if memory is short") from None
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error, the tasks not started are dropped, not run
-
-
-def default_sigterm() -> None:
-    """In a pool worker: SIGTERM ends it quietly. A handler inherited from the caller (Prefect's raises
-    TerminationSignal) would print a traceback when the process group is stopped."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        yield from ordered_map(work, tasks, workers, chunksize)
+    except WorkerDied as e:
+        raise StoreError(f"a decoding worker process died ({e}: out of memory, or killed); the finished "
+                         "shards are kept: rerun the same command to resume, with fewer --workers if memory is short"
+                         ) from None
 
 
 class Packer:

@@ -137,7 +137,7 @@ def test_a_worker_killed_mid_run_fails_in_one_line_and_the_rerun_resumes(tmp_pat
     for pid in workers[1:]:
         os.kill(pid, signal.SIGCONT)
     try:
-        proc.wait(timeout=60)  # a multiprocessing.Pool waited here forever
+        proc.wait(timeout=60)  # a multiprocessing.Pool waited here forever, a ProcessPoolExecutor when a result was cut
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
