@@ -2,8 +2,8 @@
 
 A task's record says which store layouts it reads, which presets make its samples, which batch
 function the workers run for each `data.decode` mode, and which keys of its batches hold images
-(moved to the device and normalised there; every other tensor is only moved). Adding a task is one
-entry here and its `Task` in training/tasks.
+(moved to the device and normalised there; every other tensor is only moved, or left on the host for the
+task to move). Adding a task is one entry here and its `Task` in training/tasks.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class TaskData:
     transforms: Callable[[bool, int, AugmentConfig], list[A.Compose]]  # presets, from (train, size, augment)
     decoders: dict[str, Decoder]  # by data.decode
     images: str  # the batch key of the images: a (N,3,H,W) tensor, or a list of them (one per view)
+    host: tuple[str, ...] = ()  # batch keys left in (pinned) host memory: the task's model moves them itself
     # the augment setting that only the cpu mode applies, if set (data.decode: auto keeps such a run on the CPU)
     cpu_only: Callable[[AugmentConfig], str | None] = lambda aug: None
 
@@ -46,14 +47,15 @@ class TaskData:
         return BatchSpec(size=size, train=train, aug=aug, transforms=self.transforms(train, size, aug))
 
     def to_device(self, batch: Batch, device: torch.device, normalise: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        """Every tensor of the batch on `device` (non-blocking: from pinned memory on CUDA); the images normalised."""
+        """Every tensor of the batch but `host`'s on `device` (non-blocking: from pinned memory on CUDA); the images
+        normalised."""
         def move(value, image: bool):
             if isinstance(value, list):
                 return [move(v, image) for v in value]
             value = value.to(device, non_blocking=True)
             return normalise(value) if image else value
 
-        return {key: move(value, key == self.images) for key, value in batch.items()}
+        return {key: value if key in self.host else move(value, key == self.images) for key, value in batch.items()}
 
     def batch_size(self, batch: Batch) -> int:
         images = batch[self.images]
@@ -81,5 +83,7 @@ TASKS: dict[str, TaskData] = {
         transforms=lambda train, size, aug: [(presets.detect_train if train else presets.detect_eval)(size, aug)],
         decoders={"cpu": Decoder(detect_batch)},
         images="image",
+        # torchvision checks each image's boxes before its loss: on the device, a host sync per image
+        host=("boxes", "labels"),
     ),
 }

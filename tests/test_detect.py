@@ -1,5 +1,6 @@
 """Detection pieces: YOLO box encoding both ways, the letterbox and its inverse, the train augmentations
-keeping boxes on their objects (hand-computed expectations), the detect config, and both heads' shapes."""
+keeping boxes on their objects (hand-computed expectations), the detect config, both heads' shapes, and the
+FCOS loss over the whole batch: torchvision's losses, with nothing read back from the device."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from pipelines import AugmentConfig
 from pipelines.batches import yolo_to_pixels
@@ -157,3 +160,71 @@ def test_both_heads_train_and_predict_shapes(head):
         out = model(images)
     assert len(out) == 2 and len(out[0]["boxes"]) <= cfg.detect.detections_per_img
     assert out[0]["boxes"].min() >= 0 and out[0]["boxes"].max() <= 64 and out[0]["labels"].max() < 3
+
+
+def small_detector(head: str, size: int, classes: int = 5) -> torch.nn.Module:
+    cfg = validate({"name": "d", "task": "detect", "data": {"path": "x", "image_size": size},
+                    "model": {"name": "test_resnet"}, "detect": {"head": head, "fpn_channels": 32}})
+    torch.manual_seed(0)
+    return build_detector(cfg, classes, Path("."))
+
+
+def crowded_targets(size: int, counts: list[int], classes: int = 5) -> list[dict[str, torch.Tensor]]:
+    """Boxes of 2 px to most of the image, overlapping, some on its edges; one image per count (0 included)."""
+    g = torch.Generator().manual_seed(1)
+    targets = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * (size - 40)
+        wh = torch.rand(n, 2, generator=g) ** 2 * size + 2
+        targets.append({"boxes": torch.cat([xy, (xy + wh).clamp(max=size)], 1),
+                        "labels": torch.randint(0, classes, (n,), generator=g)})
+    return targets
+
+
+def test_fcos_batch_loss_is_torchvisions_with_its_gradients():
+    size = 256
+    model = small_detector("fcos", size)
+    images = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    targets = crowded_targets(size, [0, 1, 3, 7, 12, 40])
+    batch, _ = model.transform(images, targets)
+    features = list(model.backbone(batch.tensors).values())
+    outputs = model.head(features)
+    anchors = model.anchor_generator(batch, features)
+    per_level = [f.shape[-2] * f.shape[-1] for f in features]
+    ours = model.compute_loss(targets, outputs, anchors, per_level)
+    theirs = FCOS.compute_loss(model, targets, outputs, anchors, per_level)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    ours_grad = torch.autograd.grad(sum(ours.values()), params, retain_graph=True)
+    theirs_grad = torch.autograd.grad(sum(theirs.values()), params)
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert float(ours["bbox_regression"]) > 0  # the crowd matched some anchors: the test compared real terms
+
+
+def test_fcos_training_step_reads_nothing_back_from_the_device():
+    """On the meta device, any read of a device value (.item(), a test in an `if`, a boolean-mask index,
+    nonzero) raises: torchvision's loss does dozens a step, each a host sync on a GPU."""
+    model = small_detector("fcos", 128).to("meta")
+    images = [torch.empty(3, 128, 128, device="meta") for _ in range(3)]
+    losses = model(images, crowded_targets(128, [2, 0, 9]))  # targets on the host, as the loader leaves them
+    sum(losses.values()).backward()
+    assert {v.device.type for v in losses.values()} == {"meta"}
+
+
+@pytest.mark.parametrize("size", [128, 100])
+def test_letterboxed_transform_is_what_torchvisions_gave_letterboxed_images(size):
+    """The detectors' transform only stacks (and pads to a multiple of 32); torchvision's, set to resize by 1
+    and normalise by (0, 1), gave the same tensors, sizes and boxes."""
+    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    targets = crowded_targets(size, [3, 0])
+    stock = GeneralizedRCNNTransform(size, size, [0.0] * 3, [1.0] * 3)
+    ours, our_targets = small_detector("fcos", size).transform(images, targets)
+    theirs, their_targets = stock(images, [dict(t) for t in targets])
+    assert ours.image_sizes == theirs.image_sizes == [(size, size)] * 2
+    assert ours.tensors.shape[-1] % 32 == 0
+    torch.testing.assert_close(ours.tensors, theirs.tensors)
+    for a, b in zip(our_targets or [], their_targets or []):
+        torch.testing.assert_close(a["boxes"], b["boxes"])

@@ -1,9 +1,11 @@
 """Object detection: torchvision's FCOS or RetinaNet on a timm `features_only` backbone with an FPN; COCO mAP.
 
 The pipeline's detect preset already letterboxes every image to `data.image_size` square and normalises it,
-so the detector's own GeneralizedRCNNTransform is made an identity: min_size = max_size = image_size (a
-resize by 1.0), mean 0 and std 1. Boxes stay in letterboxed pixels end to end; `training/predict.py` maps
-them back to the original image.
+so the detector's own GeneralizedRCNNTransform is replaced by `Letterboxed`, which only stacks the images.
+Boxes stay in letterboxed pixels end to end; `training/predict.py` maps them back to the original image.
+A batch's boxes and labels stay on the host (pipelines/tasks.py): torchvision checks them for empty boxes
+there, and the loss (training/tasks/fcos.py for FCOS) pads and copies them in one go, so a training step
+waits for the GPU nowhere.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -28,6 +33,7 @@ from training.config import DetectConfig, RunConfig, TrainError
 from training.dist import World
 from training.model import build_model as build_timm_model
 from training.tasks.base import Task
+from training.tasks.fcos import fcos_losses, match_anchors, padded_targets
 
 
 class TimmFPN(nn.Module):
@@ -48,9 +54,50 @@ class TimmFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
+class Letterboxed(GeneralizedRCNNTransform):
+    """The detectors' input transform for images the pipeline letterboxed and normalised: stacked, padded to a
+    multiple of 32 as torchvision's is. Its resize by 1.0 and normalisation by (0, 1) were exact no-ops that
+    cost 4 host syncs an image (the box scale factors are made as tensors on the device)."""
+
+    def __init__(self) -> None:
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+                ) -> tuple[ImageList, list[dict[str, torch.Tensor]] | None]:
+        batch = torch.stack(images)
+        height, width = batch.shape[-2:]
+        pad = (0, -width % self.size_divisible, 0, -height % self.size_divisible)
+        return ImageList(F.pad(batch, pad) if any(pad) else batch, [(height, width)] * len(images)), targets
+
+    def postprocess(self, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        return result
+
+
+class BatchFCOS(FCOS):
+    """torchvision's FCOS with its training loss over the whole batch at once, without host syncs
+    (training/tasks/fcos.py); the same losses."""
+
+    def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor],
+                     anchors: list[torch.Tensor], num_anchors_per_level: list[int]) -> dict[str, torch.Tensor]:
+        boxes, labels, real = padded_targets(targets, anchors[0].device)
+        matched = match_anchors(anchors[0], boxes, real, num_anchors_per_level, self.center_sampling_radius)
+        return fcos_losses(self.head, head_outputs, anchors[0], boxes, labels, matched)
+
+
+class HostTargetsRetinaNet(RetinaNet):
+    """torchvision's RetinaNet, given its targets on the host: its own loss, on the device's copy of them."""
+
+    def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor],
+                     anchors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = anchors[0].device
+        on_device = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        return super().compute_loss(on_device, head_outputs, anchors)
+
+
 def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Module:
     """The detector `cfg.detect` names, with `cfg.model` (any timm model with features_only) as its body."""
-    d, size = detect_settings(cfg), cfg.data.image_size
+    d = detect_settings(cfg)
     body_cfg = cfg.model.model_copy(
         update={"kwargs": {**cfg.model.kwargs, "features_only": True, "out_indices": tuple(d.out_indices)}})
     try:
@@ -60,14 +107,13 @@ def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Modu
                          f"{list(d.out_indices)}") from None
     backbone = TimmFPN(body, d.fpn_channels, d.p6p7)
     strides = backbone.strides
-    common = dict(min_size=size, max_size=size, image_mean=[0.0] * 3, image_std=[1.0] * 3,
-                  score_thresh=d.score_thresh, nms_thresh=d.nms_thresh, detections_per_img=d.detections_per_img,
+    common = dict(score_thresh=d.score_thresh, nms_thresh=d.nms_thresh, detections_per_img=d.detections_per_img,
                   topk_candidates=d.topk_candidates)
     if d.head == "fcos":
         # FCOS assigns objects to levels by anchor size, so one anchor per location, the size of its stride.
         anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
         head = FCOSHead(d.fpn_channels, 1, num_classes, num_convs=d.head_convs)
-        return FCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+        return letterboxed(BatchFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common))
     # RetinaNet: 3 scales x 3 ratios per level from 4x the stride (the paper's 32 px at stride 8), GIoU loss as
     # in torchvision's retinanet_resnet50_fpn_v2.
     sizes = tuple(tuple(round(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
@@ -75,7 +121,12 @@ def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Modu
     head = RetinaNetHead(d.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
     head.regression_head._loss_type = "giou"
-    return RetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common)
+    return letterboxed(HostTargetsRetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common))
+
+
+def letterboxed(detector: FCOS | RetinaNet) -> nn.Module:
+    detector.transform = Letterboxed()
+    return detector
 
 
 def detect_settings(cfg: RunConfig) -> DetectConfig:

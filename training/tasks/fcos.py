@@ -1,0 +1,116 @@
+"""torchvision FCOS's training loss for the whole batch at once, with no host sync.
+
+torchvision's `FCOS.compute_loss` matches anchors to boxes image by image and selects with boolean masks: about
+75 ops and 3 host syncs an image, then an `.item()`. On a GPU each sync waits for the work queued before it, so
+the GPU idles while Python launches the next few small kernels. Here the batch's boxes are padded to its largest
+count and matched in one pass, and the background anchors are masked out of the sums instead of indexed away.
+The rules and the losses are torchvision's: centre sampling, a scale range per FPN level, the smallest box for
+an anchor inside several; focal, GIoU and centre-ness losses, each over the foreground count.
+tests/test_detect.py checks the losses and their gradients against torchvision's own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.ops import sigmoid_focal_loss
+
+from pipelines.gpu_color import upload
+
+UNIT_BOX = (0.0, 0.0, 1.0, 1.0)  # stands in for background anchors' boxes: the GIoU loss stays finite there
+EPS = 1e-7  # torchvision's generalized_box_iou_loss's
+
+
+def padded_targets(targets: list[dict[str, torch.Tensor]], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes (B, M, 4), labels (B, M) and which are real (B, M), M the batch's largest count (at least 1), on
+    `device`. Padded where the targets are (the host, for the training loop's batches), copied without a wait."""
+    counts = [len(t["boxes"]) for t in targets]
+    home = targets[0]["boxes"].device
+    boxes = torch.zeros((len(targets), max(1, *counts), 4), device=home)
+    labels = torch.zeros(boxes.shape[:2], dtype=torch.int64, device=home)
+    for i, t in enumerate(targets):
+        boxes[i, :counts[i]] = t["boxes"]
+        labels[i, :counts[i]] = t["labels"]
+    real = torch.arange(boxes.shape[1]) < torch.tensor(counts)[:, None]
+    return move(boxes, device), move(labels, device), move(real, device)
+
+
+def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return upload(t, device) if t.device.type == "cpu" else t.to(device)
+
+
+def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, real: torch.Tensor, per_level: list[int],
+                  radius: float) -> torch.Tensor:
+    """(B, A): for each image and anchor, the index of its box, or -1 for background; anchors (A, 4) are one
+    image's (all images of a batch are the same size), boxes and real as `padded_targets` gives them."""
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    sizes = anchors[:, 2] - anchors[:, 0]
+    box_centres = (boxes[..., :2] + boxes[..., 2:]) / 2
+    # centre sampling: the anchor's point near the box's centre
+    near = (centres[None, :, None] - box_centres[:, None]).abs().amax(dim=-1) < radius * sizes[:, None]
+    x, y = centres[None, :, None].unbind(dim=-1)  # (1, A, 1)
+    x0, y0, x1, y1 = boxes[:, None].unbind(dim=-1)  # (B, 1, M)
+    sides = torch.stack([x - x0, y - y0, x1 - x, y1 - y], dim=-1)  # (B, A, M, 4)
+    # each level answers for one range of object sizes: the first takes the smallest, the last the largest
+    lower, upper = sizes * 4, sizes * 8
+    lower[:per_level[0]] = 0
+    upper[-per_level[-1]:] = float("inf")
+    reach = sides.amax(dim=-1)
+    inside = sides.amin(dim=-1) > 0
+    match = near & inside & (reach > lower[:, None]) & (reach < upper[:, None]) & real[:, None]
+    # the smallest box wins where an anchor is inside several
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    best, index = (match.to(torch.float32) * (1e8 - areas[:, None])).max(dim=-1)
+    return torch.where(best < 1e-5, -1, index)
+
+
+def fcos_losses(head: FCOSHead, outputs: dict[str, torch.Tensor], anchors: torch.Tensor, boxes: torch.Tensor,
+                labels: torch.Tensor, matched: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FCOSHead.compute_loss's three losses, summed over the foreground anchors and divided by their count."""
+    foreground = matched >= 0
+    index = matched.clamp(min=0)
+    gt_labels = labels.gather(1, index)
+    gt_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+    count = foreground.sum().clamp(min=1)
+    weight = foreground.to(torch.float32)
+
+    cls_logits = outputs["cls_logits"]
+    # scatter, not F.one_hot: on CUDA, one_hot reads the labels' range back to check it
+    one_hot = torch.zeros_like(cls_logits).scatter_(-1, gt_labels[..., None],
+                                                    foreground[..., None].to(cls_logits.dtype))
+    loss_cls = sigmoid_focal_loss(cls_logits, one_hot, reduction="sum")
+
+    all_anchors = anchors.expand(len(boxes), -1, -1)
+    # in float32: torchvision decodes in the head's dtype, whose bf16 under autocast rounds coordinates near 640
+    # to 4 px
+    pred_boxes = head.box_coder.decode(outputs["bbox_regression"].float(), all_anchors)
+    # background pairs see a unit box on both sides: masked out below, but never NaN (whose gradient would be)
+    unit = upload(torch.tensor(UNIT_BOX), pred_boxes.device)  # new_tensor would wait: a pageable copy
+    on_fg = foreground[..., None]
+    giou = giou_loss(torch.where(on_fg, pred_boxes, unit), torch.where(on_fg, gt_boxes, unit))
+    loss_giou = (giou * weight).sum()
+
+    targets = head.box_coder.encode(all_anchors, gt_boxes)
+    left_right, top_bottom = targets[..., 0::2], targets[..., 1::2]  # slices: an index list is a copy to the device
+    centreness = torch.sqrt((left_right.amin(dim=-1) / left_right.amax(dim=-1))
+                            * (top_bottom.amin(dim=-1) / top_bottom.amax(dim=-1)))
+    centreness = torch.where(foreground, centreness, 0.0)  # background's is 0/0 or negative under the root
+    bce = F.binary_cross_entropy_with_logits(outputs["bbox_ctrness"].squeeze(dim=2), centreness, reduction="none")
+    loss_centreness = (bce * weight).sum()
+
+    return {"classification": loss_cls / count, "bbox_regression": loss_giou / count,
+            "bbox_ctrness": loss_centreness / count}
+
+
+def giou_loss(boxes: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """torchvision.ops.generalized_box_iou_loss, elementwise (reduction none), with the intersection clamped
+    at 0 instead of assigned through a boolean mask (an index by mask is a host sync on CUDA)."""
+    x0, y0, x1, y1 = boxes.unbind(dim=-1)
+    gx0, gy0, gx1, gy1 = gt.unbind(dim=-1)
+    inter = ((torch.min(x1, gx1) - torch.max(x0, gx0)).clamp(min=0)
+             * (torch.min(y1, gy1) - torch.max(y0, gy0)).clamp(min=0))
+    union = (x1 - x0) * (y1 - y0) + (gx1 - gx0) * (gy1 - gy0) - inter
+    enclosing = (torch.max(x1, gx1) - torch.min(x0, gx0)) * (torch.max(y1, gy1) - torch.min(y0, gy0))
+    return 1 - inter / (union + EPS) + (enclosing - union) / (enclosing + EPS)
