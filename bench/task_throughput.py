@@ -44,6 +44,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -115,9 +116,10 @@ def step_flops(trainer, batch: dict) -> float:  # noqa: ANN001 (training.train.T
     return float(counter.get_total_flops())
 
 
-def ceiling(config: Path, warmup: int, steps: int, profile: bool = False) -> dict:
+def ceiling(config: Path, warmup: int, steps: int, profile: bool = False, torchvision_loss: bool = False) -> dict:
     """images/s of the loop's own `train_step` on one batch of the store already on the device, and its FLOPs
-    (and, with `profile`, where the GPU's time goes, printed before them)."""
+    (and, with `profile`, where the GPU's time goes, printed before them). With `torchvision_loss` (FCOS), the
+    same trainer's step with torchvision's own transform and loss too, alternating with ours, best of 2 each."""
     from training import dist
     from training.config import load_config
     from training.preempt import preemption_signals
@@ -132,18 +134,51 @@ def ceiling(config: Path, warmup: int, steps: int, profile: bool = False) -> dic
         n = loader.batch_size(batch)
         flops = step_flops(trainer, batch) / n
         sync = torch.cuda.synchronize if world.device.type == "cuda" else lambda: None
-        for _ in range(warmup):
-            trainer.train_step(batch, 0, len(loader))
-        sync()
-        t = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(batch, 0, len(loader))
-        sync()
-        rate = n * steps / (time.perf_counter() - t)
+
+        def rate(step_batch: dict) -> float:
+            for _ in range(warmup):
+                trainer.train_step(step_batch, 0, len(loader))
+            sync()
+            t = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(step_batch, 0, len(loader))
+            sync()
+            return n * steps / (time.perf_counter() - t)
+
+        out = {"images_per_s": rate(batch), "flops_per_image": flops}
+        if torchvision_loss:
+            ours, theirs = torchvision_fcos(trainer.task.model, cfg.data.image_size)
+            stock_batch = batch | {k: [t.to(world.device) for t in batch[k]] for k in ("boxes", "labels")}
+            ours()
+            rates = [out["images_per_s"]]
+            theirs()
+            stock = [rate(stock_batch)]
+            ours()
+            rates.append(rate(batch))
+            theirs()
+            stock.append(rate(stock_batch))
+            ours()
+            out |= {"images_per_s": max(rates), "images_per_s_torchvision_loss": max(stock)}
         if profile and world.device.type == "cuda":
             profile_steps(lambda: trainer.train_step(batch, 0, len(loader)))
     dist.teardown(world)
-    return {"images_per_s": rate, "flops_per_image": flops}
+    return out
+
+
+def torchvision_fcos(detector: torch.nn.Module, size: int) -> tuple:
+    """Two switches of `detector` (training.tasks.detect.BatchFCOS): to torchvision's own transform (resize by 1,
+    normalise by (0, 1)) and FCOS loss, the step before they were replaced, and back to ours."""
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    ours_transform, ours_loss = detector.transform, type(detector).compute_loss
+    stock_transform = GeneralizedRCNNTransform(size, size, [0.0] * 3, [1.0] * 3)
+
+    def use(transform: torch.nn.Module, loss) -> None:  # noqa: ANN001 (an FCOS.compute_loss)
+        detector.transform = transform
+        detector.compute_loss = types.MethodType(loss, detector)
+
+    return (lambda: use(ours_transform, ours_loss)), (lambda: use(stock_transform, FCOS.compute_loss))
 
 
 def input_alone(task: str, raw: dict, batches: int) -> float:
@@ -166,11 +201,13 @@ def input_alone(task: str, raw: dict, batches: int) -> float:
     return iterator_rate(across_epochs(), cfg.batch_size, warmup=prefetched + 2, count=batches)
 
 
-def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, profile: bool = False) -> dict:
+def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, profile: bool = False,
+                torchvision_loss: bool = False) -> dict:
     path = runs / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, __file__, "--ceiling", str(path), "--ceiling-warmup", str(warmup),
-           "--ceiling-steps", str(steps)] + (["--profile"] if profile else [])
+           "--ceiling-steps", str(steps)] + (["--profile"] if profile else []) \
+        + (["--torchvision-loss"] if torchvision_loss else [])
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = proc.stdout.splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
@@ -216,10 +253,14 @@ def main() -> None:
     p.add_argument("--input-alone", type=int, default=0, metavar="BATCHES",
                    help="also time the first variant's and each data variant's loader alone, BATCHES batches after "
                         "its workers' prefetched ones (0: not)")
+    p.add_argument("--torchvision-loss", action="store_true",
+                   help="detect (FCOS): each ceiling also with torchvision's own transform and loss on targets on the "
+                        "GPU (the step before they were replaced), side by side in the same process")
     p.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the child process measuring one ceiling
     args = p.parse_args()
     if args.ceiling:
-        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps, args.profile)))
+        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps, args.profile,
+                                 args.torchvision_loss)))
         return
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU")
@@ -267,11 +308,18 @@ def main() -> None:
             label = variant or "shipped"
             name = f"{task}-ceiling-{i}"
             cfg = bench_config(task, variant, name, store, runs, 10**6, args.workers)
-            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps, args.profile)
+            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps, args.profile,
+                            args.torchvision_loss and task == "detect")
             gflop = c["flops_per_image"] / 1e9
             ceil = c["images_per_s"]
             row = {"variant": label, "ceiling": round(ceil, 1), "gflop_per_image": round(gflop, 2),
                    "ceiling_tflops": round(gflop * ceil / 1e3, 1)}
+            if "images_per_s_torchvision_loss" in c:
+                stock = c["images_per_s_torchvision_loss"]
+                row |= {"ceiling_torchvision_loss": round(stock, 1), "batch_loss_speedup": round(ceil / stock, 3)}
+                print(f"{task} [{label}] ceiling with torchvision's transform and loss {stock:.0f} images/s "
+                      f"(ours {ceil / stock:.2f}x)", flush=True)
+                table.append((f"{task} [{label}] ceiling, torchvision's loss", stock, None, None, gflop * stock / 1e3))
             print(f"{task} [{label}] ceiling {ceil:.0f} images/s, {gflop:.1f} GFLOP/image, "
                   f"{gflop * ceil / 1e3:.0f} TFLOP/s", flush=True)
             table.append((f"{task} [{label}] ceiling", ceil, None, None, gflop * ceil / 1e3))
