@@ -3,7 +3,7 @@
 The pipeline's detect preset already letterboxes every image to `data.image_size` square and normalises it,
 so the detector's own GeneralizedRCNNTransform is replaced by `Letterboxed`, which only stacks the images.
 Boxes stay in letterboxed pixels end to end; `training/predict.py` maps them back to the original image.
-A batch's boxes and labels stay on the host (pipelines/tasks.py): torchvision checks them for empty boxes
+A batch's boxes and labels stay on the host (pipelines/tasks.py): torchvision checks them for degenerate boxes
 there, and the loss (training/tasks/fcos.py for FCOS) pads and copies them in one go, so a training step
 waits for the GPU nowhere.
 """
@@ -55,9 +55,9 @@ class TimmFPN(nn.Module):
 
 
 class Letterboxed(GeneralizedRCNNTransform):
-    """The detectors' input transform for images the pipeline letterboxed and normalised: stacked, padded to a
-    multiple of 32 as torchvision's is. Its resize by 1.0 and normalisation by (0, 1) were exact no-ops that
-    cost 4 host syncs an image (the box scale factors are made as tensors on the device)."""
+    """The detectors' input transform for images the pipeline letterboxed and normalised: stacked, and padded to
+    a multiple of 32 as torchvision's transform pads. Its resize by 1.0 and normalisation by (0, 1) changed
+    nothing but cost 4 host syncs an image (it makes the box scale factors as tensors on the device)."""
 
     def __init__(self) -> None:
         super().__init__(min_size=1, max_size=1, image_mean=[0.0] * 3, image_std=[1.0] * 3)

@@ -1,9 +1,10 @@
 """torchvision FCOS's training loss for the whole batch at once, with no host sync.
 
 torchvision's `FCOS.compute_loss` matches anchors to boxes image by image and selects with boolean masks: about
-75 ops and 3 host syncs an image, then an `.item()`. On a GPU each sync waits for the work queued before it, so
-the GPU idles while Python launches the next few small kernels. Here the batch's boxes are padded to its largest
-count and matched in one pass, and the background anchors are masked out of the sums instead of indexed away.
+75 ops and 2 host syncs an image, then an `.item()` and a dozen more selections by mask. On a GPU each sync
+waits for the work queued before it, so the GPU idles while Python launches the next few small kernels. Here
+the batch's boxes are padded to its largest count and matched in one pass, and the background anchors are
+masked out of the sums instead of indexed away.
 The rules and the losses are torchvision's: centre sampling, a scale range per FPN level, the smallest box for
 an anchor inside several; focal, GIoU and centre-ness losses, each over the foreground count.
 tests/test_detect.py checks the losses and their gradients against torchvision's own.
