@@ -3,8 +3,9 @@
     python bench/worker_batches.py --tasks dino,classify --batch 64,256 [--against DIR] [--images 300]
 
 On ImageNet-like JPEGs (~500x375 crops of the bundled photos, bench/train_throughput.py's `make_raw`), each task's
-train batch function (pipelines/batches.py: decode and augment, as one DataLoader worker runs it) on batches of
-the given sizes, in one process; best of --repeats. With --against DIR (a checkout of another commit, e.g.
+train batch function (pipelines/batches.py: decode and augment, as one DataLoader worker runs it) with its shipped
+config's image size and augmentation (configs/dino_vits16.yaml: 2 x 224 + 10 x 96 views; configs/resnet50.yaml)
+on batches of the given sizes, in one process; best of --repeats. With --against DIR (a checkout of another commit, e.g.
 `git worktree add /tmp/base main`), the same measurement runs from that tree in alternation with this one, and
 each row gets the ratio and whether both gave the same pixels (a checksum of the batch). The last line is one
 JSON object, also appended to bench/results/worker_batches.jsonl.
@@ -23,19 +24,21 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"dino": "configs/dino_vits16.yaml", "classify": "configs/resnet50.yaml"}
 
 
 def measure(task: str, batch: int, raw: Path, repeats: int) -> dict:
     """ms an image of `task`'s train batch function on `batch` samples of `raw`, and a checksum of its output."""
-    from pipelines import AugmentConfig
     from pipelines.store import RawSample
     from pipelines.tasks import TASKS
+    from training.config import load_config
 
     files = sorted(raw.rglob("*.jpg"))
     samples = [RawSample("bench", f.stem, "jpg", f.read_bytes(), {"cls": 0}) for f in files]
     samples = [samples[i % len(samples)] for i in range(batch)]
     seeds = list(range(batch))
-    spec = TASKS[task].spec(True, 224, AugmentConfig())
+    data = load_config(Path.cwd() / CONFIGS[task]).data
+    spec = TASKS[task].spec(True, data.image_size, data.augment)
     fn = TASKS[task].decoders["cpu"].worker
     out, _ = fn(samples, seeds, spec)
     best = float("inf")
