@@ -19,7 +19,6 @@ from torchvision.ops import sigmoid_focal_loss
 
 from pipelines.gpu_color import upload
 
-UNIT_BOX = (0.0, 0.0, 1.0, 1.0)  # stands in for background anchors' boxes: the GIoU loss stays finite there
 EPS = 1e-7  # torchvision's generalized_box_iou_loss's
 
 
@@ -87,10 +86,9 @@ def fcos_losses(head: FCOSHead, outputs: dict[str, torch.Tensor], anchors: torch
     # in float32: torchvision decodes in the head's dtype, whose bf16 under autocast rounds coordinates near 640
     # to 4 px
     pred_boxes = head.box_coder.decode(outputs["bbox_regression"].float(), all_anchors)
-    # background pairs see a unit box on both sides: masked out below, but never NaN (whose gradient would be)
-    unit = upload(torch.tensor(UNIT_BOX), pred_boxes.device)  # new_tensor would wait: a pageable copy
+    # a background pair is its anchor against itself: masked out below, but never NaN (whose gradient would be)
     on_fg = foreground[..., None]
-    giou = giou_loss(torch.where(on_fg, pred_boxes, unit), torch.where(on_fg, gt_boxes, unit))
+    giou = giou_loss(torch.where(on_fg, pred_boxes, all_anchors), torch.where(on_fg, gt_boxes, all_anchors))
     loss_giou = (giou * weight).sum()
 
     targets = head.box_coder.encode(all_anchors, gt_boxes)
