@@ -49,6 +49,8 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
     assert cfg.train.max_steps == 20 and cfg.optim.lr == 1e-4 and cfg.checkpoint.storage == "s3://b/p"
     assert cfg.model.kwargs == {"img_size": 32} and cfg.train.ema_decay is None
     assert run_dir(cfg) == tmp_path / "runs" / "t"
+    # YAML reads a bare off as false: the one setting that spells a choice "off" takes it either way
+    assert load_config(write(tmp_path), ["train.amp=off"]).train.amp == "off"
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,11 @@ class TrainConfig(_Section):
         default=True, description="cuDNN times its convolution algorithms on the first batch of each input shape "
         "and keeps the fastest (as timm's train.py does). Off under `deterministic`.")
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _off_is_off(cls, v: object) -> object:
+        return "off" if v is False else v  # YAML reads a bare `off` (in a file or an override) as false
+
 
 class CheckpointConfig(_Section):
     every_steps: int = Field(
