@@ -167,18 +167,21 @@ def ceiling(config: Path, warmup: int, steps: int, profile: bool = False, torchv
 
 def torchvision_fcos(detector: torch.nn.Module, size: int) -> tuple:
     """Two switches of `detector` (training.tasks.detect.BatchFCOS): to torchvision's own transform (resize by 1,
-    normalise by (0, 1)) and FCOS loss, the step before they were replaced, and back to ours."""
+    normalise by (0, 1)), anchor generator and FCOS loss, the step before they were replaced, and back to ours."""
     from torchvision.models.detection import FCOS
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    ours_transform, ours_loss = detector.transform, type(detector).compute_loss
-    stock_transform = GeneralizedRCNNTransform(size, size, [0.0] * 3, [1.0] * 3)
+    ours = detector.transform, detector.anchor_generator, type(detector).compute_loss
+    anchors = detector.anchor_generator
+    stock = (GeneralizedRCNNTransform(size, size, [0.0] * 3, [1.0] * 3),
+             AnchorGenerator(anchors.sizes, anchors.aspect_ratios), FCOS.compute_loss)
 
-    def use(transform: torch.nn.Module, loss) -> None:  # noqa: ANN001 (an FCOS.compute_loss)
-        detector.transform = transform
+    def use(transform: torch.nn.Module, anchor_generator: torch.nn.Module, loss) -> None:  # noqa: ANN001
+        detector.transform, detector.anchor_generator = transform, anchor_generator
         detector.compute_loss = types.MethodType(loss, detector)
 
-    return (lambda: use(ours_transform, ours_loss)), (lambda: use(stock_transform, FCOS.compute_loss))
+    return (lambda: use(*ours)), (lambda: use(*stock))
 
 
 def input_alone(task: str, raw: dict, batches: int) -> float:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from pipelines import AugmentConfig
@@ -202,6 +203,20 @@ def test_fcos_batch_loss_is_torchvisions_with_its_gradients():
     for a, b in zip(ours_grad, theirs_grad):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert float(ours["bbox_regression"]) > 0  # the crowd matched some anchors: the test compared real terms
+
+
+@pytest.mark.parametrize("head", ["fcos", "retinanet"])
+def test_sized_anchors_are_torchvisions_made_once_per_size(head):
+    model = small_detector(head, 128)
+    stock = AnchorGenerator(model.anchor_generator.sizes, model.anchor_generator.aspect_ratios)
+    for size in (128, 96, 128):
+        batch, _ = model.transform([torch.rand(3, size, size) for _ in range(3)])
+        features = list(model.backbone(batch.tensors).values())
+        ours, theirs = model.anchor_generator(batch, features), stock(batch, features)
+        assert len(ours) == len(theirs) == 3
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(model.anchor_generator.made) == 2  # 128 px once, 96 px once
 
 
 def test_fcos_training_step_reads_nothing_back_from_the_device():

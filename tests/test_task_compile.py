@@ -76,24 +76,34 @@ def test_dino_compiled_model_gives_the_eager_loss_and_keeps_its_keys():
     assert list(model.state_dict()) == keys  # checkpoints hold the unwrapped model
 
 
-def test_detector_compiles_its_convolutions_without_graph_breaks_and_keeps_the_loss():
+def boxes(counts: list[int], size: int = 64) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(sum(counts))
+    out = []
+    for n in counts:
+        xy = torch.rand(n, 2, generator=g) * (size - 20)
+        out.append({"boxes": torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=g) * 16], 1),
+                    "labels": torch.randint(0, 3, (n,), generator=g)})
+    return out
+
+
+def test_detector_compiles_without_graph_breaks_keeps_the_loss_and_recompiles_only_for_a_few_box_counts():
     torch.manual_seed(0)
     task = detect_task("fcos")
     model = task.build_model()
     images = [torch.randn(3, 64, 64) for _ in range(2)]
-    targets = [
-        {"boxes": torch.tensor([[4.0, 8, 30, 40]]), "labels": torch.tensor([2])},
-        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
-    ]
-    eager = sum(model(images, targets).values())
+    # six different batch maxima of boxes an image
+    counts = [[1, 0], [5, 2], [9, 3], [0, 12], [30, 7], [40, 1]]
+    eager = [sum(model(images, boxes(c)).values()) for c in counts]
     keys = list(model.state_dict())
     torch._dynamo.reset()
     counters.clear()
-    assert task.compile(model, backend="eager") is model  # compiled in place: target matching stays eager
-    loss = sum(model(images, targets).values())
-    # one whole graph each for the body + FPN and the head; the box matching and losses never reach dynamo
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
-    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
-    loss.backward()
+    assert task.compile(model, backend="eager") is model  # compiled in place
+    losses = [sum(model(images, boxes(c)).values()) for c in counts]
+    # one whole graph each for the body + FPN and the head; the loss's first (8 boxes), then one general in the
+    # box count: six batch maxima compile the loss twice, not six times
+    assert counters["stats"]["unique_graphs"] == 4 and not counters["graph_break"], dict(counters["graph_break"])
+    for loss, expected in zip(losses, eager):
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    losses[-1].backward()
     assert all(p.grad is not None for p in model.parameters())
     assert list(model.state_dict()) == keys

@@ -33,7 +33,7 @@ from training.config import DetectConfig, RunConfig, TrainError
 from training.dist import World
 from training.model import build_model as build_timm_model
 from training.tasks.base import Task
-from training.tasks.fcos import fcos_losses, match_anchors, padded_targets
+from training.tasks.fcos import batch_loss, padded_targets
 
 
 class TimmFPN(nn.Module):
@@ -74,15 +74,36 @@ class Letterboxed(GeneralizedRCNNTransform):
         return result
 
 
+class SizedAnchors(AnchorGenerator):
+    """torchvision's AnchorGenerator, whose anchors depend on the image and feature map sizes only: made once per
+    size (about 125 small ops a step otherwise), the same tensor for every image of a batch, as torchvision's
+    are equal copies."""
+
+    def __init__(self, sizes: tuple[tuple[int, ...], ...], aspect_ratios: tuple[tuple[float, ...], ...]) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.made: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, image_list: ImageList, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        first = feature_maps[0]
+        key = (tuple(image_list.tensors.shape[-2:]), tuple(tuple(f.shape[-2:]) for f in feature_maps),
+               first.dtype, first.device)
+        if key not in self.made:
+            one = ImageList(image_list.tensors[:1], image_list.image_sizes[:1])
+            self.made[key] = super().forward(one, feature_maps)[0]
+        return [self.made[key]] * len(image_list.image_sizes)
+
+
 class BatchFCOS(FCOS):
     """torchvision's FCOS with its training loss over the whole batch at once, without host syncs
-    (training/tasks/fcos.py); the same losses."""
+    (training/tasks/fcos.py); the same losses. `batch_loss` is swapped for its compiled self by `train.compile`."""
+
+    batch_loss = staticmethod(batch_loss)
 
     def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor],
                      anchors: list[torch.Tensor], num_anchors_per_level: list[int]) -> dict[str, torch.Tensor]:
         boxes, labels, real = padded_targets(targets, anchors[0].device)
-        matched = match_anchors(anchors[0], boxes, real, num_anchors_per_level, self.center_sampling_radius)
-        return fcos_losses(self.head, head_outputs, anchors[0], boxes, labels, matched)
+        return self.batch_loss(self.head, head_outputs, anchors[0], boxes, labels, real, num_anchors_per_level,
+                               self.center_sampling_radius)
 
 
 class HostTargetsRetinaNet(RetinaNet):
@@ -111,13 +132,13 @@ def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Modu
                   topk_candidates=d.topk_candidates)
     if d.head == "fcos":
         # FCOS assigns objects to levels by anchor size, so one anchor per location, the size of its stride.
-        anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
+        anchors = SizedAnchors(tuple((s,) for s in strides), ((1.0,),) * len(strides))
         head = FCOSHead(d.fpn_channels, 1, num_classes, num_convs=d.head_convs)
         return letterboxed(BatchFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common))
     # RetinaNet: 3 scales x 3 ratios per level from 4x the stride (the paper's 32 px at stride 8), GIoU loss as
     # in torchvision's retinanet_resnet50_fpn_v2.
     sizes = tuple(tuple(round(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(strides))
+    anchors = SizedAnchors(sizes, ((0.5, 1.0, 2.0),) * len(strides))
     head = RetinaNetHead(d.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
     head.regression_head._loss_type = "giou"
@@ -152,8 +173,8 @@ def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, 
 
 
 class DetectTask(Task):
-    compiled = ("the backbone, FPN and head; target assignment, the losses and postprocessing run eager "
-                "(their shapes follow the boxes of each batch)")
+    compiled = ("the backbone, FPN and head, and FCOS's anchor matching and losses (general in the box count from "
+                "the second count on); RetinaNet's loss and postprocessing run eager")
 
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if not classes:
@@ -165,11 +186,14 @@ class DetectTask(Task):
         return self.model
 
     def compile(self, model: nn.Module, **options: Any) -> nn.Module:
-        """The convolutions compile in place (the state dict keeps its keys); FCOS's/RetinaNet's matching of
-        boxes to locations, losses and NMS stay eager: compiled, their per-batch box counts recompile every step."""
+        """The convolutions compile in place (the state dict keeps its keys), and FCOS's batch loss, whose shapes
+        change with the padded box count only. RetinaNet's loss (torchvision's, image by image, with boolean
+        masks) and NMS stay eager: compiled, their per-image box counts would recompile every step."""
         detector = cast(FCOS | RetinaNet, self.model)
         detector.backbone.compile(**options)
         detector.head.compile(**options)
+        if isinstance(detector, BatchFCOS):
+            detector.batch_loss = torch.compile(batch_loss, **options)
         return model
 
     def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

@@ -66,6 +66,14 @@ def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, real: torch.Tensor
     return torch.where(best < 1e-5, -1, index)
 
 
+def batch_loss(head: FCOSHead, outputs: dict[str, torch.Tensor], anchors: torch.Tensor, boxes: torch.Tensor,
+               labels: torch.Tensor, real: torch.Tensor, per_level: list[int], radius: float
+               ) -> dict[str, torch.Tensor]:
+    """The anchors matched, then the losses: what `train.compile` compiles (training/tasks/detect.py)."""
+    matched = match_anchors(anchors, boxes, real, per_level, radius)
+    return fcos_losses(head, outputs, anchors, boxes, labels, matched)
+
+
 def fcos_losses(head: FCOSHead, outputs: dict[str, torch.Tensor], anchors: torch.Tensor, boxes: torch.Tensor,
                 labels: torch.Tensor, matched: torch.Tensor) -> dict[str, torch.Tensor]:
     """FCOSHead.compute_loss's three losses, summed over the foreground anchors and divided by their count."""
