@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -10,6 +10,11 @@ import pydantic
 # `shardtrain` command would pay (training.config reads this module), --help included.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+Share = Annotated[float, pydantic.Field(gt=0, le=1)]  # of an image's area
+Positive = Annotated[float, pydantic.Field(gt=0)]
+NonNegative = Annotated[float, pydantic.Field(ge=0)]
 
 
 class DataError(Exception):
@@ -20,57 +25,71 @@ class AugmentConfig(pydantic.BaseModel, extra="forbid"):
     """Preset tuning from YAML `data.augment.*`."""
 
     # classify
-    scale: tuple[float, float] = pydantic.Field(
+    scale: tuple[Share, Share] = pydantic.Field(
         default=(0.08, 1.0), description="classify train: RandomResizedCrop's area range, as fractions of the "
         "image.")
-    ratio: tuple[float, float] = pydantic.Field(
+    ratio: tuple[Positive, Positive] = pydantic.Field(
         default=(3 / 4, 4 / 3), description="classify train: RandomResizedCrop's aspect ratio range.")
     hflip: float = pydantic.Field(
-        default=0.5, description="Probability of a horizontal flip, in every train preset (classify, dino views, "
+        default=0.5, ge=0, le=1,
+        description="Probability of a horizontal flip, in every train preset (classify, dino views, "
         "detect).")
     color_jitter: float = pydantic.Field(
-        default=0.4, description="classify train: brightness, contrast and saturation jitter strength; 0 = off. "
+        default=0.4, ge=0, description="classify train: brightness, contrast and saturation jitter strength; 0 = off. "
         "Not applied to classify with `data.decode: gpu` or `hw`.")
     eval_crop_pct: float = pydantic.Field(
-        default=0.875, description="classify eval: the shorter side is resized to image_size / eval_crop_pct, then "
+        default=0.875, gt=0, le=1,
+        description="classify eval: the shorter side is resized to image_size / eval_crop_pct, then "
         "centre-cropped to image_size (timm's crop_pct).")
     mean: tuple[float, float, float] = pydantic.Field(
         default=IMAGENET_DEFAULT_MEAN, description="Per-channel mean (RGB, 0-1): the images become (x - mean) / "
         "std, on the device.")
-    std: tuple[float, float, float] = pydantic.Field(
+    std: tuple[Positive, Positive, Positive] = pydantic.Field(
         default=IMAGENET_DEFAULT_STD, description="Per-channel standard deviation (RGB, 0-1), as `mean`.")
     # DINO multi-crop
-    global_crops: int = pydantic.Field(default=2, description="dino: global views at `data.image_size`.")
-    local_crops: int = pydantic.Field(default=6, description="dino: local views at `local_size`.")
-    local_size: int = pydantic.Field(default=96, description="dino: the local views' side in pixels.")
-    global_scale: tuple[float, float] = pydantic.Field(
+    global_crops: int = pydantic.Field(default=2, ge=1, description="dino: global views at `data.image_size`.")
+    local_crops: int = pydantic.Field(default=6, ge=0, description="dino: local views at `local_size`.")
+    local_size: int = pydantic.Field(default=96, ge=1, description="dino: the local views' side in pixels.")
+    global_scale: tuple[Share, Share] = pydantic.Field(
         default=(0.4, 1.0), description="dino: the global views' area range, as fractions of the image.")
-    local_scale: tuple[float, float] = pydantic.Field(
+    local_scale: tuple[Share, Share] = pydantic.Field(
         default=(0.05, 0.4), description="dino: the local views' area range, as fractions of the image.")
     # detection
     mosaic: float = pydantic.Field(
-        default=0.5, description="detect train: probability of a mosaic of 4 images from the same batch, each cell "
+        default=0.5, ge=0, le=1,
+        description="detect train: probability of a mosaic of 4 images from the same batch, each cell "
         "at the letterbox scale.")
     close_mosaic: int = pydantic.Field(
         default=0, ge=0, description="detect train: no mosaic in the run's last this many epochs, so that the model "
         "ends on whole images as it is evaluated (YOLO's close_mosaic).")
     translate: float = pydantic.Field(
-        default=0.1, description="detect train: affine translation, as a fraction of the image side.")
+        default=0.1, ge=0, le=1, description="detect train: affine translation, as a fraction of the image side.")
     scale_jitter: float = pydantic.Field(
-        default=0.5, description="detect train: affine scale drawn from [1 - this, 1 + this], one factor for both "
+        default=0.5, ge=0, lt=1,
+        description="detect train: affine scale drawn from [1 - this, 1 + this], one factor for both "
         "axes.")
-    hsv: tuple[float, float, float] = pydantic.Field(
+    hsv: tuple[NonNegative, NonNegative, NonNegative] = pydantic.Field(
         default=(0.015, 0.7, 0.4), description="detect train: YOLO's HSV gains: hue shifted by up to this "
         "fraction of the circle, saturation and value multiplied by a factor in [1 - s, 1 + s] and [1 - v, 1 + v].")
     min_box_px: float = pydantic.Field(
-        default=2.0, description="detect train: boxes narrower or lower than this (pixels) are dropped with their "
+        default=2.0, ge=0,
+        description="detect train: boxes narrower or lower than this (pixels) are dropped with their "
         "labels.")
     min_visibility: float = pydantic.Field(
-        default=0.25, description="detect train: a box with less than this share of the object's whole box in view "
+        default=0.25, ge=0, le=1,
+        description="detect train: a box with less than this share of the object's whole box in view "
         "is dropped (YOLO's box-candidate rule).")
     max_aspect: float = pydantic.Field(
-        default=20.0, description="detect train: a box whose sides are more than this to 1 is dropped (YOLO's "
+        default=20.0, ge=1, description="detect train: a box whose sides are more than this to 1 is dropped (YOLO's "
         "box-candidate rule).")
+
+
+    @pydantic.field_validator("scale", "ratio", "global_scale", "local_scale")
+    @classmethod
+    def _a_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError("a range [low, high] needs low <= high")
+        return v
 
 
 class DataConfig(pydantic.BaseModel, extra="forbid"):
@@ -79,10 +98,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     path: str = pydantic.Field(
         description="The shard store: a local or NAS path, or an fsspec URL (`s3://bucket/prefix`).")
     image_size: int = pydantic.Field(
-        default=224, description="The side of the images in a batch (dino: of the global views; detect: of the "
+        default=224, ge=1, description="The side of the images in a batch (dino: of the global views; detect: of the "
         "letterbox square).")
-    batch_size: int = pydantic.Field(default=64, description="Samples per batch, per process.")
-    workers: int = pydantic.Field(default=4, description="DataLoader worker processes per training process.")
+    batch_size: int = pydantic.Field(default=64, ge=1, description="Samples per batch, per process.")
+    workers: int = pydantic.Field(default=4, ge=0, description="DataLoader worker processes per training process.")
     decode: Literal["auto", "cpu", "gpu", "hw"] = pydantic.Field(
         default="cpu", description="cpu: the workers decode and augment. gpu (classify and dino): the workers send "
         "the JPEG bytes and each view's crop box, flip (and for dino colour parameters), decoded with nvJPEG, cropped "
@@ -96,7 +115,7 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
         "device.")
     persistent_workers: bool = pydantic.Field(
         default=True, description="Keep the workers (and their shard indexes) across epochs.")
-    prefetch_factor: int = pydantic.Field(default=4, description="Batches each worker prepares ahead.")
+    prefetch_factor: int = pydantic.Field(default=4, ge=1, description="Batches each worker prepares ahead.")
     cache_dir: str | None = pydantic.Field(
         default=None, description="A wds store on object storage (s3://...): each shard is copied whole into "
         "this local folder the first time a worker reads from it, and read there from then on, as MosaicML "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -104,14 +104,19 @@ def type_name(annotation: Any) -> str:
         return f"[{', '.join(type_name(a) for a in args)}]"
     if origin is dict:
         return "mapping"
+    if origin is Annotated:  # a bounded element of a tuple
+        return f"{type_name(args[0])} ({', '.join(bound_words(args[1].metadata))})"
     return SCALARS[annotation]
 
 
+def bound_words(metadata: list[Any]) -> list[str]:
+    return [f"{word} {getattr(m, attr)}" for m in metadata for attr, word in BOUNDS
+            if getattr(m, attr, None) is not None]
+
+
 def type_cell(field: FieldInfo) -> str:
-    bounds = [f"{word} {getattr(m, attr)}" for m in field.metadata for attr, word in BOUNDS
-              if getattr(m, attr, None) is not None]
     patterns = [f"matches `{m.pattern}`" for m in field.metadata if getattr(m, "pattern", None)]
-    return ", ".join([type_name(field.annotation), *bounds, *patterns])
+    return ", ".join([type_name(field.annotation), *bound_words(field.metadata), *patterns])
 
 
 def default_cell(field: FieldInfo) -> str:
