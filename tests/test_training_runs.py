@@ -212,6 +212,25 @@ def test_corrupt_samples_are_counted_or_stop_the_run(store, tmp_path, on_error):
         assert re.search(r"error: corrupt data in shard train-\d+\.tar", out), out[-2000:]
 
 
+def test_a_ranks_error_line_through_torchrun_is_the_last_line_with_its_exit_code(store, tmp_path):
+    """A mistake only a rank finds (here: a batch larger than the split) ends `shardtrain train` with that rank's
+    one line and exit code 2: no log line of torchrun's about the failed process, no summary after it."""
+    config = write_config(tmp_path / "run.yaml", store, data={"batch_size": 100_000})
+    code, out = finish(start(config))
+    assert code == 2, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "fewer than one batch per rank" in last, out[-3000:]
+    assert "failed (exitcode" not in out and "process(es) failed" not in out and "Traceback" not in out, out
+
+
+def test_a_worker_killed_by_a_signal_is_named_in_the_launchers_line():
+    from training.torchrun import failure_line
+
+    assert failure_line([-signal.SIGKILL]) == ("error: training process(es) failed: killed by SIGKILL "
+                                                "(out of memory, or killed)")
+    assert failure_line([-signal.SIGSEGV, 1]) == "error: training process(es) failed: killed by SIGSEGV, exit code 1"
+
+
 def test_sigterm_saves_exits_75_and_resumes_exactly(store, baseline_1proc, tmp_path):
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "run.yaml", store)

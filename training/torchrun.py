@@ -1,8 +1,8 @@
 """`python -m training.torchrun ARGS`: torchrun, ending with one line and the workers' exit code.
 
-Plain torchrun ends a failed run with a Python traceback and exit code 1, whatever the workers said;
-here a worker's `error: ...` line stays the last word and its exit code (2 bad input, 75 preempted)
-becomes the launcher's.
+Plain torchrun ends a failed run with a log line, a Python traceback and exit code 1, whatever the workers
+said; here a worker's `error: ...` line stays the last word and its exit code (2 bad input, 75 preempted)
+becomes the launcher's. A worker that died without its line (a crash, a kill) gets one line saying how.
 
 Plain torchrun also takes every SIGTERM/SIGINT as a new order to stop: a second one cuts short its wait for
 the workers' save, and it kills them. Yet one request often reaches it twice (the launcher passes its signal
@@ -12,6 +12,7 @@ ignored (training.preempt.StopSignals) and only a later one stops at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -37,16 +38,29 @@ def stop_workers(signum: int) -> None:
     raise SignalException(f"Process {os.getpid()} got signal: {name}", sigval=signal.SIGTERM)
 
 
+def failure_line(codes: list[int]) -> str:
+    """One line for workers that failed with these exit codes (negative: the signal that killed them)."""
+    hows = [f"killed by {signal.Signals(-c).name}" if c < 0 else f"exit code {c}" for c in codes]
+    killed = " (out of memory, or killed)" if -signal.SIGKILL in codes else ""
+    return f"error: training process(es) failed: {', '.join(hows)}{killed}"
+
+
+def without_failure_log(record: logging.LogRecord) -> bool:
+    """torchrun's agent logs the first failed worker's exit code, pid and binary; our line says it for the user."""
+    return not str(record.msg).startswith("failed (exitcode")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(without_failure_log)
     args.signals_to_handle = "SIGHUP,SIGQUIT"  # torchrun's own handlers stay for these; SIGTERM, SIGINT are ours
     try:
         with StopSignals(first=stop_workers, insist=lambda signum: os._exit(128 + signum)):
             run(args)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
-        print(f"error: {len(e.failures)} training process(es) failed (exit code {', '.join(map(str, codes))})",
-              file=sys.stderr)
+        if codes != [2]:  # exit code 2: the workers said why in their own error line
+            print(failure_line(codes), file=sys.stderr)
         return next((c for c in codes if c > 0), 1)
     except SignalException as e:
         return 128 + int(e.sigval)
