@@ -173,8 +173,7 @@ def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, 
 
 
 class DetectTask(Task):
-    compiled = ("the backbone, FPN and head, and FCOS's anchor matching and losses (general in the box count from "
-                "the second count on); RetinaNet's loss and postprocessing run eager")
+    compiled = "the backbone, FPN and head, and FCOS's box matching and losses (RetinaNet's loss and NMS stay eager)"
 
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if not classes:
