@@ -185,6 +185,28 @@ def test_one_step_teacher_follows_the_ema_of_the_student(store):
     assert wds == pytest.approx([0.0, cosine(0.04, 0.4, 1, plan.total_steps)])
 
 
+def test_a_training_step_reads_nothing_back_from_the_device(store):
+    """On the meta device any read of a device value raises (.item(), a tensor in an `if`, a boolean-mask index):
+    the loss, the centre, KoLeo, clipping, the optimizer, the frozen prototypes, the teacher's EMA and the schedules
+    queue their work without waiting for the GPU, step after step (issue 18)."""
+    cfg = config(store, optim={"lr": 1e-3, "weight_decay": 0.04, "clip_grad": 3.0},
+                 dino={"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "koleo_weight": 0.1})
+    task = DinoTask(cfg, [], ONE, Path("unused"))
+    model = task.build_model().to("meta")
+    optimizer = build_optimizer(cfg.optim, model, cfg.optim.lr)
+    task.start(optimizer, StepPlan(10, 1, 0, 2, None), 0)
+    crops = [torch.empty(8, 3, 32, 32, device="meta")] * 2 + [torch.empty(8, 3, 16, 16, device="meta")] * 2
+    for step in range(2):  # the first epoch's frozen prototypes, then a step with them
+        loss = task.train_loss(model, {"crops": crops})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        task.before_step(model, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        task.after_step(model, step + 1)
+    assert loss.device.type == "meta" and model.center.device.type == "meta"
+
+
 def test_knn_eval_needs_a_labeled_store(store, unlabeled_src, tmp_path):
     unlabeled = str(tmp_path / "u")
     convert(ConvertOptions(src=str(unlabeled_src), dest=unlabeled, format="wds"), progress=False)
