@@ -23,6 +23,7 @@ import numpy as np
 from pipelines.config import DataError
 from pipelines.plan import shard_starts
 from pipelines.store import BadSample, RawSample, StoreSplit
+from shards.storage import storage_error
 
 if TYPE_CHECKING:
     import lmdb
@@ -209,7 +210,7 @@ class TarReader(ShardReader):
         return out  # type: ignore[return-value]  # every slot is filled above
 
     def _storage_error(self, shard: int, e: Exception) -> DataError:
-        return DataError(f"cannot read shard {self.split.shards[shard]}: {type(e).__name__}: {e}")
+        return DataError(f"cannot read shard {self.split.shards[shard]}: {storage_error(e)}")
 
     def _shard_index(self, shard: int) -> TarIndex:
         if shard not in self._index:

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from shards.convert import ConvertOptions, convert as run_convert
 from shards.progress import console
-from shards.storage import StoreError, public_url
+from shards.storage import StoreError, public_url, storage_error
 from shards.verify import inspect_store, verify as run_verify
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
@@ -32,12 +32,10 @@ def guarded(work: Callable[[], T]) -> T:
         return work()
     except StoreError as e:
         raise fail(str(e)) from None
-    except OSError as e:  # storage trouble: permissions, a full disk, an unreachable endpoint
-        raise fail(f"{type(e).__name__}: {e}") from None
     except KeyboardInterrupt:
         raise fail("interrupted; rerun the same command to finish", 130) from None
-    except Exception as e:  # e.g. botocore's credential errors: still one line, never a traceback
-        raise fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # storage trouble (permissions, a full disk, an unreachable endpoint, credentials)
+        raise fail(storage_error(e)) from None
 
 
 @app.command()

@@ -11,7 +11,7 @@ from typing import Literal, TypeVar
 import fsspec
 from pydantic import BaseModel, ValidationError
 
-from shards.storage import StoreError, join, open_fs, write_bytes_atomic
+from shards.storage import StoreError, join, open_fs, storage_error, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -154,8 +154,8 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
         return None
     except NotADirectoryError:
         raise StoreError(f"{root} is a file, not a shard store (a folder with {MANIFEST})") from None
-    except OSError as e:
-        raise StoreError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # storage: permissions, the network, credentials
+        raise StoreError(f"cannot read {path}: {storage_error(e)}") from None
     try:
         manifest = load_json(Manifest, raw)
     except ValidationError as e:

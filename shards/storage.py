@@ -14,6 +14,14 @@ class StoreError(Exception):
     """A user-facing problem with a source or a store; its message is one line."""
 
 
+def storage_error(e: BaseException) -> str:
+    """One line for a failure of storage: its type and first line; missing S3 credentials say what to set."""
+    if type(e).__name__ == "NoCredentialsError":  # botocore's, by name: local stores need no botocore
+        return "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the path within it for a local path or URL.
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import s3fs
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -65,6 +66,22 @@ def test_errors_are_one_line_with_exit_codes(tmp_path):
     assert_one_line_error(shardtrain("convert", tmp_path, tmp_path / "out", "--shard-size", "lots"), 2, "--shard-size")
     assert_one_line_error(shardtrain("verify", tmp_path / "nothing"), 1, "no shard store")
     assert shardtrain("convert", tmp_path, tmp_path / "out", "--format", "zip").exit_code == 2
+
+
+def test_an_s3_store_without_credentials_says_which_variables_to_set(imagefolder_src, tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never reached: the credentials are missing first
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems (and their credentials) in a process
+    try:
+        for args in (("convert", imagefolder_src, "s3://bucket/store"), ("inspect", "s3://bucket/store")):
+            assert_one_line_error(shardtrain(*args), 1, "no S3 credentials: set AWS_ACCESS_KEY_ID and "
+                                  "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # nor may the tests after this one get its credential-less one
 
 
 @pytest.mark.parametrize("fmt", ["wds", "lmdb"])

@@ -4,6 +4,7 @@ the train flow call); one also through the console script, for its exit code and
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -111,4 +112,17 @@ def test_cli_missing_store_is_one_line_before_torchrun(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: data.path: no shard store at {tmp_path / 'nostore'} (no manifest.json)"
     assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_store_on_s3_without_credentials_is_one_line_before_torchrun(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    proc = subprocess.run([SHARDTRAIN, "train", str(write(tmp_path, "s3://bucket/store"))],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: data.path: cannot read bucket/store/manifest.json: no S3 credentials: set "
+                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment")
     assert not (tmp_path / "runs").exists()

@@ -159,6 +159,8 @@ def storage_check(url: str) -> dict[str, Any]:
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
+    from shards.storage import storage_error
+
     probe = f"{url.rstrip('/')}/.shardtrain-doctor-{uuid.uuid4().hex}"
     try:
         fs, path = fsspec.core.url_to_fs(probe)
@@ -167,8 +169,7 @@ def storage_check(url: str) -> dict[str, Any]:
         fs.pipe_file(path, b"shardtrain doctor probe\n")
         fs.rm_file(path)
     except Exception as e:  # any backend error (permissions, network, credentials) means "not writable"
-        message = str(e).splitlines()[0] if str(e) else ""
-        return {"url": url, "writable": False, "error": f"{type(e).__name__}: {message}"}
+        return {"url": url, "writable": False, "error": storage_error(e)}
     return {"url": url, "writable": True, "error": None}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 
+from shards.storage import storage_error
 from training.checkpoint import MARKER, STEP_FILE, CheckpointRef
 from training.config import TrainError
 
@@ -125,7 +126,7 @@ class Uploader:
                     return
                 err = "not found"
             except Exception as e:  # any storage failure is retried; the local copy stays
-                err = f"{type(e).__name__}: {e}"
+                err = storage_error(e)
             self.log(f"upload of {item.local.name} to storage failed ({err}); retrying in {delay:.0f}s")
             with self.cond:  # a newer file of its group, queued meanwhile, makes this one's late copy waste
                 if self.cond.wait_for(lambda: self._superseded(item), timeout=delay):
@@ -165,7 +166,7 @@ def latest_remote(storage: str, name: str) -> CheckpointRef | None:
     except FileNotFoundError:
         return None
     except Exception as e:  # storage errors are the user's to fix: one line
-        raise TrainError(f"checkpoint.storage: cannot list {storage}: {type(e).__name__}: {e}") from None
+        raise TrainError(f"checkpoint.storage: cannot list {storage}: {storage_error(e)}") from None
     present = {p.rsplit("/", 1)[-1] for p in names}
     steps = sorted(n for n in present if STEP_FILE.match(n) and n + MARKER in present)
     if not steps:
@@ -184,7 +185,7 @@ def download(url: str, dest: Path, sha256: str | None) -> Path:
         fs.get_file(path, str(tmp))
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise TrainError(f"cannot fetch checkpoint {url}: {type(e).__name__}: {e}") from None
+        raise TrainError(f"cannot fetch checkpoint {url}: {storage_error(e)}") from None
     if sha256 and sha256_of(tmp) != sha256:
         tmp.unlink()
         raise TrainError(f"checkpoint {url} does not match its marker's sha256 (partial upload?)")
