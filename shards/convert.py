@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shards.decode import Digest, Reject, Result, Sample, Settings, process
 from shards.keys import order_key, sample_key
-from shards.layouts import HOLDOUT_RULE, HOLDOUT_SPLIT, Input, Listing, list_source
+from shards.layouts import HOLDOUT_RULE, HOLDOUT_SPLIT, Input, Listing, list_source, with_holdout
 from shards.manifest import (
     FORMAT_VERSION,
     INDEX_DIR,
@@ -184,7 +184,7 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
     fs, root = open_fs(opts.dest)
     check_dest(fs, root, opts.dest)
     manifest = load_manifest(fs, root)
-    listing = list_source(src_fs, src_root, opts.layout, val_fraction(opts, manifest))
+    listing = list_source(src_fs, src_root, opts.layout)
     if manifest is not None and not opts.append:
         if not same_conversion(fs, root, manifest, opts, listing):
             raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
@@ -196,6 +196,9 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
                               rejected=0, unchanged=len(listing.inputs), shards_written=[],
                               splits={name: split.samples for name, split in manifest.splits.items()},
                               skipped=listing.skipped)
+    if manifest is not None:
+        check_append(manifest, opts, listing)
+    listing = with_holdout(listing, val_fraction(opts, manifest), src_root)
     check_writable(fs, root, opts.dest)
     if progress:
         how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
@@ -291,16 +294,23 @@ def same_conversion(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest
     return stored == {inp.key for inp in listing.inputs}
 
 
+def check_append(manifest: Manifest, opts: ConvertOptions, listing: Listing) -> None:
+    """That the source's inputs can join the store: the same format, layout, classes, sample order and split rule."""
+    for what, old, new in (("format", manifest.format, opts.format), ("layout", manifest.layout, listing.layout),
+                           ("classes", manifest.classes, listing.classes)):
+        if old != new:
+            raise StoreError(f"cannot append: the store's {what} is {old}, the source's is {new}")
+    if manifest.order.rule == "key-hash" and manifest.order.seed != opts.seed:
+        raise StoreError(f"cannot append: the store's samples are ordered with --seed {manifest.order.seed}, "
+                         f"not {opts.seed}")
+    if manifest.holdout and manifest.holdout.fraction and listing.split_folders:
+        raise StoreError(f"cannot append: the store holds out {manifest.holdout.fraction:g} of its inputs as val by "
+                         "a hash of their keys, and the source has split folders; append a source without them "
+                         "(SRC/<class>/...), or convert into an empty DEST")
+
+
 def load_state(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest | None, opts: ConvertOptions,
                listing: Listing) -> StoreState:
-    if manifest is not None:
-        for what, old, new in (("format", manifest.format, opts.format), ("layout", manifest.layout, listing.layout),
-                               ("classes", manifest.classes, listing.classes)):
-            if old != new:
-                raise StoreError(f"cannot append: the store's {what} is {old}, the source's is {new}")
-        if manifest.order.rule == "key-hash" and manifest.order.seed != opts.seed:
-            raise StoreError(f"cannot append: the store's samples are ordered with --seed {manifest.order.seed}, "
-                             f"not {opts.seed}")
     in_store = {s.name for split in (manifest.splits.values() if manifest else []) for s in split.shards}
     indexes = read_indexes(fs, root, manifest)
     version = manifest.version + 1 if manifest else 1

@@ -43,16 +43,13 @@ class Listing:
     inputs: list[Input]
     reason: str  # why auto detection chose this layout (or "given")
     skipped: list[str]  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
+    split_folders: bool = False  # a labeled source naming its splits: SRC/train|val|test/..., yolo images/<split>/
     holdout: float | None = None  # share held out as val (no split folders); None: the source's splits as they are
 
 
-def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Literal["auto"],
-                val_fraction: float | None = None) -> Listing:
-    """Every input under `root` in listing order (sorted relative paths), for `layout` or auto.
-
-    A labeled source without split folders holds out `val_fraction` of its inputs (None: the default)
-    as val, chosen by a hash of each key; one with split folders refuses a fraction above 0.
-    """
+def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Literal["auto"]) -> Listing:
+    """Every input under `root` in listing order (sorted relative paths), for `layout` or auto, in the split
+    its folder names (train where none does; `with_holdout` then holds some out)."""
     relpaths, skipped = image_relpaths(fs, root)
     if layout == "auto":
         layout, reason = detect_layout(fs, root, relpaths)
@@ -68,10 +65,19 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Liter
         classes, inputs = yolo_classes(fs, root), yolo_inputs(relpaths)
         if not inputs:
             raise StoreError(f"yolo layout: no images under {join(root, 'images')}")
-    holdout = holdout_fraction(layout, relpaths, val_fraction, root)
-    if holdout:
-        inputs = [replace(inp, split=holdout_split(inp.key, holdout)) for inp in inputs]
-    return Listing(layout, classes, inputs, reason, skipped, holdout)
+    split_folders = layout != "unlabeled" and has_split_folders(layout, relpaths)
+    return Listing(layout, classes, inputs, reason, skipped, split_folders)
+
+
+def with_holdout(listing: Listing, val_fraction: float | None, root: str) -> Listing:
+    """`listing` with, for a labeled source without split folders, `val_fraction` of its inputs (None: the
+    default) held out as val, chosen by a hash of each key; a source with split folders refuses a fraction
+    above 0."""
+    holdout = holdout_fraction(listing, val_fraction, root)
+    if not holdout:
+        return replace(listing, holdout=holdout)
+    inputs = [replace(inp, split=holdout_split(inp.key, holdout)) for inp in listing.inputs]
+    return replace(listing, inputs=inputs, holdout=holdout)
 
 
 def has_split_folders(layout: str, relpaths: list[str]) -> bool:
@@ -81,10 +87,11 @@ def has_split_folders(layout: str, relpaths: list[str]) -> bool:
     return all(_split_of(r.split("/"))[0] for r in relpaths)
 
 
-def holdout_fraction(layout: str, relpaths: list[str], val_fraction: float | None, root: str) -> float | None:
+def holdout_fraction(listing: Listing, val_fraction: float | None, root: str) -> float | None:
     """The share of a labeled source without split folders that goes to val; None where the source's
     own splits (or, unlabeled, everything in train) are kept."""
-    if layout != "unlabeled" and not has_split_folders(layout, relpaths):
+    layout = listing.layout
+    if layout != "unlabeled" and not listing.split_folders:
         return DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if val_fraction:
         if layout == "unlabeled":

@@ -270,6 +270,20 @@ def test_val_fraction_zero_larger_and_refused_with_split_folders(imagefolder_src
     assert read_manifest(str(tmp_path / "d")).holdout is None
 
 
+def test_an_append_that_cannot_join_says_what_differs(imagefolder_src, yolo_src, tmp_path):
+    """A store of a flat source holds out val by key hash: a source with split folders cannot join it (the user
+    gave no --val-fraction, so none is blamed), nor can one of another layout."""
+    flat = tmp_path / "flat"
+    shutil.copytree(imagefolder_src / "train", flat)
+    run(flat, tmp_path / "s")
+    with pytest.raises(StoreError, match=r"cannot append: the store holds out 0.05 of its inputs as val by a hash "
+                                         r"of their keys, and the source has split folders"):
+        run(imagefolder_src, tmp_path / "s", append=True)
+    with pytest.raises(StoreError, match="cannot append: the store's layout is imagefolder, the source's is yolo"):
+        run(yolo_src, tmp_path / "s", append=True)
+    assert read_manifest(str(tmp_path / "s")).version == 1  # nothing written
+
+
 def test_flat_yolo_set_holds_out_val(yolo_src, tmp_path):
     src = tmp_path / "yolo"
     shutil.copytree(yolo_src, src)
