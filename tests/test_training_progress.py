@@ -55,3 +55,14 @@ def test_a_row_after_no_training_has_no_images_per_s(tmp_path):
 def test_fmt():
     assert [metrics.fmt(v) for v in (LR, 100 / 3, 2.0, 7, None)] == \
         ["0.0005075", "33.3333", "2", "7", "None"]
+
+
+def test_the_plot_of_a_run_with_no_rows_yet_warns_nothing(tmp_path):
+    """A run resumed after its last eval ends with no results rows; its plot is still written, silently."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.plot([], tmp_path / "plot.png")
+        metrics.plot([{"step": 4, "train_loss": 1.5, "val_loss": 1.2, "val_top1": 40.0}], tmp_path / "plot2.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "plot2.png").stat().st_size > 0

@@ -223,6 +223,16 @@ def test_a_ranks_error_line_through_torchrun_is_the_last_line_with_its_exit_code
     assert "failed (exitcode" not in out and "process(es) failed" not in out and "Traceback" not in out, out
 
 
+def test_resume_from_unreachable_storage_is_one_line(store, tmp_path):
+    config = write_config(tmp_path / "run.yaml", store, resume="s3://bucket/run/step_00000004.pt")
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+           "AWS_MAX_ATTEMPTS": "1"}
+    code, out = finish(start(config, torchrun=False, env=env))
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(
+        "error: bad value for resume: cannot read s3://bucket/run/step_00000004.pt.complete: EndpointConnectionError")
+
+
 def test_a_worker_killed_by_a_signal_is_named_in_the_launchers_line():
     from training.torchrun import failure_line
 

@@ -89,7 +89,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_acc.set(xlabel="step", ylabel="accuracy (%) or mAP", title="validation")
     for ax in (ax_loss, ax_acc):
-        ax.legend()
+        if ax.lines:  # a run resumed after its last eval has no rows yet
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

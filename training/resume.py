@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from shards.storage import storage_error
 from training import checkpoint, storage
 from training.checkpoint import CheckpointRef
 from training.config import RunConfig, TrainError, run_dir
@@ -65,5 +66,7 @@ def fetch_explicit(url: str, ckpt_dir: Path, dest_name: str | None = None) -> Pa
     except FileNotFoundError:
         raise TrainError(f"bad value for resume: {url} has no {checkpoint.MARKER} marker "
                          "(incomplete upload?)") from None
+    except Exception as e:  # storage: the network, permissions, credentials
+        raise TrainError(f"bad value for resume: cannot read {url}{checkpoint.MARKER}: {storage_error(e)}") from None
     dest = ckpt_dir / (dest_name or f"resume_{Path(path).name}")
     return storage.download(url, dest, json.loads(marker).get("sha256"))
