@@ -139,8 +139,25 @@ def test_dino_safetensors_is_the_teacher_backbone(tmp_path):
     assert loaded.num_classes == 0 and all(torch.equal(v, teacher[k]) for k, v in loaded.state_dict().items())
 
 
-def test_a_format_the_task_has_not_is_one_line(tmp_path):
+def test_the_format_defaults_to_the_tasks_and_one_it_has_not_is_one_line(tmp_path):
     cfg, path = config(tmp_path, task="detect", detect={"fpn_channels": 64})
     ckpt = save(cfg, build_detector(cfg, len(CLASSES), tmp_path), CLASSES)
-    result = CliRunner().invoke(app, ["export", str(path), str(ckpt), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(app, ["export", str(path), str(ckpt), "--out", str(tmp_path / "o"),
+                                      "--format", "safetensors"])
     assert result.exit_code == 2 and result.stderr.strip() == "error: task detect exports as onnx, not safetensors"
+    result = CliRunner().invoke(app, ["export", str(path), str(ckpt), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0 and (tmp_path / "o" / "model.onnx").is_file(), result.stderr
+
+
+def test_a_checkpoint_of_another_model_than_the_configs_is_one_line(tmp_path):
+    """The config names the model to build; a checkpoint of another run's says whose it is, not which of its
+    hundreds of keys are missing."""
+    (tmp_path / "dino").mkdir()
+    dino_cfg, _ = config(tmp_path / "dino", task="dino", dino={"out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8})
+    backbone = build_model(dino_cfg.model, 0, tmp_path)
+    ckpt = save(dino_cfg, DinoModel(Encoder(backbone, DinoHead(backbone.num_features, 32, 16, 8, 3, True)), 32, 2), [])
+    _, path = config(tmp_path, task="detect", detect={"fpn_channels": 64})
+    result = CliRunner().invoke(app, ["export", str(path), str(ckpt), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        f"error: checkpoint {ckpt} holds another model than the config's (task 'dino', this config has 'detect'): "
+        "give the config it was trained with (its run dir's config.yaml)")

@@ -78,8 +78,9 @@ def export(
     config: Annotated[Path, typer.Argument(help="the run's config YAML")],
     checkpoint: Annotated[str, typer.Argument(help="checkpoint file or URL, e.g. runs/NAME/checkpoints/best.pt")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("export"),
-    format: Annotated[str, typer.Option(help="safetensors (classify, dino: timm's layout) or onnx (classify, "
-                                             "detect)")] = "safetensors",
+    format: Annotated[str | None, typer.Option(
+        help="safetensors (classify, dino: timm's layout) or onnx (classify, detect); default: safetensors, "
+             "onnx for detect")] = None,
 ) -> None:
     """A checkpoint as what a serving side loads: safetensors or ONNX, with config.json (class names, preprocessing)."""
     from training.config import load_config

@@ -26,6 +26,7 @@ from torch import nn
 from pipelines.presets import PAD_VALUE
 from training.config import RunConfig, TrainError
 from training.model import build_model
+from training.preflight import another_model
 from training.tasks.detect import build_detector, detect_settings
 
 FORMATS: dict[str, tuple[str, ...]] = {"safetensors": ("classify", "dino"), "onnx": ("classify", "detect")}
@@ -40,8 +41,12 @@ def read_checkpoint(cfg: RunConfig, checkpoint: str) -> tuple[dict[str, torch.Te
             ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise TrainError(f"cannot read checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
-    if "classes" not in ckpt:
+    if "classes" not in ckpt or "config" not in ckpt:
         raise TrainError(f"checkpoint {checkpoint} has no class names: is it a shardtrain checkpoint?")
+    other = another_model(ckpt, cfg, list(ckpt["classes"]))
+    if other is not None:
+        raise TrainError(f"checkpoint {checkpoint} holds another model than the config's ({other}): give the "
+                         "config it was trained with (its run dir's config.yaml)")
     weights = ckpt["ema"] if cfg.eval.metric.startswith("ema_") and ckpt.get("ema") else ckpt["model"]
     return weights, list(ckpt["classes"])
 
@@ -114,8 +119,10 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[s
                           output_names=outputs, dynamic_axes=axes)
 
 
-def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str = "safetensors") -> list[Path]:
-    """Write `checkpoint`'s model into `out` as `fmt`; returns the files written."""
+def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str | None = None) -> list[Path]:
+    """Write `checkpoint`'s model into `out` as `fmt` (None: the task's first format in FORMATS); returns the
+    files written."""
+    fmt = fmt or next(f for f, tasks in FORMATS.items() if cfg.task in tasks)
     if fmt not in FORMATS:
         raise TrainError(f"--format must be safetensors or onnx, not {fmt}")
     if cfg.task not in FORMATS[fmt]:

@@ -93,13 +93,20 @@ def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    other = another_model(ckpt, cfg, classes)
+    if other is not None:
+        where = f"run dir {run_dir(cfg)}" if cfg.resume == "auto" else "resume"
+        raise TrainError(f"{where}: checkpoint {path} holds another model ({other}): give the run another name, "
+                         "or move its run dir away")
+
+
+def another_model(ckpt: dict, cfg: RunConfig, classes: list[str]) -> str | None:
+    """How the checkpoint's model differs from the one `cfg` builds for `classes` ("model.name 'a', this config
+    has 'b'"), or None when they are the same."""
     old = model_identity(ckpt["config"], len(ckpt.get("classes", classes)))
     new = model_identity(to_dict(cfg), len(classes))
     changed = next((k for k in new if old.get(k) != new[k]), None)
-    if changed is not None:
-        where = f"run dir {run_dir(cfg)}" if cfg.resume == "auto" else "resume"
-        raise TrainError(f"{where}: checkpoint {path} holds another model ({changed} {old.get(changed)!r}, this "
-                         f"config has {new[changed]!r}): give the run another name, or move its run dir away")
+    return None if changed is None else f"{changed} {old.get(changed)!r}, this config has {new[changed]!r}"
 
 
 def model_identity(config: dict, num_classes: int) -> dict:
