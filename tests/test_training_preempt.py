@@ -70,7 +70,7 @@ def text(proc: subprocess.Popen) -> str:
 def wait_until(cond, proc: subprocess.Popen | None, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
-        assert proc is None or proc.poll() is None, "the run ended first"
+        assert proc is None or proc.poll() is None, f"the run ended first:\n{text(proc)[-3000:]}"
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
