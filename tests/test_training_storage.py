@@ -29,7 +29,7 @@ def test_a_failed_upload_superseded_while_storage_is_down_is_dropped(tmp_path):
     assert failed.wait(30), lines
     uploader.submit(local / "step_00000004.pt", "checkpoints/step_00000004.pt", {"step": 4, "epoch": 0}, keep=2)
     nas.unlink()  # storage is back
-    nas.mkdir()
+    nas.mkdir(exist_ok=True)  # step 4's retry may have made it already
     assert uploader.wait(60), lines
     uploader.close()
     remote = nas / "t" / "checkpoints"
