@@ -11,7 +11,7 @@ from typing import Literal, TypeVar
 import fsspec
 from pydantic import BaseModel, ValidationError
 
-from shards.storage import StoreError, join, open_fs, storage_error, write_bytes_atomic
+from shards.storage import StoreError, join, open_fs, shown, storage_error, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -148,24 +148,26 @@ def read_manifest(dest: str) -> Manifest:
 
 def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
     path = join(root, MANIFEST)
+    where = shown(fs, path)
     try:
         raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise StoreError(f"{root} is a file, not a shard store (a folder with {MANIFEST})") from None
+        raise StoreError(f"{shown(fs, root)} is a file, not a shard store (a folder with {MANIFEST})") from None
     except Exception as e:  # storage: permissions, the network, credentials
-        raise StoreError(f"cannot read {path}: {storage_error(e)}") from None
+        raise StoreError(f"cannot read {where}: {storage_error(e)}") from None
     try:
         manifest = load_json(Manifest, raw)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top)"
-        raise StoreError(f"{path} is not a valid manifest: {where}: {first['msg']}") from None
+        field = ".".join(str(p) for p in first["loc"]) or "(top)"
+        raise StoreError(f"{where} is not a valid manifest: {field}: {first['msg']}") from None
     except ValueError as e:
-        raise StoreError(f"{path} is not valid JSON: {e}") from None
+        raise StoreError(f"{where} is not valid JSON: {e}") from None
     if manifest.format_version != FORMAT_VERSION:
-        raise StoreError(f"{path} has format_version {manifest.format_version}; this shardtrain reads {FORMAT_VERSION}")
+        raise StoreError(f"{where} has format_version {manifest.format_version}; "
+                         f"this shardtrain reads {FORMAT_VERSION}")
     return manifest
 
 
@@ -198,11 +200,11 @@ def read_indexes(fs: fsspec.AbstractFileSystem, root: str,
         if problem is None and recorded.get(shard) and hashlib.sha256(raw).hexdigest() != recorded[shard]:
             problem = "does not match the manifest's index_sha256"
         if problem:
-            raise bad_index(path, shard, problem)
+            raise bad_index(shown(fs, path), shard, problem)
         indexes[shard] = index
     missing = sorted(set(recorded) - set(indexes))
     if missing:
-        raise bad_index(join(folder, f"{missing[0]}.json"), missing[0], "is missing")
+        raise bad_index(shown(fs, join(folder, f"{missing[0]}.json")), missing[0], "is missing")
     return indexes
 
 

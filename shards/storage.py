@@ -53,6 +53,11 @@ def special_file(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
     return None if stat.S_ISREG(mode) else _SPECIAL_KINDS.get(stat.S_IFMT(mode), "a special file")
 
 
+def shown(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """`path` as the user gave it: a local path as is, a remote one with its scheme (fsspec paths drop it)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
 def public_url(url: str) -> str:
     """`url` without any user:password part, so it is safe to print or store."""
     parts = urllib.parse.urlsplit(url)

@@ -123,6 +123,7 @@ def test_cli_store_on_s3_without_credentials_is_one_line_before_torchrun(tmp_pat
     proc = subprocess.run([SHARDTRAIN, "train", str(write(tmp_path, "s3://bucket/store"))],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == ("error: data.path: cannot read bucket/store/manifest.json: no S3 credentials: set "
-                                   "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment")
+    assert proc.stderr.strip() == ("error: data.path: cannot read s3://bucket/store/manifest.json: no S3 "
+                                   "credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in "
+                                   "the environment")
     assert not (tmp_path / "runs").exists()
