@@ -46,6 +46,8 @@ def test_demo_two_nights(tmp_path):
     metrics = json.loads((training.run_dir(cfg) / "metrics.json").read_text())
     assert metrics["epoch"] == 2
     assert "resumed from" in output
+    # Night 1's one epoch is all warmup: said plainly, not as timm's "Cosine annealing ... no effect" warning.
+    assert "optim.warmup_epochs 1 covers all" in output and "Cosine annealing" not in output
     in_storage = training.latest_checkpoint(
         training.load_config(
             REPO / "configs/demo.yaml", [f"runs_dir={tmp_path / 'none'}", f"checkpoint.storage={out / 'storage'}"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,21 @@ class StepPlan:
         return epoch
 
 
+def warmup_steps(cfg: OptimConfig, plan: StepPlan) -> int:
+    return round(cfg.warmup_epochs * plan.steps_in(0))
+
+
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, plan: StepPlan) -> CosineLRScheduler:
     """Warmup then cosine to min_lr, stepped per optimizer step (a pure function of the step)."""
-    warmup = round(cfg.warmup_epochs * plan.steps_in(0))
-    return CosineLRScheduler(optimizer, t_initial=max(1, plan.total_steps - warmup), lr_min=cfg.min_lr,
-                             warmup_t=warmup, warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)
+    warmup = warmup_steps(cfg, plan)
+    cosine = max(1, plan.total_steps - warmup)
+    # A run its warmup covers (the nightly flow's first night) gets a cosine of one step, which timm warns
+    # "will have no effect": meant here, and the run's log says it plainly (Trainer.announce).
+    timm_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR if cosine == 1 else level)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=cosine, lr_min=cfg.min_lr, warmup_t=warmup,
+                                 warmup_lr_init=cfg.min_lr, warmup_prefix=True, t_in_epochs=False)
+    finally:
+        timm_log.setLevel(level)

@@ -24,7 +24,7 @@ from pipelines import build_loader
 from training import checkpoint, dist, metrics, resume
 from training.config import RunConfig, TrainConfig, TrainError, run_dir, to_dict
 from training.metrics import RunSummary
-from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr
+from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr, warmup_steps
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, preemption_signals
 from training.progress import Reporter
 from training.storage import Uploader
@@ -134,6 +134,10 @@ class Trainer:
         self.reporter.line(f"{self.cfg.task} {self.cfg.model.name}: {self.world.size} process(es) on "
                            f"{self.world.device.type}, amp {amp}, {self.plan.total_steps} steps, "
                            f"global batch {self.global_batch}")
+        if warmup_steps(self.cfg.optim, self.plan) >= self.plan.total_steps:
+            self.reporter.line(f"optim.warmup_epochs {self.cfg.optim.warmup_epochs:g} covers all "
+                               f"{self.plan.total_steps} steps: the lr only warms up, to "
+                               f"{scaled_lr(self.cfg.optim, self.global_batch):g}, and does not decay")
         if self.cfg.train.compile:
             self.reporter.line(f"compiled: {self.task.compiled}")
         self.reporter.line(self.train_loader.decode_choice)
