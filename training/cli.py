@@ -50,26 +50,32 @@ def preempted_on_sigterm() -> Iterator[None]:
 
 @app.command()
 def predict(
-    config: Annotated[Path, typer.Argument(help="the detect run's config YAML")],
+    config: Annotated[Path, typer.Argument(help="the classify or detect run's config YAML")],
     checkpoint: Annotated[str, typer.Argument(help="checkpoint file or URL, e.g. runs/NAME/checkpoints/best.pt")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
-    format: Annotated[str, typer.Option(help="json (out/predictions.json) or yolo (out/labels/*.txt)")] = "json",
-    draw: Annotated[bool, typer.Option(help="also write the images with their boxes to out/images/")] = False,
-    conf: Annotated[float | None, typer.Option(help="minimum score [default: detect.predict_score_thresh]")] = None,
+    format: Annotated[str, typer.Option(help="json (out/predictions.json) or, detect, yolo (out/labels/*.txt)")
+                      ] = "json",
+    draw: Annotated[bool, typer.Option(help="detect: also write the images with their boxes to out/images/")] = False,
+    conf: Annotated[float | None, typer.Option(
+        help="detect: minimum score [default: detect.predict_score_thresh]")] = None,
+    top: Annotated[int, typer.Option(help="classify: the most probable classes to list per image")] = 5,
 ) -> None:
-    """Boxes for new images from a detect checkpoint (NMS and thresholds from the config's detect: section)."""
+    """A checkpoint on new images: a detector's boxes (NMS and thresholds from the config's detect: section), or a
+    classifier's top classes with their probabilities."""
     from training.config import load_config
     from training.predict import predict as run_predict
 
     try:
-        records = run_predict(load_config(config), checkpoint, images, out, fmt=format, draw_boxes=draw, conf=conf)
+        records = run_predict(load_config(config), checkpoint, images, out, fmt=format, draw_boxes=draw, conf=conf,
+                              top=top)
     except TrainError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     failed = sum("error" in r for r in records)
     boxes = sum(len(r.get("detections", ())) for r in records)
-    typer.echo(f"{len(records) - failed} images, {boxes} boxes -> {out}" + (f"; {failed} unreadable" if failed else ""))
+    found = f", {boxes} boxes" if any("detections" in r for r in records) else ""
+    typer.echo(f"{len(records) - failed} images{found} -> {out}" + (f"; {failed} unreadable" if failed else ""))
     raise typer.Exit(1 if failed else 0)
 
 

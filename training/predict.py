@@ -1,7 +1,9 @@
-"""`shardtrain predict`: a trained detector's boxes for new images, as JSON or YOLO text, optionally drawn.
+"""`shardtrain predict`: a trained model on new images. A detector's boxes as JSON or YOLO text, optionally
+drawn; a classifier's top classes with their probabilities, as JSON.
 
 Each image goes through what evaluation used: the pipeline's decoding (EXIF applied) and its eval
-letterbox, then the run's normalisation. Boxes come back in the original image's pixels.
+transform (the detector's letterbox, the classifier's resize and centre crop), then the run's
+normalisation. Boxes come back in the original image's pixels.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import albumentations as A
 import numpy as np
@@ -19,8 +21,9 @@ from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
 from pipelines import decode_image, detect_eval
+from pipelines.presets import classify_eval
 from training.config import RunConfig, TrainError
-from training.export import load_into, read_checkpoint
+from training.export import load_into, read_checkpoint, timm_model
 from training.tasks.detect import build_detector, detect_settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -78,11 +81,14 @@ def list_images(paths: list[Path]) -> list[tuple[Path, Path]]:
 
 def load_detector(cfg: RunConfig, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
     """The checkpoint's detector in eval mode (its EMA weights when eval.metric is an ema_ one) and class names."""
-    if cfg.task != "detect":
-        raise TrainError(f"predict needs a config with task: detect, this one has task: {cfg.task}")
     weights, classes = read_checkpoint(cfg, checkpoint)
     model = build_detector(cfg, len(classes), Path(cfg.runs_dir) / cfg.name / "pretrained")
     return load_into(model, weights, checkpoint).to(device), classes
+
+
+def to_input(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """An eval-transformed HWC uint8 image as the model's normalised CHW float, on mean's device."""
+    return torch.from_numpy(image).to(mean.device).permute(2, 0, 1).float().sub_(mean).div_(std)
 
 
 @torch.no_grad()
@@ -90,12 +96,20 @@ def detect(model: torch.nn.Module, image: np.ndarray, transform: A.Compose, mean
            conf: float) -> dict[str, torch.Tensor]:
     """One image's boxes (original pixels), scores and labels with score >= conf."""
     boxed, place = letterbox(transform, image)
-    x = torch.from_numpy(boxed).to(mean.device).permute(2, 0, 1).float().sub_(mean).div_(std)
-    out = model([x])[0]
+    out = model([to_input(boxed, mean, std)])[0]
     keep = out["scores"] >= conf
     h, w = image.shape[:2]
     return {"boxes": place.to_original(out["boxes"][keep], w, h).cpu(), "scores": out["scores"][keep].cpu(),
             "labels": out["labels"][keep].cpu()}
+
+
+@torch.no_grad()
+def classify(model: torch.nn.Module, image: np.ndarray, transform: A.Compose, mean: torch.Tensor, std: torch.Tensor,
+             top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's `top` most probable classes: (probabilities, class indices), most probable first."""
+    x = to_input(transform(image=image)["image"], mean, std)
+    probs = model(x[None])[0].float().softmax(dim=0)
+    return probs.topk(min(top, len(probs)))
 
 
 def write_yolo(path: Path, det: dict[str, torch.Tensor], width: int, height: int) -> None:
@@ -116,19 +130,33 @@ def draw(path: Path, image: np.ndarray, det: dict[str, torch.Tensor], classes: l
 
 
 def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, fmt: str = "json",
-            draw_boxes: bool = False, conf: float | None = None, log=print) -> list[dict]:
-    """Detect objects in `images` (files or folders); write `out`/predictions.json or `out`/labels/*.txt (and
-    `out`/images/* with the boxes drawn); returns one record per image (`error` set where it could not be read)."""
+            draw_boxes: bool = False, conf: float | None = None, top: int = 5, log=print) -> list[dict]:
+    """Run a detect or classify checkpoint on `images` (files or folders); write `out`/predictions.json (detect:
+    or `out`/labels/*.txt, and `out`/images/* with the boxes drawn); returns one record per image (`error` set
+    where it could not be read)."""
+    if cfg.task == "classify" and (fmt != "json" or draw_boxes or conf is not None):
+        raise TrainError("--format yolo, --draw and --conf are for detect runs; a classify run writes each "
+                         "image's top classes to predictions.json (--top)")
+    if cfg.task not in ("classify", "detect"):
+        raise TrainError(f"predict needs a config with task: classify or detect, this one has task: {cfg.task} "
+                         "(`shardtrain export` writes its backbone)")
     if fmt not in ("json", "yolo"):
         raise TrainError(f"--format must be json or yolo, not {fmt}")
+    if top < 1:
+        raise TrainError(f"--top must be at least 1, not {top}")
     found = list_images(images)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, classes = load_detector(cfg, checkpoint, device)
     aug = cfg.data.augment
-    transform = detect_eval(cfg.data.image_size, aug)
     mean = torch.tensor(aug.mean, device=device).view(3, 1, 1) * 255
     std = torch.tensor(aug.std, device=device).view(3, 1, 1) * 255
-    conf = detect_settings(cfg).predict_score_thresh if conf is None else conf
+    if cfg.task == "detect":
+        model, classes = load_detector(cfg, checkpoint, device)
+        transform = detect_eval(cfg.data.image_size, aug)
+        conf = detect_settings(cfg).predict_score_thresh if conf is None else conf
+    else:
+        model, classes = timm_model(cfg, checkpoint)
+        model = model.to(device)
+        transform = classify_eval(cfg.data.image_size, aug)
     records: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     for path, name in track(found, description="predict", transient=True):
@@ -140,9 +168,15 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
             log(f"warning: skipped {path}: cannot read it as an image ({type(e).__name__})")
             records.append({"image": str(path), "error": f"cannot read: {type(e).__name__}: {e}"})
             continue
-        det = detect(model, image, transform, mean, std, conf)
         h, w = image.shape[:2]
-        records.append({"image": str(path), "width": w, "height": h, "detections": [
+        record: dict[str, Any] = {"image": str(path), "width": w, "height": h}
+        if cfg.task == "classify":
+            probs, idx = classify(model, image, transform, mean, std, top)
+            records.append(record | {"classes": [
+                {"class": int(c), "name": classes[int(c)], "score": round(float(p), 6)} for p, c in zip(probs, idx)]})
+            continue
+        det = detect(model, image, transform, mean, std, cast(float, conf))
+        records.append(record | {"detections": [
             {"box": [round(v, 2) for v in b.tolist()], "score": round(float(s), 4), "class": int(c),
              "name": classes[int(c)]}
             for b, s, c in zip(det["boxes"], det["scores"], det["labels"])]})

@@ -1,0 +1,100 @@
+"""`shardtrain predict` with a classifier: each image's top classes, as the run's own evaluation saw it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from shards import ConvertOptions, convert
+from training import load_config, run
+
+SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
+
+
+@pytest.fixture(scope="module")
+def trained(imagefolder_src, tmp_path_factory) -> tuple[Path, Path]:
+    """A classifier trained a few epochs on the photos' train split: (its config, best.pt)."""
+    tmp = tmp_path_factory.mktemp("predict")
+    convert(ConvertOptions(src=str(imagefolder_src), dest=str(tmp / "store")), progress=False)
+    config = tmp / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "t", "runs_dir": str(tmp / "runs"), "seed": 0,
+        "data": {"path": str(tmp / "store"), "image_size": 32, "batch_size": 16, "workers": 0, "pin_memory": False,
+                 "channels_last": False},
+        "model": {"name": "test_resnet"},
+        "optim": {"lr": 5e-3, "warmup_epochs": 1},
+        "train": {"epochs": 3, "log_every": 5},
+    }))
+    run(load_config(config))
+    return config, tmp / "runs" / "t" / "checkpoints" / "best.pt"
+
+
+def predict(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SHARDTRAIN, "predict", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_top_classes_score_the_val_split_as_the_run_did(trained, imagefolder_src, tmp_path):
+    config, best = trained
+    val_loss, val_top1 = run_eval(best)
+    assert val_top1 > 1 / 6 + 0.15, "the run learned too little for the comparison to mean anything"
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    out = tmp_path / "pred"
+    proc = predict(str(config), str(best), str(imagefolder_src / "val"), str(tmp_path / "broken.jpg"),
+                   "--out", str(out), "--top", "6")
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the broken image is reported, the rest predicted
+    assert "24 images -> " in proc.stdout and "1 unreadable" in proc.stdout and "boxes" not in proc.stdout
+    records = json.loads((out / "predictions.json").read_text())
+    read = [r for r in records if "error" not in r]
+    assert len(read) == 24 and all(len(r["classes"]) == 6 for r in read)
+    for r in read:
+        scores = [c["score"] for c in r["classes"]]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1, abs=1e-5)
+    truth = [Path(r["image"]).parent.name for r in read]
+    right = sum(r["classes"][0]["name"] == name for r, name in zip(read, truth))
+    loss = sum(-math.log(next(c["score"] for c in r["classes"] if c["name"] == name))
+               for r, name in zip(read, truth)) / 24
+    print(f"predict: top-1 {right}/24, loss {loss:.5f}; the run's eval: val_top1 {val_top1:.4f}, loss {val_loss:.5f}")
+    # the same images, transform, normalisation and weights as the run's evaluation: what it measured (one image
+    # of slack for top-1, for a near tie that batch 1 and the eval batch round apart)
+    assert loss == pytest.approx(val_loss, abs=2e-4)
+    assert abs(right / 24 - val_top1) <= 1 / 24, (right, val_top1)
+
+
+def run_eval(best: Path) -> tuple[float, float]:
+    """The run's val_loss and val_top1 (a fraction) at best.pt's step."""
+    step = torch.load(best, map_location="cpu", weights_only=True)["step"]
+    with open(best.parents[1] / "results.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if int(r["step"]) == step)
+    return float(row["val_loss"]), float(row["val_top1"]) / 100
+
+
+def test_detect_only_options_and_other_tasks_are_one_line(trained, imagefolder_src, tmp_path):
+    config, best = trained
+    val = str(imagefolder_src / "val")
+
+    def error(cfg: Path, *extra: str) -> str:
+        result = CliRunner().invoke(app, ["predict", str(cfg), str(best), val, "--out", str(tmp_path), *extra])
+        assert result.exit_code == 2, result.output
+        return result.stderr.strip()
+
+    for extra in (["--format", "yolo"], ["--draw"], ["--conf", "0.5"]):
+        assert error(config, *extra) == ("error: --format yolo, --draw and --conf are for detect runs; a classify "
+                                         "run writes each image's top classes to predictions.json (--top)")
+    assert error(config, "--top", "0") == "error: --top must be at least 1, not 0"
+    result = CliRunner().invoke(app, ["predict", str(config), str(best), val, "--out", str(tmp_path), "--top", "2"])
+    assert result.exit_code == 0, result.output
+    assert all(len(r["classes"]) == 2 for r in json.loads((tmp_path / "predictions.json").read_text()))
+    dino = tmp_path / "dino.yaml"
+    dino.write_text(config.read_text() + "task: dino\n")
+    assert error(dino).startswith("error: predict needs a config with task: classify or detect, this one has "
+                                  "task: dino")
