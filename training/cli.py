@@ -61,8 +61,7 @@ def predict(
         help="detect: minimum score [default: detect.predict_score_thresh]")] = None,
     top: Annotated[int, typer.Option(help="classify: the most probable classes to list per image")] = 5,
 ) -> None:
-    """A checkpoint on new images: a detector's boxes (NMS and thresholds from the config's detect: section), or a
-    classifier's top classes with their probabilities."""
+    """A checkpoint on new images: a classifier's top classes, or a detector's boxes (thresholds from detect:)."""
     from training.config import load_config
     from training.predict import predict as run_predict
 
