@@ -24,8 +24,11 @@ runs each end to end against the first variant's ceiling:
   full size to WebDataset for DINO; for detection, windows of the bundled coins photo at 2 to 3 times their size
   (about 200 to 1,500 px a side, every coin boxed) converted from YOLO layout.
 - Ceiling: the loop's own `Trainer` built from the variant's config, stepping with its own `train_step` (task
-  loss, backward, clipping, the task's hooks, optimizer, schedules, logging) on one real batch of the store,
-  already on the GPU; no data loading. Each variant runs in a process of its own (`--ceiling CONFIG`).
+  loss, backward, clipping, the task's hooks, optimizer, schedules, logging) on --ceiling-batches (8) real
+  batches of the store in turn, already on the GPU; no data loading. Distinct batches, because a detection
+  batch's box count sets the shapes of its loss (compiled: a graph for dynamic counts after the first). The
+  ceilings in bench/RESULTS.md up to "Detection without host syncs, measured" stepped on one batch. Each
+  variant runs in a process of its own (`--ceiling CONFIG`).
 - FLOPs: torch.utils.flop_counter over one eager forward and backward of the task's loss (the optimizer's
   few FLOPs left out), per image; TFLOP/s = FLOPs per image x images/s.
 - End to end: `python -m training CONFIG` (torchrun for --gpus), images/s the median of the loop's logged
@@ -116,10 +119,12 @@ def step_flops(trainer, batch: dict) -> float:  # noqa: ANN001 (training.train.T
     return float(counter.get_total_flops())
 
 
-def ceiling(config: Path, warmup: int, steps: int, profile: bool = False, torchvision_loss: bool = False) -> dict:
-    """images/s of the loop's own `train_step` on one batch of the store already on the device, and its FLOPs
-    (and, with `profile`, where the GPU's time goes, printed before them). With `torchvision_loss` (FCOS), the
-    same trainer's step with torchvision's own transform and loss too, alternating with ours, best of 2 each."""
+def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool = False,
+            torchvision_loss: bool = False) -> dict:
+    """images/s of the loop's own `train_step` on `n_batches` batches of the store already on the device, in turn,
+    and the FLOPs (and, with `profile`, where the GPU's time goes, printed before them). With `torchvision_loss`
+    (FCOS), the same trainer's step with torchvision's own transform and loss too, alternating with ours, best of
+    2 each. Distinct batches, as training meets them: a detection batch's box count sets its loss's shapes."""
     from training import dist
     from training.config import load_config
     from training.preempt import preemption_signals
@@ -130,37 +135,41 @@ def ceiling(config: Path, warmup: int, steps: int, profile: bool = False, torchv
     with preemption_signals() as preemption:
         trainer = Trainer(cfg, world, preemption)
         loader = trainer.train_loader
-        batch = next(iter(loader))
-        n = loader.batch_size(batch)
-        flops = step_flops(trainer, batch) / n
+        batches = list(itertools.islice(iter(loader), n_batches))
+        flops = step_flops(trainer, batches[0]) / loader.batch_size(batches[0])
         sync = torch.cuda.synchronize if world.device.type == "cuda" else lambda: None
 
-        def rate(step_batch: dict) -> float:
+        def rate(step_batches: list[dict]) -> float:
+            turn = itertools.cycle(step_batches)
             for _ in range(warmup):
-                trainer.train_step(step_batch, 0, len(loader))
+                trainer.train_step(next(turn), 0, len(loader))
             sync()
-            t = time.perf_counter()
+            t, images = time.perf_counter(), 0
             for _ in range(steps):
-                trainer.train_step(step_batch, 0, len(loader))
+                batch = next(turn)
+                trainer.train_step(batch, 0, len(loader))
+                images += loader.batch_size(batch)
             sync()
-            return n * steps / (time.perf_counter() - t)
+            return images / (time.perf_counter() - t)
 
-        out = {"images_per_s": rate(batch), "flops_per_image": flops}
+        out = {"images_per_s": rate(batches), "flops_per_image": flops, "batches": len(batches)}
         if torchvision_loss:
             ours, theirs = torchvision_fcos(trainer.task.model, cfg.data.image_size)
-            stock_batch = batch | {k: [t.to(world.device) for t in batch[k]] for k in ("boxes", "labels")}
+            stock_batches = [b | {k: [t.to(world.device) for t in b[k]] for k in ("boxes", "labels")}
+                             for b in batches]
             ours()
             rates = [out["images_per_s"]]
             theirs()
-            stock = [rate(stock_batch)]
+            stock = [rate(stock_batches)]
             ours()
-            rates.append(rate(batch))
+            rates.append(rate(batches))
             theirs()
-            stock.append(rate(stock_batch))
+            stock.append(rate(stock_batches))
             ours()
             out |= {"images_per_s": max(rates), "images_per_s_torchvision_loss": max(stock)}
         if profile and world.device.type == "cuda":
-            profile_steps(lambda: trainer.train_step(batch, 0, len(loader)))
+            turn = itertools.cycle(batches)
+            profile_steps(lambda: trainer.train_step(next(turn), 0, len(loader)))
     dist.teardown(world)
     return out
 
@@ -204,13 +213,13 @@ def input_alone(task: str, raw: dict, batches: int) -> float:
     return iterator_rate(across_epochs(), cfg.batch_size, warmup=prefetched + 2, count=batches)
 
 
-def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, profile: bool = False,
+def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, n_batches: int, profile: bool = False,
                 torchvision_loss: bool = False) -> dict:
     path = runs / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, __file__, "--ceiling", str(path), "--ceiling-warmup", str(warmup),
-           "--ceiling-steps", str(steps)] + (["--profile"] if profile else []) \
-        + (["--torchvision-loss"] if torchvision_loss else [])
+           "--ceiling-steps", str(steps), "--ceiling-batches", str(n_batches)] \
+        + (["--profile"] if profile else []) + (["--torchvision-loss"] if torchvision_loss else [])
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = proc.stdout.splitlines()
     if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
@@ -250,6 +259,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--ceiling-steps", type=int, default=30)
     p.add_argument("--ceiling-warmup", type=int, default=10)
+    p.add_argument("--ceiling-batches", type=int, default=8,
+                   help="distinct batches the ceiling steps on in turn (detection's box counts differ)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU counts: DINO end to end under DDP only")
     p.add_argument("--no-e2e", action="store_true", help="ceilings only")
     p.add_argument("--profile", action="store_true", help="print where each ceiling's GPU time goes (torch.profiler)")
@@ -262,8 +273,8 @@ def main() -> None:
     p.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the child process measuring one ceiling
     args = p.parse_args()
     if args.ceiling:
-        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps, args.profile,
-                                 args.torchvision_loss)))
+        print(json.dumps(ceiling(args.ceiling, args.ceiling_warmup, args.ceiling_steps, args.ceiling_batches,
+                                 args.profile, args.torchvision_loss)))
         return
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU")
@@ -311,7 +322,7 @@ def main() -> None:
             label = variant or "shipped"
             name = f"{task}-ceiling-{i}"
             cfg = bench_config(task, variant, name, store, runs, 10**6, args.workers)
-            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps, args.profile,
+            c = run_ceiling(cfg, runs, args.ceiling_warmup, args.ceiling_steps, args.ceiling_batches, args.profile,
                             args.torchvision_loss and task == "detect")
             gflop = c["flops_per_image"] / 1e9
             ceil = c["images_per_s"]
