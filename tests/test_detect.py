@@ -10,9 +10,10 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import box_iou
 
 from pipelines import AugmentConfig
 from pipelines.batches import yolo_to_pixels
@@ -205,6 +206,32 @@ def test_fcos_batch_loss_is_torchvisions_with_its_gradients():
     assert float(ours["bbox_regression"]) > 0  # the crowd matched some anchors: the test compared real terms
 
 
+def test_retinanet_batch_loss_is_torchvisions_with_its_gradients():
+    size = 256
+    model = small_detector("retinanet", size)
+    images = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    targets = crowded_targets(size, [0, 1, 3, 7, 12, 40])
+    targets[1]["boxes"] = torch.tensor([[10.0, 10.0, 12.0, 13.0]])  # overlaps every anchor under 0.4: matched
+    batch, _ = model.transform(images, targets)  # only by the low-quality rule, to its best anchors (ties too)
+    features = list(model.backbone(batch.tensors).values())
+    outputs = model.head(features)
+    anchors = model.anchor_generator(batch, features)
+    ours = model.compute_loss(targets, outputs, anchors)
+    theirs = RetinaNet.compute_loss(model, targets, outputs, anchors)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    ours_grad = torch.autograd.grad(sum(ours.values()), params, retain_graph=True)
+    theirs_grad = torch.autograd.grad(sum(theirs.values()), params)
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    iou = box_iou(targets[1]["boxes"], anchors[1])
+    matched = model.proposal_matcher(iou)
+    assert iou.max() < 0.4 and int((matched >= 0).sum()) > 1  # the low-quality rule alone matched it, with ties
+    assert float(ours["bbox_regression"]) > 0  # the crowd matched some anchors: the test compared real terms
+
+
 @pytest.mark.parametrize("head", ["fcos", "retinanet"])
 def test_sized_anchors_are_torchvisions_made_once_per_size(head):
     model = small_detector(head, 128)
@@ -219,10 +246,11 @@ def test_sized_anchors_are_torchvisions_made_once_per_size(head):
     assert len(model.anchor_generator.made) == 2  # 128 px once, 96 px once
 
 
-def test_fcos_training_step_reads_nothing_back_from_the_device():
+@pytest.mark.parametrize("head", ["fcos", "retinanet"])
+def test_training_step_reads_nothing_back_from_the_device(head):
     """On the meta device, any read of a device value (.item(), a test in an `if`, a boolean-mask index,
-    nonzero) raises: torchvision's loss does dozens a step, each a host sync on a GPU."""
-    model = small_detector("fcos", 128).to("meta")
+    nonzero) raises: torchvision's losses do dozens a step, each a host sync on a GPU."""
+    model = small_detector(head, 128).to("meta")
     images = [torch.empty(3, 128, 128, device="meta") for _ in range(3)]
     losses = model(images, crowded_targets(128, [2, 0, 9]))  # targets on the host, as the loader leaves them
     sum(losses.values()).backward()

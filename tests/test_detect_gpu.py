@@ -1,5 +1,5 @@
 """One GPU: detection under AMP (bf16, fp16 + GradScaler) with channels_last through the real trainer, eager and
-compiled (the convolutions and FCOS's batch loss), then predict."""
+compiled (the convolutions and the batch loss), then predict."""
 
 from __future__ import annotations
 
@@ -27,15 +27,16 @@ def store(tmp_path_factory) -> tuple[Path, str]:
     return src, str(tmp / "store")
 
 
-@pytest.mark.parametrize(("amp", "compiled"), [("bf16", False), ("fp16", False), ("bf16", True)])
-def test_detect_amp_channels_last_then_predict(store, tmp_path, amp, compiled):
+@pytest.mark.parametrize(("head", "amp", "compiled"), [("fcos", "bf16", False), ("fcos", "fp16", False),
+                                                       ("fcos", "bf16", True), ("retinanet", "bf16", True)])
+def test_detect_amp_channels_last_then_predict(store, tmp_path, head, amp, compiled):
     src, path = store
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "name": "g", "runs_dir": str(tmp_path / "runs"), "task": "detect",
         "data": {"path": path, "image_size": 128, "batch_size": 8, "workers": 1, "channels_last": True},
         "model": {"name": "resnet18"},
-        "detect": {"fpn_channels": 64},
+        "detect": {"head": head, "fpn_channels": 64},
         "train": {"epochs": 2, "max_steps": 8, "log_every": 2, "amp": amp, "compile": compiled},
         "checkpoint": {"every_steps": 4},
     }))

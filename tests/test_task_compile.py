@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
@@ -86,9 +87,10 @@ def boxes(counts: list[int], size: int = 64) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def test_detector_compiles_without_graph_breaks_keeps_the_loss_and_recompiles_only_for_a_few_box_counts():
+@pytest.mark.parametrize("head", ["fcos", "retinanet"])
+def test_detector_compiles_without_graph_breaks_keeps_the_loss_and_recompiles_only_for_a_few_box_counts(head):
     torch.manual_seed(0)
-    task = detect_task("fcos")
+    task = detect_task(head)
     model = task.build_model()
     images = [torch.randn(3, 64, 64) for _ in range(2)]
     # six different batch maxima of boxes an image

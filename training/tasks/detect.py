@@ -4,8 +4,8 @@ The pipeline's detect preset already letterboxes every image to `data.image_size
 so the detector's own GeneralizedRCNNTransform is replaced by `Letterboxed`, which only stacks the images.
 Boxes stay in letterboxed pixels end to end; `training/predict.py` maps them back to the original image.
 A batch's boxes and labels stay on the host (pipelines/tasks.py): torchvision checks them for degenerate boxes
-there, and the loss (training/tasks/fcos.py for FCOS) pads and copies them in one go, so a training step
-waits for the GPU nowhere.
+there, and the loss (training/tasks/fcos.py, training/tasks/retinanet.py) pads and copies them in one go, so a
+training step waits for the GPU nowhere.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from training import dist
 from training.config import DetectConfig, RunConfig, TrainError
 from training.dist import World
 from training.model import build_model as build_timm_model
+from training.tasks import fcos, retinanet
 from training.tasks.base import Task
-from training.tasks.fcos import batch_loss, padded_targets
+from training.tasks.boxes import padded_targets
 
 
 class TimmFPN(nn.Module):
@@ -97,7 +98,7 @@ class BatchFCOS(FCOS):
     """torchvision's FCOS with its training loss over the whole batch at once, without host syncs
     (training/tasks/fcos.py); the same losses. `batch_loss` is swapped for its compiled self by `train.compile`."""
 
-    batch_loss = staticmethod(batch_loss)
+    batch_loss = staticmethod(fcos.batch_loss)
 
     def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor],
                      anchors: list[torch.Tensor], num_anchors_per_level: list[int]) -> dict[str, torch.Tensor]:
@@ -106,14 +107,19 @@ class BatchFCOS(FCOS):
                                self.center_sampling_radius)
 
 
-class HostTargetsRetinaNet(RetinaNet):
-    """torchvision's RetinaNet, given its targets on the host: its own loss, on the device's copy of them."""
+class BatchRetinaNet(RetinaNet):
+    """torchvision's RetinaNet with its training loss over the whole batch at once, without host syncs
+    (training/tasks/retinanet.py); the same losses. `batch_loss` is swapped for its compiled self by
+    `train.compile`."""
+
+    batch_loss = staticmethod(retinanet.batch_loss)
 
     def compute_loss(self, targets: list[dict[str, torch.Tensor]], head_outputs: dict[str, torch.Tensor],
                      anchors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = anchors[0].device
-        on_device = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        return super().compute_loss(on_device, head_outputs, anchors)
+        boxes, labels, real = padded_targets(targets, anchors[0].device)
+        m = self.proposal_matcher
+        return self.batch_loss(self.head, head_outputs, anchors[0], boxes, labels, real, m.high_threshold,
+                               m.low_threshold, m.allow_low_quality_matches)
 
 
 def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Module:
@@ -142,7 +148,7 @@ def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Modu
     head = RetinaNetHead(d.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
     head.regression_head._loss_type = "giou"
-    return letterboxed(HostTargetsRetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common))
+    return letterboxed(BatchRetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common))
 
 
 def letterboxed(detector: FCOS | RetinaNet) -> nn.Module:
@@ -173,7 +179,7 @@ def mean_average_precision(preds: list[dict], targets: list[dict]) -> dict[str, 
 
 
 class DetectTask(Task):
-    compiled = "the backbone, FPN and head, and FCOS's box matching and losses (RetinaNet's loss and NMS stay eager)"
+    compiled = "the backbone, FPN and head, and the box matching and losses (NMS stays eager)"
 
     def __init__(self, cfg: RunConfig, classes: list[str], world: World, cache_dir: Path) -> None:
         if not classes:
@@ -185,14 +191,13 @@ class DetectTask(Task):
         return self.model
 
     def compile(self, model: nn.Module, **options: Any) -> nn.Module:
-        """The convolutions compile in place (the state dict keeps its keys), and FCOS's batch loss, whose shapes
-        change with the padded box count only. RetinaNet's loss (torchvision's, image by image, with boolean
-        masks) and NMS stay eager: compiled, their per-image box counts would recompile every step."""
-        detector = cast(FCOS | RetinaNet, self.model)
+        """The convolutions compile in place (the state dict keeps its keys), and the batch loss, whose shapes
+        change with the padded box count only. NMS (evaluation, predict) stays eager: its box counts change with
+        every image."""
+        detector = cast(BatchFCOS | BatchRetinaNet, self.model)
         detector.backbone.compile(**options)
         detector.head.compile(**options)
-        if isinstance(detector, BatchFCOS):
-            detector.batch_loss = torch.compile(batch_loss, **options)
+        detector.batch_loss = torch.compile(type(detector).batch_loss, **options)
         return model
 
     def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

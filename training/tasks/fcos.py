@@ -17,28 +17,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops import sigmoid_focal_loss
 
-from pipelines.gpu_color import upload
-
-EPS = 1e-7  # torchvision's generalized_box_iou_loss's
-
-
-def padded_targets(targets: list[dict[str, torch.Tensor]], device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Boxes (B, M, 4), labels (B, M) and which are real (B, M), M the batch's largest count (at least 1), on
-    `device`. Padded where the targets are (the host, for the training loop's batches), copied without a wait."""
-    counts = [len(t["boxes"]) for t in targets]
-    home = targets[0]["boxes"].device
-    boxes = torch.zeros((len(targets), max(1, *counts), 4), device=home)
-    labels = torch.zeros(boxes.shape[:2], dtype=torch.int64, device=home)
-    for i, t in enumerate(targets):
-        boxes[i, :counts[i]] = t["boxes"]
-        labels[i, :counts[i]] = t["labels"]
-    real = torch.arange(boxes.shape[1]) < torch.tensor(counts)[:, None]
-    return move(boxes, device), move(labels, device), move(real, device)
-
-
-def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return upload(t, device) if t.device.type == "cpu" else t.to(device)
+from training.tasks.boxes import giou_loss
 
 
 def match_anchors(anchors: torch.Tensor, boxes: torch.Tensor, real: torch.Tensor, per_level: list[int],
@@ -109,15 +88,3 @@ def fcos_losses(head: FCOSHead, outputs: dict[str, torch.Tensor], anchors: torch
 
     return {"classification": loss_cls / count, "bbox_regression": loss_giou / count,
             "bbox_ctrness": loss_centreness / count}
-
-
-def giou_loss(boxes: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """torchvision.ops.generalized_box_iou_loss, elementwise (reduction none), with the intersection clamped
-    at 0 instead of assigned through a boolean mask (an index by mask is a host sync on CUDA)."""
-    x0, y0, x1, y1 = boxes.unbind(dim=-1)
-    gx0, gy0, gx1, gy1 = gt.unbind(dim=-1)
-    inter = ((torch.min(x1, gx1) - torch.max(x0, gx0)).clamp(min=0)
-             * (torch.min(y1, gy1) - torch.max(y0, gy0)).clamp(min=0))
-    union = (x1 - x0) * (y1 - y0) + (gx1 - gx0) * (gy1 - gy0) - inter
-    enclosing = (torch.max(x1, gx1) - torch.min(x0, gx0)) * (torch.max(y1, gy1) - torch.min(y0, gy0))
-    return 1 - inter / (union + EPS) + (enclosing - union) / (enclosing + EPS)
