@@ -15,6 +15,7 @@ elsewhere (a resume) starts a new iteration there. An eval loader's iteration is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -171,8 +172,22 @@ def outlive_stop_signals() -> None:
     A worker whose rank died exits by torch's watchdog.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held while it started: now dropped
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started after this inherit it
     threading.Thread(target=exit_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT blocked in this thread while it forks DataLoader workers, so that each worker starts
+    with them blocked: torch's SIGTERM handler, in place before `outlive_stop_signals`, dies of a signal from
+    anyone but the worker's parent, as torchrun's to the rank's process group. The worker takes what is held
+    once its own handling is in place; this process, when the block ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def exit_on_sigterm_from(parent: int) -> None:
@@ -253,7 +268,8 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         if self._items_at != (self._epoch, self._batch):  # a first epoch, a resume, an eval pass
             self.sampler.epoch, self.sampler.start = self._epoch, self._batch
-            self._items, self._items_at = iter(self.dataloader), (self._epoch, self._batch)
+            with stop_signals_held():  # where the workers start
+                self._items, self._items_at = iter(self.dataloader), (self._epoch, self._batch)
         items: Iterable[tuple[dict | None, int, str | None]] = self._take(len(self) - self._batch)
         if self.decoder.device is not None:
             items = gpu.run_ahead(items, self._decode, self.device)

@@ -6,13 +6,17 @@ every random op switched off) each of the bundled crops gives a distinct tensor.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import fsspec
@@ -336,6 +340,42 @@ def test_workers_exit_cleanly_in_a_process_running_prefect_services(store, monke
         assert unraisable == []
     finally:
         EventsWorker.drain_all()
+
+
+STARTING_WORKERS = """
+import signal, sys
+import torch
+from pipelines import DataConfig, build_loader
+
+signal.signal(signal.SIGTERM, lambda *_: None)  # a rank's handler: it takes the request and goes on
+cfg = DataConfig(path=sys.argv[1], image_size=32, batch_size=4, workers=2, persistent_workers=False)
+loader = build_loader(cfg, "val", train=False, task="classify", rank=0, world_size=1, seed=0,
+                      device=torch.device("cpu"))
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    for batch in loader:  # not persistent: each pass starts its workers anew
+        pass
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # Python's exit sets the default back, which a signal would end
+print("done", flush=True)
+"""
+
+
+def test_stop_signals_while_workers_start_do_not_kill_them(store):
+    # torchrun signals each rank's whole process group. A worker that is still starting (torch's own SIGTERM
+    # handler is in place before ours) died of it: "DataLoader worker is killed by signal: Terminated", and the
+    # rank ended with a traceback instead of saving (test_training_preempt, CI 2026-12-05).
+    proc = subprocess.Popen([sys.executable, "-c", STARTING_WORKERS, store, "40"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    sent = 0
+    while proc.poll() is None:  # the loader's process, its workers, each as they start: the whole group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            sent += 1
+        time.sleep(0.001)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and out == "done\n", err[-2000:]
+    assert sent > 100
 
 
 def corrupt_first_image(store: str, fmt: str) -> tuple[str, str]:
