@@ -147,15 +147,17 @@ device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
 dino_device_batch = functools.partial(gpu.dino_device_batch, decode=decode_batch)
 
 
-def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.device) -> tuple[str, str]:
-    """The decode mode a loader runs for `data.decode`, and why, in words for the run's log. auto is hw where the
-    task has it, the hardware decoder works on `device` and nothing would be lost (`lost`: the setting that
-    the task applies in the CPU workers only, e.g. classify's colour jitter; None for none); else cpu, with the
-    first of those reasons that holds. An explicit hw that cannot work is a one-line error."""
+def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.device, *, given: bool
+           ) -> tuple[str, str]:
+    """The decode mode a loader runs for `data.decode` (`given`: set in the config, not the default), and why, in
+    words for the run's log. auto is hw where the task has it, the hardware decoder works on `device` and nothing
+    would be lost (`lost`: the setting that the task applies in the CPU workers only, e.g. classify's colour
+    jitter; None for none); else cpu, with the first of those reasons that holds. An explicit hw that cannot work
+    is a one-line error."""
     if decode == "hw" and (why := unavailable(device)):
         raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
     if decode != "auto":
-        return decode, "set in the config"
+        return decode, "set in the config" if given else "the default"
     if "hw" not in modes:
         return "cpu", "auto: this task decodes in the CPU workers only"
     if why := unavailable(device):

@@ -49,6 +49,8 @@ def test_auto_falls_to_cpu_decode_with_the_reason(store):
     assert jitter.decode_choice == auto.decode_choice  # no hardware decoder is the reason, not the jitter
     (cpu,) = loaders(cfg_for(store, workers=0, decode="cpu"), "val", train=False, world_size=1)
     assert cpu.decode_choice == "data.decode: cpu (set in the config)"
+    (default,) = loaders(cfg_for(store, workers=0), "val", train=False, world_size=1)
+    assert default.decode_choice == "data.decode: cpu (the default)"
     for a, b in zip(auto, cpu, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
