@@ -57,6 +57,9 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
     ("overrides", "message"),
     [
         (["train.bogus=1"], "unknown config key train.bogus"),
+        (["data.batchsize=4"], "unknown config key data.batchsize (did you mean data.batch_size?)"),
+        (["data.augment.hflipp=0"], "unknown config key data.augment.hflipp (did you mean data.augment.hflip?)"),
+        (["nmae=x"], "unknown config key nmae (did you mean name?)"),
         (["optim.lr=-1"], "bad value for optim.lr: Input should be greater than 0 (got -1)"),
         (["train.amp=fp8"], "bad value for train.amp"),
         (["data.batch_size=many"], "bad value for data.batch_size"),

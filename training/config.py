@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pydantic
 import yaml
@@ -323,7 +324,9 @@ def format_error(e: pydantic.ValidationError) -> str:
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or "config"
     if err["type"] == "extra_forbidden":
-        return f"unknown config key {key}"
+        close = difflib.get_close_matches(str(err["loc"][-1]), section_keys(err["loc"][:-1]), n=1)
+        return f"unknown config key {key}" + (f" (did you mean {'.'.join([*map(str, err['loc'][:-1]), *close])}?)"
+                                               if close else "")
     if err["type"] == "missing":
         return f"missing config key {key}"
     msg = err["msg"].removeprefix("Value error, ")
@@ -331,6 +334,19 @@ def format_error(e: pydantic.ValidationError) -> str:
     if not err["loc"]:  # a check across keys: its message names them
         return f"bad config: {msg}{more}"
     return f"bad value for {key}: {msg} (got {err.get('input')!r}){more}"
+
+
+def section_keys(loc: Sequence[int | str]) -> list[str]:
+    """The keys of the config section at `loc` (() for the top level); none where it is not a section."""
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        kinds = (field.annotation, *get_args(field.annotation)) if field else ()
+        sections = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]  # a section may be optional
+        if not sections:
+            return []
+        model = sections[0]
+    return list(model.model_fields)
 
 
 def to_dict(cfg: RunConfig) -> dict:
