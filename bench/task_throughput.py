@@ -154,7 +154,7 @@ def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool
 
         out = {"images_per_s": rate(batches), "flops_per_image": flops, "batches": len(batches)}
         if torchvision_loss:
-            ours, theirs = torchvision_fcos(trainer.task.model, cfg.data.image_size)
+            ours, theirs = torchvision_detector(trainer.task.model, cfg.data.image_size)
             stock_batches = [b | {k: [t.to(world.device) for t in b[k]] for k in ("boxes", "labels")}
                              for b in batches]
             ours()
@@ -174,17 +174,19 @@ def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool
     return out
 
 
-def torchvision_fcos(detector: torch.nn.Module, size: int) -> tuple:
-    """Two switches of `detector` (training.tasks.detect.BatchFCOS): to torchvision's own transform (resize by 1,
-    normalise by (0, 1)), anchor generator and FCOS loss, the step before they were replaced, and back to ours."""
-    from torchvision.models.detection import FCOS
+def torchvision_detector(detector: torch.nn.Module, size: int) -> tuple:
+    """Two switches of `detector` (training.tasks.detect's BatchFCOS or BatchRetinaNet): to torchvision's own
+    transform (resize by 1, normalise by (0, 1)), anchor generator and loss, the step before they were replaced,
+    and back to ours."""
+    from torchvision.models.detection import FCOS, RetinaNet
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
     ours = detector.transform, detector.anchor_generator, type(detector).compute_loss
     anchors = detector.anchor_generator
+    stock_loss = FCOS.compute_loss if isinstance(detector, FCOS) else RetinaNet.compute_loss
     stock = (GeneralizedRCNNTransform(size, size, [0.0] * 3, [1.0] * 3),
-             AnchorGenerator(anchors.sizes, anchors.aspect_ratios), FCOS.compute_loss)
+             AnchorGenerator(anchors.sizes, anchors.aspect_ratios), stock_loss)
 
     def use(transform: torch.nn.Module, anchor_generator: torch.nn.Module, loss) -> None:  # noqa: ANN001
         detector.transform, detector.anchor_generator = transform, anchor_generator
@@ -268,8 +270,8 @@ def main() -> None:
                    help="also time the first variant's and each data variant's loader alone, BATCHES batches after "
                         "its workers' prefetched ones (0: not)")
     p.add_argument("--torchvision-loss", action="store_true",
-                   help="detect (FCOS): each ceiling also with torchvision's own transform and loss on targets on the "
-                        "GPU (the step before they were replaced), side by side in the same process")
+                   help="detect (FCOS or RetinaNet): each ceiling also with torchvision's own transform and loss on "
+                        "targets on the GPU (the step before they were replaced), side by side in the same process")
     p.add_argument("--ceiling", type=Path, help=argparse.SUPPRESS)  # the child process measuring one ceiling
     args = p.parse_args()
     if args.ceiling:
