@@ -174,6 +174,13 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     assert marker["step"] == STEPS and len(marker["sha256"]) == 64
     assert json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/metrics.json"))["step"] == STEPS
 
+    # The finished run, on another new machine: nothing left to train, and the run dir is whole again (last.pt
+    # too; the first run may itself have finished before its kill, when its first upload was slow)
+    shutil.rmtree(runs)
+    out = train(config, torchrun=False)
+    assert f"at step {STEPS}" in out and f"done: step {STEPS}" in out
+    assert_same_weights(baseline_1proc, final_state(runs))
+
 
 def test_fresh_start_over_an_existing_run_is_refused(store, baseline_1proc_runs, tmp_path):
     # The existing run is the baseline's (training one only for this costs a launch); refused, it is left as it was.

@@ -105,12 +105,17 @@ def save(ckpt_dir: Path, state: dict, keep: int) -> Path:
     path = ckpt_dir / step_name(state["step"])
     atomic_save(state, path)
     write_marker(path, {"step": state["step"], "epoch": state["epoch"]})
-    atomic_link(path, ckpt_dir / "last.pt")
-    write_marker(ckpt_dir / "last.pt", {"step": state["step"], "epoch": state["epoch"]})
+    point_last(ckpt_dir, path, {"step": state["step"], "epoch": state["epoch"]})
     for old in step_files(ckpt_dir)[:-keep]:
         old.with_name(old.name + MARKER).unlink(missing_ok=True)  # marker first: never a marker without its file
         old.unlink(missing_ok=True)
     return path
+
+
+def point_last(ckpt_dir: Path, path: Path, info: dict) -> None:
+    """last.pt: a hard link to `path`, the newest step file, with its marker."""
+    atomic_link(path, ckpt_dir / "last.pt")
+    write_marker(ckpt_dir / "last.pt", info)
 
 
 def mark_best(ckpt_dir: Path, path: Path, info: dict) -> Path:
