@@ -183,6 +183,17 @@ def crowded_targets(size: int, counts: list[int], classes: int = 5) -> list[dict
     return targets
 
 
+def assert_same_losses_and_gradients(model: torch.nn.Module, ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+    params = list(model.parameters())
+    ours_grad = torch.autograd.grad(sum(ours.values()), params, retain_graph=True)
+    theirs_grad = torch.autograd.grad(sum(theirs.values()), params)
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_fcos_batch_loss_is_torchvisions_with_its_gradients():
     size = 256
     model = small_detector("fcos", size)
@@ -195,14 +206,7 @@ def test_fcos_batch_loss_is_torchvisions_with_its_gradients():
     per_level = [f.shape[-2] * f.shape[-1] for f in features]
     ours = model.compute_loss(targets, outputs, anchors, per_level)
     theirs = FCOS.compute_loss(model, targets, outputs, anchors, per_level)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
-    params = list(model.parameters())
-    ours_grad = torch.autograd.grad(sum(ours.values()), params, retain_graph=True)
-    theirs_grad = torch.autograd.grad(sum(theirs.values()), params)
-    for a, b in zip(ours_grad, theirs_grad):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_losses_and_gradients(model, ours, theirs)
     assert float(ours["bbox_regression"]) > 0  # the crowd matched some anchors: the test compared real terms
 
 
@@ -218,14 +222,7 @@ def test_retinanet_batch_loss_is_torchvisions_with_its_gradients():
     anchors = model.anchor_generator(batch, features)
     ours = model.compute_loss(targets, outputs, anchors)
     theirs = RetinaNet.compute_loss(model, targets, outputs, anchors)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
-    params = list(model.parameters())
-    ours_grad = torch.autograd.grad(sum(ours.values()), params, retain_graph=True)
-    theirs_grad = torch.autograd.grad(sum(theirs.values()), params)
-    for a, b in zip(ours_grad, theirs_grad):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_losses_and_gradients(model, ours, theirs)
     iou = box_iou(targets[1]["boxes"], anchors[1])
     matched = model.proposal_matcher(iou)
     assert iou.max() < 0.4 and int((matched >= 0).sum()) > 1  # the low-quality rule alone matched it, with ties
