@@ -22,6 +22,7 @@ one GPU where there is one; each variant's line is appended to --partial as it f
     python bench/detect_map.py --eval-every 10 --variants $V,shipped_no_close,shipped_no_mosaic
     python bench/detect_map.py --size 128 --steps 120 --train 64 --batch 8 --workers 0 --model test_resnet \
         --fpn-channels 64 --head-convs 2 --parallel 2 --variants shipped,none,hsv_only,shipped_no_close  # the CPU run
+    python bench/detect_map.py --variants shipped --batch 32 --steps 250 --set optim.warmup_epochs=5  # a recipe
 
 The last line is one JSON object, also appended to bench/results/detect_map.jsonl.
 """
@@ -43,7 +44,7 @@ from common import machine, record
 from pipelines import build_loader
 from shards import ConvertOptions, convert, samples
 from training import run
-from training.config import RunConfig, load_config
+from training.config import RunConfig, apply_override, load_config
 from training.dist import World
 from training.tasks.detect import DetectTask
 
@@ -78,7 +79,8 @@ def make_store(work: Path, train: int) -> str:
 
 
 def write_config(work: Path, store: str, variant: str, args: argparse.Namespace) -> Path:
-    """detector.yaml with the bench's data, model size and length; only data.augment differs between variants."""
+    """detector.yaml with the bench's data, model size and length, and the --set overrides; only data.augment
+    differs between variants."""
     cfg = yaml.safe_load((ROOT / "configs" / "detector.yaml").read_text())
     steps_per_epoch = -(-args.train // args.batch)
     cfg.update(name=variant, runs_dir=str(work / "runs"), resume="never")
@@ -89,6 +91,8 @@ def write_config(work: Path, store: str, variant: str, args: argparse.Namespace)
     cfg["train"].update(epochs=-(-args.steps // steps_per_epoch), max_steps=args.steps, log_every=50)
     cfg["eval"].update(every_epochs=args.eval_every)  # val mAP in the run's results.csv; and after the last epoch
     cfg["checkpoint"].update(every_steps=100_000, keep=1)
+    for item in args.set:
+        apply_override(cfg, item)
     path = work / "configs" / f"{variant}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
@@ -138,6 +142,8 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=len(VARIANTS), help="variants trained at the same time")
     p.add_argument("--work", type=Path, default=Path("/tmp/detect-bench"))
     p.add_argument("--partial", type=Path, help="append each variant's JSON line here as it finishes")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for every variant's config, as `shardtrain train` takes them (optim.lr=0.02)")
     p.add_argument("--eval-every", type=int, default=10_000, help="epochs between the runs' own val evaluations")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -182,7 +188,7 @@ def main() -> None:
               "".join(f" {r[s + '_map']:13.3f} {r[s + '_map50']:15.3f}" for s in HELD_OUT))
     record("detect_map", {
         "bench": "detect_map", "variants": results, "wall_s": round(time.perf_counter() - start, 1),
-        "settings": {"steps": args.steps, "size": args.size, "batch": args.batch, "train": args.train,
+        "settings": {"set": args.set, "steps": args.steps, "size": args.size, "batch": args.batch, "train": args.train,
                      "model": f"FCOS, timm {args.model} + FPN {args.fpn_channels}ch, {args.head_convs} head convs, "
                               "random init",
                      "optim": SHIPPED["optim"], "shipped_augment": AUG,
