@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from io import TextIOWrapper
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ def held_out_maps(cfg: RunConfig, device: torch.device) -> dict[str, float]:
     """mAP of the run's last weights on each held-out split."""
     world = World(0, 0, 1, device)
     ckpt = torch.load(Path(cfg.runs_dir) / cfg.name / "checkpoints" / "last.pt", weights_only=True, map_location=device)
-    out = {}
+    out: dict[str, float] = {}
     for split in HELD_OUT:
         loader = build_loader(cfg.data, split, train=False, task="detect", rank=0, world_size=1, seed=cfg.seed,
                               device=device)
@@ -123,7 +124,10 @@ def one(config: Path) -> None:
     start = time.perf_counter()
     summary = run(cfg)
     train_s = time.perf_counter() - start
-    print("RESULT " + json.dumps({"variant": cfg.name, "train_loss": round(float(summary.final["train_loss"]), 4),
+    assert summary is not None  # one process: rank 0
+    loss = summary.final["train_loss"]
+    assert loss is not None
+    print("RESULT " + json.dumps({"variant": cfg.name, "train_loss": round(float(loss), 4),
                                   "steps": summary.step, "train_s": round(train_s, 1),
                                   **held_out_maps(cfg, device)}), flush=True)
 
@@ -156,7 +160,9 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start, results, running = time.perf_counter(), {}, {}
+    start = time.perf_counter()
+    results: dict[str, dict] = {}
+    running: dict[str, tuple[subprocess.Popen, TextIOWrapper]] = {}
     queue = [(n, write_config(args.work, store, n, args)) for n in names]
     while queue or running:
         while queue and len(running) < args.parallel:
@@ -165,10 +171,10 @@ def main() -> None:
             running[name] = (subprocess.Popen([sys.executable, __file__, "--one", str(config)], stdout=log,
                                               stderr=subprocess.STDOUT, env=env), log)
         time.sleep(2)
-        for name, (proc, log) in list(running.items()):
+        for name, (proc, done_log) in list(running.items()):
             if proc.poll() is None:
                 continue
-            log.close()
+            done_log.close()
             text = (args.work / f"{name}.log").read_text()
             lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
             results[name] = json.loads(lines[-1][7:]) if proc.returncode == 0 and lines else \

@@ -105,8 +105,10 @@ def main() -> None:
     print(f"random init: k-NN top-1 {baseline:.2f}%")
     start = time.perf_counter()
     summary = run(cfg)
+    assert summary is not None and summary.best is not None  # one process: rank 0, and k-NN evals ran
     train_s = time.perf_counter() - start
     final = summary.final["val_knn_top1"]
+    assert final is not None
     print(f"after {summary.epoch} epochs ({summary.step} steps, {train_s:.0f}s): k-NN top-1 {final:.2f}% "
           f"(best {summary.best:.2f}%), {final / baseline:.3f}x the random init")
     out = {"bench": "dino_knn", "random_init_knn_top1": round(baseline, 2), "dino_knn_top1": round(final, 2),

@@ -125,7 +125,8 @@ def canvas_device_batch(batch: dict, spec=SPEC, device: torch.device = DEVICE) -
     sizes = torch.tensor([(s.height, s.width) for s in streams])
     h, w = (int(v) for v in sizes.max(0).values)
 
-    def into_canvas(*_) -> list[torch.Tensor]:  # on the decode's own drained stream, as the product decodes
+    # on the decode's own drained stream, as the product decodes
+    def into_canvas(*_: object) -> list[torch.Tensor | Exception]:
         cuda_stream = torch.cuda.current_stream(device).cuda_stream
         canvas = torch.empty((len(streams), h, w, 3), dtype=torch.uint8, device=device)
         slots = [canvas[i, : s.height, : s.width] for i, s in enumerate(streams)]
@@ -135,6 +136,7 @@ def canvas_device_batch(batch: dict, spec=SPEC, device: torch.device = DEVICE) -
         return [canvas]
 
     canvas = gpu.decode_on_own_stream([], [], device, into_canvas)[0]
+    assert isinstance(canvas, torch.Tensor)
     x = canvas.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     gpu.replicate_edges(x, gpu_color.upload(sizes, device))
     box, flip, label = (batch[k].to(device, non_blocking=True) for k in ("box", "flip", "label"))

@@ -81,7 +81,7 @@ def make_photos(dest: Path, count: int, seed: int = 0) -> None:
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
         folder = dest / "train" / name
         folder.mkdir(parents=True, exist_ok=True)
-        img.crop((x, y, x + cw, y + ch)).resize((400, 300), Image.BILINEAR).save(
+        img.crop((x, y, x + cw, y + ch)).resize((400, 300), Image.Resampling.BILINEAR).save(
             folder / f"{name}_{i:05d}.jpg", quality=90
         )
 
@@ -96,7 +96,7 @@ def interleaved_rates(epoch_fns: dict, rounds: int) -> tuple[dict[str, list[floa
         start = time.perf_counter()
         first[name] = fn(0) / (time.perf_counter() - start)
         workers[name] = child_pids() - before
-    rates = {name: [] for name in epoch_fns}
+    rates: dict[str, list[float]] = {name: [] for name in epoch_fns}
     names = list(epoch_fns)
     for e in range(1, rounds + 1):
         turn = e % len(names)  # each round starts with the next loader: none always follows the same one

@@ -49,6 +49,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -154,7 +155,7 @@ def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool
 
         out = {"images_per_s": rate(batches), "flops_per_image": flops, "batches": len(batches)}
         if torchvision_loss:
-            ours, theirs = torchvision_detector(trainer.task.model, cfg.data.image_size)
+            ours, theirs = torchvision_detector(trainer.model, cfg.data.image_size)
             stock_batches = [b | {k: [t.to(world.device) for t in b[k]] for k in ("boxes", "labels")}
                              for b in batches]
             ours()
@@ -174,7 +175,7 @@ def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool
     return out
 
 
-def torchvision_detector(detector: torch.nn.Module, size: int) -> tuple:
+def torchvision_detector(detector: Any, size: int) -> tuple:
     """Two switches of `detector` (training.tasks.detect's BatchFCOS or BatchRetinaNet): to torchvision's own
     transform (resize by 1, normalise by (0, 1)), anchor generator and loss, the step before they were replaced,
     and back to ours."""
@@ -188,7 +189,7 @@ def torchvision_detector(detector: torch.nn.Module, size: int) -> tuple:
     stock = (GeneralizedRCNNTransform(size, size, [0.0] * 3, [1.0] * 3),
              AnchorGenerator(anchors.sizes, anchors.aspect_ratios), stock_loss)
 
-    def use(transform: torch.nn.Module, anchor_generator: torch.nn.Module, loss) -> None:  # noqa: ANN001
+    def use(transform: torch.nn.Module, anchor_generator: torch.nn.Module, loss: Any) -> None:
         detector.transform, detector.anchor_generator = transform, anchor_generator
         detector.compute_loss = types.MethodType(loss, detector)
 

@@ -64,7 +64,7 @@ def _make_one(args: tuple[str, int, str]) -> None:
     ch = min(h, round(cw / aspect))
     x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
     tw = rng.randint(440, 560)
-    crop = img.crop((x, y, x + cw, y + ch)).resize((tw, round(tw * ch / cw)), Image.BICUBIC)
+    crop = img.crop((x, y, x + cw, y + ch)).resize((tw, round(tw * ch / cw)), Image.Resampling.BICUBIC)
     crop.save(out, quality=90)
 
 
@@ -284,7 +284,7 @@ def main() -> None:
     out: dict = {"bench": "train_throughput", "machine": machine(), "images": args.images,
                  "max_side": args.max_side, "batch": args.batch, "workers": args.workers, "compile": compile,
                  "compile_mode": args.compile_mode}
-    table = []
+    table: list[tuple[str, float, float | None, float | None]] = []
 
     if args.scaling:
         counts = [int(c) for c in args.scaling.split(",")]
@@ -343,7 +343,7 @@ def main() -> None:
                 out[f"ratio_{key}_{fmt}_{decode}"] = round(rate / ceil, 3)
             # The headline ratio is the best of our input paths: the one a user should pick on this host.
             paths = {k: v for k, v in out.items() if k.startswith(f"ratio_{key}_") and not k.endswith("_dali")}
-            best = max(paths, key=paths.get)
+            best = max(paths, key=lambda k: paths[k])
             out[f"ratio_{key}"], out[f"best_path_{key}"] = paths[best], best.removeprefix(f"ratio_{key}_")
         if args.checkpoint:
             model = args.models.split(",")[0]
