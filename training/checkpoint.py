@@ -146,13 +146,33 @@ def load(path: str | Path) -> dict:
 
 
 def to_cpu(obj: Any) -> Any:
-    """`obj` with every tensor copied into CPU memory: a snapshot that training can no longer change."""
+    """`obj` with every tensor copied into CPU memory: a snapshot that training can no longer change.
+
+    A GPU's tensors are copied into pinned memory without waiting, and waited for once at the end (as torchtitan
+    stages its asynchronous checkpoints): a blocking copy per tensor into pageable memory, hundreds a state, drained
+    the GPU's queue at the first and copied at pageable speed."""
+    devices: set[torch.device] = set()
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            return t.detach().to("cpu", copy=True)
+        devices.add(t.device)
+        return torch.empty_like(t, device="cpu", pin_memory=True).copy_(t.detach(), non_blocking=True)
+
+    snapshot = map_tensors(copy, obj)
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
+    return snapshot
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """`obj` with `fn` applied to every tensor in its dicts, lists and tuples."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(map_tensors(fn, v) for v in obj)
     return obj
 
 
