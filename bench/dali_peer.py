@@ -1,10 +1,11 @@
 """The peer input path of issue 19: NVIDIA DALI on the same WebDataset tars, as `--paths wds-dali` in
 bench/train_throughput.py.
 
-DALI reads the tars (`fn.readers.webdataset`), decodes JPEGs on the GPU with its share for the hardware decoder
-(`fn.decoders.image_random_crop`, device "mixed": a region-of-interest decode of the random resized crop), resizes,
-flips and normalises, and feeds the same model and step as the ceiling. DALI is not a dependency of shardtrain:
-`pip install nvidia-dali-cuda130` (for torch's CUDA 13 builds; -cuda120 for CUDA 12).
+DALI reads the tars (`fn.readers.webdataset`, with the `.idx` files convert writes in its index format), decodes
+JPEGs on the GPU with its share for the hardware decoder (`fn.decoders.image_random_crop`, device "mixed": a
+region-of-interest decode of the random resized crop), resizes, flips and normalises, and feeds the same model and
+step as the ceiling. DALI is not a dependency of shardtrain: `pip install nvidia-dali-cuda130` (for torch's CUDA 13
+builds; -cuda120 for CUDA 12).
 
 Without a GPU (`device_id=None`) the pipeline decodes on the CPU: only for checking the pipeline, not a figure.
 """
@@ -19,7 +20,7 @@ import torch
 
 from common import iterator_rate
 from pipelines.config import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from shards import read_manifest
+from shards import idx_name, read_manifest
 
 LABEL_BYTES = 8  # a `.cls` is the class index in ASCII digits; room for 10**8 classes
 
@@ -35,11 +36,13 @@ def pipeline(tars: list[str], batch: int, threads: int, device_id: int | None, h
     from nvidia.dali import fn, pipeline_def, types
 
     decode = {"device": "cpu"} if device_id is None else {"device": "mixed", "hw_decoder_load": hw_load}
+    indexes = [str(Path(t).with_name(idx_name(Path(t).name))) for t in tars]  # convert's, in DALI's format
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
     def train():
-        jpegs, cls = fn.readers.webdataset(paths=tars, ext=["jpg", "cls"], missing_component_behavior="error",
-                                           random_shuffle=True, initial_fill=4 * batch, name="reader")
+        jpegs, cls = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
+                                           missing_component_behavior="error", random_shuffle=True,
+                                           initial_fill=4 * batch, name="reader")
         images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=[0.08, 1.0],
                                                random_aspect_ratio=[3 / 4, 4 / 3], **decode)
         images = fn.resize(images, resize_x=size, resize_y=size)

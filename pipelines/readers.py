@@ -23,6 +23,7 @@ import numpy as np
 from pipelines.config import DataError
 from pipelines.plan import shard_starts
 from pipelines.store import BadSample, RawSample, StoreSplit
+from shards import idx_spans
 from shards.storage import storage_error
 
 if TYPE_CHECKING:
@@ -167,15 +168,17 @@ class ByteRanges:
 class TarReader(ShardReader):
     """WebDataset tars from a local path, NAS or any fsspec URL, read by byte range.
 
-    The first touch of a shard in a worker scans its headers into an index (kept for later
-    epochs: persistent workers); a batch is then one `ByteRanges.fetch` of its samples' spans,
-    whichever shards they are in. With `cache_dir`, a remote store's shard is first copied whole
-    into it (`local_copy`), and read there from then on.
+    The first touch of a shard in a worker reads its sample index (the `.idx` convert writes beside it: one
+    small read) or, for a shard without one, scans its headers (on object storage, reading the whole shard);
+    the index is kept for later epochs (persistent workers). A batch is then one `ByteRanges.fetch` of its
+    samples' spans, whichever shards they are in. With `cache_dir`, a remote store's shard is first copied
+    whole into it (`local_copy`), and read there from then on.
     """
 
     def __init__(self, split: StoreSplit, cache_dir: str | None = None):
         super().__init__(split)
         self.paths = [fsspec.core.url_to_fs(url)[1] for url in split.shards]
+        self.idx_paths = [fsspec.core.url_to_fs(url)[1] if url else None for url in split.indexes]
         self.names = [os.path.basename(p) for p in self.paths]
         local = split.protocol in ("file", "local")
         self.cache = None if local or cache_dir is None else os.path.join(cache_dir, store_key(split))
@@ -217,11 +220,25 @@ class TarReader(ShardReader):
             try:
                 if self.cache is not None:
                     self._read_paths[shard] = self.local_copy(shard)
-                with self._ranges.fs.open(self._read_paths[shard], "rb", block_size=READ_BLOCK) as f:
-                    self._index[shard] = scan_tar(f, self.split.counts[shard])
+                self._index[shard] = self._read_idx(shard) or self._scan(shard)
             except Exception as e:  # as in `read`: storage, not data
                 raise self._storage_error(shard, e) from None
         return self._index[shard]
+
+    def _read_idx(self, shard: int) -> TarIndex | None:
+        """The shard's index from its `.idx` file; None without one, or with one that is missing or does not fit
+        the shard (the scan finds the samples then, and `shardtrain verify` names the file)."""
+        path = self.idx_paths[shard]
+        if path is None:
+            return None
+        try:
+            return TarIndex(idx_spans(self.fs.cat_file(path), self.split.counts[shard], self.split.sizes[shard]), None)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _scan(self, shard: int) -> TarIndex:
+        with self._ranges.fs.open(self._read_paths[shard], "rb", block_size=READ_BLOCK) as f:
+            return scan_tar(f, self.split.counts[shard])
 
     def local_copy(self, shard: int) -> str:
         """The path of the shard's copy in the cache, downloaded whole (one request) unless a copy of the

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from shards.convert import ConvertOptions, ConvertSummary, convert
 from shards.manifest import Manifest, read_manifest
 from shards.storage import StoreError, open_fs
+from shards.tarindex import idx_name, idx_spans
 from shards.verify import inspect_store, verify
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "Manifest",
     "StoreError",
     "convert",
+    "idx_name",
+    "idx_spans",
     "inspect_store",
     "local_cluster_options",
     "open_fs",

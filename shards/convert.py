@@ -10,6 +10,7 @@ module does the rest (listing, packing, the indexes and the manifest) the same w
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -50,7 +51,18 @@ from shards.manifest import (
     write_timm_info,
 )
 from shards.progress import console, progress_bar
-from shards.storage import WRITE_PROBE, StoreError, check_writable, is_local, join, open_fs, public_url, publish_file
+from shards.storage import (
+    WRITE_PROBE,
+    StoreError,
+    check_writable,
+    is_local,
+    join,
+    open_fs,
+    public_url,
+    publish_file,
+    write_bytes_atomic,
+)
+from shards.tarindex import idx_name, make_idx
 from shards.workers import WorkerDied, ordered_map
 from shards.writers import SUFFIX, WRITERS, file_digest, payload_bytes, shard_name
 
@@ -60,10 +72,10 @@ if TYPE_CHECKING:
 _SIZE = re.compile(r"^\s*(\d+)\s*(samples?|[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-# What a conversion leaves in DEST before its manifest.json: shards, their _index/, shards being built
+# What a conversion leaves in DEST before its manifest.json: shards, their .idx and _index/, shards being built
 # (.NAME.partial), the files commit() writes before the manifest, temp files of atomic writes, the write probe.
 _OUR_FILES = {INDEX_DIR, REJECTS, TIMM_INFO, MANIFEST, WRITE_PROBE}
-_SHARD_FILE = re.compile(rf"^\.?.+-\d{{6}}\.({'|'.join(SUFFIX.values())})(\.partial)?$")
+_SHARD_FILE = re.compile(rf"^\.?.+-\d{{6}}\.({'|'.join([*SUFFIX.values(), 'idx'])})(\.partial)?$")
 _DASK = re.compile(r"^(local:[1-9]\d*|[a-z]+://\S+)$")
 
 
@@ -435,10 +447,14 @@ def write_shard(fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: s
     build = join(build_dir, f".{name}.partial")
     WRITERS[fmt](build, samples)
     nbytes, sha256 = file_digest(build)
+    idx = make_idx(build) if fmt == "wds" else None
     publish_file(fs, build, join(root, name))
+    if idx is not None:  # after its shard, before the shard's _index/ file: a shard with that has its .idx too
+        write_bytes_atomic(fs, join(root, idx_name(name)), idx)
     return ShardIndex(
         shard=name, split=shard.split, version=version, samples=len(samples), bytes=nbytes,
-        sha256=sha256, rejects=shard.rejects,
+        sha256=sha256, idx_sha256=hashlib.sha256(idx).hexdigest() if idx is not None else None,
+        rejects=shard.rejects,
         items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1) for s in samples],
     )
 

@@ -30,6 +30,7 @@ class ShardEntry(BaseModel):
     sha256: str
     version: int
     index_sha256: str | None = None  # of _index/<name>.json; None in stores written before it was recorded
+    idx_sha256: str | None = None  # of its .idx beside it (shards.tarindex, wds); None: none (lmdb, older stores)
 
 
 class SplitEntry(BaseModel):
@@ -111,10 +112,11 @@ class ShardIndex(BaseModel):
     sha256: str
     items: list[IndexItem]
     rejects: list[RejectRecord]  # inputs rejected while this shard was being filled
+    idx_sha256: str | None = None  # as ShardEntry's
 
     def entry(self, index_sha256: str) -> ShardEntry:
         return ShardEntry(name=self.shard, samples=self.samples, bytes=self.bytes, sha256=self.sha256,
-                          version=self.version, index_sha256=index_sha256)
+                          version=self.version, index_sha256=index_sha256, idx_sha256=self.idx_sha256)
 
 
 def json_bytes(obj: object, **dumps_kw) -> bytes:

@@ -21,6 +21,7 @@ from shards.layouts import imagefolder_inputs
 from shards.manifest import INDEX_DIR, Manifest, ShardEntry, ShardIndex, load_json, read_manifest, read_rejects
 from shards.progress import progress_bar
 from shards.storage import is_local, join, open_fs
+from shards.tarindex import idx_name, make_idx
 from shards.writers import file_digest
 
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -29,7 +30,8 @@ IMAGE_EXTS = ("jpg", "png", "webp")
 def verify(dest: str, deep: bool = False, progress: bool = False) -> list[str]:
     """Problems found, each naming its shard; [] means every shard matches the manifest.
 
-    Checks each shard's size, sha256 and sample count, and its _index/ file (what --append relies on);
+    Checks each shard's size, sha256 and sample count, its _index/ file (what --append relies on) and its
+    sample index (`.idx`, what readers rely on);
     `deep` also decodes every image and compares the shard's keys with its index's.
     """
     manifest = read_manifest(dest)
@@ -69,9 +71,27 @@ def check_shard(fs: fsspec.AbstractFileSystem, root: str, fmt: str, entry: Shard
             return problems
         if count != entry.samples:
             problems.append(f"{count} samples, manifest says {entry.samples}")
+        if entry.idx_sha256 is not None:
+            problems += check_idx(fs, root, entry, local)
         if deep and isinstance(index, ShardIndex) and keys != [it.key for it in index.items]:
             problems.append(f"its keys differ from {INDEX_DIR}/{entry.name}.json")
     return problems
+
+
+def check_idx(fs: fsspec.AbstractFileSystem, root: str, entry: ShardEntry, tar_path: str) -> list[str]:
+    """Problems with the shard's sample index (shards.tarindex): missing, not what the manifest recorded, or not
+    the index of the shard as it is (`tar_path`, a readable tar)."""
+    name = idx_name(entry.name)
+    try:
+        raw = fs.cat_file(join(root, name))
+    except FileNotFoundError:
+        return [f"{name} is missing"]
+    sha256, recorded = hashlib.sha256(raw).hexdigest(), entry.idx_sha256 or ""
+    if sha256 != recorded:
+        return [f"{name} sha256 {sha256[:16]}... does not match the manifest's {recorded[:16]}..."]
+    if raw != make_idx(tar_path):
+        return [f"{name} does not index the shard as it is"]
+    return []
 
 
 def read_index(fs: fsspec.AbstractFileSystem, root: str, entry: ShardEntry) -> ShardIndex | str:
