@@ -58,7 +58,7 @@ def copy_sources(instructions: list[str]) -> list[str]:
 
 
 def lock_pins() -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for line in (ROOT / "docker" / "requirements.lock").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
@@ -134,8 +134,8 @@ def docker_compose() -> list[str]:
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         return [docker, "compose"]
-    if shutil.which("docker-compose"):
-        return [shutil.which("docker-compose")]
+    if compose := shutil.which("docker-compose"):
+        return [compose]
     pytest.skip("no `docker compose` plugin (nor docker-compose) on this machine to validate compose.yaml")
 
 

@@ -225,13 +225,19 @@ def test_vit_without_dynamic_size_is_a_clear_error(store, tmp_path):
         DinoTask(cfg, [], ONE, tmp_path).build_model()
 
 
+class Backbone(torch.nn.Sequential):
+    """A sequence of layers with a timm model's `num_features`, which the k-NN reads."""
+
+    num_features: int
+
+
 def knn_answer(store: str, rank: int, world: World) -> float:
     """k-NN top-1 of fixed random features (pooled colours) on this rank's share of the store."""
     cfg = config(store)
-    args = dict(train=False, task="classify", rank=rank, world_size=world.size, seed=0, device=CPU)
-    bank, queries = build_loader(cfg.data, "train", **args), build_loader(cfg.data, "val", **args)
+    bank, queries = (build_loader(cfg.data, split, train=False, task="classify", rank=rank, world_size=world.size,
+                                  seed=0, device=CPU) for split in ("train", "val"))
     torch.manual_seed(0)
-    backbone = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
+    backbone = Backbone(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 16))
     backbone.num_features = 16
     return knn_top1(backbone, bank, queries, world, len(queries.classes), k=5)
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timezone
 from pathlib import Path
 from unittest import mock
@@ -54,7 +55,7 @@ def prefect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory, moto_server) -> dict[str, str]:
+def prefect_env(tmp_path_factory, moto_server) -> Iterator[dict[str, str]]:
     """A real Prefect server (SQLite in a temp dir); returns the env for its CLI and worker.
 
     Started after moto_server, so the env carries the AWS_* variables to the worker's flow runs.
@@ -71,7 +72,7 @@ def prefect_env(tmp_path_factory, moto_server) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_env) -> dict[str, str]:
+def deployed(prefect_env) -> Iterator[dict[str, str]]:
     """The work pool, `prefect deploy --all` from the repo's prefect.yaml, and a running worker."""
     created = prefect_cli(prefect_env, "work-pool", "create", "--type", "process", POOL)
     assert created.returncode == 0, created.stdout + created.stderr
@@ -86,7 +87,7 @@ def deployed(prefect_env) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def client(prefect_env) -> SyncPrefectClient:
+def client(prefect_env) -> Iterator[SyncPrefectClient]:
     with temporary_settings(updates={PREFECT_API_URL: prefect_env["PREFECT_API_URL"]}):
         with get_client(sync_client=True) as c:
             yield c
@@ -99,7 +100,9 @@ def run_deployment(env: dict[str, str], name: str, **params) -> UUID:
         args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     out = prefect_cli(env, *args)
     assert out.returncode == 0, out.stdout + out.stderr
-    return UUID(re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1))
+    found = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout)
+    assert found is not None, out.stdout
+    return UUID(found.group(1))
 
 
 def flow_logs(client: SyncPrefectClient, run_id: UUID) -> str:
@@ -130,13 +133,16 @@ def wait_final(client: SyncPrefectClient, run_id: UUID, timeout: float = 600) ->
 
 def assert_completed(client: SyncPrefectClient, run_id: UUID) -> FlowRun:
     run = wait_final(client, run_id)
-    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{flow_logs(client, run_id)}"
+    state = run.state
+    assert state is not None  # wait_final returns a run in a final state
+    assert state.is_completed(), f"{state.name}: {state.message}\n{flow_logs(client, run_id)}"
     return run
 
 
 def decision_artifact(client: SyncPrefectClient, run_id: UUID) -> str:
     artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     [decision] = [a for a in artifacts if a.key == "nightly-decision"]
+    assert isinstance(decision.data, str), decision.data  # a markdown artifact
     return decision.data
 
 
@@ -324,6 +330,8 @@ def wait_for_retry(client: SyncPrefectClient, run_id: UUID, timeout: float = 300
             if task_run.state is not None and task_run.state.name in ("AwaitingRetry", "Retrying"):
                 return
         run = client.read_flow_run(run_id)
-        assert not run.state.is_final(), f"finished before any retry: {run.state.name}\n{flow_logs(client, run_id)}"
+        assert run.state is None or not run.state.is_final(), (
+            f"finished before any retry: {run.state.name}\n{flow_logs(client, run_id)}"
+        )
         time.sleep(0.5)
     raise TimeoutError(f"no retry of {run_id} after {timeout}s:\n{flow_logs(client, run_id)}")

@@ -48,7 +48,9 @@ def python(code: str, *args: str, env: dict[str, str]) -> tuple[subprocess.Popen
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
+    threading.Thread(target=lambda: lines.extend(stdout), daemon=True).start()
     return proc, lines
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ print("RESULT", nightly.nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], 
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch) -> PrefectServer:
+def server(tmp_path, monkeypatch) -> Iterator[PrefectServer]:
     monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")  # expired leases freed at once
     # A run waiting for the slot asks again within a second, not after up to 30 s (the server's Retry-After)
     monkeypatch.setenv("PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "1")
@@ -53,7 +54,7 @@ def server(tmp_path, monkeypatch) -> PrefectServer:
 
 
 @pytest.fixture
-def client(server) -> SyncPrefectClient:
+def client(server) -> Iterator[SyncPrefectClient]:
     with temporary_settings(updates={PREFECT_API_URL: server.url}), get_client(sync_client=True) as c:
         yield c
 

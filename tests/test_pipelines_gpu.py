@@ -3,7 +3,10 @@ the crop of that image alone, up to its right and bottom edges."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -12,10 +15,17 @@ from torchvision.ops import roi_align
 from pipelines.gpu import crop_resize
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as cv2 decodes it, in RGB order."""
+    image = cv2.imread(str(path))
+    assert image is not None, f"cv2 cannot read {path}"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 @pytest.fixture(scope="module")
 def small_and_big(imagefolder_src) -> list[torch.Tensor]:
     """Two real photos as the decoder gives them, uint8 (3,H,W): a 27x35 cut of one, then a whole 48x48 one."""
-    a, b = (cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(imagefolder_src.rglob("*.jpg"))[:2])
+    a, b = (read_rgb(p) for p in sorted(imagefolder_src.rglob("*.jpg"))[:2])
     small = torch.from_numpy(a[:27, :35]).permute(2, 0, 1).contiguous()
     big = torch.from_numpy(b).permute(2, 0, 1).contiguous()
     assert small.shape == (3, 27, 35) and big.shape == (3, 48, 48)

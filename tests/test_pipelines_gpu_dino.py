@@ -5,6 +5,7 @@ loader's batches against the cpu mode's."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import albumentations as A
 import cv2
@@ -22,12 +23,19 @@ CPU = torch.device("cpu")
 AUG = AugmentConfig(global_crops=2, local_crops=3, local_size=16)
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as cv2 decodes it, in RGB order."""
+    image = cv2.imread(str(path))
+    assert image is not None, f"cv2 cannot read {path}"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 @pytest.fixture(scope="module")
 def photos(imagefolder_src) -> torch.Tensor:
     """Four real photo crops, float 0..255 (4,3,40,48)."""
     root = imagefolder_src
     paths = sorted(root.rglob("*.jpg"))[:4]
-    images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)[:40, :48] for p in paths]
+    images = [read_rgb(p)[:40, :48] for p in paths]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
 
 

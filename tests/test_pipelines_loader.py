@@ -393,6 +393,7 @@ def corrupt_first_image(store: str, fmt: str) -> tuple[str, str]:
         with env.begin() as txn:
             value = txn.get(b"00000000")
         env.close()
+        assert value is not None, f"{shard}: no record 00000000"
         head = int.from_bytes(value[:4], "big")
         key = json.loads(value[4 : 4 + head])["key"]
         broken = value[: 4 + head] + bytes(32) + value[4 + head + 32 :]

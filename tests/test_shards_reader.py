@@ -38,7 +38,9 @@ def read_tar(path: Path) -> dict[str, dict]:
     with tarfile.open(path) as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()
+            file = tar.extractfile(member)
+            assert file is not None, f"{path}: {member.name} is not a regular file"
+            data = file.read()
             sample = out.setdefault(key, {})
             if ext == "cls":
                 sample["cls"] = int(data)
@@ -53,8 +55,11 @@ def read_lmdb(path: Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     env = lmdb.open(str(path), subdir=False, readonly=True, lock=False)
     with env.begin() as txn:
-        for i in range(int(txn.get(b"__len__"))):
+        length = txn.get(b"__len__")
+        assert length is not None, f"{path}: no __len__ key"
+        for i in range(int(length)):
             record = txn.get(b"%08d" % i)
+            assert record is not None, f"{path}: record {i} missing"
             n = int.from_bytes(record[:4], "big")
             header = json.loads(record[4:4 + n])
             key = header.pop("key")

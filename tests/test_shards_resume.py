@@ -29,8 +29,10 @@ def cli_convert(src: Path, dest: Path, *extra: str) -> subprocess.Popen:
 
 def kill_after_shards(proc: subprocess.Popen, dest: Path, finished: int) -> None:
     deadline = time.monotonic() + 120
+    stderr = proc.stderr
+    assert stderr is not None  # cli_convert: stderr=PIPE
     while len(list((dest / "_index").glob("*.json"))) < finished:
-        assert proc.poll() is None, proc.stderr.read().decode()
+        assert proc.poll() is None, stderr.read().decode()
         assert time.monotonic() < deadline, "conversion made no progress"
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
@@ -54,20 +55,26 @@ def write_config(tmp_path: Path, store: str, max_steps: int, workers: int = 0, *
     return config
 
 
-def start(tmp_path: Path, store: str, max_steps: int = 2, *args: str, **config) -> subprocess.Popen:
-    config = write_config(tmp_path, store, max_steps, **config)
+class Run(subprocess.Popen[bytes]):
+    """A `shardtrain train` that `start` started: its output goes to `log`, a file open for reading it back."""
+
+    log: IO[str]
+
+
+def start(tmp_path: Path, store: str, max_steps: int = 2, *args: str, **settings) -> Run:
+    config = write_config(tmp_path, store, max_steps, **settings)
     log = open(tmp_path / "log.txt", "w+")
-    proc = subprocess.Popen([SHARDTRAIN, "train", str(config), *args], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = Run([SHARDTRAIN, "train", str(config), *args], stdout=log, stderr=subprocess.STDOUT,
+               start_new_session=True)
     proc.log = log
     return proc
 
 
-def text(proc: subprocess.Popen) -> str:
+def text(proc: Run) -> str:
     return Path(proc.log.name).read_text()
 
 
-def wait_until(cond, proc: subprocess.Popen | None, timeout: float = 240) -> None:
+def wait_until(cond, proc: Run | None, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert proc is None or proc.poll() is None, f"the run ended first:\n{text(proc)[-3000:]}"
@@ -86,7 +93,7 @@ def torchrun_started(pid: int) -> bool:
     return False
 
 
-def finish(proc: subprocess.Popen) -> tuple[int, str]:
+def finish(proc: Run) -> tuple[int, str]:
     try:
         proc.wait(timeout=240)
     finally:

@@ -18,6 +18,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def store(imagefolder_src, tmp_path_factory) -> str:
 
 
 def write_config(path: Path, store: str, **sections) -> Path:
-    cfg = {
+    cfg: dict[str, Any] = {
         "name": "t",
         "runs_dir": str(path.parent / "runs"),
         "seed": 3,
@@ -59,23 +60,29 @@ def write_config(path: Path, store: str, **sections) -> Path:
     return path
 
 
-def start(config: Path, *args: str, torchrun: bool = True, env: dict | None = None) -> subprocess.Popen:
+class Run(subprocess.Popen[str]):
+    """A run `start` started: its output goes to `log`, a file open for reading it back."""
+
+    log: IO[str]
+
+
+def start(config: Path, *args: str, torchrun: bool = True, env: dict | None = None) -> Run:
     """`shardtrain train CONFIG ...` (or, cheaper, the worker alone: `python -m training CONFIG`) in its own
     process group, its output in a log file beside the config."""
     log = open(config.with_name(f"log-{time.monotonic_ns()}.txt"), "w+")
     cmd = [SHARDTRAIN, "train", str(config), *args] if torchrun else [sys.executable, "-m", "training", str(config)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    proc = Run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+               env={**os.environ, **(env or {})})
     proc.log = log
     return proc
 
 
-def output(proc: subprocess.Popen) -> str:
+def output(proc: Run) -> str:
     proc.log.seek(0)
     return proc.log.read()
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+def finish(proc: Run, timeout: float = 240) -> tuple[int, str]:
     proc.wait(timeout=timeout)
     return proc.returncode, output(proc)
 
@@ -86,7 +93,7 @@ def train(config: Path, *args: str, torchrun: bool = True) -> str:
     return out
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for(path: Path, proc: Run, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert proc.poll() is None, f"run ended before {path.name} appeared:\n{output(proc)[-3000:]}"

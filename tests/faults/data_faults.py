@@ -85,7 +85,9 @@ def tar_samples(path: Path) -> list[Stored]:
     with tarfile.open(path, "r:") as tar:
         for info in tar:
             key, _, ext = info.name.partition(".")
-            members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+            member = tar.extractfile(info)
+            assert member is not None, f"{path}: {info.name} is not a regular file"
+            members.setdefault(key, {})[ext] = member.read()
     out = []
     for key, m in members.items():
         ext = next(e for e in ("jpg", "png", "webp") if e in m)
@@ -99,8 +101,11 @@ def lmdb_samples(path: Path) -> list[Stored]:
     out = []
     try:
         with env.begin() as txn:
-            for i in range(int(txn.get(b"__len__"))):
+            length = txn.get(b"__len__")
+            assert length is not None, f"{path}: no __len__ key"
+            for i in range(int(length)):
                 value = txn.get(b"%08d" % i)
+                assert value is not None, f"{path}: sample {i} of {int(length)} missing"
                 (n,) = struct.unpack(">I", value[:4])
                 meta = json.loads(value[4:4 + n])
                 out.append(Stored(meta.pop("key"), meta.pop("ext"), bytes(value[4 + n:]), meta))
@@ -499,10 +504,10 @@ def outcome(rel: str, expect: Expect, stored: dict[str, list[Stored]], rejects: 
     sample = found[0]
     if expect.boxes is not None:
         boxes, labels = expect.boxes
-        got = (sample.meta.get("boxes"), sample.meta.get("labels"))
-        if got[1] != list(labels) or not np.allclose(np.asarray(got[0], float).reshape(-1, 4),
-                                                       np.asarray(boxes, float).reshape(-1, 4), atol=1e-6):
-            return "wrong", f"boxes {got} != expected {expect.boxes}"
+        got_boxes = (sample.meta.get("boxes"), sample.meta.get("labels"))
+        if got_boxes[1] != list(labels) or not np.allclose(np.asarray(got_boxes[0], float).reshape(-1, 4),
+                                                             np.asarray(boxes, float).reshape(-1, 4), atol=1e-6):
+            return "wrong", f"boxes {got_boxes} != expected {expect.boxes}"
         return "converted", ""
     if sample.meta.get("cls") != cls:
         return "wrong", f"class {sample.meta.get('cls')} != {cls}"
@@ -510,10 +515,12 @@ def outcome(rel: str, expect: Expect, stored: dict[str, list[Stored]], rejects: 
         if img.mode not in ("RGB", "L"):
             return "wrong", f"stored mode {img.mode}"
         pixels = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=float)
-    if pixels.shape != expect.pixels.shape:
-        want = expect.pixels.shape
+    expected = expect.pixels
+    assert expected is not None, f"{rel}: an Expect that is neither rejected nor boxes gives pixels"
+    if pixels.shape != expected.shape:
+        want = expected.shape
         return "wrong", f"stored {pixels.shape[1]}x{pixels.shape[0]}, expected {want[1]}x{want[0]}"
-    diff = float(np.abs(pixels - expect.pixels).mean())
+    diff = float(np.abs(pixels - expected).mean())
     if diff > expect.tol:
         return "wrong", f"pixels differ by {diff:.1f} (> {expect.tol})"
     return "converted", ""
@@ -611,7 +618,7 @@ def cli_verify(dest: Path) -> tuple[int, str]:
 def corrupt_stores(work: Path, kills: int, rng: random.Random) -> dict:
     work.mkdir(parents=True)
     stores = good_stores(work)
-    figures = Counter()
+    figures: Counter[str] = Counter()
     for i in range(2 * kills):  # kills shards, then kills index files
         fmt = FORMATS[i % 2]
         dest = work / f"corrupt-{i}-{fmt}"
@@ -686,7 +693,7 @@ def damaged_training(work: Path, rng: random.Random) -> dict:
     `fail` must stop with one line naming the shard. Then an LMDB whose file was cut short."""
     work.mkdir(parents=True)
     stores = good_stores(work)
-    figures = Counter()
+    figures: Counter[str] = Counter()
     for fmt in FORMATS:
         dest = work / f"damaged-{fmt}"
         shutil.copytree(stores[fmt], dest)
@@ -710,9 +717,9 @@ def damaged_training(work: Path, rng: random.Random) -> dict:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     code, out = train(train_config(work / "cut.yaml", dest, "skip"))
     last = out.strip().splitlines()[-1] if out.strip() else ""
-    skipped = f"skipped_samples {skipped_samples(work, 'cut')}, " if code == 0 else ""
+    counted = f"skipped_samples {skipped_samples(work, 'cut')}, " if code == 0 else ""
     print(f"train on an lmdb store whose {shard.name} was cut in half, on_error skip: exit {code}"
-          f"{' (killed by signal ' + str(-code) + ')' if code < 0 else ''}: {skipped}{last[:150]}", flush=True)
+          f"{' (killed by signal ' + str(-code) + ')' if code < 0 else ''}: {counted}{last[:150]}", flush=True)
     figures["corrupt_train_lmdb_cut_crashed"] = int(code < 0)
     return {k: figures[k] for k in ("corrupt_train_skip_ok", "corrupt_train_skipped", "corrupt_train_fail_names_shard",
                                     "corrupt_train_lmdb_cut_crashed")}

@@ -91,7 +91,11 @@ def run_nightly(env: dict[str, str], params: dict) -> UUID:
     args = ["deployment", "run", "nightly-retrain/nightly"]
     for key, value in params.items():
         args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    return UUID(re.search(r"UUID: ([0-9a-f-]{36})", must(prefect_cli(env, *args))).group(1))
+    out = must(prefect_cli(env, *args))
+    found = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    if found is None:
+        raise RuntimeError(f"no flow run id in `prefect deployment run`'s output:\n{out}")
+    return UUID(found.group(1))
 
 
 def flow_logs(client: SyncPrefectClient, run_id: UUID) -> str:
@@ -108,6 +112,16 @@ def wait_final(client: SyncPrefectClient, run_id: UUID, timeout: float) -> FlowR
             return run
         time.sleep(1)
     return None
+
+
+def completed(run: FlowRun | None) -> bool:
+    """Whether `run` (wait_final's answer) ended Completed."""
+    return run is not None and run.state is not None and run.state.is_completed()
+
+
+def state_name(run: FlowRun | None, otherwise: str) -> str | None:
+    """The name of the final state of `run` (wait_final's answer), or `otherwise` when it has none."""
+    return run.state.name if run is not None and run.state is not None else otherwise
 
 
 def wait_running(client: SyncPrefectClient, run_id: UUID, timeout: float = 300) -> FlowRun:
@@ -223,11 +237,14 @@ def run(work: Path, kills: int, seed: int) -> dict:
             samples.make_imagefolder(raw, per_class=PER_CLASS, size=32)
             night1 = run_nightly(env, params(host))
             done = wait_final(client, night1, RUN_TIMEOUT_S)
-            if done is None or not done.state.is_completed():
+            if done is None or not completed(done) or done.start_time is None:
                 raise RuntimeError(f"night 1 did not complete:\n{flow_logs(client, night1)}")
             t0 = done.start_time.timestamp()
-            spans = {name: (start.timestamp() - t0, end.timestamp() - t0)
-                     for name, (start, end) in phases(client, night1).items()}
+            spans: dict[str, tuple[float, float]] = {}
+            for name, (began, ended) in phases(client, night1).items():
+                if began is None or ended is None:
+                    raise RuntimeError(f"night 1 completed, its {name} without a start or an end")
+                spans[name] = (began.timestamp() - t0, ended.timestamp() - t0)
             print(f"night 1 clean in {done.total_run_time.total_seconds():.0f}s: append "
                   f"{spans['append'][0]:.1f}-{spans['append'][1]:.1f}s, train {spans['train'][0]:.1f}-"
                   f"{spans['train'][1]:.1f}s after the run started", flush=True)
@@ -241,7 +258,9 @@ def run(work: Path, kills: int, seed: int) -> dict:
                 offset = rng.uniform(start, start + 0.8 * (end - start))
 
                 killed = run_nightly(env, params(host))
-                started = wait_running(client, killed).start_time.timestamp()
+                running = wait_running(client, killed)
+                assert running.start_time is not None  # wait_running waits for it
+                started = running.start_time.timestamp()
                 time.sleep(max(0.0, started + offset - time.time()))
                 kill_at = time.time()
                 dead = host_crash(worker)
@@ -252,13 +271,13 @@ def run(work: Path, kills: int, seed: int) -> dict:
                 worker = start_worker(env, work / f"worker{host}.log")
                 rerun = run_nightly(env, params(host))
                 done = wait_final(client, rerun, RUN_TIMEOUT_S)
-                completed = done is not None and done.state.is_completed()
+                rerun_ok = completed(done)
                 recovery_s = round(time.time() - kill_at, 1)
                 append_start = phases(client, rerun).get("append", (None, None))[0]
                 slot_wait = seconds(append_start, kill_at)
 
-                exact = completed and stored_exactly_once(store, raw)
-                resumed = resumed_from(client, rerun) if completed else None
+                exact = rerun_ok and stored_exactly_once(store, raw)
+                resumed = resumed_from(client, rerun) if rerun_ok else None
                 after = latest_remote(storage, work / "no-runs")
                 from_storage = (resumed is not None and resumed[0].startswith("s3://")
                                 and before is not None and resumed[1] >= before.step)
@@ -266,26 +285,26 @@ def run(work: Path, kills: int, seed: int) -> dict:
 
                 third = run_nightly(env, params(host))
                 third_done = wait_final(client, third, THIRD_RUN_TIMEOUT_S)
-                third_ok = third_done is not None and third_done.state.is_completed()
+                third_ok = completed(third_done)
 
                 left = client.read_flow_run(killed).state  # the rerun sets it Crashed once it holds the slot
                 crashed = left is not None and left.is_crashed()
                 figures["prefect_dead_runs_crashed"] += crashed
 
-                recovered = completed and exact and from_storage and finished and third_ok and crashed
+                recovered = rerun_ok and exact and from_storage and finished and third_ok and crashed
                 figures["prefect_recovered"] += recovered
                 figures["prefect_resumed_from_storage"] += from_storage
                 figures["prefect_third_run_ok"] += third_ok
-                if completed:
+                if rerun_ok:
                     figures["prefect_worst_recovery_s"] = max(figures["prefect_worst_recovery_s"], recovery_s)
                 if slot_wait is not None:
                     figures["prefect_worst_slot_wait_s"] = max(figures["prefect_worst_slot_wait_s"], slot_wait)
                 print(f"kill {trial}/{trials} at {offset:.1f}s ({hit}, aimed at {target}; {dead} processes): rerun "
-                      f"{done.state.name if done else 'not final'} {recovery_s}s after the kill (slot after "
+                      f"{state_name(done, 'not final')} {recovery_s}s after the kill (slot after "
                       f"{slot_wait}s), store exact={exact}, resumed={resumed and resumed[1]} from "
                       f"{'storage' if from_storage else 'not storage'} (last night's step "
                       f"{before and before.step}), epoch {after and after.epoch}/{night}, third run "
-                      f"{third_done.state.name if third_done else 'blocked'}, dead run "
+                      f"{state_name(third_done, 'blocked')}, dead run "
                       f"{left.name if left else None}: "
                       f"{'recovered' if recovered else 'NOT recovered'}", flush=True)
                 if not recovered and done is not None:

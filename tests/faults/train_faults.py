@@ -58,15 +58,18 @@ def make_store(work: Path) -> str:
     return str(dest)
 
 
-def run_baseline(folder: Path, store: str, storage: str, label: str, workers: int = 0) -> tuple[dict | None, float]:
+def run_baseline(folder: Path, store: str, storage: str, label: str, workers: int = 0) -> tuple[dict, float]:
     """Train an uninterrupted run to the end: its final state (what every fault's resume must match) and its seconds."""
     started = time.monotonic()
     code, log = train_to_end(write_config(folder, store, storage, workers=workers))
     seconds = time.monotonic() - started
     if code != 0:
         raise RuntimeError(f"the {label} run failed (exit {code}):\n{log[-3000:]}")
+    state = final_state(folder)
+    if state is None:  # nothing to compare the faults' resumes with
+        raise RuntimeError(f"the {label} run exited 0 without a last.pt:\n{log[-3000:]}")
     print(f"{label}: {STEPS} steps in {seconds:.1f}s", flush=True)
-    return final_state(folder), seconds
+    return state, seconds
 
 
 def write_config(folder: Path, store: str, storage: str, workers: int = 0) -> Path:
@@ -362,7 +365,8 @@ def preemptions(work: Path, store: str, moto: MotoServer, trials: int, rng: rand
     baseline, baseline_s = run_baseline(work / "baseline", store, f"s3://{BUCKET}/preempt-baseline",
                                          f"preemption baseline ({LOADER_WORKERS} DataLoader worker per rank)",
                                          workers=LOADER_WORKERS)
-    tally = {mode: Counter() for mode in MODES}  # signals, ok, identical, after-end and the moments hit
+    # signals, ok, identical, after-end and the moments hit
+    tally: dict[str, Counter[str]] = {mode: Counter() for mode in MODES}
     worst = dict.fromkeys(MODES, 0.0)
     # Round after round, one trial of each mode that still needs one: a campaign cut short has tried every mode.
     # A run that ends before its signal does not count: another one is started.
