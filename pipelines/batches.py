@@ -106,8 +106,8 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
             item["areas"] = (xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]) * scale**2
         items.append(item)
     images: list[np.ndarray] = []
-    boxes: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
+    boxes: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
     for i, (_, seed, _) in enumerate(good):
         data = dict(items[i])
         if spec.train:
@@ -118,6 +118,11 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
         out = apply(spec.transforms[0], seed, **data)
         keep = presets.keep_visible(out, spec.aug) if spec.train else slice(None)
         images.append(out["image"])
-        boxes.append(torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)[keep]))
-        labels.append(torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)[keep]))
-    return {"image": chw(images, spec.size), "boxes": boxes, "labels": labels}, bad
+        boxes.append(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)[keep])
+        labels.append(np.asarray(out["labels"], dtype=np.int64).reshape(-1)[keep])
+    # The boxes and labels of all images as one tensor each, with each image's count: a worker passes every
+    # tensor through a shared-memory segment of its own, and receiving two per image cost the training process
+    # more than the rest of the batch (bench/batch_transfer.py). `TaskData.per_image` splits them there.
+    return {"image": chw(images, spec.size), "counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64),
+            "boxes": torch.from_numpy(np.concatenate([np.zeros((0, 4), np.float32), *boxes])),
+            "labels": torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *labels]))}, bad

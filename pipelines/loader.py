@@ -279,7 +279,7 @@ class Loader:
             assert batch is not None  # a batch is missing only with a failure
             self.skipped += skipped
             self._batch += 1
-            yield self.task.to_device(batch, self.device, self._normalise)
+            yield self.task.to_device(self.task.received(batch), self.device, self._normalise)
 
     def _take(self, n: int) -> Iterator[tuple[dict | None, int, str | None]]:
         """The live iteration's next `n` items; `_items_at` follows what was taken (run_ahead takes ahead of what

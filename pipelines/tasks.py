@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import albumentations as A
 import torch
@@ -39,12 +40,24 @@ class TaskData:
     decoders: dict[str, Decoder]  # by data.decode
     images: str  # the batch key of the images: a (N,3,H,W) tensor, or a list of them (one per view)
     host: tuple[str, ...] = ()  # batch keys left in (pinned) host memory: the task's model moves them itself
+    # batch keys the workers send concatenated over the batch's images, with each image's rows in `counts`
+    per_image: tuple[str, ...] = ()
     # the augment setting that only the cpu mode applies, if set (data.decode: auto keeps such a run on the CPU)
     cpu_only: Callable[[AugmentConfig], str | None] = lambda aug: None
 
     def spec(self, train: bool, size: int, aug: AugmentConfig) -> BatchSpec:
         """What the workers' batch function gets besides the samples."""
         return BatchSpec(size=size, train=train, aug=aug, transforms=self.transforms(train, size, aug))
+
+    def received(self, batch: Batch) -> Batch:
+        """A worker's batch as the task reads it: each `per_image` key a list of one tensor per image (views)."""
+        if not self.per_image:
+            return batch
+        out = {key: value for key, value in batch.items() if key != "counts"}
+        sizes = cast(torch.Tensor, batch["counts"]).tolist()
+        for key in self.per_image:
+            out[key] = list(cast(torch.Tensor, out[key]).split(sizes))
+        return out
 
     def to_device(self, batch: Batch, device: torch.device, normalise: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         """Every tensor of the batch but `host`'s on `device` (non-blocking: from pinned memory on CUDA); the images
@@ -85,5 +98,6 @@ TASKS: dict[str, TaskData] = {
         images="image",
         # torchvision checks each image's boxes before its loss: on the device, a host sync per image
         host=("boxes", "labels"),
+        per_image=("boxes", "labels"),
     ),
 }

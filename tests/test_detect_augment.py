@@ -40,6 +40,7 @@ def one_coin(tmp_path_factory) -> tuple[RawSample, np.ndarray, float]:
             cx, cy, bw, bh = row[1:]
             scale = SIZE / max(w, h)
             best = (raw, np.array([bw * w * scale, bh * h * scale]), aspect)
+    assert best is not None, f"no images in {src}"
     return best
 
 
@@ -50,7 +51,7 @@ def train_boxes(raw: RawSample, aug: AugmentConfig, seeds: range) -> list[np.nda
     for seed in seeds:
         batch, bad = detect_batch([raw] * 4, [seed * 4 + i for i in range(4)], spec)
         assert not bad
-        out += [b.numpy() for b in batch["boxes"]]
+        out += [b.numpy() for b in TASKS["detect"].received(batch)["boxes"]]  # per image, as the loader gives them
     return out
 
 
@@ -142,6 +143,8 @@ def losses(store: str, augment: dict, steps: int) -> list[float]:
     optimizer = build_optimizer(cfg.optim, model, cfg.optim.lr)
     plan = StepPlan(len(loader), 1, 0, -(-steps // len(loader)), steps)
     scheduler = build_scheduler(cfg.optim, optimizer, plan)
+    clip = cfg.optim.clip_grad
+    assert clip is not None  # set above
     out: list[float] = []
     for epoch in range(plan.epochs):
         loader.set_epoch(epoch)
@@ -149,7 +152,7 @@ def losses(store: str, augment: dict, steps: int) -> list[float]:
             loss = sum(model(list(batch["image"]), targets_of(batch)).values())
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             out.append(loss.item())
             scheduler.step_update(len(out))

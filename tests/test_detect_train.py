@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipelines import DataConfig, build_loader
+from pipelines import DataConfig, Loader, build_loader
 from shards import ConvertOptions, convert
 from shards.samples import make_yolo
 from tests.test_training_runs import finish, kill_group, start, wait_for
@@ -35,7 +36,7 @@ SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
 def write_config(path: Path, store: str, **sections) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = {
+    cfg: dict[str, Any] = {
         "name": "t",
         "runs_dir": str(path.parent / "runs"),
         "task": "detect",
@@ -162,6 +163,29 @@ def test_bad_labels_are_rejected_and_the_rest_loads(bad_label_store):
     loader.set_epoch(0)
     counts = [len(b) for batch in loader for b in batch["boxes"]]
     assert len(counts) == 12 - 3 and counts.count(0) == 2  # the empty and the missing label file: no objects
+
+
+def test_workers_send_a_batch_s_boxes_in_one_tensor_and_the_loader_gives_them_per_image(bad_label_store):
+    # A worker passes every tensor through a shared-memory segment of its own: two per image cost the training
+    # process more to receive than the rest of a detection batch (bench/batch_transfer.py).
+    store, _ = bad_label_store
+
+    def loader(workers: int) -> Loader:
+        return build_loader(DataConfig(path=store, image_size=64, batch_size=4, workers=workers), "train",
+                            train=True, task="detect", rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+
+    sent = next(iter(loader(2).dataloader))[0]
+    assert sorted(sent) == ["boxes", "counts", "image", "labels"]
+    boxes = int(sent["counts"].sum())
+    assert sent["boxes"].shape == (boxes, 4) and sent["labels"].shape == (boxes,)
+    through_workers, in_process = loader(2), loader(0)
+    batches = 0
+    for a, b in zip(through_workers, in_process, strict=True):
+        assert len(a["boxes"]) == len(a["labels"]) == len(a["image"])
+        for key in ("boxes", "labels"):
+            assert [t.tolist() for t in a[key]] == [t.tolist() for t in b[key]]
+        batches += 1
+    assert batches == len(in_process) > 1
 
 
 def test_kill9_mid_run_resumes_exactly_and_map_agrees_across_ranks(bad_label_store, tmp_path):
