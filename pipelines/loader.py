@@ -15,11 +15,13 @@ elsewhere (a resume) starts a new iteration there. An eval loader's iteration is
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -227,6 +229,7 @@ class Loader:
         self._normalise = normalise
         self._items: Iterator[tuple[dict | None, int, str | None]] = iter(())  # the live iteration of dataloader
         self._items_at: tuple[int, int] | None = None  # (epoch, batch) of its next item
+        LIVE.add(self)
 
     def __len__(self) -> int:
         return self.sampler.num_batches
@@ -257,6 +260,14 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch": self._batch}
+
+    def close(self) -> None:
+        """End the live iteration: its workers take the DataLoader's stop message and exit. The loader is not
+        iterated again."""
+        items, self._items, self._items_at = self._items, iter(()), None
+        shutdown = getattr(items, "_shutdown_workers", None)  # a multi-process iteration: what its __del__ calls
+        if shutdown is not None:
+            shutdown()
 
     def load_state_dict(self, d: dict) -> None:
         self.set_epoch(int(d["epoch"]), int(d["batch"]))
@@ -302,6 +313,21 @@ class Loader:
         if bad and self.cfg.on_error == "fail":
             return None, skipped + len(bad), describe(bad[0])
         return batch, skipped + len(bad), None
+
+
+LIVE: weakref.WeakSet[Loader] = weakref.WeakSet()
+
+
+@atexit.register  # after torch's and multiprocessing's hooks, so it runs before them (last in, first out)
+def close_live_loaders() -> None:
+    """At the interpreter's exit, every loader's workers sent their stop message, as at the end of an iteration.
+
+    Left to torch and multiprocessing, torch skips its own shutdown at exit, and multiprocessing ends the workers
+    with SIGTERM, which a worker takes only from its parent (`outlive_stop_signals`). Standard signals do not
+    queue: a stop signal from anyone else (torchrun's to the process group) still pending in the worker swallowed
+    the parent's, and the exit waited on that worker forever."""
+    for loader in list(LIVE):
+        loader.close()
 
 
 def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool, world_size: int) -> None:

@@ -378,6 +378,50 @@ def test_stop_signals_while_workers_start_do_not_kill_them(store):
     assert sent > 100
 
 
+EXITING_WITH_LIVE_WORKERS = """
+import multiprocessing, sys
+import torch
+from pipelines import DataConfig, build_loader
+
+cfg = DataConfig(path=sys.argv[1], image_size=32, batch_size=4, workers=2, persistent_workers=sys.argv[2] == "1")
+loader = build_loader(cfg, "val", train=False, task="classify", rank=0, world_size=1, seed=0,
+                      device=torch.device("cpu"))
+next(iter(loader))  # the iteration is live: its workers wait for more
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+sys.stdin.readline()
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_rank_exits_with_a_live_iteration_though_a_worker_holds_a_stop_signal(store, persistent):
+    # At exit, multiprocessing ended the workers with SIGTERM, which a worker takes only from its rank; a stop
+    # signal from anyone else still pending in it (torchrun's, to the rank's process group) swallowed the rank's,
+    # as standard signals do not queue, and the exit waited on that worker forever (found under load, stop 31).
+    # Stopping the worker holds the signal pending for as long as the exit takes, every time.
+    proc = subprocess.Popen([sys.executable, "-c", EXITING_WITH_LIVE_WORKERS, store, str(int(persistent))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        worker = int(proc.stdout.readline().split()[0])
+        os.kill(worker, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while "\nState:\tT" not in Path(f"/proc/{worker}/status").read_text():  # stopped, not yet taking signals
+            assert time.monotonic() < deadline, "the worker did not stop"
+            time.sleep(0.01)
+        os.kill(worker, signal.SIGTERM)  # someone else's, pending while the worker is stopped
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "exiting\n"
+        time.sleep(2)  # the rank is at its exit, and has ended its workers its way
+        os.kill(worker, signal.SIGCONT)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def corrupt_first_image(store: str, fmt: str) -> tuple[str, str]:
     """Zero the JPEG header of one stored image in place; returns (shard, key)."""
     shard = sorted(Path(store).glob(f"val-*.{'tar' if fmt == 'wds' else 'lmdb'}"))[0]
