@@ -366,16 +366,20 @@ def test_stop_signals_while_workers_start_do_not_kill_them(store):
     # rank ended with a traceback instead of saving (test_training_preempt, CI 2026-12-05).
     proc = subprocess.Popen([sys.executable, "-c", STARTING_WORKERS, store, "40"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-    sent = 0
-    while proc.poll() is None:  # the loader's process, its workers, each as they start: the whole group
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        sent = 0
+        while proc.poll() is None:  # the loader's process, its workers, each as they start: the whole group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+                sent += 1
+            time.sleep(0.001)
+        out, err = proc.communicate()
+        assert proc.returncode == 0 and out == "done\n", err[-2000:]
+        assert sent > 100
+    finally:  # a failure (or pytest's timeout) leaves nothing of it running
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-            sent += 1
-        time.sleep(0.001)
-    out, err = proc.communicate()
-    assert proc.returncode == 0 and out == "done\n", err[-2000:]
-    assert sent > 100
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 EXITING_WITH_LIVE_WORKERS = """
