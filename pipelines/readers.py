@@ -232,9 +232,10 @@ class TarReader(ShardReader):
         if path is None:
             return None
         try:
-            return TarIndex(idx_spans(self.fs.cat_file(path), self.split.counts[shard], self.split.sizes[shard]), None)
+            spans = idx_spans(self.fs.cat_file(path), self.split.counts[shard], self.split.sizes[shard])
         except (FileNotFoundError, ValueError):
             return None
+        return TarIndex(np.asarray(spans, dtype=np.int64).reshape(-1, 2), None)
 
     def _scan(self, shard: int) -> TarIndex:
         with self._ranges.fs.open(self._read_paths[shard], "rb", block_size=READ_BLOCK) as f:

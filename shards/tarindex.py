@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import tarfile
 
-import numpy as np
-
 VERSION = "v1.2"
 BLOCK = tarfile.BLOCKSIZE
 
@@ -38,21 +36,22 @@ def make_idx(tar_path: str) -> bytes:
     return (f"{VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)).encode()
 
 
-def idx_spans(data: bytes, samples: int, size: int) -> np.ndarray:
-    """(samples, 2) int64: each sample's [start, end) in its tar of `size` bytes, from the index `data`. A sample
-    runs from where the one before it ends (its members' headers first) to the end of its last member's data,
-    padded to the tar's 512-byte blocks. ValueError when `data` is not an index of that many samples in that tar."""
+def idx_spans(data: bytes, samples: int, size: int) -> list[tuple[int, int]]:
+    """Each sample's [start, end) in its tar of `size` bytes, from the index `data`. A sample runs from where the
+    one before it ends (its members' headers first) to the end of its last member's data, padded to the tar's
+    512-byte blocks. ValueError when `data` is not an index of that many samples in that tar."""
     lines = data.decode().splitlines()
     if not lines or lines[0].split() != [VERSION, str(samples)] or len(lines) != samples + 1:
         raise ValueError(f"not a {VERSION} index of {samples} samples")
-    ends = np.empty(samples, dtype=np.int64)
+    spans, start = [], 0
     for i, line in enumerate(lines[1:]):
         fields = line.split()
         if not fields or len(fields) % 4:
             raise ValueError(f"sample #{i}: not `ext offset size name` fields")
         end = max(int(fields[j + 1]) + int(fields[j + 2]) for j in range(0, len(fields), 4))
-        ends[i] = -(-end // BLOCK) * BLOCK
-    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    if samples and ((ends <= starts).any() or ends[-1] > size):
-        raise ValueError(f"sample spans outside a tar of {size} bytes")
-    return np.stack([starts, ends], axis=1)
+        end = -(-end // BLOCK) * BLOCK
+        if not start < end <= size:
+            raise ValueError(f"sample #{i}: span {start}-{end} outside a tar of {size} bytes")
+        spans.append((start, end))
+        start = end
+    return spans

@@ -105,7 +105,7 @@ def test_a_reader_on_s3_reads_the_index_and_the_samples_only(imagefolder_src, tm
                          for name, size in sizes.items()}
 
         with_idx, bytes_with = requested(url)
-        spans = idx_spans(idx, entry.samples, entry.bytes)
+        spans = np.asarray(idx_spans(idx, entry.samples, entry.bytes))
         manifest = json.loads(fs.cat_file("idx/store/manifest.json"))
         for split in manifest["splits"].values():
             for shard in split["shards"]:
