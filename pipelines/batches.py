@@ -122,7 +122,7 @@ def detect_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) ->
         labels.append(np.asarray(out["labels"], dtype=np.int64).reshape(-1)[keep])
     # The boxes and labels of all images as one tensor each, with each image's count: a worker passes every
     # tensor through a shared-memory segment of its own, and receiving two per image cost the training process
-    # more than the rest of the batch (bench/batch_transfer.py). `TaskData.per_image` splits them there.
+    # more than the rest of the batch (bench/batch_transfer.py). `TaskData.received` splits them there.
     return {"image": chw(images, spec.size), "counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64),
             "boxes": torch.from_numpy(np.concatenate([np.zeros((0, 4), np.float32), *boxes])),
             "labels": torch.from_numpy(np.concatenate([np.zeros(0, np.int64), *labels]))}, bad

@@ -261,6 +261,9 @@ class Loader:
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch": self._batch}
 
+    def load_state_dict(self, d: dict) -> None:
+        self.set_epoch(int(d["epoch"]), int(d["batch"]))
+
     def close(self) -> None:
         """End the live iteration: its workers take the DataLoader's stop message and exit. The loader is not
         iterated again."""
@@ -268,9 +271,6 @@ class Loader:
         shutdown = getattr(items, "_shutdown_workers", None)  # a multi-process iteration: what its __del__ calls
         if shutdown is not None:
             shutdown()
-
-    def load_state_dict(self, d: dict) -> None:
-        self.set_epoch(int(d["epoch"]), int(d["batch"]))
 
     def batch_size(self, batch: Batch) -> int:
         """Samples in one of this loader's batches (a train batch is short by the corrupt samples skipped)."""
