@@ -121,6 +121,21 @@ def test_sigterm_after_the_last_step_exits_0(store, tmp_path):
     assert "done: step 2" in out
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_stop_signal_after_torchrun_ended_keeps_the_finished_run_s_0(store, tmp_path, sig):
+    # A SIGINT while the launcher exited, after the run was done, made it die of the signal (-2): the fault
+    # campaign's late signals. Sent once torchrun is reaped, the launcher is past `launch`, in its exit.
+    proc = start(tmp_path, store)
+    wait_until(lambda: torchrun_started(proc.pid), proc)
+    torchrun = next(int(child) for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                    if b"training.torchrun" in Path(f"/proc/{child}/cmdline").read_bytes())
+    wait_until(lambda: not Path(f"/proc/{torchrun}").exists(), proc)
+    proc.send_signal(sig)
+    code, out = finish(proc)
+    assert code == 0, out[-3000:]
+    assert "done: step 2" in out
+
+
 SWALLOWED = """
 import time
 from training.cli import preempted_on_sigterm

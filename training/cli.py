@@ -39,13 +39,18 @@ def train(
 
 @contextlib.contextmanager
 def preempted_on_sigterm() -> Iterator[None]:
-    """Until `launch` forwards SIGTERM to torchrun (and after it returns), a SIGTERM finds no run started:
-    exit EXIT_PREEMPTED ("run me again"), as during the CLI's imports (flows/cli.py), not a signal death."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: exit_now(EXIT_PREEMPTED))
+    """Until `launch` forwards SIGTERM to torchrun, a SIGTERM finds no run started: exit EXIT_PREEMPTED ("run me
+    again"), as during the CLI's imports (flows/cli.py), not a signal death.
+
+    Once `launch` returns, the exit code is decided, and stop signals are ignored until the process ends: the
+    interpreter's exit (torch imported) takes a moment, and a signal in it would turn a finished run's 0 into a
+    signal death (SIGINT -2, SIGTERM -15)."""
+    signal.signal(signal.SIGTERM, lambda *_: exit_now(EXIT_PREEMPTED))
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 @app.command()
