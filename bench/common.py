@@ -26,6 +26,27 @@ def iterator_rate(it: Iterator, batch: int, warmup: int, count: int) -> float:
     return batch * count / (time.perf_counter() - start)
 
 
+def train_loader_rate(cfg, task: str, count: int) -> float:  # noqa: ANN001 (a pipelines.DataConfig)
+    """images/s of `cfg`'s train loader alone (workers, decode, copy to the GPU, normalise; no model): `count`
+    batches after those its workers prefetched while it started (queued, and one in each worker's hands: counted,
+    they would overstate the workers' rate), across epochs as the training loop iterates them."""
+    import itertools
+
+    from pipelines import build_loader
+
+    loader = build_loader(cfg, cfg.train_split, train=True, task=task, rank=0, world_size=1, seed=0,
+                          device=torch.device("cuda"))
+    loader.plan_epochs(10**6)
+
+    def across_epochs() -> Iterator:
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            yield from loader
+
+    prefetched = cfg.workers * ((cfg.prefetch_factor or 2) + 1)
+    return iterator_rate(across_epochs(), cfg.batch_size, warmup=prefetched + 2, count=count)
+
+
 def profile_steps(step: Callable[[], object], steps: int = 5, top: int = 25) -> None:
     """Where `steps` calls of `step` spend the GPU's time: the share of the wall clock with a kernel or copy
     running, and the `top` kernels by time, printed (each line starts with two spaces)."""

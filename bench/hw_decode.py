@@ -355,12 +355,12 @@ def device_half(batches: list[dict], put) -> None:
 def loader_alone(store: str, batch: int, worker_counts: list[int], put) -> None:
     """Stage 3: input alone through the real loader."""
     for workers in worker_counts:
-        put(f"loader_hw_{workers}", loader_rate(store, "hw", batch, workers, warmup=4, batches=16))
-        put(f"loader_cpu_{workers}", loader_rate(store, "cpu", batch, workers, warmup=4, batches=16))
+        put(f"loader_hw_{workers}", loader_rate(store, "hw", batch, workers, batches=16))
+        put(f"loader_cpu_{workers}", loader_rate(store, "cpu", batch, workers, batches=16))
     shipped = TASKS["classify"].decoders["hw"]
     TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
                                                                                   decode=decode_before))
-    put("loader_hw_before_15", loader_rate(store, "hw", batch, 15, warmup=4, batches=16))
+    put("loader_hw_before_15", loader_rate(store, "hw", batch, 15, batches=16))
     TASKS["classify"].decoders["hw"] = shipped
 
 
@@ -374,7 +374,7 @@ def pool_kept(store: str, streams: list, batches: list[dict], batch: int, put) -
     put("device_batch_before_pool_kept", rate(functools.partial(device_batch, decode_before), batches))
     TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
                                                                                   decode=decode_before))
-    put("loader_hw_before_pool_kept_15", loader_rate(store, "hw", batch, 15, warmup=4, batches=16))
+    put("loader_hw_before_pool_kept_15", loader_rate(store, "hw", batch, 15, batches=16))
 
 
 if __name__ == "__main__":

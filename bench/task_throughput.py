@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import yaml
 
-from common import iterator_rate, machine, print_table, profile_steps, record
+from common import machine, print_table, profile_steps, record, train_loader_rate
 from shards import ConvertOptions, convert, samples
 from train_throughput import launch, make_raw, steady_rate
 from training.config import apply_override
@@ -197,23 +197,10 @@ def torchvision_detector(detector: Any, size: int) -> tuple:
 
 
 def input_alone(task: str, raw: dict, batches: int) -> float:
-    """images/s of the config's train loader alone (workers, decode, copy to the GPU, normalise; no model),
-    `batches` batches after the ones its workers had prefetched, across epochs as the loop iterates."""
-    from pipelines import build_loader
+    """images/s of the config's train loader alone (common.train_loader_rate)."""
     from training.config import validate
 
-    cfg = validate(raw).data
-    loader = build_loader(cfg, cfg.train_split, train=True, task=task, rank=0, world_size=1, seed=0,
-                          device=torch.device("cuda"))
-    loader.plan_epochs(10**6)
-
-    def across_epochs():
-        for epoch in itertools.count():
-            loader.set_epoch(epoch)
-            yield from loader
-
-    prefetched = cfg.workers * ((cfg.prefetch_factor or 2) + 1)  # queued, plus one in each worker's hands
-    return iterator_rate(across_epochs(), cfg.batch_size, warmup=prefetched + 2, count=batches)
+    return train_loader_rate(validate(raw).data, task, batches)
 
 
 def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, n_batches: int, profile: bool = False,

@@ -42,7 +42,7 @@ import torch
 import yaml
 
 import dali_peer
-from common import iterator_rate, machine, print_table, record
+from common import machine, print_table, record, train_loader_rate
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
 
@@ -146,19 +146,12 @@ def ceiling(step: Callable[[torch.Tensor, torch.Tensor], None], batch: int, num_
 # ---- input alone ---------------------------------------------------------------------------------------------------
 
 
-def loader_rate(store: str, decode: str, batch: int, workers: int, warmup: int = 8, batches: int = 40) -> float:
-    """images/s of the train loader alone (decode, augment, copy, normalise on the GPU), no model: `batches`
-    after `warmup`, fewer where an epoch has fewer."""
-    from pipelines import DataConfig, build_loader
+def loader_rate(store: str, decode: str, batch: int, workers: int, batches: int = 40) -> float:
+    """images/s of the classify train loader alone at 224 px (common.train_loader_rate)."""
+    from pipelines import DataConfig
 
     cfg = DataConfig(path=store, image_size=224, batch_size=batch, workers=workers, decode=decode)
-    loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0,
-                          device=torch.device("cuda"))
-    batches = min(batches, len(loader) - warmup)
-    if batches < 8:
-        raise RuntimeError(f"{store} has {len(loader)} batches per epoch; raise --images")
-    loader.set_epoch(0)
-    return iterator_rate(iter(loader), batch, warmup, batches)
+    return train_loader_rate(cfg, "classify", batches)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------------
