@@ -330,11 +330,16 @@ def close_live_loaders() -> None:
         loader.close()
 
 
+def check_layout(path: str, layout: str, task: str) -> None:
+    """A store that `task` cannot read: a one-line DataError."""
+    if layout not in TASKS[task].layouts:
+        raise DataError(f"{path}: task {task} needs a store of layout {' or '.join(TASKS[task].layouts)}, "
+                        f"this one is {layout!r}")
+
+
 def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool, world_size: int) -> None:
     data = TASKS[task]
-    if store.layout not in data.layouts:
-        raise DataError(f"{cfg.path}: task {task} needs a store of layout {' or '.join(data.layouts)}, "
-                        f"this one is {store.layout!r}")
+    check_layout(cfg.path, store.layout, task)
     if cfg.decode != "auto" and cfg.decode not in data.decoders:
         able = [name for name, other in TASKS.items() if cfg.decode in other.decoders]
         raise DataError(f"data.decode={cfg.decode} supports task {' or '.join(able)} only, not {task}; "

@@ -219,12 +219,6 @@ def test_knn_eval_needs_a_labeled_store(store, unlabeled_src, tmp_path):
         DinoTask(config(store, train={"ema_decay": 0.99}), [], ONE, tmp_path)
 
 
-def test_vit_without_dynamic_size_is_a_clear_error(store, tmp_path):
-    cfg = config(store, model={"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "depth": 1}})
-    with pytest.raises(TrainError, match="dynamic_img_size: true"):
-        DinoTask(cfg, [], ONE, tmp_path).build_model()
-
-
 class Backbone(torch.nn.Sequential):
     """A sequence of layers with a timm model's `num_features`, which the k-NN reads."""
 

@@ -18,18 +18,22 @@ from shards import ConvertOptions, convert
 from training import TrainError, checkpoint, launch, load_config, run_dir
 from training.config import to_dict
 from training.model import build_model
+from training.preflight import preflight
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
 
 @pytest.fixture(scope="module")
-def stores(imagefolder_src, tmp_path_factory) -> dict[str, str]:
-    """A store with train and val splits, and one of a flat source converted with --val-fraction 0."""
+def stores(imagefolder_src, unlabeled_src, tmp_path_factory) -> dict[str, str]:
+    """A store with train and val splits; ones of a flat source converted with --val-fraction 0 and with the
+    default holdout; one of unlabeled photos."""
     root = tmp_path_factory.mktemp("preflight")
     convert(ConvertOptions(src=str(imagefolder_src), dest=str(root / "both")), progress=False)
     convert(ConvertOptions(src=str(imagefolder_src / "train"), dest=str(root / "train-only"), val_fraction=0),
             progress=False)
-    return {"both": str(root / "both"), "train-only": str(root / "train-only")}
+    convert(ConvertOptions(src=str(imagefolder_src / "train"), dest=str(root / "held-out")), progress=False)
+    convert(ConvertOptions(src=str(unlabeled_src), dest=str(root / "unlabeled")), progress=False)
+    return {name: str(root / name) for name in ("both", "train-only", "held-out", "unlabeled")}
 
 
 def write(tmp_path: Path, store: str, **model) -> Path:
@@ -65,6 +69,32 @@ def test_split_the_store_lacks(stores, tmp_path):
     assert "--val-fraction 0" in message
     assert refused(write(tmp_path, stores["both"]), "data.train_split=test").startswith(
         f"data.path: the store {stores['both']} has no split 'test' (it has: train, val)")
+
+
+def test_a_misspelt_split_of_a_held_out_store_is_not_blamed_on_the_holdout(stores, tmp_path):
+    message = refused(write(tmp_path, stores["held-out"]), "data.train_split=trian")
+    assert message.startswith(f"data.path: the store {stores['held-out']} has no split 'trian' (it has: train, val); "
+                              "set data.train_split to one of those")
+    assert "holdout" not in message
+
+
+def test_a_store_of_another_layout_is_named_before_its_splits(stores, tmp_path):
+    # an unlabeled store has no val split either: the split's advice (--val-fraction) would not help
+    assert refused(write(tmp_path, stores["unlabeled"])) == (
+        f"data.path: {stores['unlabeled']}: task classify needs a store of layout imagefolder, this one is 'unlabeled'")
+
+
+def test_a_vit_built_for_another_input_size_names_the_setting(stores, tmp_path):
+    # it stopped at the first step instead, with timm's assertion from every rank
+    config = write(tmp_path, stores["both"], name="vit_tiny_patch16_224")
+    assert refused(config) == ("model.kwargs: vit_tiny_patch16_224 takes 224x224 inputs and data.image_size is 32: "
+                               "add img_size: 32 (timm resizes pretrained position embeddings to it)")
+    preflight(load_config(config, ["model.kwargs={img_size: 32}"]))  # the named fix passes
+    dino = ["task=dino", f"data.path={stores['unlabeled']}", "model.kwargs={img_size: 32}",
+            "data.augment.local_crops=2", "data.augment.local_size=16"]
+    assert refused(config, *dino) == ("model.kwargs: vit_tiny_patch16_224 takes one input size; add "
+                                      "dynamic_img_size: true so DINO's 32px global and 16px local crops pass")
+    preflight(load_config(config, [*dino[:2], "model.kwargs={dynamic_img_size: true}", *dino[3:]]))
 
 
 def test_model_name_timm_does_not_know(stores, tmp_path):

@@ -110,6 +110,26 @@ def local_weights(url: str, cache_dir: Path) -> str:
         raise TrainError(f"model.pretrained: cannot fetch {url}: {e}") from None
 
 
+def architecture(cfg: ModelConfig) -> torch.nn.Module:
+    """`cfg`'s model as `build_model` makes it, without weights, on the meta device (no memory, nothing fetched):
+    what the checks before a run look at."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(cfg.name, num_classes=0, **cfg.kwargs)
+    except TypeError as e:
+        raise TrainError(f"model {cfg.name}: {e} (check model.kwargs)") from None
+
+
+def fixed_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The one input size a timm model takes, (height, width), for a ViT-style patch embedding built for one size
+    (without `dynamic_img_size`); None when any size passes."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", False):
+        return None
+    height, width = embed.img_size
+    return int(height), int(width)
+
+
 def build_model(cfg: ModelConfig, num_classes: int, cache_dir: Path) -> torch.nn.Module:
     check_model_name(cfg.name)
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path or None, **cfg.kwargs)

@@ -24,10 +24,12 @@ def preflight(cfg: RunConfig) -> None:
     """Raise a one-line TrainError for a bad model name, missing weights, a missing store or split, or a run
     directory whose checkpoint holds another model. Reads only; writes nothing."""
     manifest = store_manifest(cfg.data.path, "data.path")
+    check_layout(cfg, manifest)
     check_splits(cfg, manifest)
     from training.model import check_model_name, hub_weights
 
     check_model_name(cfg.model.name)
+    check_input_size(cfg)
     check_run_dir(cfg, manifest.classes)
     if cfg.model.pretrained is True:
         hub_weights(cfg.model.name)
@@ -40,6 +42,17 @@ def store_manifest(path: str, key: str) -> shards.Manifest:
         return shards.read_manifest(path)
     except shards.StoreError as e:
         raise TrainError(f"{key}: {e}") from None
+
+
+def check_layout(cfg: RunConfig, manifest: shards.Manifest) -> None:
+    """Before the splits: a store of another layout lacks them for another reason than the splits' advice says."""
+    from pipelines import DataError
+    from pipelines.loader import check_layout as check
+
+    try:
+        check(cfg.data.path, manifest.layout, cfg.task)
+    except DataError as e:
+        raise TrainError(f"data.path: {e}") from None
 
 
 def check_splits(cfg: RunConfig, manifest: shards.Manifest) -> None:
@@ -60,7 +73,7 @@ def need_split(manifest: shards.Manifest, path: str, split: str, store_key: str,
     if split in manifest.splits:
         return
     has = ", ".join(manifest.splits) or "no samples"
-    if manifest.holdout is None:
+    if manifest.holdout is None or split != manifest.holdout.split:
         fix = (f"set {split_key} to one of those (a source without split folders gets a val split from "
                "convert's --val-fraction)")
     elif manifest.holdout.fraction == 0:
@@ -69,6 +82,26 @@ def need_split(manifest: shards.Manifest, path: str, split: str, store_key: str,
         fix = (f"its holdout of {manifest.holdout.fraction:.0%} drew no image yet: reconvert into an empty store "
                "with a larger --val-fraction, or add images")
     raise TrainError(f"{store_key}: the store {path} has no split {split!r} (it has: {has}); {fix}")
+
+
+def check_input_size(cfg: RunConfig) -> None:
+    """A ViT built for one input size stops at its first step on another (an assertion from every rank): say
+    which setting fixes it instead. Detection backbones are convolutional: any size passes."""
+    from training.model import HF_HUB_PREFIX, architecture, fixed_input_size
+
+    if cfg.task == "detect" or cfg.model.name.startswith(HF_HUB_PREFIX):  # a hub config is read only by the run
+        return
+    fixed = fixed_input_size(architecture(cfg.model))
+    size, name = cfg.data.image_size, cfg.model.name
+    if fixed is None:
+        return
+    aug = cfg.data.augment
+    if cfg.task == "dino" and aug.local_crops and aug.local_size != size:
+        raise TrainError(f"model.kwargs: {name} takes one input size; add dynamic_img_size: true so DINO's "
+                         f"{size}px global and {aug.local_size}px local crops pass")
+    if fixed != (size, size):
+        raise TrainError(f"model.kwargs: {name} takes {fixed[0]}x{fixed[1]} inputs and data.image_size is {size}: "
+                         f"add img_size: {size} (timm resizes pretrained position embeddings to it)")
 
 
 def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:

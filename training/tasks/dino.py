@@ -185,11 +185,7 @@ class DinoTask(Task):
 
     def build_model(self) -> nn.Module:
         d, aug = self.dino, self.cfg.data.augment
-        backbone = build_model(self.cfg.model, 0, self.cache_dir)
-        if getattr(backbone, "dynamic_img_size", None) is False and aug.local_crops and \
-                aug.local_size != self.cfg.data.image_size:
-            raise TrainError(f"model.kwargs: {self.cfg.model.name} takes one input size; add dynamic_img_size: true "
-                             "so DINO's local crops pass")
+        backbone = build_model(self.cfg.model, 0, self.cache_dir)  # its input sizes: checked by training.preflight
         head = DinoHead(cast(int, backbone.num_features), d.out_dim, d.hidden_dim, d.bottleneck_dim, d.head_layers,
                         d.norm_last_layer)
         self.model = DinoModel(Encoder(backbone, head), d.out_dim, aug.global_crops)
