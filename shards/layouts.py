@@ -234,7 +234,7 @@ def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     try:
         data = yaml.safe_load(fs.cat_file(path))
     except yaml.YAMLError as e:
-        raise StoreError(f"yolo layout: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise StoreError(f"yolo layout: {path} is not valid YAML: {yaml_problem(e)}") from None
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict):
         try:
@@ -247,3 +247,14 @@ def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if not isinstance(names, list) or not names:
         raise StoreError(f"yolo layout: {path} has no `names` list or dict")
     return [str(n) for n in names]
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, with where it is: PyYAML's own text spans several lines, quoting the source, and
+    its first line alone ("while parsing a block mapping") says neither what is wrong nor where."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None or mark is None:
+        return str(e).splitlines()[0]
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    within = f" ({context} from line {start.line + 1}, column {start.column + 1})" if context and start else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{within}"

@@ -100,6 +100,10 @@ def test_missing_data_section_and_bad_yaml(tmp_path):
     path.write_text("name: [t\n")
     with pytest.raises(TrainError, match="is not valid YAML"):
         load_config(path)
+    path.write_text("name: t\ndata:\n  path: s\n   batch_size: 8\n")  # one space too many: says where
+    with pytest.raises(TrainError) as err:
+        load_config(path)
+    assert str(err.value) == f"config {path} is not valid YAML: line 4, column 14: mapping values are not allowed here"
 
 
 def test_cli_prints_error_line_and_exits_2(tmp_path):

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipelines import DataConfig
+from shards.layouts import yaml_problem
 from training.tasks import TASKS
 
 
@@ -289,7 +290,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     except OSError as e:
         raise TrainError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise TrainError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise TrainError(f"config {path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise TrainError(f"config {path} must be a mapping of keys to values")
     for item in overrides:

@@ -20,6 +20,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from shards.layouts import yaml_problem
+
 app = typer.Typer()
 
 SHM_MIN_BYTES = 10**9  # below 1 GB, DataLoader workers die with "bus error" in containers
@@ -198,7 +200,7 @@ def read_config(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ValueError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"config {path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"config {path} is not a YAML mapping")
     return config
