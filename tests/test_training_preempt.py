@@ -136,6 +136,25 @@ def test_a_stop_signal_after_torchrun_ended_keeps_the_finished_run_s_0(store, tm
     assert "done: step 2" in out
 
 
+def test_a_second_launch_of_a_running_run_is_refused_in_one_line(store, tmp_path):
+    # it trained beside the first (a rerun while the first still saved after Ctrl-C), both writing one run dir
+    from training import TrainError, launch
+    from training.launch import run_dir_lock
+
+    proc = start(tmp_path, store, 10**6)
+    try:
+        wait_until(lambda: torchrun_started(proc.pid), proc)
+        with pytest.raises(TrainError) as err:
+            launch(tmp_path / "run.yaml")
+        assert re.fullmatch(rf"run dir {tmp_path}/runs/t is in use by pid {proc.pid} on \S+: wait for that run to "
+                            "end, or give this one another name", str(err.value)), err.value
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with run_dir_lock(tmp_path / "runs" / "t", node_rank=0):  # a kill -9 leaves no lock behind
+        pass
+
+
 SWALLOWED = """
 import time
 from training.cli import preempted_on_sigterm

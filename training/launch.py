@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from training.config import TrainError, load_config, run_dir
@@ -75,18 +78,42 @@ def launch(
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(cfg.checkpoint.preempt_timeout) + 60)}
     started = time.time()
     pipe = subprocess.PIPE if stream is not None else None
-    proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
-    relay = Relay(proc)
-    with StopSignals(relay.first, relay.insist) as signals:
-        if stream is not None and proc.stdout is not None:  # both or neither
-            for line in proc.stdout:
-                stream(line.rstrip("\n"))
-        code = proc.wait()
+    with run_dir_lock(run_dir(cfg), node_rank):
+        proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
+        relay = Relay(proc)
+        with StopSignals(relay.first, relay.insist) as signals:
+            if stream is not None and proc.stdout is not None:  # both or neither
+                for line in proc.stdout:
+                    stream(line.rstrip("\n"))
+            code = proc.wait()
     if relay.insisted is not None:
         say = stream or (lambda line: print(line, file=sys.stderr))
         say(insist_message(relay.insisted))
         return 128 + relay.insisted
     return exit_code(code, run_dir(cfg), started, signals.requested)
+
+
+@contextlib.contextmanager
+def run_dir_lock(directory: Path, node_rank: int) -> Iterator[None]:
+    """One launch of a run at a time on each node. A second one (the same name twice, or a rerun while the first
+    still saves after a Ctrl-C) trained beside the first, both writing and pruning the same checkpoints. The lock
+    is the kernel's (flock), so it ends with the process however that ends; one per node rank, as nodes may share
+    the run dir on a NAS."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / f".launch-node{node_rank}.lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace") or "another launch"
+        os.close(fd)
+        raise TrainError(f"run dir {directory} is in use by {holder}: wait for that run to end, "
+                         "or give this one another name") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def exit_code(code: int, directory: Path, started: float, signalled: bool) -> int:
