@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -98,3 +99,32 @@ def test_detect_only_options_and_other_tasks_are_one_line(trained, imagefolder_s
     dino.write_text(config.read_text() + "task: dino\n")
     assert error(dino).startswith("error: predict needs a config with task: classify or detect, this one has "
                                   "task: dino")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(trained, imagefolder_src, tmp_path):
+    """The marker beside best.pt, an image (arguments swapped), a pickled model, an empty file: each says what it
+    is not, and never suggests weights_only=False (which would run whatever code the file holds)."""
+    config, best = trained
+    image = next((imagefolder_src / "val").rglob("*.jpg"))
+    torch.save(timm.create_model("test_resnet"), tmp_path / "whole.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(best.read_bytes()[:4096])
+    expected = "expected one written by `shardtrain train`, e.g. runs/NAME/checkpoints/best.pt"
+    bad = {best.with_name("best.pt.complete"): f"is not a checkpoint file; {expected}",
+           image: f"is not a checkpoint file; {expected}",
+           tmp_path / "empty.pt": f"is not a checkpoint file; {expected}",
+           tmp_path / "whole.pt": "holds pickled Python objects (a whole model saved with torch.save(model)?), not "
+                                  f"only tensors; {expected}"}
+    for path, what in bad.items():
+        for command in (["predict", str(config), str(path), str(best)],  # predict's images: best.pt, as if swapped
+                        ["export", str(config), str(path), "--out", str(tmp_path / "out")]):
+            result = CliRunner().invoke(app, command)
+            assert (result.exit_code, result.stderr) == (2, f"error: {path} {what}\n"), result.output
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")  # loads, but is no dict
+    result = CliRunner().invoke(app, ["export", str(config), str(tmp_path / "tensor.pt")])
+    assert (result.exit_code, result.stderr) == (2, f"error: checkpoint {tmp_path / 'tensor.pt'} has no class names: "
+                                                    "is it a shardtrain checkpoint?\n"), result.output
+    result = CliRunner().invoke(app, ["export", str(config), str(tmp_path / "truncated.pt")])
+    assert result.exit_code == 2 and result.stderr.startswith(
+        f"error: cannot read checkpoint {tmp_path / 'truncated.pt'}: PytorchStreamReader failed"), result.output
+    assert len(result.stderr.splitlines()) == 1

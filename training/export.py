@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -32,16 +33,30 @@ from training.tasks.detect import build_detector, detect_settings
 FORMATS: dict[str, tuple[str, ...]] = {"safetensors": ("classify", "dino"), "onnx": ("classify", "detect")}
 DINO_BACKBONE = "teacher.module.backbone."
 OPSET = 17
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
+
+
+def load_checkpoint(checkpoint: str) -> object:
+    """What the checkpoint file holds, read as tensors and plain values only (never code)."""
+    try:
+        with fsspec.open(checkpoint, "rb") as f:
+            is_zip = f.read(4) == ZIP_MAGIC
+            f.seek(0)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError):
+        # not torch's message: it suggests weights_only=False, which would run whatever code the file holds
+        what = ("holds pickled Python objects (a whole model saved with torch.save(model)?), not only tensors"
+                if is_zip else "is not a checkpoint file")
+        raise TrainError(f"{checkpoint} {what}; expected one written by `shardtrain train`, e.g. "
+                         "runs/NAME/checkpoints/best.pt") from None
+    except (OSError, RuntimeError, ValueError) as e:
+        raise TrainError(f"cannot read checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
 
 
 def read_checkpoint(cfg: RunConfig, checkpoint: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The weights a checkpoint serves with (its EMA's when eval.metric is an ema_ one) and its class names."""
-    try:
-        with fsspec.open(checkpoint, "rb") as f:
-            ckpt = torch.load(f, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise TrainError(f"cannot read checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
-    if "classes" not in ckpt or "config" not in ckpt:
+    ckpt = load_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict) or "classes" not in ckpt or "config" not in ckpt:
         raise TrainError(f"checkpoint {checkpoint} has no class names: is it a shardtrain checkpoint?")
     other = another_model(ckpt, cfg, list(ckpt["classes"]))
     if other is not None:
