@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,14 @@ import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
 from shards import ConvertOptions, convert
 from training import load_config, run
+from training.config import TrainError
+from training.predict import check_one_output_each, list_images
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
@@ -128,3 +132,27 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(trained, imagefolder_src, t
     assert result.exit_code == 2 and result.stderr.startswith(
         f"error: cannot read checkpoint {tmp_path / 'truncated.pt'}: PytorchStreamReader failed"), result.output
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_same_named_images_clash_only_where_each_writes_a_file(trained, imagefolder_src, tmp_path):
+    """predictions.json names each image by its path: photo.jpg and photo.png, or a/img.jpg and b/img.jpg, are
+    two records. Only --draw and --format yolo write a file per image, named by its stem."""
+    config, best = trained
+    jpg = next((imagefolder_src / "val").rglob("*.jpg"))
+    (tmp_path / "folder").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "img.jpg").write_bytes(jpg.read_bytes())
+    (tmp_path / "folder" / "photo.jpg").write_bytes(jpg.read_bytes())
+    Image.open(jpg).save(tmp_path / "folder" / "photo.png")
+    inputs = [tmp_path / "folder", tmp_path / "a" / "img.jpg", tmp_path / "b" / "img.jpg"]
+    result = CliRunner().invoke(app, ["predict", str(config), str(best), *map(str, inputs), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "out" / "predictions.json").read_text())) == 4
+    with pytest.raises(TrainError) as e:
+        check_one_output_each(list_images(inputs))
+    assert str(e.value) == (f"{tmp_path / 'folder' / 'photo.jpg'} and {tmp_path / 'folder' / 'photo.png'} would "
+                            "write the same output file photo; predict them in separate runs")
+    with pytest.raises(TrainError, match="^" + re.escape(f"{tmp_path / 'a' / 'img.jpg'} and {tmp_path / 'b' / 'img.jpg'} ")):
+        check_one_output_each(list_images(inputs[1:]))

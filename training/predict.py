@@ -70,13 +70,20 @@ def list_images(paths: list[Path]) -> list[tuple[Path, Path]]:
             found.append((path, Path(path.name)))
         else:
             raise TrainError(f"no such image or folder: {path}")
-    names = [name.with_suffix("") for _, name in found]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise TrainError(f"two images would write the same output {dup}; predict them in separate runs")
     if not found:
         raise TrainError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
     return found
+
+
+def check_one_output_each(found: list[tuple[Path, Path]]) -> None:
+    """--draw and --format yolo write a file per image, named by its output name less the suffix: two images of
+    one such name (photo.jpg and photo.png) would overwrite each other's."""
+    first: dict[Path, Path] = {}
+    for path, name in found:
+        other = first.setdefault(name.with_suffix(""), path)
+        if other != path:
+            raise TrainError(f"{other} and {path} would write the same output file {name.with_suffix('')}; "
+                             "predict them in separate runs")
 
 
 def load_detector(cfg: RunConfig, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
@@ -145,6 +152,8 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     if top < 1:
         raise TrainError(f"--top must be at least 1, not {top}")
     found = list_images(images)
+    if draw_boxes or fmt == "yolo":
+        check_one_output_each(found)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     aug = cfg.data.augment
     mean = torch.tensor(aug.mean, device=device).view(3, 1, 1) * 255
