@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from flows.cli import app
 from pipelines import decode_image, detect_eval
 from pipelines.presets import classify_eval
-from shards import samples
-from training import checkpoint
+from shards import ConvertOptions, convert, samples
+from tests.test_detect_train import write_config
+from training import checkpoint, load_config, run
 from training.config import RunConfig, to_dict, validate
 from training.model import build_model
 from training.predict import letterbox
@@ -48,6 +49,13 @@ def save(cfg: RunConfig, model: torch.nn.Module, classes: list[str]) -> Path:
 def shardtrain_export(config_path: Path, ckpt: Path, out: Path, fmt: str) -> None:
     result = CliRunner().invoke(app, ["export", str(config_path), str(ckpt), "--out", str(out), "--format", fmt])
     assert result.exit_code == 0, result.output
+
+
+def checkpoint_notes(*args: str | Path) -> list[str]:
+    """Run the CLI, which must succeed; its lines on the settings it took from the checkpoint."""
+    result = CliRunner().invoke(app, list(map(str, args)))
+    assert result.exit_code == 0, result.output
+    return [line for line in result.stdout.splitlines() if line.startswith("using the checkpoint's")]
 
 
 def photo_batch(cfg: RunConfig) -> torch.Tensor:
@@ -161,3 +169,29 @@ def test_a_checkpoint_of_another_model_than_the_configs_is_one_line(tmp_path):
     assert result.exit_code == 2 and result.stderr.strip() == (
         f"error: checkpoint {ckpt} holds another model than the config's (task 'dino', this config has 'detect'): "
         "give the config it was trained with (its run dir's config.yaml)")
+
+
+def test_a_trained_detector_keeps_its_size_and_architecture_whatever_the_config_says(yolo_src, tmp_path):
+    """Trained at 64 px with 64 FPN channels; given a config of 96 px and 128 channels, predict and export use the
+    checkpoint's (one line each), and what is chosen per invocation (the thresholds) stays the config's."""
+    store = str(tmp_path / "store")
+    convert(ConvertOptions(src=str(yolo_src), dest=store), progress=False)
+    thresholds = {"score_thresh": 0.0}  # every candidate: the comparison below covers many boxes
+    config = write_config(tmp_path / "run.yaml", store, train={"epochs": 1}, detect=thresholds)
+    run(load_config(config))
+    best = tmp_path / "runs" / "t" / "checkpoints" / "best.pt"
+    other = write_config(tmp_path / "other" / "run.yaml", store, data={"image_size": 96},
+                         detect={**thresholds, "fpn_channels": 128, "predict_score_thresh": 0.5})
+    notes = ["using the checkpoint's data.image_size=64 (the config says 96)",
+             "using the checkpoint's detect.fpn_channels=64 (the config says 128)"]
+
+    images = yolo_src / "images" / "val"
+    assert checkpoint_notes("predict", config, best, images, "--out", tmp_path / "own", "--conf", "0") == []
+    assert checkpoint_notes("predict", other, best, images, "--out", tmp_path / "other", "--conf", "0") == notes
+    own = json.loads((tmp_path / "own" / "predictions.json").read_text())
+    assert sum(len(r["detections"]) for r in own) > 100
+    assert json.loads((tmp_path / "other" / "predictions.json").read_text()) == own
+    assert checkpoint_notes("export", other, best, "--out", tmp_path / "onnx") == notes
+    info = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert info["input"]["shape"] == [1, 3, 64, 64] and info["thresholds"]["suggested_score"] == 0.5
+    assert ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).get_inputs()[0].shape == [1, 3, 64, 64]

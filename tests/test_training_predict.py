@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from shards import ConvertOptions, convert
+from tests.test_training_export import checkpoint_notes
 from training import load_config, run
 from training.config import TrainError
 from training.predict import check_one_output_each, list_images
@@ -154,5 +156,35 @@ def test_same_named_images_clash_only_where_each_writes_a_file(trained, imagefol
         check_one_output_each(list_images(inputs))
     assert str(e.value) == (f"{tmp_path / 'folder' / 'photo.jpg'} and {tmp_path / 'folder' / 'photo.png'} would "
                             "write the same output file photo; predict them in separate runs")
-    with pytest.raises(TrainError, match="^" + re.escape(f"{tmp_path / 'a' / 'img.jpg'} and {tmp_path / 'b' / 'img.jpg'} ")):
+    a_and_b = f"{tmp_path / 'a' / 'img.jpg'} and {tmp_path / 'b' / 'img.jpg'} would"
+    with pytest.raises(TrainError, match="^" + re.escape(a_and_b)):
         check_one_output_each(list_images(inputs[1:]))
+
+
+def test_the_checkpoints_model_and_input_settings_overrule_the_configs(trained, imagefolder_src, tmp_path):
+    """A config that differs from the run's in what defines the model and its input (a training override left
+    out, another eval crop, another model name, EMA weights the run did not keep) is overruled by the config the
+    checkpoint stores, with one line per setting: predict gives the run's own predictions, export the run's input
+    size."""
+    config, best = trained
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] |= {"image_size": 64, "augment": {"eval_crop_pct": 1.0}}
+    raw["model"]["name"] = "resnet18"
+    raw |= {"train": {**raw["train"], "ema_decay": 0.9}, "eval": {"metric": "ema_val_top1"}}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    notes = ["using the checkpoint's data.augment.eval_crop_pct=0.875 (the config says 1.0)",
+             "using the checkpoint's data.image_size=32 (the config says 64)",
+             "using the checkpoint's eval.metric=val_top1 (the config says ema_val_top1)",
+             "using the checkpoint's model.name=test_resnet (the config says resnet18)",
+             "using the checkpoint's train.ema_decay=None (the config says 0.9)"]
+
+    val = imagefolder_src / "val"
+    assert checkpoint_notes("predict", config, best, val, "--out", tmp_path / "own") == []
+    assert checkpoint_notes("predict", other, best, val, "--out", tmp_path / "other") == notes
+    assert (tmp_path / "other" / "predictions.json").read_text() == (tmp_path / "own" / "predictions.json").read_text()
+    assert checkpoint_notes("export", other, best, "--out", tmp_path / "onnx", "--format", "onnx") == notes
+    info = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert info["architecture"] == "test_resnet"
+    assert (info["pretrained_cfg"]["input_size"], info["pretrained_cfg"]["crop_pct"]) == ([3, 32, 32], 0.875)
+    assert ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).get_inputs()[0].shape == ["batch", 3, 32, 32]

@@ -55,7 +55,8 @@ def preempted_on_sigterm() -> Iterator[None]:
 
 @app.command()
 def predict(
-    config: Annotated[Path, typer.Argument(help="the classify or detect run's config YAML")],
+    config: Annotated[Path, typer.Argument(
+        help="a classify or detect config YAML, for the thresholds (the model and its input: the checkpoint's)")],
     checkpoint: Annotated[str, typer.Argument(help="checkpoint file or URL, e.g. runs/NAME/checkpoints/best.pt")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders of images")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("predictions"),
@@ -85,7 +86,8 @@ def predict(
 
 @app.command()
 def export(
-    config: Annotated[Path, typer.Argument(help="the run's config YAML")],
+    config: Annotated[Path, typer.Argument(
+        help="a config YAML of the run's task (the model and its input: the checkpoint's)")],
     checkpoint: Annotated[str, typer.Argument(help="checkpoint file or URL, e.g. runs/NAME/checkpoints/best.pt")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("export"),
     format: Annotated[str | None, typer.Option(

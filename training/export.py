@@ -17,6 +17,7 @@ import json
 import pickle
 import warnings
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import torch
@@ -25,15 +26,32 @@ from timm.models._hub import save_config_for_hf  # what save_for_hf writes besid
 from torch import nn
 
 from pipelines.presets import PAD_VALUE
-from training.config import RunConfig, TrainError
+from training.config import RunConfig, TrainError, to_dict, validate
 from training.model import build_model
-from training.preflight import another_model
+from training.preflight import MODEL_KEYS
 from training.tasks.detect import build_detector, detect_settings
+from training.train import diff_keys
 
 FORMATS: dict[str, tuple[str, ...]] = {"safetensors": ("classify", "dino"), "onnx": ("classify", "detect")}
 DINO_BACKBONE = "teacher.module.backbone."
 OPSET = 17
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
+# What defines the trained model, the input it takes and which of its weights (model, or ema when eval.metric is an
+# ema_ one) best.pt was chosen by, besides its task's MODEL_KEYS: predict and export take these from the config the
+# checkpoint stores, so that a setting of the run's (an override: data.image_size=48) is not lost to the config
+# given on their command line.
+TRAINED_KEYS = ("model.name", "model.kwargs", "data.image_size", "data.augment.eval_crop_pct", "data.augment.mean",
+                "data.augment.std", "train.ema_decay", "eval.metric")
+
+
+class Absent:
+    """What `lookup` finds where a config dict has no such key (None is a value: train.ema_decay: null)."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+ABSENT = Absent()
 
 
 def load_checkpoint(checkpoint: str) -> object:
@@ -53,17 +71,56 @@ def load_checkpoint(checkpoint: str) -> object:
         raise TrainError(f"cannot read checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
 
 
-def read_checkpoint(cfg: RunConfig, checkpoint: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The weights a checkpoint serves with (its EMA's when eval.metric is an ema_ one) and its class names."""
+def read_checkpoint(cfg: RunConfig, checkpoint: str,
+                    log=print) -> tuple[dict[str, torch.Tensor], RunConfig, list[str]]:
+    """The weights a checkpoint serves with (its EMA's when its run's eval.metric is an ema_ one), the config it
+    was trained with (see `trained_config`) and its class names."""
     ckpt = load_checkpoint(checkpoint)
     if not isinstance(ckpt, dict) or "classes" not in ckpt or "config" not in ckpt:
         raise TrainError(f"checkpoint {checkpoint} has no class names: is it a shardtrain checkpoint?")
-    other = another_model(ckpt, cfg, list(ckpt["classes"]))
-    if other is not None:
-        raise TrainError(f"checkpoint {checkpoint} holds another model than the config's ({other}): give the "
-                         "config it was trained with (its run dir's config.yaml)")
-    weights = ckpt["ema"] if cfg.eval.metric.startswith("ema_") and ckpt.get("ema") else ckpt["model"]
-    return weights, list(ckpt["classes"])
+    task = ckpt["config"].get("task")
+    if task != cfg.task:  # the config's task-specific settings (its thresholds) would not apply
+        raise TrainError(f"checkpoint {checkpoint} holds another model than the config's (task {task!r}, this "
+                         f"config has {cfg.task!r}): give the config it was trained with (its run dir's config.yaml)")
+    trained = trained_config(cfg, ckpt["config"], log)
+    weights = ckpt["ema"] if trained.eval.metric.startswith("ema_") and ckpt.get("ema") else ckpt["model"]
+    return weights, trained, list(ckpt["classes"])
+
+
+def trained_config(cfg: RunConfig, stored: dict, log=print) -> RunConfig:
+    """`cfg` with the settings that define the trained model and its input (TRAINED_KEYS, its task's MODEL_KEYS)
+    taken from the checkpoint's `stored` config, logging a line for each that differs. The rest (thresholds) is
+    chosen per invocation and stays `cfg`'s, as does a key that an older run's config lacks."""
+    given, raw = to_dict(cfg), to_dict(cfg)
+    for key in (*TRAINED_KEYS, *MODEL_KEYS.get(cfg.task, ())):
+        *section, leaf = key.split(".")
+        value = lookup(stored, key)
+        if value is not ABSENT:
+            lookup(raw, ".".join(section))[leaf] = value
+    for key in diff_keys(raw, given):
+        log(f"using the checkpoint's {key}={lookup(raw, key)} (the config says {lookup(given, key)})")
+    raw["model"]["pretrained"] = None  # the checkpoint holds every weight: none to fetch
+    return validate(raw)
+
+
+def lookup(config: dict, key: str) -> Any:
+    """The value at a dotted key of a nested config dict, ABSENT where there is none."""
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part, ABSENT) if isinstance(node, dict) else ABSENT
+    return node
+
+
+def load_model(cfg: RunConfig, checkpoint: str, log=print) -> tuple[nn.Module, RunConfig, list[str]]:
+    """The checkpoint's model in eval mode (classify: the classifier; dino: the teacher's backbone; detect: the
+    detector), the config it was trained with (see `read_checkpoint`) and its class names (dino: none)."""
+    weights, cfg, classes = read_checkpoint(cfg, checkpoint, log)
+    if cfg.task == "detect":
+        return load_into(build_detector(cfg, len(classes), Path()), weights, checkpoint), cfg, classes
+    if cfg.task == "dino":
+        weights = {k.removeprefix(DINO_BACKBONE): v for k, v in weights.items() if k.startswith(DINO_BACKBONE)}
+        classes = []
+    return load_into(build_model(cfg.model, len(classes), Path()), weights, checkpoint), cfg, classes
 
 
 def load_into(model: nn.Module, weights: dict[str, torch.Tensor], checkpoint: str) -> nn.Module:
@@ -73,16 +130,6 @@ def load_into(model: nn.Module, weights: dict[str, torch.Tensor], checkpoint: st
         raise TrainError(f"checkpoint {checkpoint} does not fit the config's model settings: "
                          f"{str(e).splitlines()[1].strip()[:160]}") from None
     return model.eval()
-
-
-def timm_model(cfg: RunConfig, checkpoint: str) -> tuple[nn.Module, list[str]]:
-    """The checkpoint's timm model (classify: the classifier; dino: the teacher's backbone) and class names."""
-    weights, classes = read_checkpoint(cfg, checkpoint)
-    model_cfg = cfg.model.model_copy(update={"pretrained": None})  # the checkpoint holds every weight
-    if cfg.task == "dino":
-        weights = {k.removeprefix(DINO_BACKBONE): v for k, v in weights.items() if k.startswith(DINO_BACKBONE)}
-        return load_into(build_model(model_cfg, 0, Path()), weights, checkpoint), []
-    return load_into(build_model(model_cfg, len(classes), Path()), weights, checkpoint), classes
 
 
 def eval_data_config(cfg: RunConfig) -> dict:
@@ -134,7 +181,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: Path, outputs: list[s
                           output_names=outputs, dynamic_axes=axes)
 
 
-def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str | None = None) -> list[Path]:
+def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str | None = None, log=print) -> list[Path]:
     """Write `checkpoint`'s model into `out` as `fmt` (None: the task's first format in FORMATS); returns the
     files written."""
     fmt = fmt or next(f for f, tasks in FORMATS.items() if cfg.task in tasks)
@@ -143,17 +190,14 @@ def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str | None = None) -
     if cfg.task not in FORMATS[fmt]:
         other = next(f for f, tasks in FORMATS.items() if cfg.task in tasks)
         raise TrainError(f"task {cfg.task} exports as {other}, not {fmt}")
+    model, cfg, classes = load_model(cfg, checkpoint, log)
     out.mkdir(parents=True, exist_ok=True)
     size = cfg.data.image_size
     if cfg.task == "detect":
-        weights, classes = read_checkpoint(cfg, checkpoint)
-        detector = load_into(build_detector(cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"pretrained": None})}), len(classes), Path()), weights, checkpoint)
-        to_onnx(Detections(detector), torch.zeros(1, 3, size, size), out / "model.onnx", ["boxes", "scores", "labels"],
+        to_onnx(Detections(model), torch.zeros(1, 3, size, size), out / "model.onnx", ["boxes", "scores", "labels"],
                 batch_axis=False)
         (out / "config.json").write_text(json.dumps(detect_config(cfg, classes), indent=2) + "\n")
         return [out / "model.onnx", out / "config.json"]
-    model, classes = timm_model(cfg, checkpoint)
     if fmt == "safetensors":
         save_for_hf(model, str(out), model_config={"label_names": classes} if classes else None,
                     safe_serialization=True, data_config=eval_data_config(cfg))

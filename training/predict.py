@@ -23,8 +23,8 @@ from torchvision.utils import draw_bounding_boxes
 from pipelines import decode_image, detect_eval
 from pipelines.presets import classify_eval
 from training.config import RunConfig, TrainError
-from training.export import load_into, read_checkpoint, timm_model
-from training.tasks.detect import build_detector, detect_settings
+from training.export import load_model
+from training.tasks.detect import detect_settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -84,13 +84,6 @@ def check_one_output_each(found: list[tuple[Path, Path]]) -> None:
         if other != path:
             raise TrainError(f"{other} and {path} would write the same output file {name.with_suffix('')}; "
                              "predict them in separate runs")
-
-
-def load_detector(cfg: RunConfig, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
-    """The checkpoint's detector in eval mode (its EMA weights when eval.metric is an ema_ one) and class names."""
-    weights, classes = read_checkpoint(cfg, checkpoint)
-    model = build_detector(cfg, len(classes), Path(cfg.runs_dir) / cfg.name / "pretrained")
-    return load_into(model, weights, checkpoint).to(device), classes
 
 
 def to_input(image: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -155,16 +148,15 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     if draw_boxes or fmt == "yolo":
         check_one_output_each(found)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, classes = load_model(cfg, checkpoint, log)
+    model = model.to(device)
     aug = cfg.data.augment
     mean = torch.tensor(aug.mean, device=device).view(3, 1, 1) * 255
     std = torch.tensor(aug.std, device=device).view(3, 1, 1) * 255
     if cfg.task == "detect":
-        model, classes = load_detector(cfg, checkpoint, device)
         transform = detect_eval(cfg.data.image_size, aug)
         conf = detect_settings(cfg).predict_score_thresh if conf is None else conf
     else:
-        model, classes = timm_model(cfg, checkpoint)
-        model = model.to(device)
         transform = classify_eval(cfg.data.image_size, aug)
     records: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
