@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, cast
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shards.decode import Digest, Reject, Result, Sample, Settings, process
+from shards.decode import EMPTY_LABEL, Digest, Reject, Result, Sample, Settings, process
 from shards.keys import order_key, sample_key
 from shards.layouts import HOLDOUT_RULE, HOLDOUT_SPLIT, Input, Listing, list_source, with_holdout
 from shards.manifest import (
@@ -225,7 +225,7 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
 
     covered = {sample_key(r.path) for idx in state.resumed.values() for r in idx.rejects}
     covered |= {it.key for idx in state.resumed.values() for it in idx.items}
-    known = {it.key: it.sha1 for idx in state.committed.values() for it in idx.items}
+    known = {it.key: it for idx in state.committed.values() for it in idx.items}
     # Packed in a seeded pseudo-random order, not class by class as sources are listed: a reader that
     # streams the shards (with a shuffle buffer of any size) then gets batches that mix the classes.
     todo = sorted((inp for inp in listing.inputs if inp.key not in covered), key=lambda i: order_key(i.key, opts.seed))
@@ -247,7 +247,7 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
 
 
 def pack(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, state: StoreState, settings: Settings,
-         tasks: list[tuple[Input, bool]], known: dict[str, str], written: list[ShardIndex],
+         tasks: list[tuple[Input, bool]], known: dict[str, IndexItem], written: list[ShardIndex],
          advance: Callable[[], None]) -> Packer:
     """Decode `tasks` in `opts.workers` processes here and pack them into shards, each written (and its index
     after it) as soon as it is full; their indexes are appended to `written`."""
@@ -374,7 +374,9 @@ class Packer:
 
     def __init__(self, limit: ShardLimit, state: StoreState, write: Callable[[OpenShard], None]) -> None:
         self.limit, self.write = limit, write
-        self.old_rejects = {(r.path, r.sha1) for r in state.old_rejects}
+        self.old_rejects: dict[tuple[str, str | None], set[str | None]] = {}  # label digests by (path, sha1)
+        for r in state.old_rejects:
+            self.old_rejects.setdefault((r.path, r.sha1), set()).add(r.label_sha1)
         stored = [*state.committed.values(), *state.resumed.values()]
         self.first_of = {it.sha1: it.key for idx in stored for it in idx.items}  # for duplicates
         self.next_number: dict[str, int] = {}
@@ -385,14 +387,15 @@ class Packer:
         self.trailing: list[RejectRecord] = []
         self.unchanged = 0
 
-    def take(self, result: Reject | Digest | Packable, known: dict[str, str], fail: bool) -> None:
+    def take(self, result: Reject | Digest | Packable, known: dict[str, IndexItem], fail: bool) -> None:
         item = result.input
         if isinstance(result, Digest):
-            if result.sha1 == known[item.key] or (item.relpath, result.sha1) in self.old_rejects:
+            change = what_changed(result, known[item.key])
+            if change is None or self.rejected_before(item.relpath, result.sha1, result.label_sha1):
                 self.unchanged += 1
                 return
-            result = Reject(item, result.sha1, "changed",
-                            f"content differs from the stored sample {item.key} (kept)")
+            result = Reject(item, result.sha1, "changed", f"{change} (kept; {TAKE_A_CHANGE})",
+                            label_sha1=result.label_sha1)
         if not isinstance(result, Reject) and result.sha1 in self.first_of:
             first = self.first_of[result.sha1]
             result = Reject(item, result.sha1, "duplicate", f"same content as {first}", of=first)
@@ -402,13 +405,21 @@ class Packer:
             self.first_of[result.sha1] = item.key
             self.add(result)
 
+    def rejected_before(self, path: str, sha1: str | None, label_sha1: str | None) -> bool:
+        """Whether rejects.jsonl already has this input with this content. Where either side has no label
+        digest (other layouts, rejects met before decoding the label, stores from before they were recorded),
+        the image's decides."""
+        labels = self.old_rejects.get((path, sha1))
+        return labels is not None and (label_sha1 is None or None in labels or label_sha1 in labels)
+
     def reject(self, r: Reject, fail: bool) -> None:
-        if (r.input.relpath, r.sha1) in self.old_rejects:
-            self.unchanged += 1  # rejected before with this same content
+        if self.rejected_before(r.input.relpath, r.sha1, r.label_sha1):
+            self.unchanged += 1
             return
         if fail:
             raise StoreError(f"{r.input.relpath}: {r.reason}: {r.detail}")
-        record = RejectRecord(path=r.input.relpath, reason=r.reason, detail=r.detail, sha1=r.sha1, of=r.of)
+        record = RejectRecord(path=r.input.relpath, reason=r.reason, detail=r.detail, sha1=r.sha1, of=r.of,
+                              label_sha1=r.label_sha1)
         self.shard_for(r.input.split).rejects.append(record)
 
     def shard_for(self, split: str) -> OpenShard:
@@ -439,6 +450,23 @@ class Packer:
                 del self.open[shard.split]
 
 
+# How a `changed` reject's detail tells the user to take the change: --append never replaces a stored sample.
+TAKE_A_CHANGE = "to take the change, convert the source into a new, empty DEST and train on that store"
+
+
+def what_changed(found: Digest, stored: IndexItem) -> str | None:
+    """How an input already in the store differs from its stored sample (None: it does not). A label is
+    compared only where the store recorded its digest (yolo stores written since it was)."""
+    if found.sha1 != stored.sha1:
+        return f"content differs from the stored sample {stored.key}"
+    if stored.label_sha1 is None or found.label_sha1 == stored.label_sha1:
+        return None
+    label = found.input.label_relpath
+    if found.label_sha1 == EMPTY_LABEL:
+        return f"label {label} is now missing or empty, unlike the stored sample {stored.key}'s"
+    return f"label {label} differs from the stored sample {stored.key}'s"
+
+
 def write_shard(fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: str, version: int,
                 shard: OpenShard, samples: list[Sample]) -> ShardIndex:
     """Write `shard` under a temporary name in `build_dir` and publish it; returns its index (not yet written).
@@ -455,7 +483,8 @@ def write_shard(fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: s
         shard=name, split=shard.split, version=version, samples=len(samples), bytes=nbytes,
         sha256=sha256, idx_sha256=hashlib.sha256(idx).hexdigest() if idx is not None else None,
         rejects=shard.rejects,
-        items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1) for s in samples],
+        items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1, label_sha1=s.label_sha1)
+               for s in samples],
     )
 
 

@@ -42,6 +42,7 @@ class Sample:
     ext: str  # jpg | png | webp
     image: bytes
     meta: dict = field(default_factory=dict)  # {"cls": i} or {"boxes": [...], "labels": [...]}
+    label_sha1: str | None = None  # yolo: label_digest of its label file
 
     @property
     def nbytes(self) -> int:
@@ -55,14 +56,16 @@ class Reject:
     reason: str
     detail: str
     of: str | None = None  # for duplicates: the key of the first input with this content
+    label_sha1: str | None = None  # for `changed`: the label_digest found
 
 
 @dataclass
 class Digest:
-    """An input already in the store: only its content hash is needed (for `changed`)."""
+    """An input already in the store: only its content hashes are needed (for `changed`)."""
 
     input: Input
     sha1: str
+    label_sha1: str | None = None  # yolo: label_digest of its label file
 
 
 Result = Sample | Reject | Digest
@@ -82,13 +85,14 @@ def process(settings: Settings, task: tuple[Input, bool]) -> Result:
         data = read_source(settings.fs, join(settings.root, item.relpath))
         sha1 = hashlib.sha1(data).hexdigest()
         if digest_only:
-            return Digest(item, sha1)
+            return Digest(item, sha1, label_digest(read_label(settings, item)))
         with pillow_pixel_limit(settings.max_pixels):
             ext, image = encode_for_store(data, settings.max_side, settings.max_pixels)
-        meta = label_meta(settings, item)
+        label = read_label(settings, item)
+        meta = label_meta(item, label, settings.num_classes)
     except BadInput as e:
         return Reject(item, sha1, e.reason, e.detail)
-    return Sample(item, sha1, ext, image, meta)
+    return Sample(item, sha1, ext, image, meta, label_digest(label))
 
 
 def read_source(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
@@ -217,20 +221,38 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def label_meta(settings: Settings, item: Input) -> dict:
-    """The non-image members of a sample: class index, YOLO boxes, or nothing (unlabeled)."""
+def read_label(settings: Settings, item: Input) -> bytes | None:
+    """A yolo input's label file, b"" when there is none (no objects, as in YOLO itself); None for other layouts."""
+    if item.label_relpath is None:
+        return None
+    try:
+        return cat_regular(settings.fs, join(settings.root, item.label_relpath), f"label {item.label_relpath}: ")
+    except FileNotFoundError:
+        return b""
+    except OSError as e:
+        raise BadInput("unreadable", f"label {item.label_relpath}: {e}") from None
+
+
+def label_digest(label: bytes | None) -> str | None:
+    """What identifies a yolo input's label for `changed`: the SHA-1 of its label file (EMPTY_LABEL where there
+    is none: a missing file and an empty one both mean no objects)."""
+    return None if label is None else hashlib.sha1(label).hexdigest()
+
+
+EMPTY_LABEL = hashlib.sha1(b"").hexdigest()
+
+
+def label_meta(item: Input, label: bytes | None, num_classes: int) -> dict:
+    """The non-image members of a sample: class index, YOLO boxes (`label`: read_label's), or nothing (unlabeled)."""
     if item.cls is not None:
         return {"cls": item.cls}
-    if item.label_relpath is None:
+    if label is None:
         return {}
-    path = join(settings.root, item.label_relpath)
     try:
-        text = cat_regular(settings.fs, path, f"label {item.label_relpath}: ").decode("utf-8")
-    except FileNotFoundError:
-        text = ""  # a missing label file means no objects, as in YOLO itself
-    except (PermissionError, OSError, UnicodeDecodeError) as e:
+        text = label.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise BadInput("unreadable", f"label {item.label_relpath}: {e}") from None
-    return parse_yolo_labels(text, settings.num_classes)
+    return parse_yolo_labels(text, num_classes)
 
 
 def parse_yolo_labels(text: str, num_classes: int) -> dict:

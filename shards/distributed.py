@@ -37,7 +37,7 @@ from distributed import Client, Future, KilledWorker, LocalCluster
 from shards.convert import ConvertOptions, OpenShard, Packer, StoreState, parse_shard_size, write_shard
 from shards.decode import Digest, Reject, Result, Sample, Settings, process
 from shards.layouts import Input
-from shards.manifest import ShardIndex, write_index
+from shards.manifest import IndexItem, ShardIndex, write_index
 from shards.storage import StoreError, is_local
 
 PART_INPUTS = 64  # at most, per part: about a second of decoding, so a lost worker costs little to redo
@@ -110,7 +110,7 @@ def local_cluster_options(address: str) -> dict:
 
 
 def pack(client: Client | None, fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, state: StoreState,
-         settings: Settings, tasks: list[tuple[Input, bool]], known: dict[str, str], written: list[ShardIndex],
+         settings: Settings, tasks: list[tuple[Input, bool]], known: dict[str, IndexItem], written: list[ShardIndex],
          advance: Callable[[], None]) -> Packer:
     """convert.pack on a Dask cluster (`client`'s, else `opts.dask`'s): the same shards, indexes and Packer state."""
     with contextlib.ExitStack() as stack:
@@ -121,7 +121,7 @@ def pack(client: Client | None, fs: fsspec.AbstractFileSystem, root: str, opts: 
 
 
 def pack_on(client: Client, fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, state: StoreState,
-            settings: Settings, tasks: list[tuple[Input, bool]], known: dict[str, str], written: list[ShardIndex],
+            settings: Settings, tasks: list[tuple[Input, bool]], known: dict[str, IndexItem], written: list[ShardIndex],
             advance: Callable[[], None]) -> Packer:
     threads = worker_threads(client)
     writing: deque[Future] = deque()

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Literal, TypeVar
 
 import fsspec
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from shards.storage import StoreError, join, open_fs, shown, storage_error, write_bytes_atomic
 
@@ -93,12 +93,23 @@ class RejectRecord(BaseModel):
     version: int | None = None
     of: str | None = None
     sha1: str | None = None
+    label_sha1: str | None = None  # a yolo `changed` reject's label digest (decode.label_digest)
 
 
 class IndexItem(BaseModel):
     key: str
     path: str
     sha1: str
+    # yolo: decode.label_digest of its label file, for `changed`; None for other layouts and in stores
+    # written before it was recorded, whose labels --append cannot check
+    label_sha1: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _recorded_only(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if self.label_sha1 is None:
+            del data["label_sha1"]  # not written where there is none: indexes of other layouts stay as they were
+        return data
 
 
 class ShardIndex(BaseModel):

@@ -181,6 +181,65 @@ def test_append_rejects_changed_content_and_keeps_the_stored_sample(tmp_path):
     assert read_manifest(str(tmp_path / "s")).rejects == 1
 
 
+def changed_rejects(dest: Path) -> dict[str, str]:
+    lines = (json.loads(line) for line in (dest / "rejects.jsonl").read_text().splitlines())
+    return {r["path"]: r["detail"] for r in lines if r["reason"] == "changed"}
+
+
+def test_append_rejects_an_edited_removed_or_added_yolo_label_and_keeps_the_stored_boxes(tmp_path):
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 6}, size=64)
+    labels = src / "labels" / "train"
+    (labels / "img_0003.txt").unlink()  # a background image: no label file
+    run(src, tmp_path / "s")
+    before = read_store(tmp_path / "s")
+    assert (run(src, tmp_path / "s", append=True).unchanged, read_manifest(str(tmp_path / "s")).rejects) == (6, 0)
+
+    (labels / "img_0001.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    (labels / "img_0002.txt").unlink()
+    (labels / "img_0003.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    summary = run(src, tmp_path / "s", append=True)
+    assert (summary.added, summary.rejected, summary.unchanged, summary.version) == (0, 3, 3, 1)
+    details = changed_rejects(tmp_path / "s")
+    key = {n: sample_key(f"images/train/img_000{n}.jpg") for n in (1, 2, 3)}
+    assert details == {
+        "images/train/img_0001.jpg": f"label labels/train/img_0001.txt differs from the stored sample {key[1]}'s "
+                                     "(kept; to take the change, convert the source into a new, empty DEST and "
+                                     "train on that store)",
+        "images/train/img_0002.jpg": f"label labels/train/img_0002.txt is now missing or empty, unlike the stored "
+                                     f"sample {key[2]}'s (kept; to take the change, convert the source into a new, "
+                                     "empty DEST and train on that store)",
+        "images/train/img_0003.jpg": f"label labels/train/img_0003.txt differs from the stored sample {key[3]}'s "
+                                     "(kept; to take the change, convert the source into a new, empty DEST and "
+                                     "train on that store)",
+    }
+    assert read_store(tmp_path / "s") == before
+    again = run(src, tmp_path / "s", append=True)  # the same changes are not reported twice
+    assert (again.rejected, again.unchanged) == (0, 6)
+    (labels / "img_0001.txt").write_text("0 0.4 0.4 0.1 0.1\n")  # another edit is
+    assert run(src, tmp_path / "s", append=True).rejected == 1
+
+
+def test_append_onto_a_store_without_label_digests_checks_images_alone(tmp_path):
+    """A yolo store converted before label digests were recorded: its labels are not compared, so an append
+    reports none of its samples as changed; a changed image still is."""
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 4}, size=64)
+    dest = tmp_path / "s"
+    run(src, dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:  # as an older shardtrain wrote them
+        index = dest / "_index" / f"{shard['name']}.json"
+        data = json.loads(index.read_text())
+        assert all(item.pop("label_sha1") for item in data["items"])
+        index.write_text(json.dumps(data))
+        shard["index_sha256"] = hashlib.sha256(index.read_bytes()).hexdigest()
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    (src / "labels" / "train" / "img_0001.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    assert (run(src, dest, append=True).rejected, read_manifest(str(dest)).rejects) == (0, 0)
+    shutil.copy(samples.PHOTOS_DIR / "coffee.jpg", src / "images" / "train" / "img_0002.jpg")
+    assert list(changed_rejects(dest)) == [] and run(src, dest, append=True).rejected == 1
+    assert list(changed_rejects(dest)) == ["images/train/img_0002.jpg"]
+
+
 def test_existing_store_needs_append(imagefolder_src, tmp_path):
     run(imagefolder_src, tmp_path / "s")
     assert run(imagefolder_src, tmp_path / "s").added == 0  # the same command again: nothing to do
