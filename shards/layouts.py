@@ -65,6 +65,7 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Liter
         classes, inputs = yolo_classes(fs, root), yolo_inputs(relpaths)
         if not inputs:
             raise StoreError(f"yolo layout: no images under {join(root, 'images')}")
+        check_yolo_labels(fs, root, inputs)
     split_folders = layout != "unlabeled" and has_split_folders(layout, relpaths)
     return Listing(layout, classes, inputs, reason, skipped, split_folders)
 
@@ -120,14 +121,19 @@ def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str],
         what = "is not a directory" if fs.exists(root) else "does not exist"
         raise StoreError(f"source {root} {what}")
     skipped: list[str] = []
-    found = walk_local(root, skipped) if is_local(fs) else fs.find(root, withdirs=False)
-    prefix = root.rstrip("/") + "/"
-    rels = (p[len(prefix):] for p in found if p.startswith(prefix))
     relpaths = sorted(
-        r for r in rels
+        r for r in file_relpaths(fs, root, root, skipped)
         if r.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in r.split("/"))
     )
     return relpaths, sorted(skipped)
+
+
+def file_relpaths(fs: fsspec.AbstractFileSystem, root: str, folder: str, skipped: list[str]) -> list[str]:
+    """Posix paths relative to `root` of the files under `folder` (`root` or a folder in it); the folders
+    that were not read are added to `skipped`."""
+    found = walk_local(folder, skipped) if is_local(fs) else fs.find(folder, withdirs=False)
+    prefix = root.rstrip("/") + "/"
+    return [p[len(prefix):] for p in found if p.startswith(prefix)]
 
 
 def walk_local(root: str, skipped: list[str]) -> list[str]:
@@ -221,6 +227,20 @@ def yolo_inputs(relpaths: list[str]) -> list[Input]:
         label = "/".join(["labels", *parts[1:]]).rpartition(".")[0] + ".txt"
         inputs.append(Input(r, sample_key(r), split, label_relpath=label))
     return inputs
+
+
+def check_yolo_labels(fs: fsspec.AbstractFileSystem, root: str, inputs: list[Input]) -> None:
+    """Refuse a yolo set in which no image has a label file: it would train on no boxes at all, and is surely
+    a missing or misnamed labels/ folder. (Some images without one are background images, as in YOLO.)"""
+    folder = join(root, "labels")
+    found = set(file_relpaths(fs, root, folder, [])) if fs.isdir(folder) else set()
+    if any(inp.label_relpath in found for inp in inputs):
+        return
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True) if e["type"] == "directory")
+    near = sorted(n for n in names if n.lower() in ("labels", "label") and n != "labels")
+    hint = f"; there is {', '.join(n + '/' for n in near)}: YOLO's folder is labels/" if near else ""
+    raise StoreError(f"yolo layout: none of the {len(inputs)} images has a label file: looked in {folder}/ "
+                     f"(images/<split>/NAME.jpg -> labels/<split>/NAME.txt){hint}")
 
 
 def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

@@ -263,6 +263,24 @@ def test_yolo_bad_labels(tmp_path):
     assert len(stored[sample_key("images/train/img_0007.jpg")]["boxes"]) >= 1
 
 
+@pytest.mark.parametrize("labels", [None, "Labels", "label"])
+def test_a_yolo_set_without_any_label_file_is_refused_naming_where_they_were_looked_for(tmp_path, labels):
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 3}, size=64)
+    if labels:
+        (src / "labels").rename(src / labels)
+    else:
+        shutil.rmtree(src / "labels")
+    hint = f"; there is {labels}/: YOLO's folder is labels/" if labels else ""
+    with pytest.raises(StoreError) as e:
+        convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert str(e.value) == (f"yolo layout: none of the 3 images has a label file: looked in {src}/labels/ "
+                            f"(images/<split>/NAME.jpg -> labels/<split>/NAME.txt){hint}")
+    (src / "labels" / "train").mkdir(parents=True)
+    (src / "labels" / "train" / "img_0001.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # the others: backgrounds
+    summary = convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert (summary.added, summary.rejected) == (3, 0)
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height gray pixels, with a few bytes of pixel data."""
     def chunk(kind: bytes, data: bytes) -> bytes:
