@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from rich.markup import escape
 
 from shards.decode import EMPTY_LABEL, Digest, Reject, Result, Sample, Settings, process
 from shards.keys import order_key, sample_key
@@ -213,8 +214,8 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
     listing = with_holdout(listing, val_fraction(opts, manifest), src_root)
     check_writable(fs, root, opts.dest)
     if progress:
-        how = "given" if listing.reason == "given" else f"auto: {listing.reason}"
-        console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs")
+        how = "given" if listing.reason == "given" else f"auto: {escape(listing.reason)}"  # it may name a file
+        console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs", soft_wrap=True)
         for line in listing.skipped:
             console.print(f"warning: skipped {line}", markup=False, highlight=False, soft_wrap=True)
         if listing.holdout is not None:

@@ -180,13 +180,17 @@ def folder_id(path: str) -> tuple[int, int]:
 def detect_layout(fs: fsspec.AbstractFileSystem, root: str, relpaths: list[str]) -> tuple[Layout, str]:
     if any(fs.exists(join(root, name)) for name in YOLO_YAMLS) and any(r.startswith("images/") for r in relpaths):
         return "yolo", "data.yaml and images/ found"
-    depths = {r.count("/") for r in relpaths}
-    tops = {r.split("/", 1)[0] for r in relpaths}
-    if depths == {1}:
+    flat = [r for r in relpaths if r.count("/") == 1]
+    in_splits = [r for r in relpaths if r.count("/") == 2 and r.split("/", 1)[0] in SPLIT_DIRS]
+    if len(flat) == len(relpaths):
         return "imagefolder", "every image is in a class folder SRC/<class>/"
-    if depths == {2} and tops <= set(SPLIT_DIRS):
+    if len(in_splits) == len(relpaths):
         return "imagefolder", "every image is in SRC/<split>/<class>/"
-    return "unlabeled", "images are not all exactly one class folder deep"
+    # Named, so that one nested or stray file turning a class-folder source unlabeled is seen and fixed
+    shape = set(flat if len(flat) >= len(in_splits) else in_splits)
+    odd = next(r for r in relpaths if r not in shape)
+    return "unlabeled", (f"images are not all exactly one class folder deep, {odd} for one; --layout imagefolder "
+                         "takes each image's first folder (below train|val|test) as its class")
 
 
 def _split_of(parts: list[str]) -> tuple[str | None, list[str]]:

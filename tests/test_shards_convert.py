@@ -12,6 +12,7 @@ import pytest
 
 from shards import ConvertOptions, StoreError, convert, inspect_store, read_manifest, samples, verify
 from shards.keys import order_key, sample_key
+from tests.test_shards_cli import shardtrain
 from tests.test_shards_reader import read_store
 
 
@@ -96,6 +97,23 @@ def test_imagefolder_without_splits_and_forced_layout(imagefolder_src, tmp_path)
     assert {s["split"] for s in read_store(tmp_path / "b").values()} == {"train"}
     with pytest.raises(StoreError, match="not inside a class folder"):
         run(imagefolder_src / "train" / "chelsea", tmp_path / "c", layout="imagefolder")
+
+
+def test_auto_names_the_file_that_makes_a_class_folder_source_unlabeled(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 3}, size=32, classes=["chelsea", "rocket"],
+                                   flat=True)
+    (src / "rocket" / "2024").mkdir()
+    (src / "rocket" / "rocket_0002.jpg").rename(src / "rocket" / "2024" / "[b].jpg")  # [b]: not rich markup
+    result = shardtrain("convert", src, tmp_path / "s", "--workers", "1")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        "layout: unlabeled (auto: images are not all exactly one class folder deep, rocket/2024/[b].jpg for one; "
+        "--layout imagefolder takes each image's first folder (below train|val|test) as its class); 6 inputs")
+    forced = run(src, tmp_path / "f", layout="imagefolder", val_fraction=0)
+    assert forced.layout == "imagefolder" and read_manifest(str(tmp_path / "f")).classes == ["chelsea", "rocket"]
+    (src / "rocket" / "2024" / "[b].jpg").rename(src / "train.jpg")  # a stray file in SRC, beside the folders
+    assert "auto: images are not all exactly one class folder deep, train.jpg for one;" in \
+        shardtrain("convert", src, tmp_path / "s2", "--workers", "1").stderr
 
 
 @pytest.mark.parametrize("fmt", ["wds", "lmdb"])
