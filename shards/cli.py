@@ -110,7 +110,10 @@ def inspect(
         h = info["holdout"]
         typer.echo(f"holdout: {h['fraction']:.1%} of the inputs in {h['split']} ({h['rule']})")
     typer.echo(f"rejects: {info['rejects']} " + json.dumps(info["rejects_by_reason"]))
-    stdout.print(table)
+    if info["splits"]:
+        stdout.print(table)
+    else:
+        typer.echo("splits: none, no sample stored (every input was rejected)")
 
 
 @app.command()

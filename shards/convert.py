@@ -203,6 +203,7 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
             raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
                              "pass --append to add new inputs")
         # the same command again, after a run killed once its manifest was written: nothing is left to do
+        refuse_empty(manifest, opts.dest)
         if progress:
             console.print(f"{public_url(opts.dest)} already holds this conversion of {public_url(opts.src)}")
         return ConvertSummary(layout=manifest.layout, format=manifest.format, version=manifest.version, added=0,
@@ -514,12 +515,22 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
         if manifest.format == "wds":
             write_timm_info(fs, root, manifest)
         write_manifest(fs, root, manifest)
+    refuse_empty(manifest, opts.dest)
     return ConvertSummary(
         layout=listing.layout, format=manifest.format, version=manifest.version, added=added,
         rejected=len(rejects), unchanged=packer.unchanged,
         shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
     )
+
+
+def refuse_empty(manifest: Manifest, dest: str) -> None:
+    """A store without a sample (every input rejected) is a failed conversion, not one to train on; it stays
+    written, so that its rejects.jsonl and `inspect` show why."""
+    if manifest.totals.samples == 0:
+        url = public_url(dest)
+        raise StoreError(f"every input was rejected ({manifest.rejects}), so {url} holds no sample: the reasons "
+                         f"are in {url}/rejects.jsonl, counted by `shardtrain inspect {url}`")
 
 
 def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None, version: int,

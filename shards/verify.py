@@ -214,6 +214,8 @@ def classes_per_shard(fs: fsspec.AbstractFileSystem, root: str, manifest: Manife
         return {}
     entries = {e.name: split for split, s in manifest.splits.items() for e in s.shards}
     paths = {join(root, INDEX_DIR, f"{name}.json"): name for name in entries}
+    if not paths:
+        return {}  # a store of rejects only; and fs.cat([]) raises
     found = fs.cat(list(paths), on_error="omit")  # one request per shard, concurrent on S3
     items = {}
     for path, raw in found.items():

@@ -15,7 +15,7 @@ import s3fs
 from typer.testing import CliRunner
 
 from flows.cli import app
-from shards import ConvertOptions, convert, read_manifest, verify
+from shards import ConvertOptions, convert, read_manifest, samples, verify
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
@@ -82,6 +82,29 @@ def test_an_s3_store_without_credentials_says_which_variables_to_set(imagefolder
                                   "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()  # nor may the tests after this one get its credential-less one
+
+
+def test_a_conversion_that_rejects_every_input_fails_and_inspect_shows_why(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea", "rocket"],
+                                   flat=True)
+    dest = tmp_path / "s"
+    for append in ([], ["--append"], []):  # first, onto the store of rejects, the same command again
+        result = shardtrain("convert", src, dest, "--max-pixels", "1000", "--workers", "1", *append)
+        assert result.exit_code == 1 and "Traceback" not in result.stderr
+        assert result.stderr.splitlines()[-1] == (
+            f"error: every input was rejected (4), so {dest} holds no sample: the reasons are in "
+            f"{dest}/rejects.jsonl, counted by `shardtrain inspect {dest}`")
+    assert len((dest / "rejects.jsonl").read_text().splitlines()) == 4
+    info = shardtrain("inspect", dest, "--json")
+    assert info.exit_code == 0, info.stderr
+    assert (json.loads(info.stdout)["splits"], json.loads(info.stdout)["rejects_by_reason"]) == ({}, {"too_large": 4})
+    plain = shardtrain("inspect", dest)
+    assert plain.exit_code == 0, plain.stderr
+    assert 'rejects: 4 {"too_large": 4}' in plain.stdout and "splits: none, no sample stored" in plain.stdout
+
+    assert shardtrain("convert", src, tmp_path / "ok", "--workers", "1").exit_code == 0
+    nothing_new = shardtrain("convert", src, tmp_path / "ok", "--workers", "1", "--append")
+    assert nothing_new.exit_code == 0 and "error" not in nothing_new.stderr
 
 
 @pytest.mark.parametrize("fmt", ["wds", "lmdb"])
