@@ -98,8 +98,9 @@ def holdout_fraction(listing: Listing, val_fraction: float | None, root: str) ->
         if layout == "unlabeled":
             raise StoreError(f"--val-fraction {val_fraction}: a holdout applies to the imagefolder and yolo "
                              "layouts, not unlabeled")
-        raise StoreError(f"--val-fraction {val_fraction}: {root} already has split folders "
-                         f"({', '.join(SPLIT_DIRS) if layout == 'imagefolder' else 'images/<split>/'}), "
+        splits = sorted({inp.split for inp in listing.inputs})  # those found, not every name that counts as one
+        found = ", ".join(s if layout == "imagefolder" else f"images/{s}/" for s in splits)
+        raise StoreError(f"--val-fraction {val_fraction}: {root} already has split folders ({found}), "
                          "which are kept as they are; leave --val-fraction out")
     return None
 

@@ -337,9 +337,9 @@ def test_val_fraction_zero_larger_and_refused_with_split_folders(imagefolder_src
     assert read_manifest(str(tmp_path / "zero")).holdout.fraction == 0
     half = run(flat, tmp_path / "half", val_fraction=0.5)
     assert abs(half.splits["val"] - half.splits["train"]) < len(image_files(flat)) / 3
-    with pytest.raises(StoreError, match="already has split folders"):
+    with pytest.raises(StoreError, match=r"already has split folders \(train, val\), which"):
         run(imagefolder_src, tmp_path / "a", val_fraction=0.1)
-    with pytest.raises(StoreError, match="already has split folders"):
+    with pytest.raises(StoreError, match=r"already has split folders \(images/train/, images/val/\), which"):
         run(yolo_src, tmp_path / "b", val_fraction=0.1)
     with pytest.raises(StoreError, match="not unlabeled"):
         run(flat, tmp_path / "c", layout="unlabeled", val_fraction=0.1)
