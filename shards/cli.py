@@ -14,7 +14,7 @@ from rich.table import Table
 from shards.convert import ConvertOptions, convert as run_convert
 from shards.progress import console
 from shards.storage import StoreError, public_url, storage_error
-from shards.verify import inspect_store, verify as run_verify
+from shards.verify import RECOVER, inspect_store, verify as run_verify
 
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 T = TypeVar("T")
@@ -126,5 +126,6 @@ def verify(
     for p in problems:
         console.print(f"error: {p}", markup=False, highlight=False, soft_wrap=True)
     if problems:
+        console.print(RECOVER, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     typer.echo(f"ok: every shard matches {public_url(dest)}/manifest.json")

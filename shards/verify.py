@@ -25,6 +25,10 @@ from shards.tarindex import idx_name, make_idx
 from shards.writers import file_digest
 
 IMAGE_EXTS = ("jpg", "png", "webp")
+# What `shardtrain verify` ends a failure with: convert trusts the manifest and _index/ and never rewrites a
+# finished shard, so neither a rerun nor --append repairs a store.
+RECOVER = ("to recover: put the files named above back from a copy of the store, or convert the source again "
+           "into a new, empty DEST and point data.path at it (convert does not repair a store in place)")
 
 
 def verify(dest: str, deep: bool = False, progress: bool = False) -> list[str]:

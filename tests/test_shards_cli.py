@@ -123,6 +123,26 @@ def test_a_flipped_byte_is_caught(imagefolder_src, tmp_path, fmt):
         assert result.exit_code == 1 and victim in result.stderr and "sha256" in result.stderr
 
 
+def test_verify_of_an_appended_store_missing_a_shard_ends_saying_how_to_recover(tmp_path):
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea", "rocket"],
+                                   flat=True)
+    dest = tmp_path / "s"
+    convert(ConvertOptions(src=str(src), dest=str(dest), workers=1), progress=False)
+    samples.make_imagefolder(src, per_class={"train": 1}, size=32, classes=["chelsea"], flat=True, start=100, seed=1)
+    appended = convert(ConvertOptions(src=str(src), dest=str(dest), workers=1, append=True), progress=False)
+    (dest / appended.shards_written[0]).unlink()
+    result = shardtrain("verify", dest)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-2:] == [
+        f"error: {appended.shards_written[0]}: missing",
+        "to recover: put the files named above back from a copy of the store, or convert the source again into a "
+        "new, empty DEST and point data.path at it (convert does not repair a store in place)"]
+    # as it says: neither a rerun nor an --append rewrites the shard
+    assert shardtrain("convert", src, dest, "--workers", "1").exit_code == 1
+    assert shardtrain("convert", src, dest, "--workers", "1", "--append").exit_code == 0
+    assert shardtrain("verify", dest).exit_code == 1
+
+
 def test_deep_verify_decodes_every_image(imagefolder_src, tmp_path):
     """A shard whose bytes match the manifest but hold an undecodable image: only --deep sees it."""
     import hashlib
