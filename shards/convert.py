@@ -278,11 +278,17 @@ def check_dest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> None:
     if not fs.isdir(root) or fs.exists(join(root, MANIFEST)):
         return
     names = (path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False))
-    foreign = sorted(n for n in names if n.removesuffix(".tmp") not in _OUR_FILES and not _SHARD_FILE.match(n))
+    foreign = sorted(n for n in names if not left_by_a_conversion(n))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise StoreError(f"DEST {public_url(url)} is not empty and holds no shard store (no {MANIFEST}): it has "
                          f"{shown}; give a new or empty folder")
+
+
+def left_by_a_conversion(name: str) -> bool:
+    """Whether a file named `name` in DEST is one a conversion writes, or the temp file of one (a kill mid-write)."""
+    name = name.removesuffix(".tmp")
+    return name in _OUR_FILES or bool(_SHARD_FILE.match(name))
 
 
 def val_fraction(opts: ConvertOptions, manifest: Manifest | None) -> float | None:

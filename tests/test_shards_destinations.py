@@ -44,6 +44,7 @@ def test_an_interrupted_conversion_of_ours_still_resumes(src, tmp_path):
     (dest / "train-000001.tar").unlink()
     (dest / ".train-000001.tar.partial").write_bytes(b"half a shard")
     (dest / "rejects.jsonl.tmp").write_bytes(b"")
+    (dest / "train-000001.idx.tmp").write_bytes(b"v1.2")  # killed while writing a shard's .idx
     (dest / "_index" / "train-000001.tar.json.tmp").write_bytes(b"{")
     (dest / "_index" / "train-000001.tar.json").unlink()
     summary = convert(options(src, dest), progress=False)
