@@ -150,7 +150,7 @@ class ConvertSummary(BaseModel):
     unchanged: int  # inputs already in the store (or already rejected with the same content)
     shards_written: list[str]  # shards this run added to the store
     splits: dict[str, int]  # samples per split in the whole store
-    skipped: list[str] = []  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
+    skipped: list[str] = []  # what SRC holds and was not read, each "relpath: why" (shards.layouts.Listing)
 
 
 class Packable(Protocol):

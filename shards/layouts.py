@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -17,6 +18,9 @@ Layout = Literal["imagefolder", "unlabeled", "yolo"]
 
 # torchvision's ImageFolder extensions, plus GIF; anything else in SRC is not an input.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Photo formats that cameras and phones write and convert does not read: skipped, but counted and named, as a
+# folder of iPhone HEICs would otherwise convert to nothing without a word.
+UNREAD_PHOTO_EXTENSIONS = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
 SPLIT_DIRS = ("train", "val", "test")
 YOLO_YAMLS = ("data.yaml", "data.yml")
 # A labeled source without split folders holds out this share of its inputs as val by default.
@@ -42,7 +46,8 @@ class Listing:
     classes: list[str]
     inputs: list[Input]
     reason: str  # why auto detection chose this layout (or "given")
-    skipped: list[str]  # folders of SRC not read, each "relpath: why" (symlink loops, unreadable folders)
+    skipped: list[str]  # what SRC holds and convert did not read, each "relpath: why" (symlink loops, unreadable
+    # folders, photos in formats it does not read)
     split_folders: bool = False  # a labeled source naming its splits: SRC/train|val|test/..., yolo images/<split>/
     holdout: float | None = None  # share held out as val (no split folders); None: the source's splits as they are
 
@@ -122,11 +127,22 @@ def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str],
         what = "is not a directory" if fs.exists(root) else "does not exist"
         raise StoreError(f"source {root} {what}")
     skipped: list[str] = []
-    relpaths = sorted(
-        r for r in file_relpaths(fs, root, root, skipped)
-        if r.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in r.split("/"))
-    )
+    visible = sorted(r for r in file_relpaths(fs, root, root, skipped)
+                     if not any(part.startswith(".") for part in r.split("/")))
+    relpaths = [r for r in visible if r.lower().endswith(IMAGE_EXTENSIONS)]
+    unread = [r for r in visible if r.lower().endswith(UNREAD_PHOTO_EXTENSIONS)]
+    if unread:
+        skipped.append(unread_photos(unread))
     return relpaths, sorted(skipped)
+
+
+def unread_photos(relpaths: list[str]) -> str:
+    """One `skipped` line for the photos in formats convert does not read: the first, the count by format."""
+    counts = Counter(os.path.splitext(r)[1].lower() for r in relpaths)
+    formats = ", ".join(f"{ext} {n}" for ext, n in counts.most_common())
+    more = f" and {len(relpaths) - 1} more" if len(relpaths) > 1 else ""
+    return (f"{relpaths[0]}{more}: photos in formats convert does not read ({formats}); save them as JPEG "
+            "(or another of " + ", ".join(IMAGE_EXTENSIONS) + ") to convert them")
 
 
 def file_relpaths(fs: fsspec.AbstractFileSystem, root: str, folder: str, skipped: list[str]) -> list[str]:

@@ -34,6 +34,20 @@ def test_a_symlink_loop_in_a_class_folder_is_skipped_and_the_labels_kept(tmp_pat
     assert "layout: imagefolder" in result.stderr
 
 
+def test_photos_in_formats_convert_does_not_read_are_counted_and_named(tmp_path):
+    # a folder of a phone's HEICs converted to nothing without a word; other files (notes, labels) stay unnamed
+    flat = samples.make_imagefolder(tmp_path / "src", per_class={"train": 3}, size=32, flat=True,
+                                    classes=["chelsea", "rocket"])
+    for name in ("chelsea/IMG_0001.HEIC", "chelsea/IMG_0002.heic", "rocket/raw.dng"):
+        (flat / name).write_bytes(b"\0" * 64)
+    (flat / "rocket" / "notes.txt").write_text("shot on a phone")
+    summary = convert(ConvertOptions(src=str(flat), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert summary.added + summary.rejected == 6
+    assert summary.skipped == [
+        "chelsea/IMG_0001.HEIC and 2 more: photos in formats convert does not read (.heic 2, .dng 1); save them as "
+        "JPEG (or another of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .gif) to convert them"]
+
+
 def test_loops_through_two_symlinks_end(tmp_path):
     """a/to_b -> b and b/to_a -> a: each path is followed until it would enter a folder it is already inside."""
     src = samples.make_unlabeled(tmp_path / "src", size=32)
