@@ -75,11 +75,16 @@ def convert(
     table = Table(show_header=False)
     for name, value in (("added", summary.added), ("rejected", summary.rejected),
                         ("unchanged", summary.unchanged), ("shards written", len(summary.shards_written)),
-                        *((f"split {s}", n) for s, n in summary.splits.items())):
+                        *((f"split {s}", with_boxes(n, summary.boxes.get(s))) for s, n in summary.splits.items())):
         table.add_row(name, str(value))
     console.print(table)
     if summary.rejected:
         console.print(f"rejects listed in {public_url(dest)}/rejects.jsonl")
+
+
+def with_boxes(samples: int, boxes: int | None) -> str:
+    """A split's sample count, and for a yolo store its boxes (where recorded)."""
+    return str(samples) if boxes is None else f"{samples} ({boxes} boxes)"
 
 
 @app.command()
@@ -99,7 +104,7 @@ def inspect(
     for name, s in info["splits"].items():
         mix = s["classes_per_shard"]
         mixing = f"{mix['min']}-{mix['median']:g}-{mix['max']}" if mix else "-"
-        table.add_row(name, str(s["samples"]), str(s["shards"]), f"{s['bytes']:,}", mixing)
+        table.add_row(name, with_boxes(s["samples"], s.get("boxes")), str(s["shards"]), f"{s['bytes']:,}", mixing)
     shown = ", ".join(info["classes"][:20]) + (", ..." if len(info["classes"]) > 20 else "")
     typer.echo(f"classes ({len(info['classes'])}): {shown}")
     order = info["order"]

@@ -151,6 +151,7 @@ class ConvertSummary(BaseModel):
     shards_written: list[str]  # shards this run added to the store
     splits: dict[str, int]  # samples per split in the whole store
     skipped: list[str] = []  # what SRC holds and was not read, each "relpath: why" (shards.layouts.Listing)
+    boxes: dict[str, int] = {}  # yolo: boxes per split in the whole store, where recorded (manifest's `boxes`)
 
 
 class Packable(Protocol):
@@ -245,7 +246,13 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
                                       advance=lambda: bar.advance(task))
         else:
             packer = pack(fs, root, opts, state, settings, tasks, known, written, advance=lambda: bar.advance(task))
-    return commit(fs, root, opts, listing, state, written, packer)
+    summary = commit(fs, root, opts, listing, state, written, packer)
+    if progress:
+        for name in (name for name, boxes in summary.boxes.items() if boxes == 0):
+            console.print(f"warning: split {name} holds no boxes: none of its {summary.splits[name]} images has a "
+                          "label line; a detector learns nothing from it and cannot be evaluated on it",
+                          markup=False, highlight=False, soft_wrap=True)
+    return summary
 
 
 def pack(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, state: StoreState, settings: Settings,
@@ -490,10 +497,16 @@ def write_shard(fs: fsspec.AbstractFileSystem, root: str, build_dir: str, fmt: s
     return ShardIndex(
         shard=name, split=shard.split, version=version, samples=len(samples), bytes=nbytes,
         sha256=sha256, idx_sha256=hashlib.sha256(idx).hexdigest() if idx is not None else None,
-        rejects=shard.rejects,
+        boxes=box_count(samples), rejects=shard.rejects,
         items=[IndexItem(key=s.input.key, path=s.input.relpath, sha1=s.sha1, label_sha1=s.label_sha1)
                for s in samples],
     )
+
+
+def box_count(samples: list[Sample]) -> int | None:
+    """The boxes a yolo shard's samples hold (an image without a label file holds none); None for other layouts."""
+    counts = [len(s.meta["boxes"]) for s in samples if "boxes" in s.meta]
+    return sum(counts) if counts else None
 
 
 def new_rejects(written: list[ShardIndex], packer: Packer) -> list[RejectRecord]:
@@ -527,6 +540,7 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
         rejected=len(rejects), unchanged=packer.unchanged,
         shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
+        boxes={name: split.boxes for name, split in manifest.splits.items() if split.boxes is not None},
     )
 
 
@@ -547,7 +561,7 @@ def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None,
         shards.setdefault(split, []).append(entry)
     splits = {
         name: SplitEntry(samples=sum(s.samples for s in entries), bytes=sum(s.bytes for s in entries),
-                         shards=sorted(entries, key=lambda s: s.name))
+                         shards=sorted(entries, key=lambda s: s.name), boxes=split_boxes(entries))
         for name, entries in sorted(shards.items())
     }
     now = now_utc()
@@ -564,6 +578,12 @@ def build_manifest(opts: ConvertOptions, listing: Listing, old: Manifest | None,
         totals=Totals(samples=sum(s.samples for s in splits.values()), bytes=sum(s.bytes for s in splits.values()),
                       shards=sum(len(s.shards) for s in splits.values())),
     )
+
+
+def split_boxes(entries: list[ShardEntry]) -> int | None:
+    """A split's boxes, where each of its shards recorded its count (shards of older stores did not)."""
+    counts = [e.boxes for e in entries]
+    return None if None in counts else sum(c for c in counts if c is not None)
 
 
 def conversion_settings(opts: ConvertOptions) -> dict:

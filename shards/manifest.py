@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from datetime import datetime, timezone
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import fsspec
 from pydantic import BaseModel, SerializerFunctionWrapHandler, ValidationError, model_serializer
@@ -23,7 +23,24 @@ M = TypeVar("M", bound=BaseModel)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class ShardEntry(BaseModel):
+class Recorded(BaseModel):
+    """A model with fields the format gained later that are left out of its JSON where None (`OMIT_IF_NONE`):
+    the files of stores without them (other layouts, older stores) stay as they were written."""
+
+    OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _recorded_only(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for name in self.OMIT_IF_NONE:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
+class ShardEntry(Recorded):
+    OMIT_IF_NONE = ("boxes",)
+
     name: str
     samples: int
     bytes: int
@@ -31,12 +48,16 @@ class ShardEntry(BaseModel):
     version: int
     index_sha256: str | None = None  # of _index/<name>.json; None in stores written before it was recorded
     idx_sha256: str | None = None  # of its .idx beside it (shards.tarindex, wds); None: none (lmdb, older stores)
+    boxes: int | None = None  # yolo: the boxes its samples hold; None for other layouts and older stores
 
 
-class SplitEntry(BaseModel):
+class SplitEntry(Recorded):
+    OMIT_IF_NONE = ("boxes",)
+
     samples: int
     bytes: int
     shards: list[ShardEntry]
+    boxes: int | None = None  # yolo: the sum of its shards' boxes, where every one of them recorded its count
 
 
 class Totals(BaseModel):
@@ -96,7 +117,9 @@ class RejectRecord(BaseModel):
     label_sha1: str | None = None  # a yolo `changed` reject's label digest (decode.label_digest)
 
 
-class IndexItem(BaseModel):
+class IndexItem(Recorded):
+    OMIT_IF_NONE = ("label_sha1",)  # indexes of other layouts stay as they were
+
     key: str
     path: str
     sha1: str
@@ -104,16 +127,11 @@ class IndexItem(BaseModel):
     # written before it was recorded, whose labels --append cannot check
     label_sha1: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _recorded_only(self, handler: SerializerFunctionWrapHandler) -> dict:
-        data = handler(self)
-        if self.label_sha1 is None:
-            del data["label_sha1"]  # not written where there is none: indexes of other layouts stay as they were
-        return data
 
-
-class ShardIndex(BaseModel):
+class ShardIndex(Recorded):
     """_index/<shard>.json: written after its shard, so a shard without one is redone."""
+
+    OMIT_IF_NONE = ("boxes",)
 
     shard: str
     split: str
@@ -124,10 +142,12 @@ class ShardIndex(BaseModel):
     items: list[IndexItem]
     rejects: list[RejectRecord]  # inputs rejected while this shard was being filled
     idx_sha256: str | None = None  # as ShardEntry's
+    boxes: int | None = None  # as ShardEntry's
 
     def entry(self, index_sha256: str) -> ShardEntry:
         return ShardEntry(name=self.shard, samples=self.samples, bytes=self.bytes, sha256=self.sha256,
-                          version=self.version, index_sha256=index_sha256, idx_sha256=self.idx_sha256)
+                          version=self.version, index_sha256=index_sha256, idx_sha256=self.idx_sha256,
+                          boxes=self.boxes)
 
 
 def json_bytes(obj: object, **dumps_kw) -> bytes:

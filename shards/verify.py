@@ -201,7 +201,7 @@ def inspect_store(dest: str) -> dict:
         "rejects_by_reason": dict(sorted(reasons.items())),
         "splits": {
             name: {"samples": s.samples, "shards": len(s.shards), "bytes": s.bytes,
-                   "classes_per_shard": mixing.get(name)}
+                   "classes_per_shard": mixing.get(name), **({"boxes": s.boxes} if s.boxes is not None else {})}
             for name, s in manifest.splits.items()
         },
         "totals": manifest.totals.model_dump(),

@@ -63,6 +63,34 @@ def test_yolo_boxes_and_labels(yolo_src, tmp_path, fmt):
         assert sample["boxes"] == [r[1:] for r in rows]
 
 
+def test_the_manifest_counts_each_yolo_split_s_boxes_and_records_none_for_other_layouts(yolo_src, imagefolder_src,
+                                                                                          tmp_path):
+    run(yolo_src, tmp_path / "y", shard_size="5samples")
+    manifest = read_manifest(str(tmp_path / "y"))
+    assert len(manifest.splits["train"].shards) > 1
+    for split, entry in manifest.splits.items():
+        lines = [line for f in (yolo_src / "labels" / split).glob("*.txt") for line in f.read_text().splitlines()
+                 if line.strip()]
+        assert entry.boxes == len(lines) > 0
+        assert sum(s.boxes or 0 for s in entry.shards) == entry.boxes
+        assert inspect_store(str(tmp_path / "y"))["splits"][split]["boxes"] == entry.boxes
+    run(imagefolder_src, tmp_path / "i")
+    assert "boxes" not in (tmp_path / "i" / "manifest.json").read_text()
+    assert {s.boxes for s in read_manifest(str(tmp_path / "i")).splits.values()} == {None}
+
+
+def test_a_yolo_split_without_label_files_is_stored_with_a_warning(tmp_path):
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 6, "val": 3}, size=64)
+    shutil.rmtree(src / "labels" / "val")  # e.g. the val labels went to another folder
+    result = shardtrain("convert", src, tmp_path / "s", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert ("warning: split val holds no boxes: none of its 3 images has a label line; a detector learns nothing "
+            "from it and cannot be evaluated on it") in result.stderr
+    assert "warning: split train" not in result.stderr
+    assert read_manifest(str(tmp_path / "s")).splits["val"].boxes == 0
+    assert "3 (0 boxes)" in shardtrain("inspect", tmp_path / "s").stdout
+
+
 def test_unlabeled_tree_and_split_folders(tmp_path):
     src = tmp_path / "src"
     for seed, folder in enumerate(["train/day1", "val", "misc", "."]):
