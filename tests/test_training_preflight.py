@@ -5,6 +5,7 @@ the train flow call); one also through the console script, for its exit code and
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from shards import ConvertOptions, convert
+from shards import ConvertOptions, convert, samples
 from training import TrainError, checkpoint, launch, load_config, run_dir
 from training.config import to_dict
 from training.model import build_model
@@ -95,6 +96,23 @@ def test_a_vit_built_for_another_input_size_names_the_setting(stores, tmp_path):
     assert refused(config, *dino) == ("model.kwargs: vit_tiny_patch16_224 takes one input size; add "
                                       "dynamic_img_size: true so DINO's 32px global and 16px local crops pass")
     preflight(load_config(config, [*dino[:2], "model.kwargs={dynamic_img_size: true}", *dino[3:]]))
+
+
+def test_a_detection_split_without_boxes_is_refused_before_it_trains(tmp_path):
+    # before, val_map was COCO's -1 at every eval, and best.pt kept the first epoch's weights
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 6, "val": 3}, size=64)
+    shutil.rmtree(src / "labels" / "val")
+    convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    config = write(tmp_path, str(tmp_path / "s"))
+    store = str(tmp_path / "s")
+    assert refused(config, "task=detect") == (
+        f"data.path: the val split of {store} holds no boxes (none of its 3 images has a label line), so val_map "
+        "cannot be measured on it (COCO mAP is undefined without boxes); label them and convert into an empty "
+        "store, or set data.val_split to a split with boxes")
+    assert refused(config, "task=detect", "data.train_split=val", "data.val_split=train").startswith(
+        f"data.path: the val split of {store} holds no boxes (none of its 3 images has a label line), so the "
+        "detector would learn background alone; ")
+    preflight(load_config(config, ["task=detect", "data.val_split=train"]))  # a split with boxes passes
 
 
 def test_model_name_timm_does_not_know(stores, tmp_path):

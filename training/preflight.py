@@ -26,6 +26,8 @@ def preflight(cfg: RunConfig) -> None:
     manifest = store_manifest(cfg.data.path, "data.path")
     check_layout(cfg, manifest)
     check_splits(cfg, manifest)
+    if cfg.task == "detect":
+        check_boxes(cfg, manifest)
     from training.model import check_model_name, hub_weights
 
     check_model_name(cfg.model.name)
@@ -82,6 +84,19 @@ def need_split(manifest: shards.Manifest, path: str, split: str, store_key: str,
         fix = (f"its holdout of {manifest.holdout.fraction:.0%} drew no image yet: reconvert into an empty store "
                "with a larger --val-fraction, or add images")
     raise TrainError(f"{store_key}: the store {path} has no split {split!r} (it has: {has}); {fix}")
+
+
+def check_boxes(cfg: RunConfig, manifest: shards.Manifest) -> None:
+    """A detection split without a single box (its label files missing or empty) trains on background alone, or
+    gives COCO's undefined mAP (-1) at every eval, which would keep the first epoch's weights as best.pt. Stores
+    written before the counts were recorded are not checked."""
+    why = {"data.train_split": "the detector would learn background alone",
+           "data.val_split": "val_map cannot be measured on it (COCO mAP is undefined without boxes)"}
+    for key, split in (("data.train_split", cfg.data.train_split), ("data.val_split", cfg.data.val_split)):
+        if manifest.splits[split].boxes == 0:
+            raise TrainError(f"data.path: the {split} split of {cfg.data.path} holds no boxes (none of its "
+                             f"{manifest.splits[split].samples} images has a label line), so {why[key]}; label "
+                             f"them and convert into an empty store, or set {key} to a split with boxes")
 
 
 def check_input_size(cfg: RunConfig) -> None:
