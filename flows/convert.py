@@ -34,6 +34,8 @@ def convert_task(options: ConvertOptions) -> ConvertSummary:
     logger = get_run_logger()
     for line in summary.skipped:
         logger.warning("skipped %s", line)
+    for line in summary.boxless_splits():
+        logger.warning(line)
     logger.info(
         "%s -> %s: %d added, %d rejected, %d unchanged, store version %d",
         options.src, options.dest, summary.added, summary.rejected, summary.unchanged, summary.version,

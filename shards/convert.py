@@ -153,6 +153,11 @@ class ConvertSummary(BaseModel):
     skipped: list[str] = []  # what SRC holds and was not read, each "relpath: why" (shards.layouts.Listing)
     boxes: dict[str, int] = {}  # yolo: boxes per split in the whole store, where recorded (manifest's `boxes`)
 
+    def boxless_splits(self) -> list[str]:
+        """A line for each yolo split without a single box: stored, but no detector can use it."""
+        return [f"split {name} holds no boxes: none of its {self.splits[name]} images has a label line; a detector "
+                "learns nothing from it and cannot be evaluated on it" for name, n in self.boxes.items() if n == 0]
+
 
 class Packable(Protocol):
     """What packing needs of a decoded sample: a decode.Sample, or (on a Dask client) a
@@ -248,10 +253,8 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
             packer = pack(fs, root, opts, state, settings, tasks, known, written, advance=lambda: bar.advance(task))
     summary = commit(fs, root, opts, listing, state, written, packer)
     if progress:
-        for name in (name for name, boxes in summary.boxes.items() if boxes == 0):
-            console.print(f"warning: split {name} holds no boxes: none of its {summary.splits[name]} images has a "
-                          "label line; a detector learns nothing from it and cannot be evaluated on it",
-                          markup=False, highlight=False, soft_wrap=True)
+        for line in summary.boxless_splits():
+            console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     return summary
 
 
