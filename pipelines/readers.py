@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import struct
 import tarfile
 from collections import OrderedDict
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 READ_BLOCK = 4 << 20  # fsspec readahead while scanning a remote shard's headers
 OPEN_FILES = 256  # local shard descriptors a process keeps: a shuffle block spans many shards
+CACHE_NOTE = "store.json"  # in a store's folder of a shard cache: {"url", "created"} of the store
 
 
 class TarIndex(NamedTuple):
@@ -181,7 +183,7 @@ class TarReader(ShardReader):
         self.idx_paths = [fsspec.core.url_to_fs(url)[1] if url else None for url in split.indexes]
         self.names = [os.path.basename(p) for p in self.paths]
         local = split.protocol in ("file", "local")
-        self.cache = None if local or cache_dir is None else os.path.join(cache_dir, store_key(split))
+        self.cache = None if local or cache_dir is None else store_cache(cache_dir, split)
 
     def _reset(self) -> None:
         # made in the reading process: neither the parent's descriptors nor its async S3 client survive a fork
@@ -245,9 +247,9 @@ class TarReader(ShardReader):
         """The path of the shard's copy in the cache, downloaded whole (one request) unless a copy of the
         manifest's size is there already, from another worker or an earlier run."""
         assert self.cache is not None
-        path = os.path.join(self.cache, self.names[shard])
+        # named by content too: a store rewritten within the second of its `created` shares the folder
+        path = os.path.join(self.cache, f"{self.split.digests[shard][:16]}-{self.names[shard]}")
         if not os.path.exists(path) or os.path.getsize(path) != self.split.sizes[shard]:
-            os.makedirs(self.cache, exist_ok=True)
             part = f"{path}.{os.getpid()}.part"
             try:
                 self.fs.get_file(self.paths[shard], part)
@@ -256,6 +258,10 @@ class TarReader(ShardReader):
                     os.remove(part)
                 raise
             os.replace(part, path)  # whole or absent, for the workers that may open it at any moment
+            for entry in os.scandir(self.cache):  # the copy of a rewritten store's shard of this name
+                if entry.name.endswith(f"-{self.names[shard]}") and entry.path != path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(entry.path)
         return path
 
     def _parse(self, shard: int, i: int, chunk: bytes) -> RawSample | BadSample:
@@ -352,6 +358,34 @@ def store_key(split: StoreSplit) -> str:
     """A store's folder in a shard cache: its URL and creation time, so a store rewritten at the same URL gets a
     new folder."""
     return hashlib.sha1(f"{split.path}\n{split.created}".encode()).hexdigest()[:16]
+
+
+def store_cache(cache_dir: str, split: StoreSplit) -> str:
+    """The store's folder in the shard cache, made with a note of the store's URL and creation time (`CACHE_NOTE`).
+    The folders of earlier stores at that URL go: a store is rewritten only into an empty DEST (convert appends
+    keep `created`), so no reader can use their copies again, and each would hold a whole store's shards."""
+    folder = os.path.join(cache_dir, store_key(split))
+    os.makedirs(folder, exist_ok=True)
+    note = {"url": split.path, "created": split.created}
+    if not os.path.exists(os.path.join(folder, CACHE_NOTE)):
+        part = os.path.join(folder, f"{CACHE_NOTE}.{os.getpid()}.part")
+        with open(part, "w") as f:
+            json.dump(note, f)
+        os.replace(part, os.path.join(folder, CACHE_NOTE))
+    for entry in os.scandir(cache_dir):
+        if entry.path != folder and cache_note(entry.path).get("url") == split.path:
+            shutil.rmtree(entry.path, ignore_errors=True)  # another rank of this host may be removing it too
+    return folder
+
+
+def cache_note(folder: str) -> dict:
+    """A cache folder's note; {} for what is not a store's folder (or one from before the notes)."""
+    try:
+        with open(os.path.join(folder, CACHE_NOTE)) as f:
+            note = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
 
 
 def make_reader(split: StoreSplit, cache_dir: str | None = None) -> ShardReader:

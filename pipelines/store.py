@@ -38,6 +38,7 @@ class StoreSplit:
     shards: list[str]  # full paths or URLs, manifest order
     counts: list[int]
     sizes: list[int]  # bytes per shard, as the manifest recorded them
+    digests: list[str]  # sha256 per shard, as the manifest recorded them
     indexes: list[str | None]  # per shard, the path or URL of its sample index (shards.tarindex), where it has one
     created: str  # when the store was first written (the manifest's `created`): tells a rewritten store apart
 
@@ -67,6 +68,7 @@ def open_split(path: str, split: str) -> StoreSplit:
         shards=[prefix + s.name for s in entries],
         counts=[s.samples for s in entries],
         sizes=[s.bytes for s in entries],
+        digests=[s.sha256 for s in entries],
         indexes=[prefix + shards.idx_name(s.name) if s.idx_sha256 else None for s in entries],
         created=manifest.created,
     )

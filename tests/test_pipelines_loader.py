@@ -27,7 +27,7 @@ import torch
 
 from pipelines import AugmentConfig, DataConfig, DataError, build_loader
 from pipelines.loader import EpochBatches
-from pipelines.readers import make_reader
+from pipelines.readers import make_reader, store_key
 from pipelines.store import open_split
 from shards import ConvertOptions, convert, samples
 
@@ -261,10 +261,9 @@ def test_s3_store_with_cache_dir_reads_whole_shard_copies(tmp_path, s3_bucket):
     everything = np.arange(split.num_samples)
     expected = make_reader(split).read(everything)
     copies = {p.name: p for p in cache.rglob("*.tar")}
-    assert {name: p.stat().st_size for name, p in copies.items()} == {
-        os.path.basename(url): size for url, size in zip(split.shards, split.sizes)
-    }
-    first = copies[os.path.basename(split.shards[0])]
+    names = [f"{digest[:16]}-{os.path.basename(url)}" for digest, url in zip(split.digests, split.shards)]
+    assert {name: p.stat().st_size for name, p in copies.items()} == dict(zip(names, split.sizes))
+    first = copies[names[0]]
     first.write_bytes(first.read_bytes()[:1000])  # a stale or cut copy: not the manifest's size, fetched again
     assert make_reader(split, str(cache)).read(everything) == expected
     fs = fsspec.core.url_to_fs(path)[0]
@@ -275,7 +274,30 @@ def test_s3_store_with_cache_dir_reads_whole_shard_copies(tmp_path, s3_bucket):
     with pytest.raises(DataError, match=f"cannot read shard {split.shards[0]}") as err:
         make_reader(split, str(cache)).read(everything)
     assert "\n" not in str(err.value)
-    assert sorted(p.name for p in first.parent.iterdir()) == sorted(copies)[1:]
+    assert sorted(p.name for p in first.parent.glob("*.tar*")) == names[1:]
+
+
+def test_a_store_rewritten_at_the_same_url_is_read_afresh_and_its_old_copies_go(tmp_path, s3_bucket):
+    path = make_store(tmp_path, "wds", {"train": 2, "val": 2}, "5", dest=f"{s3_bucket}/store")
+    cache = tmp_path / "cache"
+    (cache / "mine").mkdir(parents=True)  # not a store's folder: left alone
+    other = make_store(tmp_path, "wds", {"train": 2, "val": 2}, "5", dest=f"{s3_bucket}/other")
+    cfg = cfg_for(path, batch_size=3, workers=0, cache_dir=str(cache))
+    for store in (path, other):
+        epoch_digests(loaders(cfg.model_copy(update={"path": store}), "val", train=False, world_size=1)[0], 0)
+    before = {p.parent.name for p in cache.rglob("*.tar")}
+    assert len(before) == 2
+
+    fsspec.core.url_to_fs(path)[0].rm(fsspec.core.url_to_fs(path)[1], recursive=True)
+    samples.make_imagefolder(tmp_path / "new", per_class={"train": 2, "val": 2}, size=40, seed=2)
+    convert(ConvertOptions(src=str(tmp_path / "new"), dest=path, shard_size="5", workers=1), progress=False)
+    streamed = epoch_digests(loaders(cfg_for(path, batch_size=3, workers=0), "val", train=False, world_size=1)[0], 0)
+    assert epoch_digests(loaders(cfg, "val", train=False, world_size=1)[0], 0) == streamed  # the new store's
+    split = open_split(path, "val")
+    copies = sorted(p.name for p in cache.rglob("*.tar"))
+    assert copies == sorted([f"{d[:16]}-{os.path.basename(url)}" for d, url in zip(split.digests, split.shards)]
+                            + [p.name for p in (cache / store_key(open_split(other, "val"))).glob("*.tar")])
+    assert (cache / "mine").is_dir()
 
 
 def test_lmdb_store_on_s3_asks_for_a_local_copy(tmp_path, s3_bucket):
