@@ -195,3 +195,18 @@ def test_a_trained_detector_keeps_its_size_and_architecture_whatever_the_config_
     info = json.loads((tmp_path / "onnx" / "config.json").read_text())
     assert info["input"]["shape"] == [1, 3, 64, 64] and info["thresholds"]["suggested_score"] == 0.5
     assert ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).get_inputs()[0].shape == [1, 3, 64, 64]
+
+
+def test_the_checkpoints_settings_are_written_as_in_the_config(tmp_path):
+    """The lines on what the checkpoint overrules spell both values as the YAML config and a key=value override
+    do (null, true, [2, 3, 4]), not as Python (None, True)."""
+    cfg, _ = config(tmp_path, task="detect", detect={"fpn_channels": 64})
+    ckpt = save(cfg, build_detector(cfg, len(CLASSES), tmp_path), CLASSES)
+    _, other = config(tmp_path, task="detect", data={"path": "unused", "image_size": SIZE,
+                                                     "augment": {"mean": [0.5, 0.5, 0.5]}},
+                      train={"ema_decay": 0.9}, detect={"fpn_channels": 64, "out_indices": [3, 4], "p6p7": False})
+    assert checkpoint_notes("export", other, ckpt, "--out", tmp_path / "o") == [
+        "using the checkpoint's data.augment.mean=[0.485, 0.456, 0.406] (the config says [0.5, 0.5, 0.5])",
+        "using the checkpoint's detect.out_indices=[2, 3, 4] (the config says [3, 4])",
+        "using the checkpoint's detect.p6p7=true (the config says false)",
+        "using the checkpoint's train.ema_decay=null (the config says 0.9)"]

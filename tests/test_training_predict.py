@@ -177,7 +177,7 @@ def test_the_checkpoints_model_and_input_settings_overrule_the_configs(trained, 
              "using the checkpoint's data.image_size=32 (the config says 64)",
              "using the checkpoint's eval.metric=val_top1 (the config says ema_val_top1)",
              "using the checkpoint's model.name=test_resnet (the config says resnet18)",
-             "using the checkpoint's train.ema_decay=None (the config says 0.9)"]
+             "using the checkpoint's train.ema_decay=null (the config says 0.9)"]
 
     val = imagefolder_src / "val"
     assert checkpoint_notes("predict", config, best, val, "--out", tmp_path / "own") == []

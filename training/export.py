@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 import torch
+import yaml
 from timm.models import save_for_hf
 from timm.models._hub import save_config_for_hf  # what save_for_hf writes beside the weights; not re-exported
 from torch import nn
@@ -98,9 +99,18 @@ def trained_config(cfg: RunConfig, stored: dict, log=print) -> RunConfig:
         if value is not ABSENT:
             lookup(raw, ".".join(section))[leaf] = value
     for key in diff_keys(raw, given):
-        log(f"using the checkpoint's {key}={lookup(raw, key)} (the config says {lookup(given, key)})")
+        log(f"using the checkpoint's {key}={as_written(lookup(raw, key))} "
+            f"(the config says {as_written(lookup(given, key))})")
     raw["model"]["pretrained"] = None  # the checkpoint holds every weight: none to fetch
     return validate(raw)
+
+
+def as_written(value: Any) -> str:
+    """`value` as a user writes it in the YAML config or a key=value override: null, true, [0.5, 0.5, 0.5]."""
+    if value is ABSENT:
+        return repr(value)  # "unset": the key is missing, which no YAML value says
+    # one line however long; a bare scalar's dump ends with YAML's document end marker, "..."
+    return yaml.safe_dump(value, default_flow_style=True, width=2**31).removesuffix("\n...\n").strip()
 
 
 def lookup(config: dict, key: str) -> Any:
