@@ -23,6 +23,7 @@ from shards import ConvertOptions, convert, samples
 from tests.test_detect_train import write_config
 from training import checkpoint, load_config, run
 from training.config import RunConfig, to_dict, validate
+from training.export import lookup
 from training.model import build_model
 from training.predict import letterbox
 from training.tasks.detect import build_detector
@@ -40,10 +41,11 @@ def config(tmp_path: Path, **raw) -> tuple[RunConfig, Path]:
     return validate(cfg), path
 
 
-def save(cfg: RunConfig, model: torch.nn.Module, classes: list[str]) -> Path:
+def save(cfg: RunConfig, model: torch.nn.Module, classes: list[str], stored: dict | None = None) -> Path:
+    """A checkpoint as the trainer writes it; `stored`: the config it holds where not `cfg`'s (an older version's)."""
     return checkpoint.save(Path(cfg.runs_dir) / cfg.name / "checkpoints",
-                           {"model": model.state_dict(), "ema": None, "step": 3, "epoch": 1, "config": to_dict(cfg),
-                            "classes": classes}, keep=2)
+                           {"model": model.state_dict(), "ema": None, "step": 3, "epoch": 1,
+                            "config": to_dict(cfg) if stored is None else stored, "classes": classes}, keep=2)
 
 
 def shardtrain_export(config_path: Path, ckpt: Path, out: Path, fmt: str) -> None:
@@ -210,3 +212,30 @@ def test_the_checkpoints_settings_are_written_as_in_the_config(tmp_path):
         "using the checkpoint's detect.out_indices=[2, 3, 4] (the config says [3, 4])",
         "using the checkpoint's detect.p6p7=true (the config says false)",
         "using the checkpoint's train.ema_decay=null (the config says 0.9)"]
+
+
+def test_a_checkpoint_setting_this_version_refuses_is_one_line_naming_it(classifier, tmp_path):
+    """An older run's checkpoint may hold a value this version's config refuses (one now out of range, a metric
+    since renamed). predict and export take it from the checkpoint whatever the config says, so the error names
+    the checkpoint's setting, not the config's, and what can be done."""
+    cfg, path, model, _ = classifier
+    image = str(samples.photo_paths()[0])
+    refused = [  # (the stored config's values, the setting named, why it is refused)
+        ({"data.augment.std": [0.2, 0.0, 0.2]}, "data.augment.std=[0.2, 0.0, 0.2]", "Input should be greater than 0"),
+        # data.image_size=48 is taken from the checkpoint as well, and valid: not named
+        ({"data.image_size": 48, "eval.metric": "val_acc1"}, "eval.metric=val_acc1",
+         "eval.metric: task classify reports val_top1, val_top5, ema_val_top1, ema_val_top5, not val_acc1"),
+    ]
+    for values, setting, why in refused:
+        stored = to_dict(cfg)
+        for key, value in values.items():
+            section, leaf = key.rsplit(".", 1)
+            lookup(stored, section)[leaf] = value
+        ckpt = save(cfg, model, CLASSES, stored)
+        for command in (["export", path, ckpt, "--out", tmp_path / "o"],
+                        ["predict", path, ckpt, image, "--out", tmp_path / "p"]):
+            result = CliRunner().invoke(app, list(map(str, command)))
+            assert (result.exit_code, result.stderr) == (2, (
+                f"error: checkpoint {ckpt} was trained with {setting}, which this version's config refuses ({why}); "
+                "predict and export take the model's settings from the checkpoint whatever the config says: "
+                "retrain, or use the shardtrain version that trained it\n")), result.output

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pydantic
 import torch
 import yaml
 from timm.models import save_for_hf
@@ -27,7 +28,7 @@ from timm.models._hub import save_config_for_hf  # what save_for_hf writes besid
 from torch import nn
 
 from pipelines.presets import PAD_VALUE
-from training.config import RunConfig, TrainError, to_dict, validate
+from training.config import RunConfig, TrainError, to_dict
 from training.model import build_model
 from training.preflight import MODEL_KEYS
 from training.tasks.detect import build_detector, detect_settings
@@ -83,14 +84,14 @@ def read_checkpoint(cfg: RunConfig, checkpoint: str,
     if task != cfg.task:  # the config's task-specific settings (its thresholds) would not apply
         raise TrainError(f"checkpoint {checkpoint} holds another model than the config's (task {task!r}, this "
                          f"config has {cfg.task!r}): give the config it was trained with (its run dir's config.yaml)")
-    trained = trained_config(cfg, ckpt["config"], log)
+    trained = trained_config(cfg, ckpt["config"], checkpoint, log)
     weights = ckpt["ema"] if trained.eval.metric.startswith("ema_") and ckpt.get("ema") else ckpt["model"]
     return weights, trained, list(ckpt["classes"])
 
 
-def trained_config(cfg: RunConfig, stored: dict, log=print) -> RunConfig:
+def trained_config(cfg: RunConfig, stored: dict, checkpoint: str, log=print) -> RunConfig:
     """`cfg` with the settings that define the trained model and its input (TRAINED_KEYS, its task's MODEL_KEYS)
-    taken from the checkpoint's `stored` config, logging a line for each that differs. The rest (thresholds) is
+    taken from `checkpoint`'s `stored` config, logging a line for each that differs. The rest (thresholds) is
     chosen per invocation and stays `cfg`'s, as does a key that an older run's config lacks."""
     given, raw = to_dict(cfg), to_dict(cfg)
     for key in (*TRAINED_KEYS, *MODEL_KEYS.get(cfg.task, ())):
@@ -98,11 +99,31 @@ def trained_config(cfg: RunConfig, stored: dict, log=print) -> RunConfig:
         value = lookup(stored, key)
         if value is not ABSENT:
             lookup(raw, ".".join(section))[leaf] = value
-    for key in diff_keys(raw, given):
+    taken = diff_keys(raw, given)
+    raw["model"]["pretrained"] = None  # the checkpoint holds every weight: none to fetch
+    try:
+        trained = RunConfig.model_validate(raw)
+    except pydantic.ValidationError as e:
+        raise refused(e, raw, taken, checkpoint) from None
+    for key in taken:
         log(f"using the checkpoint's {key}={as_written(lookup(raw, key))} "
             f"(the config says {as_written(lookup(given, key))})")
-    raw["model"]["pretrained"] = None  # the checkpoint holds every weight: none to fetch
-    return validate(raw)
+    return trained
+
+
+def refused(e: pydantic.ValidationError, raw: dict, taken: list[str], checkpoint: str) -> TrainError:
+    """The error for settings taken from the checkpoint that this version's config refuses (an older run's value
+    now out of range, a metric since renamed). The config given was valid, so they are the cause; config's own
+    "bad value for K" would send the user to edit a config whose K is not the one used."""
+    err = e.errors()[0]
+    loc, why = ".".join(map(str, err["loc"])), err["msg"].removeprefix("Value error, ")
+    # the taken key at or above the refused one (data.augment.std for data.augment.std.1); a check across keys has
+    # no loc: the taken keys its message names (else all of them)
+    keys = [key for key in taken if f"{loc}.".startswith(f"{key}.") or key in why] or taken
+    settings = ", ".join(f"{key}={as_written(lookup(raw, key))}" for key in keys)
+    return TrainError(f"checkpoint {checkpoint} was trained with {settings}, which this version's config refuses "
+                      f"({why}); predict and export take the model's settings from the checkpoint whatever the "
+                      "config says: retrain, or use the shardtrain version that trained it")
 
 
 def as_written(value: Any) -> str:
