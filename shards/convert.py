@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Literal, Protocol, cast
 
@@ -414,6 +414,8 @@ class Packer:
                 return
             result = Reject(item, result.sha1, "changed", f"{change} (kept; {TAKE_A_CHANGE})",
                             label_sha1=result.label_sha1)
+        elif isinstance(result, Reject) and item.key in known:  # a stored sample's input, unreadable now
+            result = replace(result, detail=f"{result.detail} (the stored sample {item.key} is kept)")
         if not isinstance(result, Reject) and result.sha1 in self.first_of:
             first = self.first_of[result.sha1]
             result = Reject(item, result.sha1, "duplicate", f"same content as {first}", of=first)

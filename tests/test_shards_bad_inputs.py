@@ -231,6 +231,18 @@ def test_yolo_special_label_and_data_yaml(tmp_path):
         "detail": "label labels/train/img_0000.txt: a FIFO (named pipe), not a regular file",
         "sha1": hashlib.sha1((src / "images/train/img_0000.jpg").read_bytes()).hexdigest()}
 
+    # a stored sample's label that became a FIFO: a reject that says the stored sample stays
+    label = src / "labels" / "train" / "img_0001.txt"
+    stored = read_store(tmp_path / "s")
+    label.unlink()
+    os.mkfifo(label)
+    assert convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), append=True, workers=1),
+                   progress=False).rejected == 1
+    key = sample_key("images/train/img_0001.jpg")
+    assert rejects_of(tmp_path / "s")["images/train/img_0001.jpg"]["detail"] == (
+        f"label labels/train/img_0001.txt: a FIFO (named pipe), not a regular file (the stored sample {key} is kept)")
+    assert read_store(tmp_path / "s") == stored
+
     data_yaml = src / "data.yaml"
     data_yaml.unlink()
     os.mkfifo(data_yaml)
