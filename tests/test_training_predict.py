@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import timm
@@ -19,11 +20,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
+from pipelines import AugmentConfig, detect_eval
 from shards import ConvertOptions, convert
 from tests.test_training_export import checkpoint_notes
 from training import load_config, run
 from training.config import TrainError
-from training.predict import check_one_output_each, list_images
+from training.predict import check_one_output_each, detect, list_images
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 
@@ -188,3 +190,25 @@ def test_the_checkpoints_model_and_input_settings_overrule_the_configs(trained, 
     assert info["architecture"] == "test_resnet"
     assert (info["pretrained_cfg"]["input_size"], info["pretrained_cfg"]["crop_pct"]) == ([3, 32, 32], 0.875)
     assert ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx")).get_inputs()[0].shape == ["batch", 3, 32, 32]
+
+
+class FixedDetections(torch.nn.Module):
+    """Stands in for a detector: the same boxes (letterboxed pixels), scores and labels for any image."""
+
+    def __init__(self, boxes: list[list[float]]):
+        super().__init__()
+        self.boxes = torch.tensor(boxes)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        n = len(self.boxes)
+        return [{"boxes": self.boxes, "scores": torch.full((n,), 0.9), "labels": torch.arange(n)} for _ in images]
+
+
+def test_a_box_in_the_letterbox_padding_is_no_box_of_the_image():
+    # a 64x32 photo letterboxed to 64x64: rows 0-15 and 48-63 are padding. Before, the first box came out of
+    # `predict --format yolo` as a line of height 0 on the photo's top edge.
+    image = np.zeros((32, 64, 3), dtype=np.uint8)
+    model = FixedDetections([[8, 2, 20, 12], [8, 20, 30, 40], [10, 10, 30, 20]])
+    det = detect(model, image, detect_eval(64, AugmentConfig()), torch.zeros(3, 1, 1), torch.ones(3, 1, 1), conf=0.5)
+    assert det["labels"].tolist() == [1, 2]
+    assert det["boxes"].tolist() == [[8, 4, 30, 24], [10, 0, 30, 4]]  # the last one cut at the edge, kept

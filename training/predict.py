@@ -97,10 +97,11 @@ def detect(model: torch.nn.Module, image: np.ndarray, transform: A.Compose, mean
     """One image's boxes (original pixels), scores and labels with score >= conf."""
     boxed, place = letterbox(transform, image)
     out = model([to_input(boxed, mean, std)])[0]
-    keep = out["scores"] >= conf
     h, w = image.shape[:2]
-    return {"boxes": place.to_original(out["boxes"][keep], w, h).cpu(), "scores": out["scores"][keep].cpu(),
-            "labels": out["labels"][keep].cpu()}
+    boxes = place.to_original(out["boxes"], w, h)
+    # a box wholly in the letterbox's padding clips to a line along the image's edge: not a box of the image
+    keep = (out["scores"] >= conf) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return {"boxes": boxes[keep].cpu(), "scores": out["scores"][keep].cpu(), "labels": out["labels"][keep].cpu()}
 
 
 @torch.no_grad()
