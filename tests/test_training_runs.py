@@ -177,6 +177,7 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     out = train(config, torchrun=False)
     assert "resumed from" in out
     assert_same_weights(baseline_1proc, final_state(runs))
+    assert [int(r["step"]) for r in results(runs)] == [12, STEPS]
     marker = json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/step_{STEPS:08d}.pt.complete"))
     assert marker["step"] == STEPS and len(marker["sha256"]) == 64
     assert json.loads(fs.cat_file(f"{s3_bucket}/ckpt/t/checkpoints/metrics.json"))["step"] == STEPS
@@ -187,6 +188,9 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     out = train(config, torchrun=False)
     assert f"at step {STEPS}" in out and f"done: step {STEPS}" in out
     assert_same_weights(baseline_1proc, final_state(runs))
+    # its history too, from the checkpoint: before, results.csv (and plot.png) started empty on the new machine
+    assert [int(r["step"]) for r in results(runs)] == [12, STEPS]
+    assert json.loads((runs / "t" / "metrics.json").read_text())["final"]["step"] == STEPS
 
 
 def test_fresh_start_over_an_existing_run_is_refused(store, baseline_1proc_runs, tmp_path):

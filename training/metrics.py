@@ -66,9 +66,11 @@ def append_result(path: Path, row: dict) -> None:
     write_results(path, [*read_results(path), row])
 
 
-def keep_results_until(path: Path, step: int) -> None:
-    """Drop rows a killed run wrote after the checkpoint it is resumed from."""
-    rows = read_results(path)
+def restore_results(path: Path, stored: list[dict] | None, step: int) -> None:
+    """results.csv as it was at the checkpoint a run resumes from, whose last eval was at `step`: the checkpoint's
+    own rows (`stored`: a run dir on a new machine has none), or for a checkpoint from before it held them the
+    local rows; either way without the rows a killed run wrote after that checkpoint."""
+    rows = read_results(path) if stored is None else stored
     write_results(path, [r for r in rows if r["step"] <= step])
 
 

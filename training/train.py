@@ -111,6 +111,7 @@ class Trainer:
         self.dtype = amp_dtype(cfg.train.amp, world.device)
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
+        self.stored_results: list[dict] | None = None  # the resumed checkpoint's results.csv rows
         self.source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
         if self.source:
             self.load_state_dict(load_on_node(cfg, world, self.source))
@@ -143,7 +144,7 @@ class Trainer:
         self.reporter.line(self.train_loader.decode_choice)
         if self.source:
             if self.world.is_main:
-                metrics.keep_results_until(self.rdir / "results.csv", self.progress.last_eval_step)
+                metrics.restore_results(self.rdir / "results.csv", self.stored_results, self.progress.last_eval_step)
             self.reporter.line(f"resumed from {self.source} at step {self.progress.step} "
                                f"(epoch {self.train_loader.epoch}, batch {self.train_loader.batch})")
             self.reporter.resume_epoch(self.progress.epoch_loss, self.progress.epoch_batches)
@@ -269,6 +270,8 @@ class Trainer:
             "world_size": self.world.size,
             "config": to_dict(self.cfg),
             "classes": self.train_loader.classes,  # so predictions can be named without the store
+            # the run's history, for a resume on a machine without this run dir (storage holds checkpoints only)
+            "results": metrics.read_results(self.rdir / "results.csv") if self.world.is_main else [],
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -289,6 +292,7 @@ class Trainer:
         progress = {"step": ckpt["step"], **ckpt["progress"]}
         progress.pop("batch", None)  # checkpoints before the loader's own state kept its batch here too
         self.progress = Progress(**progress)
+        self.stored_results = ckpt.get("results")  # None in checkpoints from before they held it
         same_world = ckpt.get("world_size") == world.size
         if same_world:  # starting the loader's iteration draws nothing from these (its DataLoader has a generator)
             checkpoint.set_rng_state(ckpt["rng"][world.rank])
