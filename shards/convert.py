@@ -152,11 +152,30 @@ class ConvertSummary(BaseModel):
     splits: dict[str, int]  # samples per split in the whole store
     skipped: list[str] = []  # what SRC holds and was not read, each "relpath: why" (shards.layouts.Listing)
     boxes: dict[str, int] = {}  # yolo: boxes per split in the whole store, where recorded (manifest's `boxes`)
+    # yolo: per split of SRC, the folders its label files were looked for in (shards.layouts.Listing.label_folders)
+    label_folders: dict[str, list[str]] = {}
+    # yolo: the folders labels/NAME/ with .txt files that match no split of images/ (shards.layouts.Listing)
+    unmatched_label_folders: list[str] = []
 
     def boxless_splits(self) -> list[str]:
         """A line for each yolo split without a single box: stored, but no detector can use it."""
-        return [f"split {name} holds no boxes: none of its {self.splits[name]} images has a label line; a detector "
-                "learns nothing from it and cannot be evaluated on it" for name, n in self.boxes.items() if n == 0]
+        return [f"split {name} holds no boxes: none of its {self.splits[name]} images has a label line"
+                f"{self.where_labels(name)}; a detector learns nothing from it and cannot be evaluated on it"
+                for name, n in self.boxes.items() if n == 0]
+
+    def where_labels(self, split: str) -> str:
+        """Where `split`'s label files were looked for, in parentheses, with the label folders matching no split
+        of images/, as its labels may be in one of them under another name (labels/valid/ beside images/val/);
+        "" for a split SRC no longer has (an earlier run's, on --append)."""
+        looked = self.label_folders.get(split)
+        if not looked:
+            return ""
+        text = "looked in " + " and ".join(looked)
+        others = self.unmatched_label_folders
+        if others:
+            which = "which is no split" if len(others) == 1 else "which are no splits"
+            text += f"; labels/ also has {', '.join(name + '/' for name in others)}, {which} of images/"
+        return f" ({text})"
 
 
 class Packable(Protocol):
@@ -546,6 +565,7 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
         shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
         boxes={name: split.boxes for name, split in manifest.splits.items() if split.boxes is not None},
+        label_folders=listing.label_folders(), unmatched_label_folders=listing.unmatched_label_folders,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import fsspec
@@ -50,6 +50,18 @@ class Listing:
     # folders, photos in formats it does not read)
     split_folders: bool = False  # a labeled source naming its splits: SRC/train|val|test/..., yolo images/<split>/
     holdout: float | None = None  # share held out as val (no split folders); None: the source's splits as they are
+    # yolo: the folders labels/NAME/ holding .txt files where images/ has split folders but no NAME among them
+    unmatched_label_folders: list[str] = field(default_factory=list)
+
+    def label_folders(self) -> dict[str, list[str]]:
+        """yolo: per split, the folders its images' label files are looked for in: labels/<split>/ for
+        images/<split>/..., labels/ itself for images straight under images/ (a holdout's val among them)."""
+        folders: dict[str, set[str]] = {}
+        for inp in self.inputs:
+            if inp.label_relpath is not None:
+                parts = inp.label_relpath.split("/")
+                folders.setdefault(inp.split, set()).add("/".join(parts[:2] if len(parts) > 2 else parts[:1]) + "/")
+        return {split: sorted(found) for split, found in folders.items()}
 
 
 def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Literal["auto"]) -> Listing:
@@ -62,6 +74,7 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Liter
         reason = "given"
     if not relpaths:
         raise StoreError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    unmatched: list[str] = []
     if layout == "imagefolder":
         classes, inputs = imagefolder_inputs(relpaths)
     elif layout == "unlabeled":
@@ -70,9 +83,11 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Liter
         classes, inputs = yolo_classes(fs, root), yolo_inputs(relpaths)
         if not inputs:
             raise StoreError(f"yolo layout: no images under {join(root, 'images')}")
-        check_yolo_labels(fs, root, inputs)
+        labels = yolo_label_files(fs, root)
+        check_yolo_labels(fs, root, inputs, labels)
+        unmatched = unmatched_label_folders(inputs, labels)
     split_folders = layout != "unlabeled" and has_split_folders(layout, relpaths)
-    return Listing(layout, classes, inputs, reason, skipped, split_folders)
+    return Listing(layout, classes, inputs, reason, skipped, split_folders, unmatched_label_folders=unmatched)
 
 
 def with_holdout(listing: Listing, val_fraction: float | None, root: str) -> Listing:
@@ -250,18 +265,35 @@ def yolo_inputs(relpaths: list[str]) -> list[Input]:
     return inputs
 
 
-def check_yolo_labels(fs: fsspec.AbstractFileSystem, root: str, inputs: list[Input]) -> None:
-    """Refuse a yolo set in which no image has a label file: it would train on no boxes at all, and is surely
-    a missing or misnamed labels/ folder. (Some images without one are background images, as in YOLO.)"""
+def yolo_label_files(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
+    """The paths relative to `root` of the files under labels/ (none where there is no labels/)."""
     folder = join(root, "labels")
-    found = set(file_relpaths(fs, root, folder, [])) if fs.isdir(folder) else set()
-    if any(inp.label_relpath in found for inp in inputs):
+    return set(file_relpaths(fs, root, folder, [])) if fs.isdir(folder) else set()
+
+
+def check_yolo_labels(fs: fsspec.AbstractFileSystem, root: str, inputs: list[Input], labels: set[str]) -> None:
+    """Refuse a yolo set in which no image has a label file (of `labels`, yolo_label_files'): it would train on
+    no boxes at all, and is surely a missing or misnamed labels/ folder. (Some images without one are background
+    images, as in YOLO.)"""
+    if any(inp.label_relpath in labels for inp in inputs):
         return
+    folder = join(root, "labels")
     names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True) if e["type"] == "directory")
     near = sorted(n for n in names if n.lower() in ("labels", "label") and n != "labels")
     hint = f"; there is {', '.join(n + '/' for n in near)}: YOLO's folder is labels/" if near else ""
     raise StoreError(f"yolo layout: none of the {len(inputs)} images has a label file: looked in {folder}/ "
                      f"(images/<split>/NAME.jpg -> labels/<split>/NAME.txt){hint}")
+
+
+def unmatched_label_folders(inputs: list[Input], labels: set[str]) -> list[str]:
+    """The folders labels/NAME/ that hold .txt files (of `labels`) where images/ has split folders but no
+    images/NAME/: most likely a misnamed split (labels/valid/ beside images/val/), whose images then hold no
+    boxes, which convert only warns of. Without split folders in images/ no label folder is a split's: none."""
+    splits = {inp.relpath.split("/")[1] for inp in inputs if inp.relpath.count("/") > 1}
+    if not splits:
+        return []
+    folders = {path.split("/")[1] for path in labels if path.count("/") > 1 and path.lower().endswith(".txt")}
+    return sorted(folders - splits)
 
 
 def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

@@ -12,6 +12,7 @@ import pytest
 
 from shards import ConvertOptions, StoreError, convert, inspect_store, read_manifest, samples, verify
 from shards.keys import order_key, sample_key
+from shards.layouts import holdout_split
 from tests.test_shards_cli import shardtrain
 from tests.test_shards_reader import read_store
 
@@ -84,11 +85,44 @@ def test_a_yolo_split_without_label_files_is_stored_with_a_warning(tmp_path):
     shutil.rmtree(src / "labels" / "val")  # e.g. the val labels went to another folder
     result = shardtrain("convert", src, tmp_path / "s", "--workers", "1")
     assert result.exit_code == 0, result.output
-    assert ("warning: split val holds no boxes: none of its 3 images has a label line; a detector learns nothing "
-            "from it and cannot be evaluated on it") in result.stderr
+    assert ("warning: split val holds no boxes: none of its 3 images has a label line (looked in labels/val/); a "
+            "detector learns nothing from it and cannot be evaluated on it") in result.stderr
     assert "warning: split train" not in result.stderr
     assert read_manifest(str(tmp_path / "s")).splits["val"].boxes == 0
     assert "3 (0 boxes)" in shardtrain("inspect", tmp_path / "s").stdout
+
+
+def test_the_boxless_split_warning_names_label_folders_that_match_no_split_of_images(tmp_path):
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 6, "val": 3}, size=64)
+    (src / "labels" / "val").rename(src / "labels" / "valid")  # as some exporters name it
+    (src / "labels" / "notes").mkdir()  # holds no .txt file: not a label folder
+    (src / "labels" / "notes" / "readme.md").write_text("relabelled in May")
+    result = shardtrain("convert", src, tmp_path / "s", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: split val holds no boxes: none of its 3 images has a label line (looked in "
+                        "labels/val/; labels/ also has valid/, which is no split of images/); a detector learns "
+                        "nothing from it and cannot be evaluated on it"]
+
+
+def test_the_boxless_split_warning_of_a_flat_yolo_set_says_its_labels_are_in_labels(tmp_path):
+    """Without split folders the held-out val images' labels are labels/NAME.txt, as the others' are; a folder
+    under labels/ is then no misnamed split, and is not named."""
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 12}, size=64)
+    for kind in ("images", "labels"):
+        for path in (src / kind / "train").iterdir():
+            path.rename(src / kind / path.name)
+    (src / "labels" / "train").rename(src / "labels" / "old")
+    (src / "labels" / "old" / "img_0000.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    held_out = [p for p in (src / "images").glob("*.jpg")
+                if holdout_split(sample_key(f"images/{p.name}"), 0.3) == "val"]
+    assert 0 < len(held_out) < 12
+    for image in held_out:
+        (src / "labels" / f"{image.stem}.txt").unlink()
+    summary = run(src, tmp_path / "s", val_fraction=0.3)
+    assert summary.boxless_splits() == [
+        f"split val holds no boxes: none of its {len(held_out)} images has a label line (looked in labels/); a "
+        "detector learns nothing from it and cannot be evaluated on it"]
 
 
 def test_unlabeled_tree_and_split_folders(tmp_path):
