@@ -80,6 +80,9 @@ def convert(
     console.print(table)
     if summary.rejected:
         console.print(f"rejects listed in {public_url(dest)}/rejects.jsonl")
+    kept = summary.kept_changes()
+    if kept:
+        console.print(kept, markup=False, highlight=False, soft_wrap=True)
 
 
 def with_boxes(samples: int, boxes: int | None) -> str:

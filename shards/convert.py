@@ -14,6 +14,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -147,6 +148,7 @@ class ConvertSummary(BaseModel):
     version: int  # the store's version after this run
     added: int  # samples added to the store by this run (a resumed run counts its earlier shards)
     rejected: int  # new rejects recorded by this run
+    rejected_by_reason: dict[str, int] = {}  # this run's new rejects by reason (`inspect` counts the store's)
     unchanged: int  # inputs already in the store (or already rejected with the same content)
     shards_written: list[str]  # shards this run added to the store
     splits: dict[str, int]  # samples per split in the whole store
@@ -162,6 +164,15 @@ class ConvertSummary(BaseModel):
         return [f"split {name} holds no boxes: none of its {self.splits[name]} images has a label line"
                 f"{self.where_labels(name)}; a detector learns nothing from it and cannot be evaluated on it"
                 for name, n in self.boxes.items() if n == 0]
+
+    def kept_changes(self) -> str | None:
+        """A line for this run's `changed` rejects, which a count of rejects hides: each is a stored sample that
+        --append kept as it was, the source's change not taken."""
+        n = self.rejected_by_reason.get("changed", 0)
+        if not n:
+            return None
+        counted = "1 stored sample changed in SRC and was" if n == 1 else f"{n} stored samples changed in SRC and were"
+        return f"{counted} kept as stored: to take the changes, {TAKE_A_CHANGE}"
 
     def where_labels(self, split: str) -> str:
         """Where `split`'s label files were looked for, in parentheses, with the label folders matching no split
@@ -431,7 +442,7 @@ class Packer:
             if change is None or self.rejected_before(item.relpath, result.sha1, result.label_sha1):
                 self.unchanged += 1
                 return
-            result = Reject(item, result.sha1, "changed", f"{change} (kept; {TAKE_A_CHANGE})",
+            result = Reject(item, result.sha1, "changed", f"{change} (kept; to take the change, {TAKE_A_CHANGE})",
                             label_sha1=result.label_sha1)
         elif isinstance(result, Reject) and item.key in known:  # a stored sample's input, unreadable now
             result = replace(result, detail=f"{result.detail} (the stored sample {item.key} is kept)")
@@ -489,8 +500,9 @@ class Packer:
                 del self.open[shard.split]
 
 
-# How a `changed` reject's detail tells the user to take the change: --append never replaces a stored sample.
-TAKE_A_CHANGE = "to take the change, convert the source into a new, empty DEST and train on that store"
+# How to take a change to a stored sample's input, which --append never replaces: said by each `changed`
+# reject's detail and by ConvertSummary.kept_changes.
+TAKE_A_CHANGE = "convert the source into a new, empty DEST and train on that store"
 
 
 def what_changed(found: Digest, stored: IndexItem) -> str | None:
@@ -561,7 +573,8 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
     refuse_empty(manifest, opts.dest)
     return ConvertSummary(
         layout=listing.layout, format=manifest.format, version=manifest.version, added=added,
-        rejected=len(rejects), unchanged=packer.unchanged,
+        rejected=len(rejects), rejected_by_reason=dict(sorted(Counter(r.reason for r in rejects).items())),
+        unchanged=packer.unchanged,
         shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
         boxes={name: split.boxes for name, split in manifest.splits.items() if split.boxes is not None},

@@ -61,6 +61,28 @@ def test_console_script_missing_src_is_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == f"error: source {tmp_path / 'missing'} does not exist"
 
 
+def test_append_says_how_many_stored_samples_changed_and_how_to_take_the_changes(tmp_path):
+    """The table counts a `changed` reject among the others; what happened to those samples and how to take
+    their changes are said once more in a line of their own, counting only this run's `changed` rejects."""
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 4}, size=64)
+    dest = tmp_path / "s"
+    assert shardtrain("convert", src, dest, "--workers", "1").exit_code == 0
+    labels = src / "labels" / "train"
+    (labels / "img_0001.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # the user fixed a label
+    (src / "images" / "train" / "new.jpg").write_bytes(b"")  # a new input, rejected as `empty`
+    first = shardtrain("convert", src, dest, "--append", "--workers", "1")
+    assert first.exit_code == 0, first.stderr
+    assert ("1 stored sample changed in SRC and was kept as stored: to take the changes, convert the source into "
+            "a new, empty DEST and train on that store") in first.stderr.splitlines()
+    (labels / "img_0002.txt").write_text("1 0.5 0.5 0.2 0.2\n")
+    (labels / "img_0003.txt").unlink()
+    second = shardtrain("convert", src, dest, "--append", "--workers", "1")
+    assert ("2 stored samples changed in SRC and were kept as stored: to take the changes, convert the source "
+            "into a new, empty DEST and train on that store") in second.stderr.splitlines()
+    again = shardtrain("convert", src, dest, "--append", "--workers", "1")  # no new reject: nothing to say
+    assert again.exit_code == 0 and "changed in SRC" not in again.stderr
+
+
 def test_errors_are_one_line_with_exit_codes(tmp_path):
     assert_one_line_error(shardtrain("convert", tmp_path / "missing", tmp_path / "out"), 1, "missing", "does not exist")
     assert_one_line_error(shardtrain("convert", tmp_path, tmp_path / "out", "--shard-size", "lots"), 2, "--shard-size")

@@ -279,6 +279,7 @@ def test_append_rejects_an_edited_removed_or_added_yolo_label_and_keeps_the_stor
     (labels / "img_0003.txt").write_text("1 0.5 0.5 0.2 0.2\n")
     summary = run(src, tmp_path / "s", append=True)
     assert (summary.added, summary.rejected, summary.unchanged, summary.version) == (0, 3, 3, 1)
+    assert summary.rejected_by_reason == {"changed": 3}
     details = changed_rejects(tmp_path / "s")
     key = {n: sample_key(f"images/train/img_000{n}.jpg") for n in (1, 2, 3)}
     assert details == {
