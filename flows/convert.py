@@ -36,6 +36,9 @@ def convert_task(options: ConvertOptions) -> ConvertSummary:
         logger.warning("skipped %s", line)
     for line in summary.boxless_splits():
         logger.warning(line)
+    kept = summary.kept_changes()
+    if kept:
+        logger.warning(kept)
     logger.info(
         "%s -> %s: %d added, %d rejected, %d unchanged, store version %d",
         options.src, options.dest, summary.added, summary.rejected, summary.unchanged, summary.version,
