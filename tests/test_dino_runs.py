@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from flows.cli import app
 from shards import ConvertOptions, convert
 from tests.test_training_runs import finish, kill_group, start, train, wait_for
+from training import TrainError, launch, load_config
+from training.preflight import preflight
 
 STEPS = 8  # 32 unlabeled images / batch 8 = 4 steps an epoch, 2 epochs
 
@@ -77,6 +81,27 @@ def test_dino_run_trains_the_student_and_its_teacher(baseline):
     assert model["center"].abs().sum() > 0
     best = json.loads((baseline / "t" / "checkpoints" / "best.pt.complete").read_text())
     assert best["val_knn_top1"] == max(float(r["val_knn_top1"]) for r in rows)
+
+
+def test_a_dino_checkpoint_as_a_classifier_s_weights_is_refused_until_exported(stores, baseline, tmp_path):
+    # before, its student/teacher/centre tensors matched none of the model's: it trained from random init
+    checkpoint = baseline / "t" / "checkpoints" / "last.pt"
+    classify = yaml.safe_load(write_config(tmp_path / "dino.yaml", stores).read_text())
+    classify.update(task="classify", runs_dir=str(tmp_path / "runs"))
+    classify["data"].update(path=stores[1], augment={})
+    del classify["dino"], classify["eval"]
+    classify["model"]["pretrained"] = str(checkpoint)
+    (tmp_path / "classify.yaml").write_text(yaml.safe_dump(classify))
+    with pytest.raises(TrainError) as err:
+        launch(tmp_path / "classify.yaml")
+    assert str(err.value) == (
+        f"model.pretrained: {checkpoint} is a DINO checkpoint (student, teacher and centre): export its teacher's "
+        "backbone with `shardtrain export CONFIG CHECKPOINT --out DIR` and set model.pretrained to "
+        "DIR/model.safetensors")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "dino.yaml"), str(checkpoint), "--out",
+                                      str(tmp_path / "serve")])
+    assert result.exit_code == 0, result.output
+    preflight(load_config(tmp_path / "classify.yaml", [f"model.pretrained={tmp_path / 'serve' / 'model.safetensors'}"]))
 
 
 def test_kill9_then_resume_is_exact(stores, baseline, tmp_path):

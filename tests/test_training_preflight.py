@@ -115,6 +115,31 @@ def test_a_detection_split_without_boxes_is_refused_before_it_trains(tmp_path):
     preflight(load_config(config, ["task=detect", "data.val_split=train"]))  # a split with boxes passes
 
 
+def test_a_pretrained_file_timm_would_not_load_is_one_line_before_torchrun(stores, tmp_path):
+    # before, another model's weights trained from random init (one line of timm's log), and a file of another
+    # kind was a traceback from every rank
+    import safetensors.torch
+    import timm
+
+    config = write(tmp_path, stores["both"])
+    weights = tmp_path / "w"
+    weights.mkdir()
+    torch.save(timm.create_model("test_vit").state_dict(), weights / "vit.pth")
+    safetensors.torch.save_file(timm.create_model("test_vit").state_dict(), weights / "vit.safetensors")
+    for name in ("vit.pth", "vit.safetensors"):
+        message = refused(config, f"model.pretrained={weights / name}")
+        assert message.startswith("model.pretrained: none of the ") and "tensors in" in message
+        assert "are they another model's weights?" in message
+    (weights / "notes.pth").write_text("the weights are on the other disk")
+    assert refused(config, f"model.pretrained={weights / 'notes.pth'}").startswith(
+        f"model.pretrained: {weights / 'notes.pth'} is not a weights file torch or safetensors reads (")
+    assert refused(config, f"model.pretrained={weights}") == (
+        f"model.pretrained: {weights} is a folder; give the weights file in it")
+    # the model's own weights pass, from a file or a checkpoint dict, whatever their head (10 classes here)
+    torch.save({"state_dict": timm.create_model("test_resnet", num_classes=10).state_dict()}, weights / "rn.pth")
+    preflight(load_config(config, [f"model.pretrained={weights / 'rn.pth'}"]))
+
+
 def test_model_name_timm_does_not_know(stores, tmp_path):
     assert refused(write(tmp_path, stores["both"], name="resnet_nope")).startswith(
         "bad value for model.name: no timm model named 'resnet_nope'")

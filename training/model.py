@@ -110,6 +110,33 @@ def local_weights(url: str, cache_dir: Path) -> str:
         raise TrainError(f"model.pretrained: cannot fetch {url}: {e}") from None
 
 
+def weight_names(path: str) -> list[str]:
+    """The tensor names in a local weights file, read without loading a tensor (safetensors' header; torch.load
+    onto the meta device), unwrapped as timm unwraps a checkpoint (`state_dict`, `model`; a `module.` prefix).
+    A shardtrain DINO checkpoint, whose `model` is student, teacher and centre, and a file neither reads are one
+    line each."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        ckpt = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as e:  # torch.load's errors on a file of another kind are of every type (KeyError: 101)
+        why = str(e).splitlines()[0][:120] if str(e) else ""
+        raise TrainError(f"model.pretrained: {path} is not a weights file torch or safetensors reads "
+                         f"({type(e).__name__}: {why})") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and ckpt["config"].get("task") == "dino":
+        raise TrainError(f"model.pretrained: {path} is a DINO checkpoint (student, teacher and centre): export "
+                         "its teacher's backbone with `shardtrain export CONFIG CHECKPOINT --out DIR` and set "
+                         "model.pretrained to DIR/model.safetensors")
+    for key in ("state_dict", "model"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    return [str(k).removeprefix("module.") for k in ckpt] if isinstance(ckpt, dict) else []
+
+
 def architecture(cfg: ModelConfig) -> torch.nn.Module:
     """`cfg`'s model as `build_model` makes it, without weights, on the meta device (no memory, nothing fetched):
     what the checks before a run look at."""

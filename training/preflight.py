@@ -7,6 +7,7 @@ and torch (seconds), which the launcher otherwise does without.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import shards
@@ -35,8 +36,28 @@ def preflight(cfg: RunConfig) -> None:
     check_run_dir(cfg, manifest.classes)
     if cfg.model.pretrained is True:
         hub_weights(cfg.model.name)
-    elif cfg.model.pretrained and "://" not in cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise TrainError(f"model.pretrained: no such file {cfg.model.pretrained}")
+    elif cfg.model.pretrained and "://" not in cfg.model.pretrained:
+        check_weights_file(cfg, cfg.model.pretrained.removeprefix("file://"))
+
+
+def check_weights_file(cfg: RunConfig, path: str) -> None:
+    """A local model.pretrained file that timm would load with none of its tensors matched (another model's
+    weights) leaves the model at random init, with one logged line; so is one that is no weights file at all
+    (a traceback from every rank). Files of JAX's .npz format are timm's own to map: not checked."""
+    from training.model import architecture, weight_names
+
+    if os.path.isdir(path):
+        raise TrainError(f"model.pretrained: {path} is a folder; give the weights file in it")
+    if not os.path.isfile(path):
+        raise TrainError(f"model.pretrained: no such file {path}")
+    if path.endswith(".npz"):
+        return
+    names = weight_names(path)
+    model = sorted(architecture(cfg.model).state_dict())
+    if names and not set(names) & set(model):
+        raise TrainError(f"model.pretrained: none of the {len(names)} tensors in {path} is one of "
+                         f"{cfg.model.name}'s (the file has {', '.join(names[:3])}, ...; the model has "
+                         f"{', '.join(model[:3])}, ...): are they another model's weights?")
 
 
 def store_manifest(path: str, key: str) -> shards.Manifest:
