@@ -193,6 +193,15 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     assert json.loads((runs / "t" / "metrics.json").read_text())["final"]["step"] == STEPS
 
 
+def test_a_run_resumed_with_fp16_amp_starts_its_grad_scaler_afresh(store, baseline_1proc_runs, tmp_path):
+    # before: "The source state dict is empty, possibly because it was saved from a disabled instance of
+    # GradScaler", a traceback, since the checkpoint's run trained without fp16
+    shutil.copytree(baseline_1proc_runs, tmp_path / "runs")
+    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": STEPS + 3, "amp": "fp16"})
+    out = train(config, torchrun=False)
+    assert f"at step {STEPS}" in out and "amp float16" in out and f"done: step {STEPS + 3}" in out
+
+
 def test_fresh_start_over_an_existing_run_is_refused(store, baseline_1proc_runs, tmp_path):
     # The existing run is the baseline's (training one only for this costs a launch); refused, it is left as it was.
     config = write_config(tmp_path / "run.yaml", store, runs_dir=str(baseline_1proc_runs), resume="never")

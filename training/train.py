@@ -285,7 +285,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
         # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and self.scaler.is_enabled():  # fp16 both then and now; a run switched to it starts afresh
+            self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
         self.train_loader.load_state_dict(ckpt["loader"])
