@@ -92,7 +92,7 @@ def test_a_vit_built_for_another_input_size_names_the_setting(stores, tmp_path):
                                "add img_size: 32 (timm resizes pretrained position embeddings to it)")
     preflight(load_config(config, ["model.kwargs={img_size: 32}"]))  # the named fix passes
     dino = ["task=dino", f"data.path={stores['unlabeled']}", "model.kwargs={img_size: 32}",
-            "data.augment.local_crops=2", "data.augment.local_size=16"]
+            "data.augment.local_crops=2", "data.augment.local_size=16", f"eval.knn_path={stores['both']}"]
     assert refused(config, *dino) == ("model.kwargs: vit_tiny_patch16_224 takes one input size; add "
                                       "dynamic_img_size: true so DINO's 32px global and 16px local crops pass")
     preflight(load_config(config, [*dino[:2], "model.kwargs={dynamic_img_size: true}", *dino[3:]]))
@@ -138,6 +138,22 @@ def test_a_pretrained_file_timm_would_not_load_is_one_line_before_torchrun(store
     # the model's own weights pass, from a file or a checkpoint dict, whatever their head (10 classes here)
     torch.save({"state_dict": timm.create_model("test_resnet", num_classes=10).state_dict()}, weights / "rn.pth")
     preflight(load_config(config, [f"model.pretrained={weights / 'rn.pth'}"]))
+
+
+def test_dino_without_a_labeled_store_for_its_knn_eval_is_one_line_before_torchrun(stores, tmp_path):
+    # before, it stopped after the workers' start-up, leaving a run dir; and an unlabeled eval.knn_path was first
+    # blamed on its missing val split, whose fix then met this refusal
+    dino = ["task=dino", f"data.path={stores['unlabeled']}", "model.name=vit_tiny_patch16_224",
+            "model.kwargs={img_size: 32, dynamic_img_size: true}", "data.augment.local_crops=2",
+            "data.augment.local_size=16"]
+    config = write(tmp_path, stores["both"])
+    assert refused(config, *dino) == (
+        "data.path (no eval.knn_path set): the k-NN evaluation of task dino needs a labeled (imagefolder) store, "
+        f"{stores['unlabeled']} has layout unlabeled; set eval.knn_path to one")
+    assert refused(config, *dino, f"eval.knn_path={stores['unlabeled']}") == (
+        "eval.knn_path: the k-NN evaluation of task dino needs a labeled (imagefolder) store, "
+        f"{stores['unlabeled']} has layout unlabeled; set eval.knn_path to one")
+    preflight(load_config(config, [*dino, f"eval.knn_path={stores['both']}"]))
 
 
 def test_model_name_timm_does_not_know(stores, tmp_path):

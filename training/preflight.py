@@ -84,12 +84,23 @@ def check_splits(cfg: RunConfig, manifest: shards.Manifest) -> None:
     need_split(manifest, data.path, data.train_split, "data.path", "data.train_split")
     if cfg.task != "dino":
         need_split(manifest, data.path, data.val_split, "data.path", "data.val_split")
-    elif cfg.eval.knn_path or manifest.layout == "imagefolder":
-        knn_path = cfg.eval.knn_path or data.path
-        key = "eval.knn_path" if cfg.eval.knn_path else "data.path"
-        knn = store_manifest(knn_path, key) if cfg.eval.knn_path else manifest
-        need_split(knn, knn_path, data.train_split, key, "data.train_split")
-        need_split(knn, knn_path, data.val_split, key, "data.val_split")
+        return
+    knn_path, knn = knn_store(cfg)
+    key = "eval.knn_path" if cfg.eval.knn_path else "data.path"
+    need_split(knn, knn_path, data.train_split, key, "data.train_split")
+    need_split(knn, knn_path, data.val_split, key, "data.val_split")
+
+
+def knn_store(cfg: RunConfig) -> tuple[str, shards.Manifest]:
+    """The labeled store DINO's k-NN evaluation reads, eval.knn_path or else data.path, and its manifest; a
+    one-line TrainError unless it is one (an unlabeled store has no labels to vote with)."""
+    path = cfg.eval.knn_path or cfg.data.path
+    manifest = store_manifest(path, "eval.knn_path" if cfg.eval.knn_path else "data.path")
+    if manifest.layout != "imagefolder":
+        key = "eval.knn_path" if cfg.eval.knn_path else "data.path (no eval.knn_path set)"
+        raise TrainError(f"{key}: the k-NN evaluation of task dino needs a labeled (imagefolder) store, "
+                         f"{path} has layout {manifest.layout}; set eval.knn_path to one")
+    return path, manifest
 
 
 def need_split(manifest: shards.Manifest, path: str, split: str, store_key: str, split_key: str) -> None:

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 
-import shards
 from pipelines import DataConfig, Loader, build_loader
 from training import knn
 from training.config import DinoConfig, RunConfig, TrainError
 from training.dist import World, sum_tensor
 from training.model import build_model
 from training.optim import StepPlan
+from training.preflight import knn_store
 from training.tasks.base import Task
 
 
@@ -149,15 +149,7 @@ def teacher_temp(d: DinoConfig, epochs: float) -> float:
 
 def knn_data(cfg: RunConfig) -> DataConfig:
     """The labeled store the k-NN evaluation reads: eval.knn_path, else the training store when labeled."""
-    path = cfg.eval.knn_path or cfg.data.path
-    try:
-        layout = shards.read_manifest(path).layout
-    except shards.StoreError as e:
-        raise TrainError(f"eval.knn_path: {e}") from None
-    if layout != "imagefolder":
-        key = "eval.knn_path" if cfg.eval.knn_path else "data.path (no eval.knn_path set)"
-        raise TrainError(f"{key}: the k-NN evaluation of task dino needs a labeled (imagefolder) store, "
-                         f"{path} has layout {layout}; set eval.knn_path to one")
+    path, _ = knn_store(cfg)
     # Eval loaders run once an epoch: no workers kept alive beside the training loader's.
     return cfg.data.model_copy(update={"path": path, "persistent_workers": False})
 
