@@ -235,6 +235,7 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
     manifest = load_manifest(fs, root)
     listing = list_source(src_fs, src_root, opts.layout)
     if manifest is not None and not opts.append:
+        val_fraction(opts, manifest)  # another holdout than the store's is no rerun of its conversion
         if not same_conversion(fs, root, manifest, opts, listing):
             raise StoreError(f"{public_url(opts.dest)} already holds a store (version {manifest.version}); "
                              "pass --append to add new inputs")
