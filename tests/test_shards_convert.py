@@ -401,8 +401,9 @@ def test_val_fraction_zero_larger_and_refused_with_split_folders(imagefolder_src
     half = run(flat, tmp_path / "half", val_fraction=0.5)
     assert abs(half.splits["val"] - half.splits["train"]) < len(image_files(flat)) / 3
     # the same command with another fraction: refused (before, "already holds this conversion", 0.5 kept)
-    with pytest.raises(StoreError, match=r"^--val-fraction 0.3: the store at .*half holds out 0.5, and its images "
-                                         r"never change split; leave --val-fraction out, or convert into an empty DEST$"):
+    with pytest.raises(StoreError, match=r"^--val-fraction 0.3: the store at .*half holds out 0.5, and its "
+                                         r"images never change split; leave --val-fraction out, or convert into an "
+                                         r"empty DEST$"):
         run(flat, tmp_path / "half", val_fraction=0.3)
     assert run(flat, tmp_path / "half", val_fraction=0.5).added == 0
     with pytest.raises(StoreError, match=r"already has split folders \(train, val\), which"):
