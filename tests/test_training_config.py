@@ -17,7 +17,7 @@ import yaml
 from training import CheckpointRef, TrainError, checkpoint, latest_checkpoint, load_config, run_dir, storage
 from training.config import ModelConfig, OptimConfig, TrainConfig
 from training.model import build_model
-from training.optim import StepPlan, scaled_lr
+from training.optim import StepPlan, build_optimizer, build_scheduler, current_lr, scaled_lr
 from training.train import set_algorithms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_shipped_configs_load():
         assert cfg.name == name
     deit = load_config(REPO / "configs" / "deit_small.yaml")
     assert (deit.optim.layer_decay, deit.train.mixup, deit.train.cutmix, deit.train.label_smoothing) == (
-        0.65, 0.8, 1.0, 0.1)
+        None, 0.8, 1.0, 0.1)  # from scratch: no layer decay, as DeiT
     finetune = load_config(REPO / "configs" / "deit_small_finetune.yaml")
     assert (finetune.model.name, finetune.model.pretrained) == ("deit_small_patch16_224.fb_in1k", True)
     assert (finetune.optim.layer_decay, finetune.model.drop_path, finetune.train.label_smoothing,
@@ -128,6 +128,19 @@ def test_step_plan_accumulation_ramp():
     assert [plan.steps_in(e) for e in range(6)] == [10, 5, 4, 3, 3, 3]  # a short last group still steps
     assert plan.total_steps == 28
     assert StepPlan(10, 4, 3, 6, max_steps=7).total_steps == 7
+
+
+def test_the_logged_lr_under_layer_decay_is_the_schedule_s_not_the_most_decayed_layer_s(tmp_path):
+    # before, the log, results.csv and TensorBoard showed param_groups[0]'s: the patch embedding's, 0.65^depth of it
+    cfg = load_config(write(tmp_path), ["model.name=test_vit", "optim.layer_decay=0.65", "optim.warmup_epochs=0",
+                                        "optim.lr=1e-3"])
+    model = build_model(cfg.model, num_classes=3, cache_dir=tmp_path)
+    optimizer = build_optimizer(cfg.optim, model, cfg.optim.lr)
+    scheduler = build_scheduler(cfg.optim, optimizer, StepPlan(10, 1, 0, 2, None))
+    scheduler.step_update(0)
+    lrs = sorted({group["lr"] for group in optimizer.param_groups})
+    assert len(lrs) > 2 and lrs[0] < 0.5 * lrs[-1]
+    assert current_lr(optimizer) == lrs[-1] == pytest.approx(1e-3)
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

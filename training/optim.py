@@ -20,6 +20,12 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr * global_batch / cfg.lr_base_batch if cfg.lr_base_batch else cfg.lr
 
 
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr the schedule is at: the largest group's. With optim.layer_decay the groups' lrs are it scaled down
+    layer by layer (timm's lr_scale), and the first group is the most decayed."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     extra: dict[str, Any] = {"momentum": cfg.momentum} if cfg.name == "sgd" else {}
     if cfg.fused and fusable(cfg.name, model):

@@ -24,7 +24,7 @@ from pipelines import build_loader
 from training import checkpoint, dist, metrics, resume
 from training.config import RunConfig, TrainConfig, TrainError, run_dir, to_dict
 from training.metrics import RunSummary
-from training.optim import StepPlan, build_optimizer, build_scheduler, scaled_lr, warmup_steps
+from training.optim import StepPlan, build_optimizer, build_scheduler, current_lr, scaled_lr, warmup_steps
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, preemption_signals
 from training.progress import Reporter
 from training.storage import Uploader
@@ -213,7 +213,7 @@ class Trainer:
         self.task.after_step(self.model, p.step)
         if self.ema is not None:
             self.ema.update(self.model, step=p.step)
-        self.reporter.step(p.step, self.optimizer.param_groups[0]["lr"], grad_norm, log_now)
+        self.reporter.step(p.step, current_lr(self.optimizer), grad_norm, log_now)
         return True
 
     def end_epoch(self, epoch: int) -> None:
@@ -236,7 +236,7 @@ class Trainer:
         improved = p.best is None or results[metric] > p.best
         if improved:
             p.best, p.best_step = results[metric], p.step
-        self.reporter.eval_row(self.train_loader.epoch, p.step, results, self.optimizer.param_groups[0]["lr"])
+        self.reporter.eval_row(self.train_loader.epoch, p.step, results, current_lr(self.optimizer))
         self.save({"step": p.step, "epoch": self.train_loader.epoch, metric: p.best} if improved else None)
 
     def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
