@@ -153,6 +153,7 @@ class ConvertSummary(BaseModel):
     shards_written: list[str]  # shards this run added to the store
     splits: dict[str, int]  # samples per split in the whole store
     skipped: list[str] = []  # what SRC holds and was not read, each "relpath: why" (shards.layouts.Listing)
+    untrained_classes: list[str] = []  # imagefolder: a line for each class without a train image (Listing's)
     boxes: dict[str, int] = {}  # yolo: boxes per split in the whole store, where recorded (manifest's `boxes`)
     # yolo: per split of SRC, the folders its label files were looked for in (shards.layouts.Listing.label_folders)
     label_folders: dict[str, list[str]] = {}
@@ -256,6 +257,8 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
         console.print(f"layout: [bold]{listing.layout}[/] ({how}); {len(listing.inputs)} inputs", soft_wrap=True)
         for line in listing.skipped:
             console.print(f"warning: skipped {line}", markup=False, highlight=False, soft_wrap=True)
+        for line in listing.untrained_classes():
+            console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
         if listing.holdout is not None:
             console.print(f"no split folders: {listing.holdout:.0%} of the inputs held out as {HOLDOUT_SPLIT} "
                           "by a hash of their keys (--val-fraction)")
@@ -578,6 +581,7 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
         unchanged=packer.unchanged,
         shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
+        untrained_classes=listing.untrained_classes(),
         boxes={name: split.boxes for name, split in manifest.splits.items() if split.boxes is not None},
         label_folders=listing.label_folders(), unmatched_label_folders=listing.unmatched_label_folders,
     )

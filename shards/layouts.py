@@ -63,6 +63,17 @@ class Listing:
                 folders.setdefault(inp.split, set()).add("/".join(parts[:2] if len(parts) > 2 else parts[:1]) + "/")
         return {split: sorted(found) for split, found in folders.items()}
 
+    def untrained_classes(self) -> list[str]:
+        """imagefolder: a line for each class with images but none in train (a one-image class whose image the
+        holdout drew, a class folder under val/ only): a classifier would never learn it."""
+        per_class: dict[int, Counter[str]] = {}
+        for inp in self.inputs:
+            if inp.cls is not None:
+                per_class.setdefault(inp.cls, Counter())[inp.split] += 1
+        return [f"class {self.classes[c]} has no train image (its {sum(n.values())} in "
+                f"{', '.join(sorted(n))}): a classifier never learns it"
+                for c, n in sorted(per_class.items()) if not n["train"]]
+
 
 def list_source(fs: fsspec.AbstractFileSystem, root: str, layout: Layout | Literal["auto"]) -> Listing:
     """Every input under `root` in listing order (sorted relative paths), for `layout` or auto, in the split

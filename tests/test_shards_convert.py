@@ -125,6 +125,20 @@ def test_the_boxless_split_warning_of_a_flat_yolo_set_says_its_labels_are_in_lab
         "detector learns nothing from it and cannot be evaluated on it"]
 
 
+def test_a_class_without_a_train_image_is_stored_with_a_warning(tmp_path):
+    # before, a class only val/ held (or whose one image the holdout drew) trained unsaid as a class never seen
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2, "val": 1}, size=32,
+                                   classes=["chelsea", "rocket"])
+    samples.make_imagefolder(tmp_path / "more", per_class={"val": 2}, size=32, classes=["coffee"], seed=3)
+    shutil.copytree(tmp_path / "more" / "val" / "coffee", src / "val" / "coffee")
+    result = shardtrain("convert", src, tmp_path / "s", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "warning: class coffee has no train image (its 2 in val): a classifier never learns it" in result.stderr
+    assert "class chelsea" not in result.stderr and "class rocket" not in result.stderr
+    assert run(src, tmp_path / "s2").untrained_classes == [
+        "class coffee has no train image (its 2 in val): a classifier never learns it"]
+
+
 def test_unlabeled_tree_and_split_folders(tmp_path):
     src = tmp_path / "src"
     for seed, folder in enumerate(["train/day1", "val", "misc", "."]):
