@@ -68,6 +68,8 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["data.augment.scale=[0.9, 0.1]"],
          "bad value for data.augment.scale: a range [low, high] needs low <= high (got [0.9, 0.1])"),
         (["data.augment.std=[0.2, 0, 0.2]"], "bad value for data.augment.std.1: Input should be greater than 0"),
+        (["data.augment.mean=[0.5, 0.5]"], "bad value for data.augment.mean: 3 values, not 2 (got [0.5, 0.5])"),
+        (["data.augment.mean=[0.5]"], "bad value for data.augment.mean: 3 values, not 1 (got [0.5])"),
         (["name=a/b"], "bad value for name"),
         (["eval.metric=ema_val_top1"], "bad config: eval.metric ema_val_top1 needs train.ema_decay"),
         (["train=3"], "bad value for train"),

@@ -328,6 +328,11 @@ def format_error(e: pydantic.ValidationError) -> str:
         close = difflib.get_close_matches(str(err["loc"][-1]), section_keys(err["loc"][:-1]), n=1)
         return f"unknown config key {key}" + (f" (did you mean {'.'.join([*map(str, err['loc'][:-1]), *close])}?)"
                                                if close else "")
+    if err["type"] == "missing" and err["loc"] and isinstance(err["loc"][-1], int):  # a list one or more short
+        parent = ".".join(str(p) for p in err["loc"][:-1])
+        short = sum(1 for x in e.errors() if x["type"] == "missing" and x["loc"][:-1] == err["loc"][:-1])
+        given = len(err["input"])
+        return f"bad value for {parent}: {given + short} values, not {given} (got {err['input']!r})"
     if err["type"] == "missing":
         return f"missing config key {key}"
     msg = err["msg"].removeprefix("Value error, ")
