@@ -67,10 +67,11 @@ CONFIGS = {"dino": ROOT / "configs" / "dino_vits16.yaml", "detect": ROOT / "conf
 
 
 def make_store(work: Path, task: str, n_train: int, n_val: int) -> str:
-    dest = work / f"store-{task}"
+    # Named by its counts: a warm host keeps --work between calls, and another --images must not reuse it.
+    dest = work / f"store-{task}-{n_train}-{n_val}"
     if not (dest / "manifest.json").exists():
         t = time.perf_counter()
-        raw = work / f"raw-{task}"
+        raw = work / f"raw-{task}-{n_train}-{n_val}"
         if task == "dino":
             make_raw(raw, n_train, n_val, os.cpu_count() or 1)
         else:

@@ -106,12 +106,14 @@ def make_stores(work: Path, n_train: int, n_val: int, max_side: int | None) -> d
 
 def make_step(model_name: str, num_classes: int, compile: bool,
               mode: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One training step on a GPU batch: the loop's own model and optimizer builders (the settings of
+    """One training step on a GPU batch: the loop's own model and optimizer builders and cuDNN settings (those of
     `run_config`), bf16 autocast, channels_last; no logging, no checkpoints. `mode`: torch.compile's."""
-    from training.config import ModelConfig, OptimConfig
+    from training.config import ModelConfig, OptimConfig, TrainConfig
     from training.model import build_model
     from training.optim import build_optimizer
+    from training.train import set_algorithms
 
+    set_algorithms(TrainConfig())  # the loop's cuDNN settings: without its benchmark the ceiling fell below the loop
     model = build_model(ModelConfig(name=model_name), num_classes, Path("/tmp")).to(torch.device("cuda"))
     model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05), model, 1e-3)
