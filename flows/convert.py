@@ -34,7 +34,7 @@ def convert_task(options: ConvertOptions) -> ConvertSummary:
     logger = get_run_logger()
     for line in summary.skipped:
         logger.warning("skipped %s", line)
-    for line in [*summary.untrained_classes, *summary.boxless_splits()]:
+    for line in [*summary.untrained_classes, *summary.rejected_classes, *summary.boxless_splits()]:
         logger.warning(line)
     kept = summary.kept_changes()
     if kept:

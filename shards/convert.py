@@ -154,6 +154,8 @@ class ConvertSummary(BaseModel):
     splits: dict[str, int]  # samples per split in the whole store
     skipped: list[str] = []  # what SRC holds and was not read, each "relpath: why" (shards.layouts.Listing)
     untrained_classes: list[str] = []  # imagefolder: a line for each class without a train image (Listing's)
+    # imagefolder: a line for each class with train images, none of them stored (`rejected_classes`)
+    rejected_classes: list[str] = []
     boxes: dict[str, int] = {}  # yolo: boxes per split in the whole store, where recorded (manifest's `boxes`)
     # yolo: per split of SRC, the folders its label files were looked for in (shards.layouts.Listing.label_folders)
     label_folders: dict[str, list[str]] = {}
@@ -287,7 +289,7 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
             packer = pack(fs, root, opts, state, settings, tasks, known, written, advance=lambda: bar.advance(task))
     summary = commit(fs, root, opts, listing, state, written, packer)
     if progress:
-        for line in summary.boxless_splits():
+        for line in [*summary.rejected_classes, *summary.boxless_splits()]:
             console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
     return summary
 
@@ -582,9 +584,33 @@ def commit(fs: fsspec.AbstractFileSystem, root: str, opts: ConvertOptions, listi
         shards_written=[idx.shard for idx in written],
         splits={name: split.samples for name, split in manifest.splits.items()}, skipped=listing.skipped,
         untrained_classes=listing.untrained_classes(),
+        rejected_classes=rejected_classes(listing, stored_keys([*state.committed.values(), *written]),
+                                          state.old_rejects + rejects),
         boxes={name: split.boxes for name, split in manifest.splits.items() if split.boxes is not None},
         label_folders=listing.label_folders(), unmatched_label_folders=listing.unmatched_label_folders,
     )
+
+
+def stored_keys(indexes: Iterable[ShardIndex]) -> set[str]:
+    return {it.key for idx in indexes for it in idx.items}
+
+
+def rejected_classes(listing: Listing, stored: set[str], rejects: list[RejectRecord]) -> list[str]:
+    """imagefolder: a line for each class that has train images in SRC but not one of them in the store, every
+    one rejected (unreadable, too small, duplicates of another class's image): a classifier never learns it."""
+    reasons = {sample_key(r.path): r.reason for r in rejects}
+    per_class: dict[int, list[str]] = {}
+    for inp in listing.inputs:
+        if inp.cls is not None and inp.split == "train":
+            per_class.setdefault(inp.cls, []).append(inp.key)
+    lines = []
+    for cls, keys in sorted(per_class.items()):
+        if not stored.intersection(keys):
+            why = Counter(reasons.get(k, "not stored") for k in keys)
+            counts = ", ".join(f"{reason} {n}" for reason, n in sorted(why.items()))
+            lines.append(f"class {listing.classes[cls]}: none of its {len(keys)} train images is stored ({counts}): "
+                         "a classifier never learns it")
+    return lines
 
 
 def refuse_empty(manifest: Manifest, dest: str) -> None:

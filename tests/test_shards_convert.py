@@ -459,3 +459,18 @@ def test_flat_yolo_set_holds_out_val(yolo_src, tmp_path):
         sample = stored[sample_key(f"images/{rel}")]
         label = (src / "labels" / rel).with_suffix(".txt").read_text().split()
         assert sample["labels"][0] == int(label[0])  # labels travel with their image to either split
+
+
+def test_a_class_whose_train_images_are_all_rejected_is_named(tmp_path):
+    # before, a class whose every train image was rejected converted with a count of rejects only, and trained
+    # unsaid as a class never seen
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2, "val": 1}, size=32,
+                                   classes=["chelsea", "coffee", "rocket"])
+    for path in (src / "train" / "coffee").iterdir():
+        path.write_bytes(path.read_bytes()[:200])  # cut off inside its header
+    result = shardtrain("convert", src, tmp_path / "s", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: class coffee: none of its 2 train images is stored (truncated 2): a classifier "
+                        "never learns it"]
+    assert run(src, tmp_path / "s2").rejected_classes == [warnings[0].removeprefix("warning: ")]
