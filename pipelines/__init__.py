@@ -19,11 +19,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Each name is imported on first use: the loader pulls in torch and albumentations (seconds), which a
 # reader of the config alone (training.config, hence every `shardtrain` command) does not need.
 _MODULES = {"AugmentConfig": "config", "DataConfig": "config", "DataError": "config", "decode_image": "decode",
-            "Loader": "loader", "build_loader": "loader", "detect_eval": "presets"}
-__all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "build_loader", "decode_image", "detect_eval"]
+            "Loader": "loader", "Section": "config", "build_loader": "loader", "detect_eval": "presets"}
+__all__ = ["AugmentConfig", "DataConfig", "DataError", "Loader", "Section", "build_loader", "decode_image",
+           "detect_eval"]
 
 if TYPE_CHECKING:  # what the names are, for type checkers (at run time __getattr__ imports them)
-    from pipelines.config import AugmentConfig, DataConfig, DataError
+    from pipelines.config import AugmentConfig, DataConfig, DataError, Section
     from pipelines.decode import decode_image
     from pipelines.loader import Loader, build_loader
     from pipelines.presets import detect_eval

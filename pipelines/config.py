@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import pydantic
+from pydantic.fields import FieldInfo
 
 # timm.data's IMAGENET_DEFAULT_MEAN and _STD, written out: importing timm imports torch, seconds that every
 # `shardtrain` command would pay (training.config reads this module), --help included.
@@ -21,7 +22,51 @@ class DataError(Exception):
     """A problem with the data or its settings, stated in one line for the user."""
 
 
-class AugmentConfig(pydantic.BaseModel, extra="forbid"):
+class Section(pydantic.BaseModel, extra="forbid"):
+    """A section of the YAML run config: unknown keys are refused, and so is true or false where a number goes,
+    which pydantic would take as 1 or 0 (`optim.lr: true` read as 1.0)."""
+
+    @pydantic.field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: object, info: pydantic.ValidationInfo) -> object:
+        field = cls.model_fields[str(info.field_name)]  # set for a field validator
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in items) and takes_numbers(field.annotation):
+            raise ValueError(numbers_wanted(field))
+        return value
+
+
+def kinds(annotation: Any) -> set[Any]:
+    """The annotation and the types it is made of (through unions, tuples and Annotated)."""
+    return {annotation}.union(*(kinds(arg) for arg in get_args(annotation)))
+
+
+def takes_numbers(annotation: Any) -> bool:
+    """int or float, optional or in a tuple, but never a bool."""
+    found = kinds(annotation)
+    return bool(found & {int, float}) and bool not in found
+
+
+def numbers_wanted(field: FieldInfo) -> str:
+    """What a numeric field takes, in words: 'a number in [0, 1)', 'a whole number >= 1', 'a list of 3 numbers'."""
+    found = kinds(field.annotation)
+    number = "whole number" if int in found else "number"
+    if get_origin(field.annotation) is tuple:
+        args = get_args(field.annotation)
+        return f"a list of {'' if Ellipsis in args else f'{len(args)} '}{number}s"
+    bound = {name: getattr(m, name) for m in field.metadata for name in ("gt", "ge", "lt", "le")
+             if getattr(m, name, None) is not None}
+    low = f"[{bound['ge']:g}" if "ge" in bound else f"({bound['gt']:g}" if "gt" in bound else ""
+    high = f"{bound['le']:g}]" if "le" in bound else f"{bound['lt']:g})" if "lt" in bound else ""
+    if low and high:
+        where = f" in {low}, {high}"
+    else:
+        where = "".join(f" {op} {bound[name]:g}" for name, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                        if name in bound)
+    return f"a {number}{where}" + (", or null" if type(None) in found else "")
+
+
+class AugmentConfig(Section):
     """Preset tuning from YAML `data.augment.*`."""
 
     # classify
@@ -92,7 +137,7 @@ class AugmentConfig(pydantic.BaseModel, extra="forbid"):
         return v
 
 
-class DataConfig(pydantic.BaseModel, extra="forbid"):
+class DataConfig(Section):
     """The YAML `data:` section of a run config."""
 
     path: str = pydantic.Field(

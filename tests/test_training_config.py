@@ -48,6 +48,7 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
                                         "model.kwargs={img_size: 32}", "train.ema_decay=null"])
     assert cfg.train.max_steps == 20 and cfg.optim.lr == 1e-4 and cfg.checkpoint.storage == "s3://b/p"
     assert cfg.model.kwargs == {"img_size": 32} and cfg.train.ema_decay is None
+    assert load_config(write(tmp_path), ["optim.lr=1"]).optim.lr == 1.0  # an int where a float goes is fine
     assert run_dir(cfg) == tmp_path / "runs" / "t"
     # YAML reads a bare off as false: the one setting that spells a choice "off" takes it either way
     assert load_config(write(tmp_path), ["train.amp=off"]).train.amp == "off"
@@ -70,6 +71,14 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["data.augment.std=[0.2, 0, 0.2]"], "bad value for data.augment.std.1: Input should be greater than 0"),
         (["data.augment.mean=[0.5, 0.5]"], "bad value for data.augment.mean: 3 values, not 2 (got [0.5, 0.5])"),
         (["data.augment.mean=[0.5]"], "bad value for data.augment.mean: 3 values, not 1 (got [0.5])"),
+        # YAML's true and false are no numbers, though pydantic takes them as 1 and 0 (optim.lr=true was 1.0)
+        (["train.label_smoothing=true"], "bad value for train.label_smoothing: a number in [0, 1) (got true)"),
+        (["optim.lr=true"], "bad value for optim.lr: a number > 0 (got true)"),
+        (["train.mixup=off"], "bad value for train.mixup: a number >= 0 (got false)"),
+        (["train.ema_decay=true"], "bad value for train.ema_decay: a number in (0, 1), or null (got true)"),
+        (["data.batch_size=true"], "bad value for data.batch_size: a whole number >= 1 (got true)"),
+        (["data.augment.mean=[true, 0.5, 0.5]"],
+         "bad value for data.augment.mean: a list of 3 numbers (got [true, 0.5, 0.5])"),
         (["name=a/b"], "bad value for name"),
         (["eval.metric=ema_val_top1"], "bad config: eval.metric ema_val_top1 needs train.ema_decay"),
         (["train=3"], "bad value for train"),

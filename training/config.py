@@ -9,9 +9,9 @@ from typing import Any, Literal, get_args
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from pipelines import DataConfig
+from pipelines import DataConfig, Section
 from shards.layouts import yaml_problem
 from training.tasks import TASKS
 
@@ -20,11 +20,7 @@ class TrainError(Exception):
     """A user-facing problem (config, weights, storage): the message is one line, shown as is."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = Field(
         default="resnet50", description="Any timm model name, with a pretrained tag if you like "
         "(`deit_small_patch16_224.fb_in1k`), or `hf-hub:org/repo`.")
@@ -49,7 +45,7 @@ class ModelConfig(_Section):
         return v or None
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field(
         default="adamw", description="The optimizer (timm's `create_optimizer_v2`).")
     lr: float = Field(
@@ -76,7 +72,7 @@ class OptimConfig(_Section):
         "false: its foreach kernels.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(default=10, ge=1, description="Epochs to train. To train N more, raise it and resume.")
     max_steps: int | None = Field(default=None, ge=1, description="When set, stop after this many optimizer steps.")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
@@ -117,7 +113,7 @@ class TrainConfig(_Section):
         return "off" if v is False else v  # YAML reads a bare `off` (in a file or an override) as false
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every_steps: int = Field(
         default=500, ge=1, description="Optimizer steps between checkpoints; one is also written after each epoch "
         "(after its eval).")
@@ -131,7 +127,7 @@ class CheckpointConfig(_Section):
         default=60.0, ge=0, description="Seconds a preempted run waits for its last upload.")
 
 
-class DetectConfig(_Section):
+class DetectConfig(Section):
     """task: detect: a torchvision detector on the timm `model.name` backbone (features_only) with an FPN."""
 
     head: Literal["fcos", "retinanet"] = Field(default="fcos", description="torchvision's `FCOS` or `RetinaNet`.")
@@ -152,7 +148,7 @@ class DetectConfig(_Section):
         default=0.25, ge=0, le=1, description="`shardtrain predict`'s default `--conf`.")
 
 
-class DinoConfig(_Section):
+class DinoConfig(Section):
     """task: dino (Caron et al. 2021); defaults are DINO's ViT-S/16 recipe."""
 
     out_dim: int = Field(default=65536, ge=1, description="Prototypes: the head's output size.")
@@ -187,7 +183,7 @@ class DinoConfig(_Section):
         "global crop; 0 = off.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     metric: str = Field(
         default="val_top1", description="The metric best.pt and the nightly promotion go by (higher is better): "
         "`val_<m>` for a metric m of the task (classify: top1, top5; dino: knn_top1; detect: map, map50), or "
@@ -201,7 +197,7 @@ class EvalConfig(_Section):
         default=0.07, gt=0, description="dino: each neighbour votes exp(cosine similarity / this).")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9_.-]+$", description="The run's name: its directory is `<runs_dir>/<name>/`, its "
         "storage `<checkpoint.storage>/<name>/`.")
@@ -332,14 +328,23 @@ def format_error(e: pydantic.ValidationError) -> str:
         parent = ".".join(str(p) for p in err["loc"][:-1])
         short = sum(1 for x in e.errors() if x["type"] == "missing" and x["loc"][:-1] == err["loc"][:-1])
         given = len(err["input"])
-        return f"bad value for {parent}: {given + short} values, not {given} (got {err['input']!r})"
+        return f"bad value for {parent}: {given + short} values, not {given} (got {shown(err['input'])})"
     if err["type"] == "missing":
         return f"missing config key {key}"
     msg = err["msg"].removeprefix("Value error, ")
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     if not err["loc"]:  # a check across keys: its message names them
         return f"bad config: {msg}{more}"
-    return f"bad value for {key}: {msg} (got {err.get('input')!r}){more}"
+    return f"bad value for {key}: {msg} (got {shown(err.get('input'))}){more}"
+
+
+def shown(value: Any) -> str:
+    """A config value as the YAML spells it where Python's repr does not (true, null), else its repr."""
+    if isinstance(value, bool) or value is None:
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(shown, value)) + "]"
+    return repr(value)
 
 
 def section_keys(loc: Sequence[int | str]) -> list[str]:
