@@ -236,6 +236,8 @@ def convert(opts: ConvertOptions, progress: bool = True, client: Client | None =
     fs, root = open_fs(opts.dest)
     check_dest(fs, root, opts.dest)
     manifest = load_manifest(fs, root)
+    if manifest is not None:
+        check_format(manifest, opts)
     listing = list_source(src_fs, src_root, opts.layout)
     if manifest is not None and not opts.append:
         val_fraction(opts, manifest)  # another holdout than the store's is no rerun of its conversion
@@ -360,10 +362,18 @@ def same_conversion(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest
     return stored == {inp.key for inp in listing.inputs}
 
 
+def check_format(manifest: Manifest, opts: ConvertOptions) -> None:
+    """A store takes shards of its own format only: said before anything else (a rerun's "pass --append" would
+    lead to this refusal)."""
+    if manifest.format != opts.format:
+        raise StoreError(f"{public_url(opts.dest)} holds a {manifest.format} store, and {opts.format} shards cannot "
+                         f"be written into it; give another DEST, or --format {manifest.format}")
+
+
 def check_append(manifest: Manifest, opts: ConvertOptions, listing: Listing) -> None:
-    """That the source's inputs can join the store: the same format, layout, classes, sample order and split rule."""
-    for what, old, new in (("format", manifest.format, opts.format), ("layout", manifest.layout, listing.layout),
-                           ("classes", manifest.classes, listing.classes)):
+    """That the source's inputs can join the store: the same layout, classes, sample order and split rule (its
+    format: check_format)."""
+    for what, old, new in (("layout", manifest.layout, listing.layout), ("classes", manifest.classes, listing.classes)):
         if old != new:
             raise StoreError(f"cannot append: the store's {what} is {old}, the source's is {new}")
     if manifest.order.rule == "key-hash" and manifest.order.seed != opts.seed:

@@ -52,7 +52,19 @@ def test_convert_inspect_verify(imagefolder_src, tmp_path):
     plain = shardtrain("inspect", dest)
     assert plain.exit_code == 0 and "train" in plain.stdout + plain.stderr
 
-    assert_one_line_error(shardtrain("convert", imagefolder_src, dest), 1, "--append")
+    assert_one_line_error(shardtrain("convert", imagefolder_src, dest, "--format", "lmdb"), 1, "--append")
+
+
+def test_a_store_of_another_format_is_refused_at_once_with_or_without_append(imagefolder_src, tmp_path):
+    """Before, a wds store given --format lmdb was first told to pass --append, which then refused the format."""
+    dest = tmp_path / "store"
+    assert shardtrain("convert", imagefolder_src, dest, "--workers", "1").exit_code == 0
+    for append in ([], ["--append"]):
+        result = shardtrain("convert", imagefolder_src, dest, "--format", "lmdb", *append)
+        assert_one_line_error(result, 1)
+        assert result.stderr.strip() == (f"error: {dest} holds a wds store, and lmdb shards cannot be written into "
+                                         "it; give another DEST, or --format wds")
+    assert read_manifest(str(dest)).format == "wds"
 
 
 def test_console_script_missing_src_is_one_line(tmp_path):
