@@ -22,6 +22,8 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
     libjpeg (DCT scaling: 1/2, 1/4 or 1/8) while both sides stay >= `min_side`; the
     scale is a power of two, so this is cheap and never a visible loss at the target size.
     """
+    if not data:  # else Pillow's "cannot identify" below would say it starts with nothing
+        raise OSError("empty (0 bytes)")
     if data[:3] == JPEG_SOI:
         return decode_jpeg(data, min_side)
     try:

@@ -138,6 +138,18 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(trained, imagefolder_src, t
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_an_empty_image_file_is_reported_as_empty(trained, tmp_path):
+    """Before, a 0-byte file was "not an image (starts with )"."""
+    config, best = trained
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    result = CliRunner().invoke(app, ["predict", str(config), str(best), str(empty), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert f"warning: skipped {empty}: cannot read it as an image: empty (0 bytes)" in result.stdout.splitlines()
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == [
+        {"image": str(empty), "error": "cannot read: OSError: empty (0 bytes)"}]
+
+
 def test_same_named_images_clash_only_where_each_writes_a_file(trained, imagefolder_src, tmp_path):
     """predictions.json names each image by its path: photo.jpg and photo.png, or a/img.jpg and b/img.jpg, are
     two records. Only --draw and --format yolo write a file per image, named by its stem."""

@@ -167,7 +167,7 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
                 raise OSError(f"{path} is not a regular file")
             image = decode_image(path.read_bytes())
         except Exception as e:  # PIL raises many types for bad bytes; the image is reported, the rest go on
-            log(f"warning: skipped {path}: cannot read it as an image ({type(e).__name__})")
+            log(f"warning: skipped {path}: cannot read it as an image: {str(e) or type(e).__name__}")
             records.append({"image": str(path), "error": f"cannot read: {type(e).__name__}: {e}"})
             continue
         h, w = image.shape[:2]
