@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from training import CheckpointRef, TrainError, checkpoint, latest_checkpoint, load_config, run_dir, storage
-from training.config import ModelConfig, OptimConfig, TrainConfig
+from training.config import ModelConfig, OptimConfig, TrainConfig, to_dict
 from training.model import build_model
 from training.optim import StepPlan, build_optimizer, build_scheduler, current_lr, scaled_lr
 from training.train import set_algorithms
@@ -81,6 +81,11 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
          "bad value for data.augment.mean: a list of 3 numbers (got [true, 0.5, 0.5])"),
         (["name=a/b"], "bad value for name"),
         (["eval.metric=ema_val_top1"], "bad config: eval.metric ema_val_top1 needs train.ema_decay"),
+        # before, ignored in silence: only dino's k-NN evaluation reads them
+        (["eval.knn_path=stores/labeled"],
+         "bad config: eval.knn_path is for task dino (its k-NN evaluation); this run's task is classify"),
+        (["task=detect", "eval.knn_k=5"],
+         "bad config: eval.knn_k is for task dino (its k-NN evaluation); this run's task is detect"),
         (["train=3"], "bad value for train"),
         (["max_steps"], "override 'max_steps' must look like key.sub=value"),
         (["train.compile=true", "train.compile_mode=reduce-overhead", "train.accum_steps=2"],
@@ -94,6 +99,14 @@ def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, overrides, messag
         load_config(write(tmp_path), overrides)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def test_knn_settings_at_their_defaults_load_in_any_task(tmp_path):
+    """A run dir's config.yaml is resolved: it holds eval.knn_k and the rest at their defaults, whatever the task."""
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(yaml.safe_dump(to_dict(load_config(write(tmp_path), ["task=detect"]))))
+    assert load_config(resolved).eval.knn_k == 20
+    assert load_config(write(tmp_path), ["task=dino", "eval.knn_path=s", "eval.knn_k=5"]).eval.knn_path == "s"
 
 
 def test_compile_modes_without_cuda_graphs_accumulate_and_compile_detection(tmp_path):

@@ -191,10 +191,15 @@ class EvalConfig(Section):
     every_epochs: int = Field(
         default=1, ge=1, description="Epochs between evals; the last epoch is always evaluated.")
     knn_path: str | None = Field(
-        default=None, description="dino: the labeled (imagefolder) store of the k-NN eval; null = `data.path`.")
+        default=None, description="dino: the labeled (imagefolder) store of the k-NN eval; null = `data.path`. "
+        "Refused in runs of another task, as are `knn_k` and `knn_temperature` other than their defaults.")
     knn_k: int = Field(default=20, ge=1, description="dino: neighbours that vote in the k-NN eval.")
     knn_temperature: float = Field(
         default=0.07, gt=0, description="dino: each neighbour votes exp(cosine similarity / this).")
+
+
+# The eval keys that task dino alone reads (its k-NN evaluation): in another task's run, a change would do nothing.
+KNN_KEYS = ("knn_path", "knn_k", "knn_temperature")
 
 
 class RunConfig(Section):
@@ -247,6 +252,16 @@ class RunConfig(Section):
         for name, info in TASKS.items():
             if info.section is not None and name != self.task and getattr(self, info.section) is not None:
                 raise ValueError(f"the {info.section}: section is for task {name}; this run's task is {self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _knn_in_dino_only(self) -> RunConfig:
+        """A resolved config (a run dir's config.yaml) holds every key: only a value other than the default says
+        the user set it."""
+        changed = [k for k in KNN_KEYS if getattr(self.eval, k) != EvalConfig.model_fields[k].default]
+        if self.task != "dino" and changed:
+            raise ValueError(f"eval.{changed[0]} is for task dino (its k-NN evaluation); this run's task is "
+                             f"{self.task}")
         return self
 
     @model_validator(mode="after")
