@@ -6,6 +6,7 @@ algorithms, so an interrupted-and-resumed run must end with exactly the weights 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -23,8 +24,10 @@ from typing import IO, Any
 import pytest
 import torch
 import yaml
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from shards import ConvertOptions, convert
+from training.processes import descendants
 
 SHARDTRAIN = str(Path(sys.executable).with_name("shardtrain"))
 STEPS = 18  # 1 process: 12 batches of 8 per epoch, so the run ends mid-epoch 2 (and checkpoints fall mid-epoch)
@@ -260,12 +263,75 @@ def test_resume_from_unreachable_storage_is_one_line(store, tmp_path):
         "error: bad value for resume: cannot read s3://bucket/run/step_00000004.pt.complete: EndpointConnectionError")
 
 
-def test_a_worker_killed_by_a_signal_is_named_in_the_launchers_line():
+def rank_processes(launcher: int, rank: int) -> list[int]:
+    """The rank's process, then its DataLoader workers (forks of it, with its RANK)."""
+    found = []
+    for pid in descendants(launcher):  # parents first
+        with contextlib.suppress(OSError):  # gone already
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+    return found
+
+
+def test_the_rank_that_failed_first_is_named_in_the_last_line_with_its_error(store, tmp_path):
+    """The out-of-memory killer takes rank 1's DataLoader worker: rank 1 raises, and torchrun stops rank 0 with
+    SIGTERM. Before, the last line blamed that ("training process(es) failed: killed by SIGTERM, exit code 1");
+    now it names rank 1 and the error its error file holds (torch words it in one of a few ways, by where the
+    worker's death finds the rank)."""
+    config = write_config(tmp_path / "run.yaml", store, data={"workers": 1}, train={"max_steps": None, "epochs": 50})
+    proc = start(config, "--nproc-per-node", "2")
+    deadline = time.monotonic() + 180
+    while "\nstep 3 epoch" not in output(proc):
+        assert proc.poll() is None and time.monotonic() < deadline, output(proc)[-3000:]
+        time.sleep(0.05)
+    workers = rank_processes(proc.pid, 1)[1:]
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    code, out = finish(proc)
+    last = out.strip().splitlines()[-1]
+    assert code == 1 and re.match(r"error: rank 1 failed first: \w+Error: ", last), out[-3000:]
+
+
+def failure(tmp_path: Path, local_rank: int, code: str, sig: signal.Signals | None = None) -> ProcessFailure:
+    """How a real process ended, as torchrun's agent records a rank: its exit code (negative: the signal that
+    killed it) and the error file `record` wrote, if it did."""
+    error_file = tmp_path / f"error-{local_rank}.json"
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)}  # as torchrun sets it for each rank
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    if sig is not None:
+        proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return ProcessFailure(local_rank=local_rank, pid=proc.pid, exitcode=proc.returncode, error_file=str(error_file))
+
+
+RAISES = """
+from torch.distributed.elastic.multiprocessing.errors import record
+
+@record
+def main():
+    raise {}
+
+main()
+"""
+
+
+def test_the_last_line_says_how_the_first_failed_rank_ended(tmp_path):
     from training.torchrun import failure_line
 
-    assert failure_line([-signal.SIGKILL]) == ("error: training process(es) failed: killed by SIGKILL "
-                                                "(out of memory, or killed)")
-    assert failure_line([-signal.SIGSEGV, 1]) == "error: training process(es) failed: killed by SIGSEGV, exit code 1"
+    worker_killed = failure(tmp_path, 1, RAISES.format(
+        'RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")'))  # torch's words
+    stopped = failure(tmp_path, 0, "import time; time.sleep(60)", signal.SIGTERM)  # by torchrun, after rank 1
+    assert failure_line(ChildFailedError("training", {1: worker_killed, 0: stopped})) == (
+        "error: rank 1 failed first: RuntimeError: DataLoader worker (pid 4242) is killed by signal: Killed. "
+        "(out of memory, or killed)")
+    two_lines = failure(tmp_path, 2, RAISES.format('ValueError("no such key\\nwhere it was looked up")'))
+    assert failure_line(ChildFailedError("training", {0: two_lines})) == "error: rank 0 failed: ValueError: no such key"
+    killed = failure(tmp_path, 3, "import time; time.sleep(60)", signal.SIGKILL)
+    assert failure_line(ChildFailedError("training", {0: killed})) == (
+        "error: rank 0 failed: killed by SIGKILL (out of memory, or killed)")
+    exited = failure(tmp_path, 4, "import os; os._exit(3)")
+    assert failure_line(ChildFailedError("training", {0: exited})) == "error: rank 0 failed: exit code 3"
 
 
 def test_sigterm_saves_exits_75_and_resumes_exactly(store, baseline_1proc, tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
+
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 from pipelines import DataError
 from training.config import TrainError, load_config
@@ -11,6 +14,21 @@ from training.preempt import EXIT_PREEMPTED
 from training.train import Preempted, run
 
 
+class Recorder(ErrorHandler):
+    """Writes an uncaught exception to the rank's error file, where torchrun reads it (training.torchrun names
+    it in the run's last line). A signal handler may raise while it does so: torch's SIGCHLD one, for a
+    DataLoader worker whose death first broke a transfer (ConnectionResetError); that later exception says
+    what happened, and is recorded instead."""
+
+    def record_exception(self, e: BaseException) -> None:
+        try:
+            super().record_exception(e)
+        except Exception as later:
+            super().record_exception(later)
+            raise
+
+
+@partial(record, error_handler=Recorder())
 def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m training CONFIG [key.sub=value ...]", file=sys.stderr)

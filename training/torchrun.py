@@ -2,7 +2,8 @@
 
 Plain torchrun ends a failed run with a log line, a Python traceback and exit code 1, whatever the workers
 said; here a worker's `error: ...` line stays the last word and its exit code (2 bad input, 75 preempted)
-becomes the launcher's. A worker that died without its line (a crash, a kill) gets one line saying how.
+becomes the launcher's. A run whose first failed worker died without its line (an exception, a crash, a kill)
+ends with one line naming that rank and its error (as `record` wrote it), or how it died.
 
 Plain torchrun also takes every SIGTERM/SIGINT as a new order to stop: a second one cuts short its wait for
 the workers' save, and it kills them. Yet one request often reaches it twice (the launcher passes its signal
@@ -22,10 +23,14 @@ import sys
 signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: E402
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # noqa: E402
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure  # noqa: E402
 from torch.distributed.run import parse_args, run  # noqa: E402
 
-from training.preempt import StopSignals  # noqa: E402
+from training.preempt import EXIT_PREEMPTED, StopSignals  # noqa: E402
+
+# Exit codes of a rank that printed its own line saying why: a bad input or setting (2), preempted and saved (75).
+SAID_WHY = (2, EXIT_PREEMPTED)
+OUT_OF_MEMORY = " (out of memory, or killed)"
 
 
 def stop_workers(signum: int) -> None:
@@ -38,11 +43,25 @@ def stop_workers(signum: int) -> None:
     raise SignalException(f"Process {os.getpid()} got signal: {name}", sigval=signal.SIGTERM)
 
 
-def failure_line(codes: list[int]) -> str:
-    """One line for workers that failed with these exit codes (negative: the signal that killed them)."""
-    hows = [f"killed by {signal.Signals(-c).name}" if c < 0 else f"exit code {c}" for c in codes]
-    killed = " (out of memory, or killed)" if -signal.SIGKILL in codes else ""
-    return f"error: training process(es) failed: {', '.join(hows)}{killed}"
+def failure_line(error: ChildFailedError) -> str:
+    """One line naming the rank that failed first, the root cause: the others mostly fail because of it (their
+    collectives lose a peer, torchrun terminates them), and torchrun lists those too."""
+    rank, failure = error.get_first_failure()
+    first = " first" if len(error.failures) > 1 else ""
+    return f"error: rank {rank} failed{first}: {how(failure)}"
+
+
+def how(failure: ProcessFailure) -> str:
+    """The rank's exception as its error file holds it (written by `record` in training.__main__), else the
+    signal that killed it or its exit code."""
+    recorded = failure.message.get("message", "") if isinstance(failure.message, dict) else ""
+    if recorded.strip():
+        said = recorded.strip().splitlines()[0]
+        # torch's words for a DataLoader worker that got SIGKILL: the kernel's OOM killer, most often
+        return said + (OUT_OF_MEMORY if said.endswith("killed by signal: Killed.") else "")
+    if failure.exitcode < 0:
+        return f"killed by {failure.signal_name()}" + (OUT_OF_MEMORY if failure.exitcode == -signal.SIGKILL else "")
+    return f"exit code {failure.exitcode}"
 
 
 def without_failure_log(record: logging.LogRecord) -> bool:
@@ -58,10 +77,10 @@ def main(argv: list[str]) -> int:
         with StopSignals(first=stop_workers, insist=lambda signum: os._exit(128 + signum)):
             run(args)
     except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        if codes != [2]:  # exit code 2: the workers said why in their own error line
-            print(failure_line(codes), file=sys.stderr)
-        return next((c for c in codes if c > 0), 1)
+        _, first = e.get_first_failure()
+        if first.exitcode not in SAID_WHY:
+            print(failure_line(e), file=sys.stderr)
+        return first.exitcode if first.exitcode > 0 else 1
     except SignalException as e:
         return 128 + int(e.sigval)
     return 0
