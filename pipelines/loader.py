@@ -45,7 +45,8 @@ WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 16 << 20, 64 << 20
 
 class EpochBatches(Sampler):
     """Yields this rank's batch references from batch `start` of `epoch` on (see plan.py): for eval that epoch's,
-    for train epoch after epoch, until `end` (the run's epoch count, when known)."""
+    for train epoch after epoch, until `end` (the run's epoch count, when known). Of the epoch in `taken`, only the
+    rest that other layouts (process counts, batch sizes) left."""
 
     def __init__(self, store: StoreSplit, *, train: bool, seed: int, rank: int, world_size: int, batch_size: int,
                  shuffle_block: int):
@@ -54,20 +55,31 @@ class EpochBatches(Sampler):
         self.shuffle_block = shuffle_block
         self.epoch, self.start = 0, 0
         self.end: int | None = None
+        self.taken: tuple[int, list[plan.Taken]] = (-1, [])  # an epoch begun by other layouts, and those layouts
         lo, hi = plan.rank_span(store.num_samples, rank=rank, world_size=world_size, batch_size=batch_size, train=train)
         self.num_batches = -(-(hi - lo) // batch_size)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         seq = plan.epoch_sequence(self.store.counts, train=self.train, seed=self.seed, epoch=epoch,
                                   block=self.shuffle_block)
+        if epoch == self.taken[0]:
+            seq = plan.rest_of_epoch(seq, self.taken[1])
         span = plan.rank_span(len(seq), rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
                               train=self.train)
         return plan.rank_batches(seq, span, self.batch_size)
 
+    def first(self, epoch: int) -> int:
+        """The number of `epoch`'s first batch: 0, or for the rest of an epoch begun by another layout, where its
+        batches start so that they end where a whole epoch's do."""
+        if epoch != self.taken[0]:
+            return 0
+        return plan.first_batch(self.store.num_samples, self.taken[1], world_size=self.world_size,
+                                batch_size=self.batch_size)
+
     def __iter__(self) -> Iterator[BatchRef]:
         epoch, start = self.epoch, self.start
         while True:
-            for j, samples in enumerate(self.batches(epoch)[start:], start=start):
+            for j, samples in enumerate(self.batches(epoch)[start - self.first(epoch):], start=start):
                 yield epoch, j, samples
             epoch, start = epoch + 1, 0
             if not self.train or (self.end is not None and epoch >= self.end):
@@ -259,10 +271,33 @@ class Loader:
         self.sampler.end = epochs  # no batches of an epoch the run never reaches
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batch": self._batch}
+        """The position: epoch and batch, the layout they count in (world size, batch size) and, in an epoch begun
+        by other layouts, those (`taken`)."""
+        s = self.sampler
+        taken = s.taken[1] if s.taken[0] == self._epoch else []
+        return {"epoch": self._epoch, "batch": self._batch, "world_size": s.world_size, "batch_size": s.batch_size,
+                **({"taken": [list(t) for t in taken]} if taken else {})}
 
     def load_state_dict(self, d: dict) -> None:
-        self.set_epoch(int(d["epoch"]), int(d["batch"]))
+        """A position from `state_dict`. One saved by another layout (process count or batch size) mid-epoch goes
+        on with the rest of its epoch, every sample not yet taken once, split among this layout's ranks in whole
+        batches (plan.rest_of_epoch); its batches are numbered to end where a whole epoch's do."""
+        s, epoch, batch = self.sampler, int(d["epoch"]), int(d["batch"])
+        taken: list[plan.Taken] = [(int(w), int(b), int(n)) for w, b, n in d.get("taken", [])]
+        world_size, batch_size = int(d.get("world_size", s.world_size)), int(d.get("batch_size", s.batch_size))
+        if (world_size, batch_size) != (s.world_size, s.batch_size):
+            done = batch - plan.first_batch(self.num_samples, taken, world_size=world_size, batch_size=batch_size)
+            taken += [(world_size, batch_size, done)] if done else []
+            batch = plan.first_batch(self.num_samples, taken, world_size=s.world_size, batch_size=s.batch_size)
+        s.taken = (epoch, taken)
+        self.set_epoch(epoch, batch)
+
+    def rest(self) -> tuple[int, int]:
+        """The samples the epoch has left after the layouts that took its start (all of it when none did), and how
+        many of them this loader's ranks yield in whole batches."""
+        taken = self.sampler.taken[1] if self.sampler.taken[0] == self._epoch else []
+        left = plan.rest_length(self.num_samples, taken)
+        return left, (len(self) - self.sampler.first(self._epoch)) * self.sampler.world_size * self.sampler.batch_size
 
     def close(self) -> None:
         """End the live iteration: its workers take the DataLoader's stop message and exit. The loader is not

@@ -4,11 +4,16 @@ Samples are numbered globally by concatenating the split's shards in manifest or
 epoch is a sequence of those numbers (`epoch_sequence`); a rank takes one contiguous
 slice of it (`rank_span`) cut into batches (`rank_batches`). Everything is a function of
 (seed, epoch, shuffle block, rank, world size, batch size), so a resumed run recomputes it.
+
+A run resumed mid-epoch on another process count (or batch size) splits what its epoch has left
+(`rest_of_epoch`) among its ranks the same way; `Taken` records the layouts that trained the epoch's start.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+Taken = tuple[int, int, int]  # (world size, batch size, batches each rank took): a layout that trained part of an epoch
 
 
 def shard_starts(counts: list[int]) -> np.ndarray:
@@ -53,3 +58,28 @@ def rank_batches(sequence: np.ndarray, span: tuple[int, int], batch_size: int) -
 def sample_seeds(seed: int, epoch: int, rank: int, batch: int, count: int) -> list[int]:
     """One augmentation seed per position of a batch: a function of its place in the epoch."""
     return [int(s) for s in np.random.SeedSequence([seed, epoch, rank, batch]).generate_state(count)]
+
+
+def rest_of_epoch(sequence: np.ndarray, taken: list[Taken]) -> np.ndarray:
+    """What an epoch's train sequence has left after `taken`, in order: each layout, in turn, split what was left
+    into its ranks' spans and its ranks took the first batches of theirs. The samples no rank of a layout would
+    reach (its left-out tail) are not part of the rest."""
+    for world_size, batch_size, batches in taken:
+        spans = [rank_span(len(sequence), rank=r, world_size=world_size, batch_size=batch_size, train=True)
+                 for r in range(world_size)]
+        sequence = np.concatenate([sequence[lo + batches * batch_size : hi] for lo, hi in spans])
+    return sequence
+
+
+def rest_length(total: int, taken: list[Taken]) -> int:
+    """len(rest_of_epoch(sequence, taken)) for a sequence of `total` samples, without the sequence."""
+    for world_size, batch_size, batches in taken:
+        total = total // (world_size * batch_size) * world_size * batch_size - world_size * batches * batch_size
+    return total
+
+
+def first_batch(total: int, taken: list[Taken], *, world_size: int, batch_size: int) -> int:
+    """The number of the first batch a rank yields from the rest of an epoch of `total` samples: the rest's batches
+    are numbered so that they end where a whole epoch's do (0 when nothing was taken)."""
+    whole = total // (world_size * batch_size)
+    return whole - rest_length(total, taken) // (world_size * batch_size)

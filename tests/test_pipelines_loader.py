@@ -122,7 +122,7 @@ def test_resume_after_a_kill_yields_exactly_the_rest_bitwise(store, workers, dec
         if len(first) == stop_at:
             break
     state = killed.state_dict()
-    assert state == {"epoch": 3, "batch": stop_at}
+    assert state == {"epoch": 3, "batch": stop_at, "world_size": 1, "batch_size": 4}
 
     (resumed,) = loaders(cfg, "train", train=True, world_size=1, seed=7)
     resumed.load_state_dict(state)
@@ -130,6 +130,46 @@ def test_resume_after_a_kill_yields_exactly_the_rest_bitwise(store, workers, dec
     assert len(first) + len(rest) == len(expected)
     for (img, lab), (img2, lab2) in zip(first + rest, expected):
         assert torch.equal(img, img2) and torch.equal(lab, lab2)
+
+
+def test_an_epoch_killed_on_two_processes_goes_on_with_its_rest_on_one_then_three(store):
+    """A mid-epoch position saved by 2 ranks, loaded by 1 (then by 3): the rest of the epoch, each sample not yet
+    yielded once, whole batches, numbered to end where the epoch does; the next epoch whole again."""
+    cfg = cfg_for(store, workers=0)
+    whole = [d for ld in loaders(cfg, "train", train=True, world_size=2) for b in epoch_digests(ld, 1) for d in b]
+    two = loaders(cfg, "train", train=True, world_size=2)  # 54 samples: 6 batches of 4 on each rank, 48 kept
+    seen = []
+    for ld in two:
+        ld.set_epoch(1)
+        for i, batch in enumerate(ld):
+            seen += [digest(img) for img in batch["image"]]
+            if i == 1:
+                break
+    state = two[0].state_dict()
+    assert state == {"epoch": 1, "batch": 2, "world_size": 2, "batch_size": 4}
+
+    (one,) = loaders(cfg, "train", train=True, world_size=1)  # 13 batches a whole epoch
+    one.load_state_dict(state)
+    assert (one.epoch, one.batch, one.rest()) == (1, 5, (32, 32))  # 32 samples left: 8 batches, numbered 5 to 12
+    for i, batch in enumerate(one):
+        seen += [digest(img) for img in batch["image"]]
+        if i == 2:
+            break
+    assert one.batch == 8 and sorted(seen) == sorted(set(seen))
+    state = one.state_dict()
+    assert state["taken"] == [[2, 4, 2]] and state["batch"] == 8
+
+    three = loaders(cfg, "train", train=True, world_size=3)  # 4 batches a whole epoch
+    for ld in three:
+        ld.load_state_dict(state)
+        assert (ld.epoch, ld.batch, ld.rest()) == (1, 3, (20, 12))  # 20 left: one batch on each rank, 8 left out
+        seen += [digest(img) for b in ld for img in b["image"]]
+        assert ld.batch == len(ld) == 4
+    assert len(seen) == len(set(seen)) == 48 - 8 and set(seen) <= set(whole)
+    assert three[0].state_dict() == {"epoch": 1, "batch": 4, "world_size": 3, "batch_size": 4,
+                                     "taken": [[2, 4, 2], [1, 4, 3]]}
+    next_epoch = [d for ld in three for b in epoch_digests(ld, 2) for d in b]
+    assert len(next_epoch) == len(set(next_epoch)) == 48
 
 
 def images(loader) -> list[torch.Tensor]:

@@ -75,3 +75,37 @@ def test_sample_seeds_depend_on_position_only():
         plan.sample_seeds(0, 1, 0, 6, 4),
     ):
         assert other != a
+
+
+def layout_batches(seq: np.ndarray, world: int, batch: int) -> list[list[np.ndarray]]:
+    return [plan.rank_batches(seq, plan.rank_span(len(seq), rank=r, world_size=world, batch_size=batch, train=True),
+                              batch) for r in range(world)]
+
+
+@pytest.mark.parametrize("layouts", [[(2, 4), (1, 4)], [(2, 4), (4, 4)], [(4, 2), (3, 2), (1, 2)], [(1, 3), (2, 5)],
+                                     [(3, 4), (3, 4), (2, 4)]])
+@pytest.mark.parametrize("seed", range(5))
+def test_an_epoch_resumed_on_other_layouts_takes_each_sample_once(layouts, seed):
+    """An epoch trained part way on one layout (process count, batch size), then on the next, and so on: every
+    sample is taken at most once, and of what the first layout would have yielded only each later layout's tail
+    of the rest it was given (less than a batch on each of its ranks) is left out."""
+    rng = np.random.default_rng(seed)
+    counts = [9] * 13
+    seq = plan.epoch_sequence(counts, train=True, seed=seed, epoch=2, block=20)
+    taken: list[plan.Taken] = []
+    used: list[int] = []
+    left_out = 0
+    for k, (world, batch) in enumerate(layouts):
+        rest = plan.rest_of_epoch(seq, taken)
+        left_out += len(rest) % (world * batch) if k else 0
+        assert len(rest) == plan.rest_length(len(seq), taken)
+        per_rank = layout_batches(rest, world, batch)
+        first = plan.first_batch(len(seq), taken, world_size=world, batch_size=batch)
+        assert first + len(per_rank[0]) == len(seq) // (world * batch)  # the rest ends where a whole epoch does
+        last = k == len(layouts) - 1
+        done = len(per_rank[0]) if last else int(rng.integers(0, len(per_rank[0]) + 1))
+        used += [int(i) for rank in per_rank for b in rank[:done] for i in b]
+        taken.append((world, batch, done))
+    assert len(used) == len(set(used))
+    first_kept = len(seq) // (layouts[0][0] * layouts[0][1]) * layouts[0][0] * layouts[0][1]
+    assert set(used) <= set(seq[:first_kept].tolist()) and len(used) == first_kept - left_out
