@@ -154,6 +154,17 @@ def test_step_plan_accumulation_ramp():
     assert StepPlan(10, 4, 3, 6, max_steps=7).total_steps == 7
 
 
+def test_the_schedule_counts_the_steps_to_the_data_s_position():
+    # 2 processes: 6 batches a rank, 3 steps an epoch (accum 2); 1 process: 12 batches, 6 steps. Epoch 2 half done.
+    two, one = StepPlan(6, 2, 0, 2, None), StepPlan(12, 2, 0, 2, None)
+    assert two.step_at(1, 3) == 4  # a group begun is not yet a step
+    assert one.step_at(1, 6) == 9 and one.steps_left(4, 1, 6) == 3  # 4 steps done on 2 processes: 3 left on 1
+    assert one.step_at(2, 0) == one.step_at(1, 12) == one.total_steps == 12
+    capped = StepPlan(12, 2, 0, 2, max_steps=8)  # max_steps caps the steps done
+    assert capped.by_steps and capped.steps_left(6, 0, 4) == 2 and not StepPlan(12, 2, 0, 2, max_steps=12).by_steps
+    assert capped.epochs_run == 2 and capped.epochs_from(6, 0, 4) == 1  # 6 steps done, 2 left: within epoch 1
+
+
 def test_the_logged_lr_under_layer_decay_is_the_schedule_s_not_the_most_decayed_layer_s(tmp_path):
     # before, the log, results.csv and TensorBoard showed param_groups[0]'s: the patch embedding's, 0.65^depth of it
     cfg = load_config(write(tmp_path), ["model.name=test_vit", "optim.layer_decay=0.65", "optim.warmup_epochs=0",

@@ -442,3 +442,38 @@ def test_two_nodes_rendezvous_match_two_processes(store, baseline_2proc, tmp_pat
     final = final_state(tmp_path / "runs")
     for key in baseline["model"]:
         assert torch.equal(baseline["model"][key], final["model"][key]), key
+
+
+def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_schedule(store, tmp_path):
+    """Killed mid-epoch on 2 processes (global batch 32: 3 steps an epoch, 6 in all), resumed on 1 (global batch 16:
+    6 steps an epoch): the rest of epoch 2 (64 samples) in 4 steps, the cosine going on from 4 of 6 steps at 8 of 12
+    and ending at min_lr with the run's 2 epochs. Before, the schedule was rebuilt over 12 steps from step 4 (its lr
+    jumped from 7.5e-4 back up to 1.9e-3), the epoch took rank 1's samples again, and the run ended at step 9 of the
+    12 it planned, its lr at 4.4e-4. A run that train.max_steps ends is refused in one line."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "run.yaml", store, optim={"lr": 3e-3, "warmup_epochs": 0},
+                          train={**TWO_PROC, "log_every": 1}, checkpoint={"every_steps": 1, "keep": 10})
+    proc = start(config, "--nproc-per-node", "2")
+    wait_for(runs / "t" / "checkpoints" / "step_00000004.pt.complete", proc)
+    kill_group(proc)
+    for path in (runs / "t" / "checkpoints").glob("*.pt*"):  # as if the kill came right after step 4's checkpoint
+        if not path.name.startswith("step_00000004"):
+            path.unlink()
+
+    # A run that train.max_steps ends counts its length and schedule in optimizer steps, whose batch would change
+    capped = write_config(tmp_path / "capped.yaml", store, optim={"lr": 3e-3, "warmup_epochs": 0},
+                          train={**TWO_PROC, "log_every": 1, "max_steps": 5}, checkpoint={"every_steps": 1, "keep": 10})
+    code, out = finish(start(capped, torchrun=False))
+    assert code == 2 and out.strip().splitlines()[-1] == (
+        "error: train.max_steps 5 ends this run, and counts optimizer steps of 32 samples on 2 process(es) but of 16 "
+        "on 1: its length and lr schedule would not go on where they were; resume it on 2 process(es)"), out[-3000:]
+
+    out = train(config, torchrun=False)
+    assert ("resumed on 1 process(es) from 2: global batch 32 -> 16, steps an epoch 3 -> 6, lr 0.003; epoch 2 goes "
+            "on with its 64 samples not yet trained; the lr schedule goes on from the same point of the data: its step "
+            "4 of 6 on 2 is step 8 of 12 on 1 (67% done); random streams restart from the seed") in out, out[-3000:]
+    lrs = {int(m[0]): float(m[1]) for m in re.findall(r"step (\d+) epoch 2 loss \S+ lr (\S+)", out)}
+    # lr = 1.5e-3 * (1 + cos(pi * t)), t the fraction done: 9/12, 10/12, 11/12, 12/12 of this plan's steps
+    assert lrs == {5: 4.39e-4, 6: 2.01e-4, 7: 5.11e-5, 8: 0.0}
+    assert [(int(r["epoch"]), int(r["step"])) for r in results(runs)] == [(1, 3), (2, 8)]
+    assert float(results(runs)[-1]["lr"]) == 0.0 and final_state(runs)["step"] == 8

@@ -43,7 +43,12 @@ def fusable(name: str, model: torch.nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How many micro-batches make one optimizer step in each epoch, and so the steps per epoch."""
+    """How many micro-batches make one optimizer step in each epoch, and so the steps per epoch; where the schedules
+    are at a point of the data, and where the run ends.
+
+    The schedules count the steps this plan takes to the data's position (`step_at`): the optimizer steps done,
+    unless an earlier part of the run had another process count, whose steps took other batches. So a resume on
+    another count goes on from the same fraction of the data."""
 
     batches_per_epoch: int
     accum_steps: int
@@ -65,10 +70,32 @@ class StepPlan:
         return min(total, self.max_steps) if self.max_steps else total
 
     @property
+    def by_steps(self) -> bool:
+        """Whether train.max_steps ends the run before train.epochs do."""
+        return self.total_steps < sum(self.steps_in(e) for e in range(self.epochs))
+
+    def step_at(self, epoch: int, batch: int) -> int:
+        """The optimizer steps this plan takes from the start to batch `batch` of `epoch` (a group begun counts once
+        done)."""
+        before = sum(self.steps_in(e) for e in range(epoch))
+        return before + (self.steps_in(epoch) if batch >= self.batches_per_epoch else batch // self.accum(epoch))
+
+    def steps_left(self, step: int, epoch: int, batch: int) -> int:
+        """The optimizer steps the run has left with `step` done and the data at batch `batch` of `epoch`
+        (train.max_steps caps the steps done in any case)."""
+        left = self.total_steps - self.step_at(epoch, batch)
+        return max(0, min(left, self.max_steps - step) if self.max_steps else left)
+
+    @property
     def epochs_run(self) -> int:
         """The epochs the run covers: train.epochs, or fewer where max_steps ends it sooner."""
+        return self.epochs_from(0, 0, 0)
+
+    def epochs_from(self, step: int, epoch: int, batch: int) -> int:
+        """`epochs_run` for a run resumed there."""
+        end = self.step_at(epoch, batch) + self.steps_left(step, epoch, batch)
         epoch, steps = 0, 0
-        while epoch < self.epochs and steps < self.total_steps:
+        while epoch < self.epochs and steps < end:
             steps += self.steps_in(epoch)
             epoch += 1
         return epoch

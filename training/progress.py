@@ -39,7 +39,7 @@ class Reporter:
         self.window_batches = 0
         self.epoch = 0
         self.epoch_loss = torch.zeros((), device=world.device)
-        self.epoch_batches = 0
+        self.epoch_batches: float = 0  # per rank (fractional after a resume on another process count)
         self.window_start = time.perf_counter()
         self.wait_s = 0.0
         self.images_per_s = 0.0
@@ -96,11 +96,11 @@ class Reporter:
         self.loss_sum.zero_()
         self.samples, self.wait_s, self.window_start = 0, 0.0, time.perf_counter()
 
-    def epoch_totals(self) -> tuple[float, int]:
+    def epoch_totals(self) -> tuple[float, float]:
         """This epoch's loss summed over batches and ranks, and the batches per rank. Collective."""
         return sum_tensor(self.world, self.epoch_loss.clone()).item(), self.epoch_batches
 
-    def resume_epoch(self, loss: float, batches: int) -> None:
+    def resume_epoch(self, loss: float, batches: float) -> None:
         """Carry a resumed epoch's loss so far (the sum over ranks goes to rank 0 alone)."""
         self.epoch_loss.fill_(loss if self.world.is_main else 0.0)
         self.epoch_batches = batches

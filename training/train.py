@@ -40,7 +40,7 @@ class Progress:
     best_step: int | None = None
     last_eval_step: int = -1
     epoch_loss: float = 0.0  # this epoch's train loss so far, summed over batches and ranks (for results.csv)
-    epoch_batches: int = 0  # batches per rank behind epoch_loss
+    epoch_batches: float = 0  # batches per rank behind epoch_loss (fractional after a resume on another process count)
     skipped: int = 0  # corrupt train samples skipped (data.on_error=skip), all ranks, the whole run
 
 
@@ -104,7 +104,6 @@ class Trainer:
 
         self.plan = StepPlan(len(self.train_loader), cfg.train.accum_steps, cfg.train.batch_ramp, cfg.train.epochs,
                              cfg.train.max_steps)
-        self.train_loader.plan_epochs(self.plan.epochs_run)
         self.global_batch = cfg.data.batch_size * world.size * cfg.train.accum_steps
         self.optimizer = build_optimizer(cfg.optim, self.model, scaled_lr(cfg.optim, self.global_batch))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.plan)
@@ -112,11 +111,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
         self.stored_results: list[dict] | None = None  # the resumed checkpoint's results.csv rows
+        self.layout_change: str | None = None  # a resume on another process count: what that changed, in one line
         self.source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
         if self.source:
             self.load_state_dict(load_on_node(cfg, world, self.source))
-        self.scheduler.step_update(self.progress.step)
-        self.task.start(self.optimizer, self.plan, self.progress.step)
+        p, loader = self.progress, self.train_loader
+        loader.plan_epochs(self.plan.epochs_from(p.step, loader.epoch, loader.batch))
+        self.scheduler.step_update(self.schedule_step())
+        self.task.start(self.optimizer, self.plan, self.schedule_step())
 
         # Gradients as views into the all-reduce buckets: one copy fewer per step, less memory.
         self.train_model: torch.nn.Module = DDP(self.model, gradient_as_bucket_view=True) \
@@ -126,14 +128,15 @@ class Trainer:
         self.uploader = Uploader(cfg.checkpoint.storage, cfg.name, log=print) \
             if cfg.checkpoint.storage and world.is_main else None
         self.writer = checkpoint.Writer(self.ckpt_dir, cfg.checkpoint.keep)
-        self.reporter = Reporter(self.rdir, world, self.plan.total_steps, self.progress.step, cfg.train.log_every)
+        self.total_steps = p.step + self.plan.steps_left(p.step, loader.epoch, loader.batch)  # the run's, all told
+        self.reporter = Reporter(self.rdir, world, self.total_steps, p.step, cfg.train.log_every)
         self.tallied = 0  # this process's train_loader.skipped already in progress.skipped
         self.announce()
 
     def announce(self) -> None:
         amp = str(self.dtype).removeprefix("torch.") if self.dtype else "off"
         self.reporter.line(f"{self.cfg.task} {self.cfg.model.name}: {self.world.size} process(es) on "
-                           f"{self.world.device.type}, amp {amp}, {self.plan.total_steps} steps, "
+                           f"{self.world.device.type}, amp {amp}, {self.total_steps} steps, "
                            f"global batch {self.global_batch}")
         if warmup_steps(self.cfg.optim, self.plan) >= self.plan.total_steps:
             self.reporter.line(f"optim.warmup_epochs {self.cfg.optim.warmup_epochs:g} covers all "
@@ -147,6 +150,8 @@ class Trainer:
                 metrics.restore_results(self.rdir / "results.csv", self.stored_results, self.progress.last_eval_step)
             self.reporter.line(f"resumed from {self.source} at step {self.progress.step} "
                                f"(epoch {self.train_loader.epoch}, batch {self.train_loader.batch})")
+            if self.layout_change:
+                self.reporter.line(self.layout_change)
             self.reporter.resume_epoch(self.progress.epoch_loss, self.progress.epoch_batches)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ class Trainer:
             for i in range(first, n_batches):
                 with self.reporter.data_wait():
                     batch = next(batches)
-                if not self.train_step(batch, i, n_batches):
+                if not self.train_step(batch, i, first, n_batches):
                     continue  # a micro-batch: the optimizer steps on its group's last
                 if self.vote.poll(self.preemption.requested):
                     self.save()
@@ -178,15 +183,21 @@ class Trainer:
         return self.finish()
 
     def done(self) -> bool:
-        return self.progress.step >= self.plan.total_steps or self.train_loader.epoch >= self.cfg.train.epochs
+        p, loader = self.progress, self.train_loader
+        return self.plan.steps_left(p.step, loader.epoch, loader.batch) == 0 or loader.epoch >= self.cfg.train.epochs
 
-    def train_step(self, batch: dict, i: int, n_batches: int) -> bool:
-        """Forward and backward on batch `i` of the epoch; the optimizer step on the last micro-batch of its
-        accumulation group. Returns whether it stepped."""
+    def schedule_step(self) -> int:
+        """Where the lr schedule (and the task's) is: the optimizer steps done, unless an earlier part of the run had
+        another process count (StepPlan)."""
+        return self.plan.step_at(self.train_loader.epoch, self.train_loader.batch)
+
+    def train_step(self, batch: dict, i: int, first: int, n_batches: int) -> bool:
+        """Forward and backward on batch `i` of the epoch (which this process began at `first`); the optimizer step
+        on the last micro-batch of its accumulation group. Returns whether it stepped."""
         p, cfg = self.progress, self.cfg
         accum = self.plan.accum(self.train_loader.epoch)
-        group_start = i - i % accum
-        micro = min(accum, n_batches - group_start)  # the epoch's last group may be short
+        group_start = max(i - i % accum, first)  # a resume on another process count may begin mid-group
+        micro = min(i - i % accum + accum, n_batches) - group_start  # the epoch's last group may be short
         last_micro = i + 1 == group_start + micro
         # DDP all-reduces gradients only on a group's last micro-batch.
         no_sync = contextlib.nullcontext()
@@ -204,13 +215,14 @@ class Trainer:
         if cfg.optim.clip_grad or log_now:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad or float("inf"))
-        self.task.before_step(self.model, p.step)
+        at = self.schedule_step()  # with this step done: the loader is past its group
+        self.task.before_step(self.model, at - 1)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         p.step += 1
-        self.scheduler.step_update(p.step)
-        self.task.after_step(self.model, p.step)
+        self.scheduler.step_update(at)
+        self.task.after_step(self.model, at)
         if self.ema is not None:
             self.ema.update(self.model, step=p.step)
         self.reporter.step(p.step, current_lr(self.optimizer), grad_norm, log_now)
@@ -289,20 +301,50 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
-        self.train_loader.load_state_dict(ckpt["loader"])
+        old_world = ckpt.get("world_size", world.size)
+        self.train_loader.load_state_dict({"world_size": old_world, **ckpt["loader"]})
         progress = {"step": ckpt["step"], **ckpt["progress"]}
         progress.pop("batch", None)  # checkpoints before the loader's own state kept its batch here too
         self.progress = Progress(**progress)
         self.stored_results = ckpt.get("results")  # None in checkpoints from before they held it
-        same_world = ckpt.get("world_size") == world.size
-        if same_world:  # starting the loader's iteration draws nothing from these (its DataLoader has a generator)
-            checkpoint.set_rng_state(ckpt["rng"][world.rank])
-        elif world.is_main:
-            print(f"warning: checkpoint was written by {ckpt.get('world_size')} processes, this run has "
-                  f"{world.size}; random streams restart from the seed")
+        if old_world == world.size:  # starting the loader's iteration draws nothing from these (its DataLoader has a
+            checkpoint.set_rng_state(ckpt["rng"][world.rank])  # generator)
+        else:
+            self.progress.epoch_batches *= old_world / world.size  # the epoch's loss so far, in this count's batches
+            self.layout_change = self.layout_change_line(ckpt, old_world)
         if world.is_main and ckpt["config"] != to_dict(cfg):
             diff = ", ".join(diff_keys(ckpt["config"], to_dict(cfg)))
             print(f"warning: config differs from the checkpoint's: {diff}")
+
+    def layout_change_line(self, ckpt: dict, old_world: int) -> str:
+        """What a resume on another process count changes, in one line: the global batch, the steps an epoch, the
+        lr (under optim.lr_base_batch), the rest of the epoch, the schedule's place, the random streams. A run that
+        train.max_steps ends is refused: its length and schedule count optimizer steps, whose batch would change."""
+        cfg, loader, world = self.cfg, self.train_loader, self.world
+        old_batch = ckpt["loader"].get("batch_size", cfg.data.batch_size)
+        old_global = old_batch * old_world * cfg.train.accum_steps
+        old_plan = dataclasses.replace(self.plan, batches_per_epoch=loader.num_samples // (old_world * old_batch))
+        if old_plan.by_steps or self.plan.by_steps:
+            raise TrainError(f"train.max_steps {cfg.train.max_steps} ends this run, and counts optimizer steps of "
+                             f"{old_global} samples on {old_world} process(es) but of {self.global_batch} on "
+                             f"{world.size}: its length and lr schedule would not go on where they were; resume it on "
+                             f"{old_world} process(es)")
+        old_at = old_plan.step_at(ckpt["loader"]["epoch"], ckpt["loader"]["batch"])
+        old_lr, lr = scaled_lr(cfg.optim, old_global), scaled_lr(cfg.optim, self.global_batch)
+        at, total = self.schedule_step(), self.plan.total_steps
+        parts = [f"resumed on {world.size} process(es) from {old_world}: global batch {old_global} -> "
+                 f"{self.global_batch}, steps an epoch {old_plan.steps_in(loader.epoch)} -> "
+                 f"{self.plan.steps_in(loader.epoch)}, "
+                 + (f"lr {old_lr:g} -> {lr:g} (optim.lr_base_batch {cfg.optim.lr_base_batch})" if lr != old_lr
+                    else f"lr {lr:g}")]
+        left, taken = loader.rest()
+        if ckpt["loader"]["batch"] and left:
+            parts.append(f"epoch {loader.epoch + 1} goes on with its {left} samples not yet trained"
+                         + (f" ({left - taken} left out: less than a batch on each process)" if taken < left else ""))
+        parts.append(f"the lr schedule goes on from the same point of the data: its step {old_at} of "
+                     f"{old_plan.total_steps} on {old_world} is step {at} of {total} on {world.size} "
+                     f"({at / total:.0%} done)")
+        return "; ".join([*parts, "random streams restart from the seed"])
 
     def save(self, best_info: dict | None = None) -> None:
         """A checkpoint in the background (best.pt too, with `best_info`), then to storage. Collective."""

@@ -4,7 +4,9 @@ The loop calls, in order: `build_model` once; `val_loader` once; `start` once, a
 restored every state; then per optimizer step `train_loss` on each micro-batch, `before_step` once
 the gradients are reduced (and unscaled when clipped), and `after_step` right after the optimizer
 step and the LR schedule's update; `evaluate` at each eval. `model` is the unwrapped model in the
-hooks and `step` the optimizer steps done. The hooks do nothing here; a task overrides what it needs.
+hooks and `step` the schedule's step: the optimizer steps done, or after a resume on another process count
+those that count takes to the same point of the data (`StepPlan.step_at`). The hooks do nothing here; a task
+overrides what it needs.
 """
 
 from __future__ import annotations
