@@ -194,7 +194,9 @@ def index_reachable(python: str, tmp_path: Path) -> bool:
 def test_install_steps_give_working_shardtrain(tmp_path):
     """docker/install.sh's steps, in the Dockerfile's order, into a fresh venv (about 1-2 minutes)."""
     venv, wheels, dist, src = tmp_path / "venv", tmp_path / "wheels", tmp_path / "dist", tmp_path / "src"
-    step("venv", str(venv), env={**os.environ, "PYTHON": sys.executable})
+    # As in the image: no PYTHONPATH (a caller's, pointing at a checkout, would shadow the installed wheel).
+    image_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    step("venv", str(venv), env={**image_env, "PYTHON": sys.executable})
     python = str(venv / "bin" / "python")
     site = Path(
         subprocess.check_output(
@@ -204,8 +206,9 @@ def test_install_steps_give_working_shardtrain(tmp_path):
     (site / "_base_image.pth").write_text(str(torch_base(tmp_path / "base")) + "\n")
     if not index_reachable(python, tmp_path):
         pytest.skip("no package index reachable to download the pinned wheels")
-    # No .pyc compiling: it is most of the install time here and changes nothing that is checked.
-    env = {**os.environ, "PYTHON": python, "PIP_NO_COMPILE": "1"}
+    # No .pyc compiling: a large part of the install time here, and it changes nothing that is checked.
+    # PIP_COMPILE=0, not PIP_NO_COMPILE=1: pip reads a "no-" option's variable as that flag's value (1: compile).
+    env = {**image_env, "PYTHON": python, "PIP_COMPILE": "0"}
     step("wheels", str(wheels), env=env)
     step("deps", str(wheels), env=env)
     # The app stage's context, as the Dockerfile copies it.
@@ -219,6 +222,7 @@ def test_install_steps_give_working_shardtrain(tmp_path):
         [python, "-c", "import torch, training; print(torch.__file__); print(training.__file__)"],
         text=True,
         cwd=tmp_path,
+        env=image_env,
     ).split()
     assert where[0].startswith(str(tmp_path / "base")), "torch was reinstalled over the base's"
     assert where[1].startswith(str(site)), "shardtrain is not the installed wheel"
@@ -227,6 +231,7 @@ def test_install_steps_give_working_shardtrain(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=image_env,
         timeout=120,
     )
     assert doctor.returncode == 0, doctor.stderr
