@@ -13,6 +13,8 @@ ignored (training.preempt.StopSignals) and only a later one stops at once.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import signal
@@ -87,4 +89,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    # As flows/cli.py does: the interpreter's last garbage collection walks every object torch made, after the
+    # workers have ended. Objects frozen are left to the OS.
+    atexit.register(gc.freeze)
     sys.exit(main(sys.argv[1:]))
