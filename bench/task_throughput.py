@@ -144,12 +144,12 @@ def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool
         def rate(step_batches: list[dict]) -> float:
             turn = itertools.cycle(step_batches)
             for _ in range(warmup):
-                trainer.train_step(next(turn), 0, len(loader))
+                trainer.train_step(next(turn), 0, 0, len(loader))
             sync()
             t, images = time.perf_counter(), 0
             for _ in range(steps):
                 batch = next(turn)
-                trainer.train_step(batch, 0, len(loader))
+                trainer.train_step(batch, 0, 0, len(loader))
                 images += loader.batch_size(batch)
             sync()
             return images / (time.perf_counter() - t)
@@ -171,7 +171,7 @@ def ceiling(config: Path, warmup: int, steps: int, n_batches: int, profile: bool
             out |= {"images_per_s": max(rates), "images_per_s_torchvision_loss": max(stock)}
         if profile and world.device.type == "cuda":
             turn = itertools.cycle(batches)
-            profile_steps(lambda: trainer.train_step(next(turn), 0, len(loader)))
+            profile_steps(lambda: trainer.train_step(next(turn), 0, 0, len(loader)))
     dist.teardown(world)
     return out
 
