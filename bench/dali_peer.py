@@ -73,7 +73,8 @@ def batches(store: str, batch: int, threads: int, device_id: int | None, hw_load
                              last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
     while True:
         for (out,) in it:
-            yield out["images"], labels(out["cls"])
+            images = out["images"]  # on the GPU; the labels are read on the CPU
+            yield images, labels(out["cls"]).to(images.device, non_blocking=True)
 
 
 def train_rate(store: str, step: Callable[[torch.Tensor, torch.Tensor], None], batch: int, threads: int,

@@ -76,8 +76,10 @@ class Reporter:
         self.row_train_s = time.perf_counter() - self.row_start
         if not log_now:
             return
-        elapsed = time.perf_counter() - self.window_start
+        # .item() waits for the window's last step: timed before it, a GPU run's rate counted the steps the host
+        # had queued but the GPU had not run (~10% over a 10-step window).
         loss = self.loss_sum.item() / max(1, self.window_batches)
+        elapsed = time.perf_counter() - self.window_start
         self.images_per_s = self.samples * self.world.size / max(elapsed, 1e-9)
         wait_share = self.wait_s / max(elapsed, 1e-9)
         if self.writer is not None:
