@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipelines import gpu
+from pipelines import dali, gpu
 from pipelines.config import DataError
 
 JPEG_EXTS = ("jpg", "jpeg")
@@ -153,9 +153,11 @@ def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.de
     words for the run's log. auto is hw where the task has it, the hardware decoder works on `device` and nothing
     would be lost (`lost`: the setting that the task applies in the CPU workers only, e.g. classify's colour
     jitter; None for none); else cpu, with the first of those reasons that holds. An explicit hw that cannot work
-    is a one-line error."""
+    is a one-line error, and so is an explicit dali (pipelines/dali.py: never chosen by auto) that cannot."""
     if decode == "hw" and (why := unavailable(device)):
         raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
+    if decode == "dali" and (why := dali.unavailable(device)):
+        raise DataError(f"data.decode=dali: {why}; use data.decode=auto or cpu")
     if decode != "auto":
         return decode, "set in the config" if given else "the default"
     if "hw" not in modes:

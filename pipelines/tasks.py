@@ -15,7 +15,7 @@ from typing import cast
 import albumentations as A
 import torch
 
-from pipelines import gpu, hw, presets
+from pipelines import dali, gpu, hw, presets
 from pipelines.batches import BatchFn, BatchSpec, classify_batch, detect_batch, dino_batch
 from pipelines.config import AugmentConfig
 from pipelines.store import BadSample
@@ -80,7 +80,8 @@ TASKS: dict[str, TaskData] = {
         layouts=("imagefolder",),
         transforms=lambda train, size, aug: [(presets.classify_train if train else presets.classify_eval)(size, aug)],
         decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, gpu.device_batch),
-                  "hw": Decoder(gpu.worker_batch, hw.device_batch)},
+                  "hw": Decoder(gpu.worker_batch, hw.device_batch),
+                  "dali": Decoder(gpu.worker_batch, dali.device_batch)},
         images="image",
         cpu_only=lambda aug: f"data.augment.color_jitter={aug.color_jitter}" if aug.color_jitter else None,
     ),

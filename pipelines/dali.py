@@ -1,0 +1,249 @@
+"""decode: dali. Classification's device half run by NVIDIA DALI's engine (`pip install 'shardtrain[dali]'`).
+
+The loader keeps what it owns: which samples, their order, exact resume, the crop boxes and flips its seeded workers
+draw (`gpu.worker_batch`) and the samples it rejects. Only the per-image work of the training process moves into
+DALI's C++ threads, where `gpu`/`hw` mode run it in Python under the GIL: per batch, a DALI pipeline takes the
+workers' encoded bytes (`fn.external_source`, numpy views of the batch's pinned buffer, not copied), decodes only each
+image's crop region (`fn.decoders.image_slice`, device "mixed" with its hardware-decoder share on a GPU, "cpu" with
+`device_id=None`), resizes it to S x S (`fn.resize`, the sub-pixel box as its ROI, float output; linear when
+enlarging, DALI's antialiased Gaussian when shrinking: the nearest of DALI's filters to roi_align's averaged bilinear
+samples, about half the difference of its default antialiased linear one, which blurs more) and flips it
+(`fn.crop_mirror_normalize`, float CHW 0..255). The result is copied into a torch tensor on the caller's stream
+(`feed_ndarray`): the caller is `gpu.run_ahead`'s thread, which hands it to the training stream with an event, so
+the training thread never waits on DALI. The pipeline runs one batch per call
+(`prefetch_queue_depth=1`: the external source gets exactly the batch it returns); run_ahead keeps up to two
+batches ready ahead of the step.
+
+EXIF orientation: the boxes are drawn on the oriented image (as for every decoder). DALI decodes the stored pixels
+(`adjust_orientation=False`); the box is mapped onto them (`stored_box`), and the S x S crop is oriented afterwards
+(then flipped) in torch, for the rare images that carry an orientation.
+
+Differences from `gpu.device_batch` (roi_align, averaging bilinear samples when shrinking): DALI's shrinking
+filter and its JPEG decoder's IDCT/upsampling; the crop reads no pixels outside the box's whole-pixel hull
+(roi_align reads one more). tests/test_pipelines_dali.py states the difference measured on real photos.
+
+Images DALI's decoder cannot decode make its whole batch fail: that batch is decoded image by image on the CPU
+(`gpu.decode_one`) and cropped by `gpu.device_batch`; the images that fail there too are corrupt samples
+(BadSample: skipped and counted, or the run's error, by `data.on_error`). Non-JPEG samples (PNG, WebP) DALI decodes
+itself off the hardware decoder. Both are counted in `FALLBACKS` and reported at the 1st, 10th, 100th, ... of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import gpu
+from pipelines.batches import BatchSpec
+from pipelines.decode import probe_image
+from pipelines.store import BadSample
+
+JPEG_EXTS = ("jpg", "jpeg")
+THREADS = 4  # DALI's CPU threads per pipeline (bench/train_throughput.py sets it from --dali-threads)
+HW_DECODER_LOAD = 0.9  # the share of the JPEGs that DALI's mixed decoder gives the hardware decoder
+FALLBACKS: Counter[str] = Counter()  # images of this process not decoded by DALI's JPEG path, by reason
+
+
+@functools.cache
+def unavailable(device: torch.device) -> str | None:
+    """Why data.decode=dali cannot run on `device`, or None where it can."""
+    if device.type != "cuda":
+        return f"no CUDA GPU (the device is {device.type})"
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali.plugin import pytorch  # noqa: F401
+    except ImportError:
+        return "NVIDIA DALI is not installed (pip install 'shardtrain[dali]')"
+    except Exception as e:  # a wheel for another CUDA major fails to load its libraries
+        return f"NVIDIA DALI does not load: {type(e).__name__}: {e}"
+    return None
+
+
+def describe(device: torch.device) -> str:
+    import nvidia.dali
+
+    return f"NVIDIA DALI {nvidia.dali.__version__} on {torch.cuda.get_device_name(device)}"
+
+
+@dataclass
+class Pipe:
+    """One DALI pipeline, built for batches of up to `capacity` images, used by one thread at a time."""
+
+    pipe: Any
+    capacity: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_PIPES: dict[tuple[int | None, int], Pipe] = {}  # by (device id, output size)
+_PIPES_LOCK = threading.Lock()
+
+
+def device_id(device: torch.device) -> int | None:
+    """DALI's device_id for a torch device: None (CPU operators only) for the CPU."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def build(capacity: int, size: int, dev: int | None, threads: int = THREADS, hw_load: float = HW_DECODER_LOAD):
+    """The pipeline: encoded bytes + whole-pixel slice (start, end: (x, y)) + sub-pixel ROI within it (roi_start,
+    roi_end: (y, x)) + mirror flag per sample -> float 0..255 (3, size, size)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    decode = {"device": "cpu"} if dev is None else {"device": "mixed", "hw_decoder_load": hw_load}
+
+    @pipeline_def(batch_size=capacity, num_threads=threads, device_id=dev, prefetch_queue_depth=1)
+    def crops():
+        data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=True)
+        start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
+        end = fn.external_source(name="end", dtype=types.INT32, ndim=1)
+        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+        mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+        images = fn.decoders.image_slice(data, start=start, end=end, axis_names="WH", output_type=types.RGB,
+                                         adjust_orientation=False, **decode)
+        images = fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                           mag_filter=types.INTERP_LINEAR, min_filter=types.INTERP_GAUSSIAN, antialias=True,
+                           dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror)
+
+    pipe = crops()
+    pipe.build()
+    return pipe
+
+
+def pipe_for(capacity: int, size: int, dev: int | None) -> Pipe:
+    with _PIPES_LOCK:
+        got = _PIPES.get((dev, size))
+        if got is None or got.capacity < capacity:
+            capacity = max(capacity, got.capacity if got else 0)
+            got = _PIPES[(dev, size)] = Pipe(build(capacity, size, dev), capacity)
+        return got
+
+
+def forget(dev: int | None, size: int) -> None:
+    """Drop a pipeline that raised: the next batch gets a fresh one."""
+    with _PIPES_LOCK:
+        _PIPES.pop((dev, size), None)
+
+
+def stored_box(box: tuple[float, float, float, float], orientation: int, w: int, h: int
+               ) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) drawn on the oriented image of size w x h, as a box on the stored pixels that
+    `gpu.apply_orientation` turns into that image."""
+    x0, y0, x1, y1 = box
+    if orientation == 2:
+        return w - x1, y0, w - x0, y1
+    if orientation == 3:
+        return w - x1, h - y1, w - x0, h - y0
+    if orientation == 4:
+        return x0, h - y1, x1, h - y0
+    if orientation == 5:
+        return y0, x0, y1, x1
+    if orientation == 6:
+        return y0, w - x1, y1, w - x0
+    if orientation == 7:
+        return h - y1, w - x1, h - y0, w - x0
+    if orientation == 8:
+        return h - y1, x0, h - y0, x1
+    return box
+
+
+def slices(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(N,4) float boxes (x0, y0, x1, y1) on the stored pixels -> each image's whole-pixel slice (start, end as
+    (x, y), int32) and the box within the slice (roi_start, roi_end as (y, x), float32)."""
+    lo = np.floor(boxes[:, :2]).astype(np.int64)
+    hi = np.maximum(np.ceil(boxes[:, 2:]).astype(np.int64), lo + 1)
+    roi_start = (boxes[:, :2] - lo)[:, ::-1]
+    roi_end = (boxes[:, 2:] - lo)[:, ::-1]
+    return (lo.astype(np.int32), hi.astype(np.int32), np.ascontiguousarray(roi_start, np.float32),
+            np.ascontiguousarray(roi_end, np.float32))
+
+
+class Refused(Exception):
+    """DALI's pipeline failed on a batch (an image it cannot decode)."""
+
+
+def count(reason: str, n: int = 1) -> None:
+    before = FALLBACKS.total()
+    FALLBACKS[reason] += n
+    total = FALLBACKS.total()
+    if len(str(total)) > len(str(before)) or before == 0:  # passed 1, 10, 100, ...
+        reasons = ", ".join(f"{k} {why}" for why, k in FALLBACKS.most_common())
+        print(f"data.decode=dali: {total} image(s) off DALI's JPEG path ({reasons})", flush=True)
+
+
+def decode_on_cpu(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
+                  device: torch.device) -> list[torch.Tensor | Exception]:
+    """Each image decoded on the CPU and moved to `device`; an error in its slot where it cannot be."""
+    out: list[torch.Tensor | Exception] = []
+    for image, key in zip(data, keys):
+        try:
+            out.append(gpu.decode_one(image, key[2], torch.device("cpu")).to(device))
+        except RuntimeError as e:
+            out.append(e)
+    return out
+
+
+def run(batch: dict, size: int, device: torch.device) -> torch.Tensor:
+    """The batch's crops by DALI: float 0..255 (N, 3, size, size) on `device`, oriented and flipped."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    n = len(batch["keys"])
+    lengths = batch["length"].tolist()
+    flat = batch["data"].numpy()  # the pinned buffer itself: each image a view of it
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    data = [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    boxes = batch["box"].numpy().astype(np.float64)
+    orientation = batch["orientation"].numpy()
+    flip = batch["flip"].numpy().astype(bool)
+    turned = np.flatnonzero(orientation != 1).tolist()
+    for i in turned:  # rare: the oriented size is needed to map the box, read from the header again
+        w, h, _ = probe_image(data[i].tobytes())
+        ow, oh = (h, w) if orientation[i] in gpu.SWAPS_AXES else (w, h)
+        boxes[i] = stored_box(tuple(boxes[i]), int(orientation[i]), ow, oh)
+    start, end, roi_start, roi_end = slices(boxes)
+    mirror = (flip & (orientation == 1)).astype(np.int32)  # the oriented ones are flipped after their orientation
+
+    dev = device_id(device)
+    pipe = pipe_for(n, size, dev)
+    with pipe.lock:
+        for name, value in (("data", data), ("start", start), ("end", end), ("roi_start", roi_start),
+                            ("roi_end", roi_end), ("mirror", mirror)):
+            pipe.pipe.feed_input(name, value)
+        try:
+            (images,) = pipe.pipe.run()
+        except RuntimeError as e:  # DALI's operator errors: an image it cannot decode fails its whole batch
+            raise Refused(str(e)) from e
+        out = torch.empty((n, 3, size, size), dtype=torch.float32, device=device)
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        feed_ndarray(images.as_tensor(), out, cuda_stream=stream)  # on the caller's stream, before DALI reuses it
+    for i in turned:
+        crop = gpu.apply_orientation(out[i], int(orientation[i]))
+        out[i] = crop.flip(-1) if flip[i] else crop.clone()  # a transposed view of out[i] itself: copied first
+    return out
+
+
+def device_batch(batch: dict, spec: BatchSpec, device: torch.device) -> tuple[dict, list[BadSample]]:
+    """Classification's device half by DALI, as `gpu.device_batch` returns it: float 0..255 (N,3,S,S) images and
+    their labels on `device`, and the samples that could not be decoded."""
+    keys = batch["keys"]
+    others = Counter(key[2] for key in keys if key[2] not in JPEG_EXTS)
+    for ext, k in others.items():
+        count(f"{ext} is not a JPEG (decoded by DALI off the hardware decoder)", k)
+    if not keys:
+        return {"image": torch.zeros((0, 3, spec.size, spec.size), device=device),
+                "label": batch["label"].to(device)}, []
+    try:
+        images = run(batch, spec.size, device)
+    except Refused:
+        forget(device_id(device), spec.size)
+        count("in a batch DALI could not decode (decoded on the CPU)", len(keys))
+        return gpu.device_batch(batch, spec, device, decode=decode_on_cpu)
+    return {"image": images, "label": batch["label"].to(device, non_blocking=True)}, []
