@@ -1,5 +1,5 @@
-"""The peer input path of issue 19: NVIDIA DALI on the same WebDataset tars, as `--paths wds-dali` in
-bench/train_throughput.py.
+"""The peer input path of issue 19: NVIDIA DALI alone on the same WebDataset tars, as `--paths wds-peer` in
+bench/train_throughput.py (`wds-dali` there is ours with DALI as the device half: pipelines/dali.py).
 
 DALI reads the tars (`fn.readers.webdataset`, with the `.idx` files convert writes in its index format), decodes
 JPEGs on the GPU with its share for the hardware decoder (`fn.decoders.image_random_crop`, device "mixed": a

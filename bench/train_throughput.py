@@ -16,8 +16,10 @@ What it does:
 3. End to end: `python -m training` on the store with the production settings, for each input path
    (cpu decode from wds and lmdb, nvJPEG gpu decode and the hardware decoder from wds, `--workers` CPU
    workers); images/s is the median of the loop's own logged windows (train/images_per_s in TensorBoard)
-   after warm-up. The peer path `wds-dali` (bench/dali_peer.py) feeds the ceiling's own step from NVIDIA
-   DALI, `--workers` threads, in this process: no logging or checkpoints, which favours it.
+   after warm-up; `wds-dali` is ours with DALI's engine as the device half (`data.decode: dali`, pipelines/dali.py:
+   our workers' boxes and order, DALI's decode, crop and resize). The peer path `wds-peer` (bench/dali_peer.py,
+   `wds-dali` before 2026-12-06) feeds the ceiling's own step from NVIDIA DALI alone (its reader, crops and
+   shuffle), `--workers` threads, in this process: no logging or checkpoints, which favours it.
 4. Checkpoints: the training stall per checkpoint save, and the time from process start to the first
    step of a resumed run.
 The last line is one JSON object, also appended to bench/results/train_throughput.jsonl.
@@ -251,10 +253,12 @@ def main() -> None:
     p.add_argument("--models", default="resnet50,deit_small_patch16_224")
     p.add_argument("--paths", default="wds-cpu,lmdb-cpu,wds-gpu,wds-hw",
                    help="end-to-end input paths, FORMAT-DECODE (decode: cpu, gpu = nvJPEG, hw = the hardware "
-                   "decoder, dali = the peer NVIDIA DALI on the same tars, wds only: bench/dali_peer.py); "
+                   "decoder, dali = ours with NVIDIA DALI as the device half (data.decode: dali), peer = the peer "
+                   "NVIDIA DALI alone on the same tars, wds only: bench/dali_peer.py); "
                    "--scaling uses the first")
     p.add_argument("--dali-hw-load", type=float, default=0.9,
-                   help="DALI's share of each batch for the hardware JPEG decoder (its default)")
+                   help="the peer DALI's share of each batch for the hardware JPEG decoder (data.decode: dali "
+                   "uses pipelines.dali.HW_DECODER_LOAD, 0.9)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="DataLoader workers (CPU decode processes) per GPU: lower it to measure a host with few "
@@ -305,7 +309,7 @@ def main() -> None:
     else:
         for path in args.paths.split(","):
             fmt, decode = path.split("-")
-            if decode == "dali":
+            if decode == "peer":
                 rate = dali_peer.input_rate(stores[fmt], args.batch, args.workers, args.dali_hw_load)
             else:
                 rate = loader_rate(stores[fmt], decode, args.batch, args.workers)
@@ -322,7 +326,7 @@ def main() -> None:
             for path in args.paths.split(","):
                 fmt, decode = path.split("-")
                 name = f"e2e-{key}-{path}"
-                if decode == "dali":  # in this process, on the ceiling's own compiled step
+                if decode == "peer":  # in this process, on the ceiling's own compiled step
                     rate, wait = dali_peer.train_rate(stores[fmt], step, args.batch, args.workers, args.dali_hw_load,
                                                       args.warmup_steps, args.steps - args.warmup_steps)
                 else:
@@ -337,7 +341,7 @@ def main() -> None:
                 out[f"images_per_s_{key}_{fmt}_{decode}"] = round(rate, 1)
                 out[f"ratio_{key}_{fmt}_{decode}"] = round(rate / ceil, 3)
             # The headline ratio is the best of our input paths: the one a user should pick on this host.
-            paths = {k: v for k, v in out.items() if k.startswith(f"ratio_{key}_") and not k.endswith("_dali")}
+            paths = {k: v for k, v in out.items() if k.startswith(f"ratio_{key}_") and not k.endswith("_peer")}
             best = max(paths, key=lambda k: paths[k])
             out[f"ratio_{key}"], out[f"best_path_{key}"] = paths[best], best.removeprefix(f"ratio_{key}_")
         if args.checkpoint:
