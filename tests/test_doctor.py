@@ -58,6 +58,7 @@ def test_cpu_host_warns_and_fails_only_when_gpu_required():
     assert code == 0 and report["h2d_bandwidth_gbs"] is None
     assert any("no CUDA GPU" in w for w in report["warnings"])
     assert report["hw_jpeg_decoder"] == {"usable": False, "detail": "no CUDA GPU (the device is cpu)"}
+    assert report["dali"] == {"usable": False, "detail": "no CUDA GPU (the device is cpu)"}
     code, report = run_doctor("--require-gpu")
     assert code == 1 and report["ok"] is False
     assert any("no CUDA GPU" in p for p in report["problems"])

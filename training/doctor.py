@@ -93,6 +93,17 @@ def hw_decoder_info() -> dict[str, Any]:
     return {"usable": why is None, "detail": why or hw.describe(device)}
 
 
+def dali_info() -> dict[str, Any]:
+    """Whether `data.decode: dali` (NVIDIA DALI as the device half, an optional extra) can run on GPU 0."""
+    import torch
+
+    from pipelines import dali
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    why = dali.unavailable(device)
+    return {"usable": why is None, "detail": why or dali.describe(device)}
+
+
 def h2d_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
     """Pinned host memory to GPU 0, in GB/s: the ceiling for feeding batches to the GPU."""
     import torch
@@ -236,6 +247,7 @@ def diagnose(workers: int | None = None, storage: str | None = None, require_gpu
     report["gpus"] = gpu_info() if cuda else []
     report["h2d_bandwidth_gbs"] = h2d_bandwidth_gbs() if cuda else None
     report["hw_jpeg_decoder"] = hw_decoder_info() if report["torch"]["ok"] else None
+    report["dali"] = dali_info() if report["torch"]["ok"] else None
     if not report["gpus"]:
         (problems if require_gpu else warnings).append("no CUDA GPU visible: training runs on CPU")
     report["shm"] = shm_info()
@@ -275,6 +287,8 @@ def render(report: dict[str, Any], console: Console) -> None:
     if report["hw_jpeg_decoder"]:
         decoder = report["hw_jpeg_decoder"]
         table.add_row("jpeg decode", f"{'hardware' if decoder['usable'] else 'CPU'}: {decoder['detail']}")
+    if report["dali"]:
+        table.add_row("decode: dali", f"{'usable' if report['dali']['usable'] else 'no'}: {report['dali']['detail']}")
     table.add_row("shm", f"{shm['path']} {shm['total_gb']} GB")
     workers = "" if cpu["workers"] is None else f" for {cpu['workers_total']} DataLoader workers"
     table.add_row("cpus", f"{cpu['count']:g}{workers}")
