@@ -57,11 +57,14 @@ def ensure_nightly_limit() -> None:
 
 
 def continue_from_latest(config: str, overrides: list[str], epochs: int) -> list[str]:
-    """Overrides that resume from the newest complete checkpoint and train `epochs` more epochs."""
+    """Overrides that resume from the newest complete checkpoint and train `epochs` more epochs, over an lr
+    schedule of their own: a warm restart (warm-up, then cosine) from the weights, optimizer state and EMA the
+    checkpoint holds."""
     latest = training.latest_checkpoint(training.load_config(config, overrides))
     if latest is None:
-        return [*overrides, f"train.epochs={epochs}", "resume=never"]
-    return [*overrides, f"train.epochs={latest.epoch + epochs}", f"resume={latest.path}"]
+        return [*overrides, f"train.epochs={epochs}", "optim.schedule_start_epoch=0", "resume=never"]
+    return [*overrides, f"train.epochs={latest.epoch + epochs}", f"optim.schedule_start_epoch={latest.epoch}",
+            f"resume={latest.path}"]
 
 
 def take_over_slot() -> None:

@@ -62,6 +62,11 @@ class OptimConfig(Section):
         default=0.0, ge=0, description="Linear warm-up from `min_lr`, in epochs (fractions allowed), then a cosine "
         "decay to `min_lr`; the schedule is per optimizer step.")
     min_lr: float = Field(default=0.0, ge=0, description="Where the warm-up starts and the cosine ends.")
+    schedule_start_epoch: int = Field(
+        default=0, ge=0, description="Epochs done where the warm-up and cosine begin: they span the epochs from "
+        "here to `train.epochs`. The nightly flow sets it to the epochs done before each night, so that each night "
+        "restarts them (a warm restart from the night before's weights, optimizer state and EMA); a run resumed "
+        "within a night keeps it, from its config. Below `train.epochs`.")
     layer_decay: float | None = Field(
         default=None, gt=0, le=1, description="Layer-wise learning-rate decay (timm's `layer_decay`): each layer "
         "from the head down gets this factor once more.")
@@ -262,6 +267,14 @@ class RunConfig(Section):
         if self.task != "dino" and changed:
             raise ValueError(f"eval.{changed[0]} is for task dino (its k-NN evaluation); this run's task is "
                              f"{self.task}")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_in_run(self) -> RunConfig:
+        start, epochs = self.optim.schedule_start_epoch, self.train.epochs
+        if start >= epochs:
+            raise ValueError(f"optim.schedule_start_epoch {start} must be below train.epochs {epochs}: the lr "
+                             "schedule would have no epochs to run over")
         return self
 
     @model_validator(mode="after")

@@ -101,16 +101,28 @@ class StepPlan:
         return epoch
 
 
+def schedule_origin(cfg: OptimConfig, plan: StepPlan) -> int:
+    """The step (as StepPlan.step_at counts them) where the lr schedule begins: optim.schedule_start_epoch's first.
+    The scheduler is stepped with the steps since."""
+    return plan.step_at(cfg.schedule_start_epoch, 0)
+
+
+def schedule_steps(cfg: OptimConfig, plan: StepPlan) -> int:
+    """The lr schedule's length: the run's steps from its origin."""
+    return plan.total_steps - schedule_origin(cfg, plan)
+
+
 def warmup_steps(cfg: OptimConfig, plan: StepPlan) -> int:
-    return round(cfg.warmup_epochs * plan.steps_in(0))
+    return round(cfg.warmup_epochs * plan.steps_in(cfg.schedule_start_epoch))
 
 
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, plan: StepPlan) -> CosineLRScheduler:
-    """Warmup then cosine to min_lr, stepped per optimizer step (a pure function of the step)."""
+    """Warmup then cosine to min_lr over the epochs from optim.schedule_start_epoch to the run's end, stepped per
+    optimizer step (a pure function of the steps since schedule_origin)."""
     warmup = warmup_steps(cfg, plan)
-    cosine = max(1, plan.total_steps - warmup)
-    # A run its warmup covers (the nightly flow's first night) gets a cosine of one step, which timm warns
-    # "will have no effect": meant here, and the run's log says it plainly (Trainer.announce).
+    cosine = max(1, schedule_steps(cfg, plan) - warmup)
+    # A run its warmup covers (a nightly night of one epoch with warmup_epochs 1) gets a cosine of one step, which
+    # timm warns "will have no effect": meant here, and the run's log says it plainly (Trainer.announce).
     timm_log = logging.getLogger("timm.scheduler.cosine_lr")
     level = timm_log.level
     timm_log.setLevel(logging.ERROR if cosine == 1 else level)

@@ -24,7 +24,16 @@ from pipelines import build_loader
 from training import checkpoint, dist, metrics, resume
 from training.config import RunConfig, TrainConfig, TrainError, run_dir, to_dict
 from training.metrics import RunSummary
-from training.optim import StepPlan, build_optimizer, build_scheduler, current_lr, scaled_lr, warmup_steps
+from training.optim import (
+    StepPlan,
+    build_optimizer,
+    build_scheduler,
+    current_lr,
+    scaled_lr,
+    schedule_origin,
+    schedule_steps,
+    warmup_steps,
+)
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, preemption_signals
 from training.progress import Reporter
 from training.storage import Uploader
@@ -117,7 +126,8 @@ class Trainer:
             self.load_state_dict(load_on_node(cfg, world, self.source))
         p, loader = self.progress, self.train_loader
         loader.plan_epochs(self.plan.epochs_from(p.step, loader.epoch, loader.batch))
-        self.scheduler.step_update(self.schedule_step())
+        self.check_schedule_start()
+        self.scheduler.step_update(self.lr_step(self.schedule_step()))
         self.task.start(self.optimizer, self.plan, self.schedule_step())
 
         # Gradients as views into the all-reduce buckets: one copy fewer per step, less memory.
@@ -138,9 +148,10 @@ class Trainer:
         self.reporter.line(f"{self.cfg.task} {self.cfg.model.name}: {self.world.size} process(es) on "
                            f"{self.world.device.type}, amp {amp}, {self.total_steps} steps, "
                            f"global batch {self.global_batch}")
-        if warmup_steps(self.cfg.optim, self.plan) >= self.plan.total_steps:
+        lr_steps = schedule_steps(self.cfg.optim, self.plan)
+        if warmup_steps(self.cfg.optim, self.plan) >= lr_steps:
             self.reporter.line(f"optim.warmup_epochs {self.cfg.optim.warmup_epochs:g} covers all "
-                               f"{self.plan.total_steps} steps: the lr only warms up, to "
+                               f"{lr_steps} steps of the lr schedule: the lr only warms up, to "
                                f"{scaled_lr(self.cfg.optim, self.global_batch):g}, and does not decay")
         if self.cfg.train.compile:
             self.reporter.line(f"compiled: {self.task.compiled}")
@@ -191,6 +202,18 @@ class Trainer:
         another process count (StepPlan)."""
         return self.plan.step_at(self.train_loader.epoch, self.train_loader.batch)
 
+    def lr_step(self, at: int) -> int:
+        """The lr schedule's step at schedule step `at`: counted from optim.schedule_start_epoch, where this part of
+        the run (a night of the nightly flow) began it."""
+        return at - schedule_origin(self.cfg.optim, self.plan)
+
+    def check_schedule_start(self) -> None:
+        """The lr schedule must begin where the data is or before (a resumed night is past its start)."""
+        start, done = self.cfg.optim.schedule_start_epoch, self.train_loader.epoch
+        if start > done:
+            raise TrainError(f"optim.schedule_start_epoch {start} is past the run's position ({done} epochs done"
+                             f"{' in ' + self.source if self.source else ''}): set it to at most {done}")
+
     def train_step(self, batch: dict, i: int, first: int, n_batches: int) -> bool:
         """Forward and backward on batch `i` of the epoch (which this process began at `first`); the optimizer step
         on the last micro-batch of its accumulation group. Returns whether it stepped."""
@@ -221,7 +244,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         p.step += 1
-        self.scheduler.step_update(at)
+        self.scheduler.step_update(self.lr_step(at))
         self.task.after_step(self.model, at)
         if self.ema is not None:
             self.ema.update(self.model, step=p.step)
@@ -296,7 +319,8 @@ class Trainer:
                              "or set resume") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         # The schedule is a pure function of (config, step), so it is rebuilt rather than loaded: a run given
-        # more epochs (the nightly flow) gets a schedule over its new length. ckpt["scheduler"] is for the record.
+        # more epochs (the nightly flow, which also moves optim.schedule_start_epoch) gets a schedule over them.
+        # ckpt["scheduler"] is for the record.
         if ckpt["scaler"] and self.scaler.is_enabled():  # fp16 both then and now; a run switched to it starts afresh
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt["ema"] is not None:
@@ -329,9 +353,10 @@ class Trainer:
                              f"{old_global} samples on {old_world} process(es) but of {self.global_batch} on "
                              f"{world.size}: its length and lr schedule would not go on where they were; resume it on "
                              f"{old_world} process(es)")
-        old_at = old_plan.step_at(ckpt["loader"]["epoch"], ckpt["loader"]["batch"])
+        old_at = (old_plan.step_at(ckpt["loader"]["epoch"], ckpt["loader"]["batch"])
+                  - schedule_origin(cfg.optim, old_plan))
         old_lr, lr = scaled_lr(cfg.optim, old_global), scaled_lr(cfg.optim, self.global_batch)
-        at, total = self.schedule_step(), self.plan.total_steps
+        at, total = self.lr_step(self.schedule_step()), schedule_steps(cfg.optim, self.plan)
         parts = [f"resumed on {world.size} process(es) from {old_world}: global batch {old_global} -> "
                  f"{self.global_batch}, steps an epoch {old_plan.steps_in(loader.epoch)} -> "
                  f"{self.plan.steps_in(loader.epoch)}, "
@@ -342,7 +367,7 @@ class Trainer:
             parts.append(f"epoch {loader.epoch + 1} goes on with its {left} samples not yet trained"
                          + (f" ({left - taken} left out: less than a batch on each process)" if taken < left else ""))
         parts.append(f"the lr schedule goes on from the same point of the data: its step {old_at} of "
-                     f"{old_plan.total_steps} on {old_world} is step {at} of {total} on {world.size} "
+                     f"{schedule_steps(cfg.optim, old_plan)} on {old_world} is step {at} of {total} on {world.size} "
                      f"({at / total:.0%} done)")
         return "; ".join([*parts, "random streams restart from the seed"])
 
