@@ -70,10 +70,11 @@ class Run(subprocess.Popen[str]):
 
 
 def start(config: Path, *args: str, torchrun: bool = True, env: dict | None = None) -> Run:
-    """`shardtrain train CONFIG ...` (or, cheaper, the worker alone: `python -m training CONFIG`) in its own
-    process group, its output in a log file beside the config."""
+    """`shardtrain train CONFIG ...` (or, cheaper, the worker alone: `python -m training CONFIG [overrides]`) in its
+    own process group, its output in a log file beside the config."""
     log = open(config.with_name(f"log-{time.monotonic_ns()}.txt"), "w+")
-    cmd = [SHARDTRAIN, "train", str(config), *args] if torchrun else [sys.executable, "-m", "training", str(config)]
+    cmd = [SHARDTRAIN, "train", str(config), *args] if torchrun else [sys.executable, "-m", "training", str(config),
+                                                                       *args]
     proc = Run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                env={**os.environ, **(env or {})})
     proc.log = log
