@@ -1,6 +1,6 @@
 """Accuracy, not speed: which lr schedule suits the nightly flow, night after night on a growing store.
 
-    python bench/nightly_schedule.py                          # the figures in bench/RESULTS.md (CPU, ~15 min)
+    python bench/nightly_schedule.py                          # the figures in bench/RESULTS.md (2 CPU cores, ~20 min)
     python bench/nightly_schedule.py --nights 3 --seeds 0     # a quick look
 
 Each night, as `shardtrain demo` does: `--images` new photos per class (the bundled photos,
@@ -55,7 +55,7 @@ OPTIONS: dict[str, Callable[[int], list[str]]] = {
 def append_night(raw: Path, store: Path, night: int, seed: int, args: argparse.Namespace) -> None:
     """The day's new images into `raw` (beside the older ones), then appended to the store."""
     samples.make_imagefolder(raw, {"train": args.images}, size=args.size, seed=1000 * seed + night,
-                             start=(night - 1) * args.images, flat=True)
+                             start=(night - 1) * args.images, grid=args.grid, flat=True)
     convert(ConvertOptions(src=str(raw), dest=str(store), format="wds", append=True, val_fraction=0.2),
             progress=False)
 
@@ -76,8 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "nightly_schedule")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--nights", type=int, default=5)
+    parser.add_argument("--nights", type=int, default=4)
     parser.add_argument("--images", type=int, default=20, help="new images per class each night (as the demo's)")
+    parser.add_argument("--grid", type=int, default=1, help="regions per photo side: 6 photos x grid^2 classes (the "
+                        "demo's 1: 6 classes)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1, help="epochs each night (the nightly flow's default)")
     parser.add_argument("--options", default=",".join(OPTIONS))
@@ -103,8 +105,8 @@ def main() -> None:
               + " ".join(f"{v:6.2f}" for v in top1[option].mean(0)))
     record("nightly_schedule", {
         "bench": "nightly_schedule", "config": "configs/demo.yaml", "nights": args.nights,
-        "epochs_per_night": args.epochs, "images_per_class_per_night": args.images, "classes": 6, "size": args.size,
-        "seeds": seeds, "ema_decay": EMA_DECAY,
+        "epochs_per_night": args.epochs, "images_per_class_per_night": args.images, "classes": 6 * args.grid**2,
+        "size": args.size, "seeds": seeds, "ema_decay": EMA_DECAY,
         **{f"top1_{o}": top1[o].round(2).tolist() for o in options},
         **{f"mean_top1_{o}": top1[o].mean(0).round(2).tolist() for o in options},
         **{f"end_lr_{o}": lr[o].mean(0).tolist() for o in options},
