@@ -66,7 +66,8 @@ class OptimConfig(Section):
         default=0, ge=0, description="Epochs done where the warm-up and cosine begin: they span the epochs from "
         "here to `train.epochs`. The nightly flow sets it to the epochs done before each night, so that each night "
         "restarts them (a warm restart from the night before's weights, optimizer state and EMA); a run resumed "
-        "within a night keeps it, from its config. Below `train.epochs`.")
+        "within a night keeps it, from its config. Below `train.epochs`. The lr's schedule only: a dino run's own "
+        "(teacher momentum, weight decay, teacher temperature, frozen last layer) span the whole run.")
     layer_decay: float | None = Field(
         default=None, gt=0, le=1, description="Layer-wise learning-rate decay (timm's `layer_decay`): each layer "
         "from the head down gets this factor once more.")
