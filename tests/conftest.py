@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from shards import samples
-from tests.servers import DaskCluster, MotoServer
+from tests.servers import DaskCluster, MotoServer, PrefectServer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -24,6 +28,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def moto_server():
     with MotoServer().serving() as server:
         yield server
+
+
+# The session's Prefect server while it runs: stopped after the last test that uses it (pytest_runtest_teardown).
+_prefect_servers: list[PrefectServer] = []
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory, moto_server) -> Iterator[PrefectServer]:
+    """A real `prefect server start` (SQLite in a temp dir), shared by the flow test modules: starting one takes
+    10 s or more. Started after moto_server, so its env carries the AWS_* variables to the flow runs it starts."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
+    settings = {
+        # A run waiting for the nightly slot asks again within a second of it coming free, not after up to 30 s
+        # (the server's Retry-After, drawn around the limit's average occupancy: a night's whole run).
+        "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+        # An expired lease (a dead holder's slot) is freed within a second of expiring, not 15.
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+    }
+    with mock.patch.dict(os.environ, settings):
+        server.start(cwd=REPO)
+    _prefect_servers.append(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown: the module fixtures (a worker) are gone by then
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared Prefect server once no later test uses it, rather than idle through the rest of the suite."""
+    if not _prefect_servers:
+        return
+    later = item.session.items[item.session.items.index(item) + 1:] if nextitem is not None else []
+    if not any("prefect_server" in getattr(test, "fixturenames", ()) for test in later):
+        _prefect_servers.pop().stop()
 
 
 @pytest.fixture(scope="session")

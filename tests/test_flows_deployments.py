@@ -4,7 +4,6 @@ worker, `prefect deploy --all` from prefect.yaml, `prefect deployment run`, moto
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import time
 from collections.abc import Iterator
 from datetime import timezone
 from pathlib import Path
-from unittest import mock
 from uuid import UUID
 
 import pytest
@@ -35,7 +33,7 @@ import shards
 import training
 from shards import samples
 from shards.manifest import ShardIndex, load_json
-from tests.servers import PrefectServer, start_group, stop_group
+from tests.servers import start_group, stop_group
 from tests.test_shards_dask import contents
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,20 +53,9 @@ def prefect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory, moto_server) -> Iterator[dict[str, str]]:
-    """A real Prefect server (SQLite in a temp dir); returns the env for its CLI and worker.
-
-    Started after moto_server, so the env carries the AWS_* variables to the worker's flow runs.
-    """
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
-    # A run waiting for the nightly slot asks again within a second of it coming free, not after up to 30 s
-    # (the server's Retry-After, drawn around the limit's average occupancy: night 1's whole run).
-    with mock.patch.dict(os.environ, {"PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}):
-        server.start(cwd=REPO)
-    try:
-        yield server.env
-    finally:
-        server.stop()
+def prefect_env(prefect_server) -> dict[str, str]:
+    """The env for the real Prefect server's CLI and worker (conftest's, shared with the other flow tests)."""
+    return prefect_server.env
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,20 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterParentTaskRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from shards import samples
@@ -27,8 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = {"train": 2, "val": 1}
 
 NIGHTLY = """
-import sys
+import atexit, gc, sys, time
+from pathlib import Path
 from flows import nightly
+# As the shardtrain CLI does: the interpreter's last collection walks everything prefect, torch and timm made (2 s).
+atexit.register(gc.freeze)
+while sys.argv[5] and not Path(sys.argv[5]).exists():  # imported; the flow runs when the test says
+    time.sleep(0.1)
 # The server's shortest lease: a dead run's slot comes free about a minute after its death, not five.
 nightly.NIGHTLY_LEASE_S = 60
 # timm's test_resnet, not the demo config's resnet18 (25x the weights to checkpoint): the model is not what is tested
@@ -40,36 +54,38 @@ print("RESULT", nightly.nightly_retrain(raw_dir=sys.argv[1], store=sys.argv[2], 
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch) -> Iterator[PrefectServer]:
-    monkeypatch.setenv("PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS", "1")  # expired leases freed at once
-    # A run waiting for the slot asks again within a second, not after up to 30 s (the server's Retry-After)
-    monkeypatch.setenv("PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "1")
-    server = PrefectServer(tmp_path / "prefect")
-    server.home.mkdir()
-    server.start(cwd=REPO)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def client(server) -> Iterator[SyncPrefectClient]:
-    with temporary_settings(updates={PREFECT_API_URL: server.url}), get_client(sync_client=True) as c:
+def client(prefect_server) -> Iterator[SyncPrefectClient]:
+    """A client of conftest's real Prefect server (shared with the deployment tests), which frees an expired lease
+    within a second."""
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}), get_client(sync_client=True) as c:
         yield c
 
 
-def nightly_args(tmp_path: Path) -> list[str]:
-    return [sys.executable, "-c", NIGHTLY, *(str(tmp_path / name) for name in ("raw", "store", "storage", "runs"))]
+def start_nightly(server: PrefectServer, tmp_path: Path, go: Path | None = None, log: IO[str] | None = None
+                  ) -> subprocess.Popen[str]:
+    """One nightly-retrain run: the flow called in a process of its own, reporting to the server. With `go`, the
+    process imports and then waits for that file before it runs the flow."""
+    args = [sys.executable, "-c", NIGHTLY, *(str(tmp_path / name) for name in ("raw", "store", "storage", "runs"))]
+    return subprocess.Popen([*args, str(go or "")], env=server.env, cwd=REPO, text=True,
+                            stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                            start_new_session=log is not None)
+
+
+def result(proc: subprocess.Popen[str]) -> dict:
+    """What the run's flow returned."""
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout + stderr
+    [line] = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return ast.literal_eval(line.removeprefix("RESULT "))
 
 
 def nightly(server: PrefectServer, tmp_path: Path) -> dict:
-    """One nightly-retrain run (the flow called in a process of its own, reporting to the server)."""
-    out = subprocess.run(nightly_args(tmp_path), env=server.env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert out.returncode == 0, out.stdout + out.stderr
-    [line] = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    return ast.literal_eval(line.removeprefix("RESULT "))
+    return result(start_nightly(server, tmp_path))
 
 
 def training_child(client: SyncPrefectClient, run: FlowRun) -> FlowRun | None:
@@ -80,20 +96,24 @@ def training_child(client: SyncPrefectClient, run: FlowRun) -> FlowRun | None:
 
 
 def running_nightly(client: SyncPrefectClient) -> FlowRun | None:
-    runs = [r for r in client.read_flow_runs() if r.parent_task_run_id is None and r.state and r.state.is_running()]
+    """The nightly run in progress (the server also holds the deployment tests' runs, scheduled ones among them)."""
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])),
+        parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+    ), flow_filter=FlowFilter(name=FlowFilterName(any_=["nightly-retrain"])))
     return runs[0] if runs else None
 
 
 @pytest.mark.slow
-def test_a_dead_nightly_run_is_crashed_and_its_samples_trained_by_the_next(server, client, tmp_path):
+def test_a_dead_nightly_run_is_crashed_and_its_samples_trained_by_the_next(prefect_server, client, tmp_path):
+    server = prefect_server
     samples.make_imagefolder(tmp_path / "raw", per_class=PER_CLASS, size=32)
     assert nightly(server, tmp_path)["trained"] is True
 
     # Night 2 appends new samples, and its host dies while it trains on them.
     samples.make_imagefolder(tmp_path / "raw", per_class=PER_CLASS, size=32, seed=1, start=100)
     log = (tmp_path / "night2.log").open("w")
-    proc = subprocess.Popen(nightly_args(tmp_path), env=server.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = start_nightly(server, tmp_path, log=log)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -109,10 +129,19 @@ def test_a_dead_nightly_run_is_crashed_and_its_samples_trained_by_the_next(serve
         proc.wait()
     assert client.read_flow_run(dead.id).state.is_running()  # what the server is left with
 
-    rerun = nightly(server, tmp_path)
-    assert rerun["trained"] is True and rerun["added"] == 0
+    # The rerun waits for the dead run's lease to expire (about a minute); the night after imports meanwhile.
+    rerun, go = start_nightly(server, tmp_path), tmp_path / "go"
+    night_after = start_nightly(server, tmp_path, go=go)
+    try:
+        rerun_result = result(rerun)
+    except BaseException:
+        night_after.kill()
+        night_after.communicate()
+        raise
+    go.touch()
+    assert rerun_result["trained"] is True and rerun_result["added"] == 0
     for run in (client.read_flow_run(dead.id), training_child(client, dead)):
         assert run.state.is_crashed(), (run.name, run.state)
         assert "host died" in run.state.message
     # Trained on that store version now: the night after is a no-op again.
-    assert nightly(server, tmp_path)["trained"] is False
+    assert result(night_after)["trained"] is False
