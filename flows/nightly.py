@@ -26,7 +26,6 @@ from flows.promote import NightlyDecision, beats, production_url, promote, read_
 from flows.retries import STORAGE_RETRIES
 from flows.train import train
 from shards import ConvertOptions
-from training.export import FORMATS, export
 
 # A global concurrency limit of 1 (created on first use, in the server's database, so it also
 # binds runs in ephemeral mode and runs started outside the deployment).
@@ -118,6 +117,10 @@ def mark_trained(storage: str, store: str, version: int) -> None:
 
 def export_best(run_dir: Path, out: Path) -> list[Path]:
     """The run's best checkpoint in every export format its task has (training/export.py)."""
+    # Imported here: it imports timm, torch and albumentations (3 s or more), which a night with nothing new to
+    # train, or `prefect deploy` loading this flow, does without.
+    from training.export import FORMATS, export
+
     cfg = training.load_config(run_dir / "config.yaml")
     files = [export(cfg, str(run_dir / "checkpoints" / "best.pt"), out / fmt, fmt)
              for fmt, tasks in FORMATS.items() if cfg.task in tasks]
