@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -30,8 +30,17 @@ def moto_server():
         yield server
 
 
-# The session's Prefect server while it runs: stopped after the last test that uses it (pytest_runtest_teardown).
-_prefect_servers: list[PrefectServer] = []
+# Session servers, by fixture name, with how to stop them: each is stopped after the last test that uses it
+# (pytest_runtest_teardown) rather than idle through the rest of the session.
+_stop_after_last_use: dict[str, Callable[[], None]] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown: the module fixtures (a worker) are gone by then
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    later = item.session.items[item.session.items.index(item) + 1:] if nextitem is not None else []
+    for name in list(_stop_after_last_use):
+        if not any(name in getattr(test, "fixturenames", ()) for test in later):
+            _stop_after_last_use.pop(name)()
 
 
 @pytest.fixture(scope="session")
@@ -48,26 +57,19 @@ def prefect_server(tmp_path_factory, moto_server) -> Iterator[PrefectServer]:
     }
     with mock.patch.dict(os.environ, settings):
         server.start(cwd=REPO)
-    _prefect_servers.append(server)
+    _stop_after_last_use["prefect_server"] = server.stop
     try:
         yield server
     finally:
         server.stop()
 
 
-@pytest.hookimpl(trylast=True)  # after pytest's own teardown: the module fixtures (a worker) are gone by then
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Stop the shared Prefect server once no later test uses it, rather than idle through the rest of the suite."""
-    if not _prefect_servers:
-        return
-    later = item.session.items[item.session.items.index(item) + 1:] if nextitem is not None else []
-    if not any("prefect_server" in getattr(test, "fixturenames", ()) for test in later):
-        _prefect_servers.pop().stop()
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dask_cluster(moto_server, tmp_path_factory):
-    """A Dask scheduler and two worker processes on 127.0.0.1 (after moto: they have its AWS_* variables)."""
+    """A Dask scheduler and two worker processes on 127.0.0.1 (after moto: they have its AWS_* variables).
+
+    One per module that uses it: it starts in 3 s, and idle it takes a tenth of a core (5 CPU-s a minute), which
+    the session's tests between and after its two modules would otherwise pay."""
     cluster = DaskCluster(tmp_path_factory.mktemp("dask"))
     try:
         cluster.start()
