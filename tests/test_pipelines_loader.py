@@ -383,25 +383,30 @@ def test_worker_memory_stays_flat_over_epochs(store):
     assert all(after[p] - before[p] < 16 for p in before), (before, after)
 
 
-def test_workers_exit_cleanly_in_a_process_running_prefect_services(store, monkeypatch):
+def test_workers_exit_cleanly_in_a_process_running_prefect_services(store, monkeypatch, prefect_server):
     # Prefect's services register an exit hook with threading; forked workers inherit it, and it failed
     # there: each worker ended with exit code 1 and its rank reported "DataLoader worker exited unexpectedly"
     # (39-46 such warnings per CI run, from the in-process flow tests before this module).
+    # The services talk to the session's Prefect server: without one, Prefect starts a temporary server in a
+    # subprocess (5 s), which stays up, idle, to the end of the session.
     from prefect.events.worker import EventsWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    EventsWorker.instance()
-    unraisable = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"))
-    try:
-        (ld,) = loaders(cfg_for(store), "train", train=True, world_size=1)
-        epoch_digests(ld, 0)
-        workers = list(ld.dataloader._iterator._workers)  # persistent: ended when the loader goes
-        del ld
-        gc.collect()
-        assert [w.exitcode for w in workers] == [0, 0], unraisable
-        assert unraisable == []
-    finally:
-        EventsWorker.drain_all()
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        EventsWorker.instance()
+        unraisable = []
+        monkeypatch.setattr(sys, "unraisablehook",
+                            lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+        try:
+            (ld,) = loaders(cfg_for(store), "train", train=True, world_size=1)
+            epoch_digests(ld, 0)
+            workers = list(ld.dataloader._iterator._workers)  # persistent: ended when the loader goes
+            del ld
+            gc.collect()
+            assert [w.exitcode for w in workers] == [0, 0], unraisable
+            assert unraisable == []
+        finally:
+            EventsWorker.drain_all()
 
 
 STARTING_WORKERS = """
