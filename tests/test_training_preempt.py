@@ -226,7 +226,10 @@ def test_a_signal_mid_training_saves_at_its_step_and_exits_75(store, tmp_path, h
     assert "Traceback" not in out, out[-3000:]
     saved = json.loads((tmp_path / "runs" / "t" / "preempted.json").read_text())["step"]
     steps = [int(s) for s in re.findall(r"^step (\d+) epoch", out, re.MULTILINE)]
-    assert 3 < saved == steps[-1] < 60  # the ranks stop one step after the one they agreed on, and save it
+    # The signal came after step 3's line. One process saves at the step it sees the request at: step 3 itself when
+    # the signal lands between that line and the step's check (the step is done; nothing is lost), else a later one.
+    # Two agree one step late (training.dist.StopVote): a rank's flag posted at step 3 at the earliest is read at 4.
+    assert (3 if nproc == 1 else 4) <= saved == steps[-1] < 60
     ckpt = tmp_path / "runs" / "t" / "checkpoints" / f"step_{saved:08d}.pt"
     assert (ckpt.parent / f"{ckpt.name}.complete").exists()
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["world_size"] == nproc
