@@ -54,6 +54,8 @@ def prefect_server(tmp_path_factory, moto_server) -> Iterator[PrefectServer]:
         "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
         # An expired lease (a dead holder's slot) is freed within a second of expiring, not 15.
         "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+        # A new deployment's schedule makes its runs within a second, not up to 5.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
     }
     with mock.patch.dict(os.environ, settings):
         server.start(cwd=REPO)

@@ -58,13 +58,34 @@ def prefect_env(prefect_server) -> dict[str, str]:
     return prefect_server.env
 
 
+def scheduled_runs(client: SyncPrefectClient, deployment_id: UUID) -> list[FlowRun]:
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return [r for r in runs if r.state is not None and r.state.is_scheduled()]
+
+
 @pytest.fixture(scope="module")
-def deployed(prefect_env) -> Iterator[dict[str, str]]:
-    """The work pool, `prefect deploy --all` from the repo's prefect.yaml, and a running worker."""
+def nightly_schedule_runs(prefect_env, client) -> list[FlowRun]:
+    """The work pool and `prefect deploy --all` from the repo's prefect.yaml; returns the runs that the nightly
+    deployment's schedule made. Then the deployment is paused, which deletes them and makes no more, before any
+    worker starts: else a suite running at 02:00 UTC had its worker start a real night on prefect.yaml's site
+    defaults (/data/raw/images), holding the nightly slot beside the tests' own nights. Runs asked for with
+    `prefect deployment run` go on as before."""
     created = prefect_cli(prefect_env, "work-pool", "create", "--type", "process", POOL)
     assert created.returncode == 0, created.stdout + created.stderr
     deploy = prefect_cli(prefect_env, "--no-prompt", "deploy", "--all")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    nightly = client.read_deployment_by_name("nightly-retrain/nightly")
+    deadline = time.monotonic() + 15  # the scheduler looks at new deployments every second (conftest's server)
+    while not (scheduled := scheduled_runs(client, nightly.id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    client.pause_deployment(nightly.id)
+    assert scheduled_runs(client, nightly.id) == []
+    return scheduled
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_env, nightly_schedule_runs) -> Iterator[dict[str, str]]:
+    """The deployments (nightly_schedule_runs) and a running worker."""
     log = Path(prefect_env["PREFECT_HOME"]) / "worker.log"
     worker = start_group([str(PREFECT), "worker", "start", "--pool", POOL], prefect_env, log, REPO)
     try:
@@ -158,19 +179,9 @@ def test_deploy_creates_the_three_deployments(deployed, client):
     assert schedule.schedule.cron == "0 2 * * *"
 
 
-def test_nightly_schedule_creates_runs(deployed, client):
-    nightly = client.read_deployment_by_name("nightly-retrain/nightly")
-    deadline = time.monotonic() + 15  # the scheduler looks at new deployments every 5 s
-    while time.monotonic() < deadline:
-        runs = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))
-        )
-        scheduled = [r for r in runs if r.state is not None and r.state.is_scheduled()]
-        if scheduled:
-            break
-        time.sleep(2)
-    assert scheduled, "the scheduler created no runs for the nightly cron"
-    assert all(r.expected_start_time.astimezone(timezone.utc).hour == 2 for r in scheduled)
+def test_nightly_schedule_creates_runs(nightly_schedule_runs):
+    assert nightly_schedule_runs, "the scheduler created no runs for the nightly cron"
+    assert all(r.expected_start_time.astimezone(timezone.utc).hour == 2 for r in nightly_schedule_runs)
 
 
 def test_bad_parameter_is_refused_naming_it(deployed, tmp_path):
