@@ -196,14 +196,15 @@ def test_kill9_mid_run_resumes_exactly_and_map_agrees_across_ranks(bad_label_sto
     sections = dict(train={"epochs": 3, "max_steps": 6, "deterministic": True, "log_every": 2},
                     checkpoint={"every_steps": 2}, data={"batch_size": 2})
     base = write_config(tmp_path / "base" / "run.yaml", store, **sections)
-    code, out = finish(start(base, "--nproc-per-node", "2"))
-    assert code == 0, out[-3000:]
-
     config = write_config(tmp_path / "cut" / "run.yaml", store, **sections)
     runs = tmp_path / "cut" / "runs"
+    # The uninterrupted run and the one killed go side by side (deterministic: neither's weights depend on timing).
+    uninterrupted = start(base, "--nproc-per-node", "2")
     proc = start(config, "--nproc-per-node", "2")
     wait_for(runs / "t" / "checkpoints" / "step_00000004.pt.complete", proc)
     kill_group(proc)
+    code, out = finish(uninterrupted)
+    assert code == 0, out[-3000:]
     code, out = finish(start(config, "--nproc-per-node", "2"))
     assert code == 0, out[-3000:]
     assert "resumed from" in out
