@@ -18,9 +18,12 @@ from tests.servers import ephemeral_prefect_env
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each script freezes gc at exit, as the shardtrain CLI does: the interpreter's last collection walks everything
+# Prefect made (a second or more); the test waits for both processes to end.
 HOLD = """
-import sys, time
+import atexit, gc, sys, time
 from pathlib import Path
+atexit.register(gc.freeze)
 from prefect.concurrency.sync import concurrency
 from flows.nightly import NIGHTLY_LIMIT, ensure_nightly_limit
 ensure_nightly_limit()
@@ -31,8 +34,9 @@ with concurrency(NIGHTLY_LIMIT, occupy=1, strict=True):
 """
 
 NIGHTLY = """
-import sys, time
+import atexit, gc, sys, time
 from pathlib import Path
+atexit.register(gc.freeze)
 from flows.nightly import nightly_retrain
 while not Path(sys.argv[4]).exists():  # imported while the holder starts; the flow runs once the slot is held
     time.sleep(0.1)
