@@ -461,15 +461,21 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
         if not path.name.startswith("step_00000004"):
             path.unlink()
 
-    # A run that train.max_steps ends counts its length and schedule in optimizer steps, whose batch would change
-    capped = write_config(tmp_path / "capped.yaml", store, optim={"lr": 3e-3, "warmup_epochs": 0},
+    # A run that train.max_steps ends counts its length and schedule in optimizer steps, whose batch would change.
+    # It resumes a copy of the killed run, side by side with the resume below (each is one process).
+    shutil.copytree(runs, tmp_path / "capped-runs")
+    capped = write_config(tmp_path / "capped.yaml", store, runs_dir=str(tmp_path / "capped-runs"),
+                          optim={"lr": 3e-3, "warmup_epochs": 0},
                           train={**TWO_PROC, "log_every": 1, "max_steps": 5}, checkpoint={"every_steps": 1, "keep": 10})
-    code, out = finish(start(capped, torchrun=False))
+    refused = start(capped, torchrun=False)
+    resumed = start(config, torchrun=False)
+    code, out = finish(refused)
     assert code == 2 and out.strip().splitlines()[-1] == (
         "error: train.max_steps 5 ends this run, and counts optimizer steps of 32 samples on 2 process(es) but of 16 "
         "on 1: its length and lr schedule would not go on where they were; resume it on 2 process(es)"), out[-3000:]
 
-    out = train(config, torchrun=False)
+    code, out = finish(resumed)
+    assert code == 0, out[-3000:]
     assert ("resumed on 1 process(es) from 2: global batch 32 -> 16, steps an epoch 3 -> 6, lr 0.003; epoch 2 goes "
             "on with its 64 samples not yet trained; the lr schedule goes on from the same point of the data: its step "
             "4 of 6 on 2 is step 8 of 12 on 1 (67% done); random streams restart from the seed") in out, out[-3000:]
