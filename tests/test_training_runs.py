@@ -195,6 +195,13 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     # its history too, from the checkpoint: before, results.csv (and plot.png) started empty on the new machine
     assert [int(r["step"]) for r in results(runs)] == [12, STEPS]
     assert json.loads((runs / "t" / "metrics.json").read_text())["final"]["step"] == STEPS
+    # and its TensorBoard curves, every logged step of both machines (before: only the last machine's writer's file,
+    # holding no step)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs / "t" / "tb"))
+    events.Reload()
+    assert sorted({e.step for e in events.Scalars("train/loss")}) == list(range(3, STEPS + 1, 3))
 
 
 def test_a_run_resumed_with_fp16_amp_starts_its_grad_scaler_afresh(store, baseline_1proc_runs, tmp_path):

@@ -74,6 +74,15 @@ def restore_results(path: Path, stored: list[dict] | None, step: int) -> None:
     write_results(path, [r for r in rows if r["step"] <= step])
 
 
+def restore_events(folder: Path, stored: dict[str, bytes] | None) -> None:
+    """Write back the checkpoint's TensorBoard event files that `folder` lacks (a run dir on a new machine; None:
+    a checkpoint from before it held them). The new writer's purge_step hides their events past the checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (stored or {}).items():
+        if not (folder / name).exists():
+            (folder / name).write_bytes(data)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Loss and accuracy against step, as a PNG."""
     import matplotlib

@@ -27,7 +27,8 @@ class Reporter:
         if world.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(rdir / "tb"), purge_step=step)
+            # Hides the events a killed run wrote past its checkpoint at `step`; step `step`'s own came before it.
+            self.writer = SummaryWriter(str(rdir / "tb"), purge_step=step + 1)
             self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                 console=self.console, transient=False, disable=not self.console.is_terminal)
@@ -47,6 +48,13 @@ class Reporter:
         self.row_samples = 0
         self.row_start = time.perf_counter()
         self.row_train_s = 0.0
+
+    def events(self) -> dict[str, bytes]:
+        """This run dir's TensorBoard event files so far, by name (flushed first): checkpoints keep them, so that a
+        run resumed on a machine without its run dir keeps its curves. Main process only."""
+        assert self.writer is not None
+        self.writer.flush()
+        return {path.name: path.read_bytes() for path in sorted((self.rdir / "tb").glob("events.out.tfevents.*"))}
 
     def line(self, text: str) -> None:
         if self.world.is_main:

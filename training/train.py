@@ -120,6 +120,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=self.dtype == torch.float16)
         self.progress = Progress()
         self.stored_results: list[dict] | None = None  # the resumed checkpoint's results.csv rows
+        self.stored_events: dict[str, bytes] | None = None  # and its TensorBoard event files
         self.layout_change: str | None = None  # a resume on another process count: what that changed, in one line
         self.source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
         if self.source:
@@ -159,6 +160,7 @@ class Trainer:
         if self.source:
             if self.world.is_main:
                 metrics.restore_results(self.rdir / "results.csv", self.stored_results, self.progress.last_eval_step)
+                metrics.restore_events(self.rdir / "tb", self.stored_events)
             self.reporter.line(f"resumed from {self.source} at step {self.progress.step} "
                                f"(epoch {self.train_loader.epoch}, batch {self.train_loader.batch})")
             if self.layout_change:
@@ -307,6 +309,7 @@ class Trainer:
             "classes": self.train_loader.classes,  # so predictions can be named without the store
             # the run's history, for a resume on a machine without this run dir (storage holds checkpoints only)
             "results": metrics.read_results(self.rdir / "results.csv") if self.world.is_main else [],
+            "tb": self.reporter.events() if self.world.is_main else {},
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -331,6 +334,7 @@ class Trainer:
         progress.pop("batch", None)  # checkpoints before the loader's own state kept its batch here too
         self.progress = Progress(**progress)
         self.stored_results = ckpt.get("results")  # None in checkpoints from before they held it
+        self.stored_events = ckpt.get("tb")  # the same
         if old_world == world.size:  # starting the loader's iteration draws nothing from these (its DataLoader has a
             checkpoint.set_rng_state(ckpt["rng"][world.rank])  # generator)
         else:
