@@ -197,7 +197,7 @@ def test_kill9_mid_epoch_during_upload_then_resume_from_s3(store, baseline_1proc
     assert json.loads((runs / "t" / "metrics.json").read_text())["final"]["step"] == STEPS
     # and its TensorBoard curves, every logged step of both machines (before: only the last machine's writer's file,
     # holding no step)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # type: ignore[import-untyped]
 
     events = EventAccumulator(str(runs / "t" / "tb"))
     events.Reload()
