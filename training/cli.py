@@ -30,7 +30,7 @@ def train(
     try:
         with preempted_on_sigterm():
             code = launch(config, overrides or [], nproc_per_node=nproc_per_node, nnodes=nnodes,
-                          node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+                          node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, ignore_signals_after=True)
     except TrainError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -42,9 +42,10 @@ def preempted_on_sigterm() -> Iterator[None]:
     """Until `launch` forwards SIGTERM to torchrun, a SIGTERM finds no run started: exit EXIT_PREEMPTED ("run me
     again"), as during the CLI's imports (flows/cli.py), not a signal death.
 
-    Once `launch` returns, the exit code is decided, and stop signals are ignored until the process ends: the
-    interpreter's exit (torch imported) takes a moment, and a signal in it would turn a finished run's 0 into a
-    signal death (SIGINT -2, SIGTERM -15)."""
+    Once torchrun has ended, the exit code is decided, and stop signals are ignored until the process ends
+    (`launch(ignore_signals_after=True)`; here too for a launch that raised): the interpreter's exit (torch
+    imported) takes a moment, and a signal in it would turn a finished run's 0 into a signal death (SIGINT -2,
+    SIGTERM -15), or in the launch's own return into 130 or 75."""
     signal.signal(signal.SIGTERM, lambda *_: exit_now(EXIT_PREEMPTED))
     try:
         yield

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def launch(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     stream: Callable[[str], None] | None = None,
+    ignore_signals_after: bool = False,
 ) -> int:
     """Run `torchrun ... -m training CONFIG OVERRIDES` (through training.torchrun); return its exit code.
 
@@ -60,6 +62,9 @@ def launch(
     otherwise each output line goes to `stream`.
     After a SIGTERM/SIGINT the workers save a checkpoint and the result is EXIT_PREEMPTED; after a second
     one (past training.preempt.DUPLICATE_WINDOW_S) torchrun is killed at once and the result is 128 + signal.
+    `ignore_signals_after`: from torchrun's end on, stop signals are ignored rather than given back to the handlers
+    before the launch: for a process that only exits after it (the CLI), where a late one would turn the run's
+    decided exit code into a signal death or a preemption.
     """
     if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise TrainError("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
@@ -81,7 +86,7 @@ def launch(
     with run_dir_lock(run_dir(cfg), node_rank):
         proc = subprocess.Popen(cmd, stdout=pipe, stderr=subprocess.STDOUT if pipe else None, text=True, env=env)
         relay = Relay(proc)
-        with StopSignals(relay.first, relay.insist) as signals:
+        with StopSignals(relay.first, relay.insist, signal.SIG_IGN if ignore_signals_after else None) as signals:
             if stream is not None and proc.stdout is not None:  # both or neither
                 for line in proc.stdout:
                     stream(line.rstrip("\n"))

@@ -32,11 +32,13 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopSignals:
     """While entered, SIGTERM and SIGINT call `first(signum)` once, ignore repeats within DUPLICATE_WINDOW_S
     and call `insist(signum)` for a later one. On exit the handlers before it return, so that a program
-    that calls `training.run` or `training.launch` gets its Ctrl-C back when the run is over. Handlers can
+    that calls `training.run` or `training.launch` gets its Ctrl-C back when the run is over; or `after`, where
+    given, takes their place (signal.SIG_IGN: a process whose exit code is decided by then). Handlers can
     be set only in the main thread; from another thread nothing is held."""
 
-    def __init__(self, first: Callable[[int], None], insist: Callable[[int], None]) -> None:
-        self.first, self.insist = first, insist
+    def __init__(self, first: Callable[[int], None], insist: Callable[[int], None],
+                 after: Callable[[int, FrameType | None], Any] | int | None = None) -> None:
+        self.first, self.insist, self.after = first, insist, after
         self.first_at: float | None = None
         self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
@@ -47,7 +49,7 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if self.after is None else self.after)
 
     @property
     def requested(self) -> bool:
