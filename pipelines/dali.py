@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import gpu
+from pipelines import gpu, hw
 from pipelines.batches import BatchSpec
 from pipelines.decode import probe_image
 from pipelines.store import BadSample
@@ -171,12 +171,7 @@ class Refused(Exception):
 
 
 def count(reason: str, n: int = 1) -> None:
-    before = FALLBACKS.total()
-    FALLBACKS[reason] += n
-    total = FALLBACKS.total()
-    if len(str(total)) > len(str(before)) or before == 0:  # passed 1, 10, 100, ...
-        reasons = ", ".join(f"{k} {why}" for why, k in FALLBACKS.most_common())
-        print(f"data.decode=dali: {total} image(s) off DALI's JPEG path ({reasons})", flush=True)
+    hw.count_fallbacks(FALLBACKS, reason, n, "data.decode=dali: {total} image(s) off DALI's JPEG path ({reasons})")
 
 
 def decode_on_cpu(data: list[torch.Tensor], keys: list[tuple[str, str, str]],

@@ -136,11 +136,18 @@ def cpu_fallback(data: list[torch.Tensor], keys: list[tuple[str, str, str]], hw:
 
 
 def count(reason: str) -> None:
-    FALLBACKS[reason] += 1
-    total = FALLBACKS.total()
-    if total == 10 ** (len(str(total)) - 1):  # 1, 10, 100, ...
-        reasons = ", ".join(f"{n} {why}" for why, n in FALLBACKS.most_common())
-        print(f"data.decode=hw: {total} image(s) decoded on the CPU instead ({reasons})", flush=True)
+    count_fallbacks(FALLBACKS, reason, 1, "data.decode=hw: {total} image(s) decoded on the CPU instead ({reasons})")
+
+
+def count_fallbacks(fallbacks: Counter[str], reason: str, n: int, line: str) -> None:
+    """Add `n` images to `reason` in `fallbacks`; print `line` (with {total} and {reasons}) when the total reaches
+    or passes 1, 10, 100, ... (a decode mode's fallbacks, reported without a line per image)."""
+    before = fallbacks.total()
+    fallbacks[reason] += n
+    total = fallbacks.total()
+    if before == 0 or len(str(total)) > len(str(before)):
+        reasons = ", ".join(f"{k} {why}" for why, k in fallbacks.most_common())
+        print(line.format(total=total, reasons=reasons), flush=True)
 
 
 device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
