@@ -38,7 +38,7 @@ from torchvision.ops import roi_align
 
 from common import machine, profile_steps, record
 from pipelines import AugmentConfig, DataConfig, build_loader, gpu, gpu_color, hw
-from pipelines.tasks import TASKS, Decoder
+from pipelines.tasks import TASKS, Decoder, each
 from shards import ConvertOptions, convert
 from train_throughput import ceiling, loader_rate, make_raw, make_step
 
@@ -197,8 +197,7 @@ def device_feed(batches: list[dict], half=hw.device_batch):
     batches cycled."""
     mean = torch.tensor([0.485, 0.456, 0.406], device=DEVICE).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=DEVICE).view(1, 3, 1, 1) * 255
-    fn = functools.partial(half, spec=SPEC, device=DEVICE)
-    for out, _ in gpu.run_ahead(itertools.cycle(batches), fn, DEVICE):
+    for out, _ in gpu.run_ahead((half(b, SPEC, DEVICE) for b in itertools.cycle(batches)), DEVICE):
         x = ((out["image"] - mean) / std).contiguous(memory_format=torch.channels_last)
         yield x, out["label"]
 
@@ -358,8 +357,8 @@ def loader_alone(store: str, batch: int, worker_counts: list[int], put) -> None:
         put(f"loader_hw_{workers}", loader_rate(store, "hw", batch, workers, batches=16))
         put(f"loader_cpu_{workers}", loader_rate(store, "cpu", batch, workers, batches=16))
     shipped = TASKS["classify"].decoders["hw"]
-    TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
-                                                                                  decode=decode_before))
+    TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, each(functools.partial(gpu.device_batch,
+                                                                                       decode=decode_before)))
     put("loader_hw_before_15", loader_rate(store, "hw", batch, 15, batches=16))
     TASKS["classify"].decoders["hw"] = shipped
 
@@ -372,8 +371,8 @@ def pool_kept(store: str, streams: list, batches: list[dict], batch: int, put) -
     put("bare_new_images_pool_kept", rate(lambda s: len(dec.decode(s, params=params, cuda_stream=cuda_stream)),
                                           streams))
     put("device_batch_before_pool_kept", rate(functools.partial(device_batch, decode_before), batches))
-    TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, functools.partial(gpu.device_batch,
-                                                                                  decode=decode_before))
+    TASKS["classify"].decoders["hw"] = Decoder(gpu.worker_batch, each(functools.partial(gpu.device_batch,
+                                                                                       decode=decode_before)))
     put("loader_hw_before_pool_kept_15", loader_rate(store, "hw", batch, 15, batches=16))
 
 

@@ -9,10 +9,10 @@ image's crop region (`fn.decoders.image_slice`, device "mixed" with its hardware
 enlarging, DALI's antialiased Gaussian when shrinking: the nearest of DALI's filters to roi_align's averaged bilinear
 samples, about half the difference of its default antialiased linear one, which blurs more) and flips it
 (`fn.crop_mirror_normalize`, float CHW 0..255). The result is copied into a torch tensor on the caller's stream
-(`feed_ndarray`): the caller is `gpu.run_ahead`'s thread, which hands it to the training stream with an event, so
-the training thread never waits on DALI. The pipeline runs one batch per call
-(`prefetch_queue_depth=1`: the external source gets exactly the batch it returns); run_ahead keeps up to two
-batches ready ahead of the step.
+(`feed_ndarray`, after the event DALI's outputs are bound to): the caller is `gpu.run_ahead`'s thread, which hands
+it to the training stream with an event, so neither thread waits for DALI's work. Two batches are in DALI at once
+(`Ahead`): each is fed and scheduled before the outputs of the one before it are taken, so that its CPU, decoder and
+GPU stages overlap across batches.
 
 EXIF orientation: the boxes are drawn on the oriented image (as for every decoder). DALI decodes the stored pixels
 (`adjust_orientation=False`); the box is mapped onto them (`stored_box`), and the S x S crop is oriented afterwards
@@ -23,8 +23,9 @@ filter and its JPEG decoder's IDCT/upsampling; the crop reads no pixels outside 
 (roi_align reads one more). tests/test_pipelines_dali.py states the difference measured on real photos.
 
 Images DALI's decoder cannot decode make its whole batch fail: that batch is decoded image by image on the CPU
-(`gpu.decode_one`) and cropped by `gpu.device_batch`; the images that fail there too are corrupt samples
-(BadSample: skipped and counted, or the run's error, by `data.on_error`). Non-JPEG samples (PNG, WebP) DALI decodes
+(`gpu.decode_one`) and cropped by `gpu.device_batch`, and the batch in flight behind it goes to a new pipeline; the
+images that fail there too are corrupt samples (BadSample: skipped and counted, or the run's error, by
+`data.on_error`). Non-JPEG samples (PNG, WebP) DALI decodes
 itself off the hardware decoder. Both are counted in `FALLBACKS` and reported at the 1st, 10th, 100th, ... of them.
 """
 
@@ -32,8 +33,9 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,15 +75,18 @@ def describe(device: torch.device) -> str:
 
 @dataclass
 class Pipe:
-    """One DALI pipeline, built for batches of up to `capacity` images, used by one thread at a time."""
+    """One DALI pipeline, built for batches of up to `capacity` images, fed by one stream of batches at a time."""
 
     pipe: Any
     capacity: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    size: int
+    dev: int | None
+    primed: bool = False  # its first run, which schedules PREFETCH iterations, has been made
 
 
-_PIPES: dict[tuple[int | None, int], Pipe] = {}  # by (device id, output size)
-_PIPES_LOCK = threading.Lock()
+PREFETCH = 2  # iterations in DALI at once: the next batch is fed and scheduled before this one's outputs are taken
+_FREE: list[Pipe] = []  # built pipelines with nothing in flight, for the next stream of batches on their device
+_FREE_LOCK = threading.Lock()
 
 
 def device_id(device: torch.device) -> int | None:
@@ -98,7 +103,7 @@ def build(capacity: int, size: int, dev: int | None, threads: int = THREADS, hw_
 
     decode = {"device": "cpu"} if dev is None else {"device": "mixed", "hw_decoder_load": hw_load}
 
-    @pipeline_def(batch_size=capacity, num_threads=threads, device_id=dev, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=capacity, num_threads=threads, device_id=dev, prefetch_queue_depth=PREFETCH)
     def crops():
         data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=True)
         start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
@@ -118,19 +123,19 @@ def build(capacity: int, size: int, dev: int | None, threads: int = THREADS, hw_
     return pipe
 
 
-def pipe_for(capacity: int, size: int, dev: int | None) -> Pipe:
-    with _PIPES_LOCK:
-        got = _PIPES.get((dev, size))
-        if got is None or got.capacity < capacity:
-            capacity = max(capacity, got.capacity if got else 0)
-            got = _PIPES[(dev, size)] = Pipe(build(capacity, size, dev), capacity)
-        return got
+def take_pipe(capacity: int, size: int, dev: int | None) -> Pipe:
+    """A free pipeline for (dev, size) that holds `capacity` images, or a new one."""
+    with _FREE_LOCK:
+        for i, pipe in enumerate(_FREE):
+            if (pipe.dev, pipe.size) == (dev, size) and pipe.capacity >= capacity:
+                return _FREE.pop(i)
+    return Pipe(build(capacity, size, dev), capacity, size, dev)
 
 
-def forget(dev: int | None, size: int) -> None:
-    """Drop a pipeline that raised: the next batch gets a fresh one."""
-    with _PIPES_LOCK:
-        _PIPES.pop((dev, size), None)
+def give_back(pipe: Pipe) -> None:
+    """A pipeline with nothing in flight, free for the next stream of batches."""
+    with _FREE_LOCK:
+        _FREE.append(pipe)
 
 
 def stored_box(box: tuple[float, float, float, float], orientation: int, w: int, h: int
@@ -166,10 +171,6 @@ def slices(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
             np.ascontiguousarray(roi_end, np.float32))
 
 
-class Refused(Exception):
-    """DALI's pipeline failed on a batch (an image it cannot decode)."""
-
-
 def count(reason: str, n: int = 1) -> None:
     hw.count_fallbacks(FALLBACKS, reason, n, "data.decode=dali: {total} image(s) off DALI's JPEG path ({reasons})")
 
@@ -186,59 +187,144 @@ def decode_on_cpu(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
     return out
 
 
-def run(batch: dict, size: int, device: torch.device) -> torch.Tensor:
-    """The batch's crops by DALI: float 0..255 (N, 3, size, size) on `device`, oriented and flipped."""
-    from nvidia.dali.plugin.pytorch import feed_ndarray
-
-    n = len(batch["keys"])
+def inputs(batch: dict) -> dict[str, Any]:
+    """The pipeline's inputs for a worker batch: each image a view of the batch's pinned buffer, its box on the
+    stored pixels as a whole-pixel slice and a sub-pixel ROI within it, and its mirror flag."""
     lengths = batch["length"].tolist()
     flat = batch["data"].numpy()  # the pinned buffer itself: each image a view of it
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
     boxes = batch["box"].numpy().astype(np.float64)
     orientation = batch["orientation"].numpy()
-    flip = batch["flip"].numpy().astype(bool)
-    turned = np.flatnonzero(orientation != 1).tolist()
-    for i in turned:  # rare: the oriented size is needed to map the box, read from the header again
+    for i in np.flatnonzero(orientation != 1).tolist():  # rare: the oriented size, read from the header again
         w, h, _ = probe_image(data[i].tobytes())
         ow, oh = (h, w) if orientation[i] in gpu.SWAPS_AXES else (w, h)
         boxes[i] = stored_box(tuple(boxes[i]), int(orientation[i]), ow, oh)
     start, end, roi_start, roi_end = slices(boxes)
+    flip = batch["flip"].numpy().astype(bool)
     mirror = (flip & (orientation == 1)).astype(np.int32)  # the oriented ones are flipped after their orientation
+    return {"data": data, "start": start, "end": end, "roi_start": roi_start, "roi_end": roi_end, "mirror": mirror}
 
-    dev = device_id(device)
-    pipe = pipe_for(n, size, dev)
-    with pipe.lock:
-        for name, value in (("data", data), ("start", start), ("end", end), ("roi_start", roi_start),
-                            ("roi_end", roi_end), ("mirror", mirror)):
-            pipe.pipe.feed_input(name, value)
+
+def oriented(images: torch.Tensor, batch: dict) -> torch.Tensor:
+    """DALI's crops of the stored pixels with each image's EXIF orientation applied, then its flip."""
+    flip = batch["flip"].tolist()
+    orientation = batch["orientation"].tolist()
+    for i in [i for i, o in enumerate(orientation) if o != 1]:
+        crop = gpu.apply_orientation(images[i], orientation[i])
+        images[i] = crop.flip(-1) if flip[i] else crop.clone()  # a transposed view of images[i] itself: copied first
+    return images
+
+
+@dataclass
+class Fed:
+    """A batch given to the pipeline, its outputs not taken yet; `ok` False where DALI failed on it."""
+
+    batch: dict
+    spec: BatchSpec
+    ok: bool = True
+
+
+class Ahead:
+    """Worker batches through one DALI pipeline, up to PREFETCH of them in flight: each is fed and scheduled before
+    the outputs of the one before it are taken, so that DALI's CPU, decoder and GPU stages overlap across batches
+    and the caller never waits for a batch's work to finish (the outputs are taken onto the caller's stream)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.dev = device_id(device)
+        self.pipe: Pipe | None = None
+        self.fed: deque[Fed] = deque()
+
+    def fits(self, batch: dict, spec: BatchSpec) -> bool:
+        return self.pipe is None or (spec.size == self.pipe.size and len(batch["keys"]) <= self.pipe.capacity)
+
+    def put(self, entry: Fed) -> None:
+        if self.pipe is None:
+            self.pipe = take_pipe(len(entry.batch["keys"]), entry.spec.size, self.dev)
+        self.fed.append(entry)
+        pipe, named = self.pipe, inputs(entry.batch)
         try:
-            (images,) = pipe.pipe.run()
-        except RuntimeError as e:  # DALI's operator errors: an image it cannot decode fails its whole batch
-            raise Refused(str(e)) from e
-        out = torch.empty((n, 3, size, size), dtype=torch.float32, device=device)
-        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        feed_ndarray(images.as_tensor(), out, cuda_stream=stream)  # on the caller's stream, before DALI reuses it
-    for i in turned:
-        crop = gpu.apply_orientation(out[i], int(orientation[i]))
-        out[i] = crop.flip(-1) if flip[i] else crop.clone()  # a transposed view of out[i] itself: copied first
-    return out
+            # DALI's first run of a pipeline schedules PREFETCH iterations, each needing its inputs: this batch's,
+            # all but the last one's outputs dropped
+            for _ in range(1 if pipe.primed else PREFETCH):
+                for name, value in named.items():
+                    pipe.pipe.feed_input(name, value)
+            pipe.pipe.schedule_run()
+            for _ in range(0 if pipe.primed else PREFETCH - 1):
+                pipe.pipe.outputs()
+            pipe.primed = True
+        except RuntimeError:  # DALI's operator errors: an image it cannot decode fails its whole batch
+            self.failed(entry)
+
+    def failed(self, entry: Fed) -> None:
+        """DALI failed on `entry`'s batch: it goes to the CPU, and the other batches in flight in the pipeline, which
+        is not used again, are fed to a new one."""
+        entry.ok, self.pipe, again = False, None, list(self.fed)
+        self.fed.clear()
+        for other in again:
+            if other.ok:
+                self.put(other)
+            else:
+                self.fed.append(other)
+
+    def take(self) -> tuple[dict, list[BadSample]]:
+        """The first fed batch, as `gpu.device_batch` returns it: float 0..255 (N,3,S,S) images and their labels on
+        the device, and the samples that could not be decoded."""
+        entry = self.fed.popleft()
+        images = self.outputs(entry) if entry.ok else None
+        if images is None:
+            count("in a batch DALI could not decode (decoded on the CPU)", len(entry.batch["keys"]))
+            return gpu.device_batch(entry.batch, entry.spec, self.device, decode=decode_on_cpu)
+        label = entry.batch["label"].to(self.device, non_blocking=True)
+        return {"image": oriented(images, entry.batch), "label": label}, []
+
+    def outputs(self, entry: Fed) -> torch.Tensor | None:
+        """The batch's crops, copied onto the caller's stream; None where DALI failed on it."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        assert self.pipe is not None
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        try:
+            (images,) = self.pipe.pipe.outputs(stream)
+        except RuntimeError:
+            self.failed(entry)
+            return None
+        n, size = len(entry.batch["keys"]), self.pipe.size
+        out = torch.empty((n, 3, size, size), dtype=torch.float32, device=self.device)
+        feed_ndarray(images.as_tensor(), out, cuda_stream=stream)  # ordered after DALI's work by the outputs' event
+        return out
+
+    def close(self) -> None:
+        """Give the pipeline back where nothing of it is in flight (a stream left midway drops it)."""
+        if self.pipe is not None and not self.fed:
+            give_back(self.pipe)
+        self.pipe = None
 
 
-def device_batch(batch: dict, spec: BatchSpec, device: torch.device) -> tuple[dict, list[BadSample]]:
-    """Classification's device half by DALI, as `gpu.device_batch` returns it: float 0..255 (N,3,S,S) images and
-    their labels on `device`, and the samples that could not be decoded."""
-    keys = batch["keys"]
-    others = Counter(key[2] for key in keys if key[2] not in JPEG_EXTS)
-    for ext, k in others.items():
-        count(f"{ext} is not a JPEG (decoded by DALI off the hardware decoder)", k)
-    if not keys:
-        return {"image": torch.zeros((0, 3, spec.size, spec.size), device=device),
-                "label": batch["label"].to(device)}, []
+def device_batches(batches: Iterable[tuple[dict, BatchSpec]], device: torch.device
+                   ) -> Iterator[tuple[dict, list[BadSample]]]:
+    """Classification's device half by DALI over a stream of (worker batch, spec), in order, as `gpu.device_batch`
+    returns each: float 0..255 (N,3,S,S) images and their labels on `device`, and the samples that could not be
+    decoded."""
+    ahead = Ahead(device)
     try:
-        images = run(batch, spec.size, device)
-    except Refused:
-        forget(device_id(device), spec.size)
-        count("in a batch DALI could not decode (decoded on the CPU)", len(keys))
-        return gpu.device_batch(batch, spec, device, decode=decode_on_cpu)
-    return {"image": images, "label": batch["label"].to(device, non_blocking=True)}, []
+        for batch, spec in batches:
+            others = Counter(key[2] for key in batch["keys"] if key[2] not in JPEG_EXTS)
+            for ext, k in others.items():
+                count(f"{ext} is not a JPEG (decoded by DALI off the hardware decoder)", k)
+            if not batch["keys"] or not ahead.fits(batch, spec):  # the batches in flight first
+                while ahead.fed:
+                    yield ahead.take()
+                ahead.close()
+            if not batch["keys"]:
+                yield {"image": torch.zeros((0, 3, spec.size, spec.size), device=device),
+                       "label": batch["label"].to(device)}, []
+                continue
+            ahead.put(Fed(batch, spec))
+            if len(ahead.fed) == PREFETCH:
+                yield ahead.take()
+        while ahead.fed:
+            yield ahead.take()
+    finally:
+        ahead.close()

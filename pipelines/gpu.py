@@ -32,7 +32,6 @@ from pipelines.store import BadSample, RawSample
 
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
 CANVAS_BYTES = 512 << 20  # float32 budget of one roi_align call's padded input
-T = TypeVar("T")
 U = TypeVar("U")
 
 
@@ -364,8 +363,9 @@ def tensors(tree) -> Iterator[torch.Tensor]:
             yield from tensors(item)
 
 
-def run_ahead(items: Iterable[T], fn: Callable[[T], U], device: torch.device, depth: int = 2) -> Iterator[U]:
-    """`fn` over `items`, in order, computed up to `depth` items ahead in a thread of this process.
+def run_ahead(outputs: Iterable[U], device: torch.device, depth: int = 2) -> Iterator[U]:
+    """The items of `outputs`, a lazy iterable (a generator, a map), computed up to `depth` items ahead in a thread
+    of this process.
 
     With the GPU decode in that thread, the training loop launches step i while batch i+1 decodes:
     torchvision's nvJPEG call blocks its caller until the decode is done, and done inline that wait
@@ -388,10 +388,9 @@ def run_ahead(items: Iterable[T], fn: Callable[[T], U], device: torch.device, de
     def work() -> None:
         try:
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-                for item in items:
+                for out in outputs:
                     if stop.is_set():
                         return
-                    out = fn(item)
                     event = stream.record_event() if stream else None
                     put((out, event))
         except BaseException as e:  # handed to the consumer, raised there

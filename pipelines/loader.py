@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -318,7 +319,7 @@ class Loader:
                 self._items, self._items_at = iter(self.dataloader), (self._epoch, self._batch)
         items: Iterable[tuple[dict | None, int, str | None]] = self._take(len(self) - self._batch)
         if self.decoder.device is not None:
-            items = gpu.run_ahead(items, self._decode, self.device)
+            items = gpu.run_ahead(self._decoded(items), self.device)
         for batch, skipped, failure in items:
             if failure:
                 raise DataError(failure)
@@ -336,18 +337,31 @@ class Loader:
             self._items_at = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
             yield item
 
-    def _decode(self, item: tuple[dict | None, int, str | None]) -> tuple[dict | None, int, str | None]:
-        """The training process's half of the decode (data.decode: gpu or hw), on a worker's batch of encoded
-        images."""
-        batch, skipped, failure = item
-        if failure:
-            return item
+    def _decoded(self, items: Iterable[tuple[dict | None, int, str | None]]
+                 ) -> Iterator[tuple[dict | None, int, str | None]]:
+        """The training process's half of the decode (data.decode: gpu, hw or dali) over the workers' batches of
+        encoded images, in order; a worker's failure ends them."""
         dataset = self.dataloader.dataset
-        assert batch is not None and self.decoder.device is not None and isinstance(dataset, StoreBatches)
-        batch, bad = self.decoder.device(batch, dataset.spec_at(self._epoch), self.device)
-        if bad and self.cfg.on_error == "fail":
-            return None, skipped + len(bad), describe(bad[0])
-        return batch, skipped + len(bad), None
+        assert self.decoder.device is not None and isinstance(dataset, StoreBatches)
+        skipped: deque[int] = deque()
+        failed: list[tuple[dict | None, int, str | None]] = []
+
+        def batches() -> Iterator[tuple[dict, BatchSpec]]:
+            for batch, n, failure in items:
+                if failure:
+                    failed.append((batch, n, failure))
+                    return
+                assert batch is not None  # a batch is missing only with a failure
+                skipped.append(n)
+                yield batch, dataset.spec_at(self._epoch)
+
+        for batch, bad in self.decoder.device(batches(), self.device):
+            n = skipped.popleft() + len(bad)
+            if bad and self.cfg.on_error == "fail":
+                yield None, n, describe(bad[0])
+                return
+            yield batch, n, None
+        yield from failed
 
 
 LIVE: weakref.WeakSet[Loader] = weakref.WeakSet()

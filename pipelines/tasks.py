@@ -8,7 +8,7 @@ task to move). Adding a task is one entry here and its `Task` in training/tasks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -21,16 +21,23 @@ from pipelines.config import AugmentConfig
 from pipelines.store import BadSample
 
 Batch = dict[str, torch.Tensor | list[torch.Tensor]]
-DeviceFn = Callable[[dict, BatchSpec, torch.device], tuple[Batch, list[BadSample]]]
+BatchDeviceFn = Callable[[dict, BatchSpec, torch.device], tuple[Batch, list[BadSample]]]
+# (worker batches with their specs, device) -> each batch on the device with its bad samples, in order
+DeviceFn = Callable[[Iterable[tuple[dict, BatchSpec]], torch.device], Iterator[tuple[Batch, list[BadSample]]]]
+
+
+def each(fn: BatchDeviceFn) -> DeviceFn:
+    """A device half that takes one batch at a time, over the stream of them."""
+    return lambda batches, device: (fn(batch, spec, device) for batch, spec in batches)
 
 
 @dataclass(frozen=True)
 class Decoder:
     """One `data.decode` mode of a task: the batch function the workers run and, where the pixels are decoded
-    in the training process, what it runs on each worker batch (one batch ahead, in a thread of its own)."""
+    in the training process, what it runs over the worker batches (ahead of the step, in a thread of its own)."""
 
     worker: BatchFn
-    device: DeviceFn | None = None  # (worker batch, its spec, device) -> (batch on the device, bad samples)
+    device: DeviceFn | None = None
 
 
 @dataclass(frozen=True)
@@ -79,17 +86,17 @@ TASKS: dict[str, TaskData] = {
     "classify": TaskData(
         layouts=("imagefolder",),
         transforms=lambda train, size, aug: [(presets.classify_train if train else presets.classify_eval)(size, aug)],
-        decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, gpu.device_batch),
-                  "hw": Decoder(gpu.worker_batch, hw.device_batch),
-                  "dali": Decoder(gpu.worker_batch, dali.device_batch)},
+        decoders={"cpu": Decoder(classify_batch), "gpu": Decoder(gpu.worker_batch, each(gpu.device_batch)),
+                  "hw": Decoder(gpu.worker_batch, each(hw.device_batch)),
+                  "dali": Decoder(gpu.worker_batch, dali.device_batches)},
         images="image",
         cpu_only=lambda aug: f"data.augment.color_jitter={aug.color_jitter}" if aug.color_jitter else None,
     ),
     "dino": TaskData(
         layouts=("imagefolder", "unlabeled", "yolo"),
         transforms=lambda train, size, aug: presets.dino_views(size, aug),
-        decoders={"cpu": Decoder(dino_batch), "gpu": Decoder(gpu.dino_worker_batch, gpu.dino_device_batch),
-                  "hw": Decoder(gpu.dino_worker_batch, hw.dino_device_batch)},
+        decoders={"cpu": Decoder(dino_batch), "gpu": Decoder(gpu.dino_worker_batch, each(gpu.dino_device_batch)),
+                  "hw": Decoder(gpu.dino_worker_batch, each(hw.dino_device_batch))},
         images="crops",
     ),
     "detect": TaskData(

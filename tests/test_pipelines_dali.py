@@ -94,9 +94,9 @@ def test_dali_crops_real_worker_batches_as_gpu_mode_does(store, size):
     bilinear, and 0.44 (1.5 at most) shrinking to 32, where the filters differ (DALI's linear antialias: 0.95,
     3.3); flips applied (a crop against its mirror image differs by tens of levels)."""
     flips, diffs = 0, []
-    for batch, spec in worker_batches(store, size):
+    batches = list(worker_batches(store, size))
+    for (batch, spec), (got, bad) in zip(batches, dali.device_batches(batches, CPU), strict=True):  # 2 in flight
         want, _ = gpu.device_batch(batch, spec, CPU)
-        got, bad = dali.device_batch(batch, spec, CPU)
         assert bad == [] and got["image"].shape == want["image"].shape == (len(batch["keys"]), 3, size, size)
         assert got["image"].dtype == torch.float32 and torch.equal(got["label"], want["label"])
         per_image = (got["image"] - want["image"]).abs().mean((1, 2, 3))
@@ -119,7 +119,8 @@ def exif_jpeg(pixels: np.ndarray, orientation: int) -> bytes:
 @needs_dali
 def test_dali_orients_as_the_boxes_were_drawn_and_counts_what_it_could_not_decode(capsys):
     """Every EXIF orientation, a PNG (decoded by DALI too) and, in another batch, a sample no decoder reads (the
-    batch goes to the CPU path: the sample is a BadSample, the rest as gpu mode gives them)."""
+    batch goes to the CPU path: the sample is a BadSample, the rest as gpu mode gives them; the batch in flight
+    behind it comes out of a new pipeline as the first did)."""
     pixels = np.asarray(Image.open(photo_paths()[0]).convert("RGB").resize((72, 48)))
     raws = [RawSample("s", f"o{o}", "jpg", exif_jpeg(pixels, o), {"cls": o}) for o in range(1, 9)]
     png = io.BytesIO()
@@ -131,19 +132,20 @@ def test_dali_orients_as_the_boxes_were_drawn_and_counts_what_it_could_not_decod
     assert bad == [] and batch["orientation"].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 1]
     want, _ = gpu.device_batch(batch, spec, CPU)
     dali.FALLBACKS.clear()
-    got, bad = dali.device_batch(batch, spec, CPU)
+    ((got, bad),) = dali.device_batches([(batch, spec)], CPU)
     per_image = (got["image"] - want["image"]).abs().mean((1, 2, 3))
     assert bad == [] and (per_image < 1.0).all(), per_image  # measured 0.10-0.56; a wrong orientation: tens
     assert 0 < int(batch["flip"].sum()) < len(raws)
     assert dali.FALLBACKS == {"png is not a JPEG (decoded by DALI off the hardware decoder)": 1}
 
-    garbage = RawSample("s", "bad", "jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, {"cls": 0})
-    batch, bad = gpu.worker_batch([raws[0], garbage, raws[5]], [1, 2, 3], spec)
-    if bad:  # its header alone is refused in the worker: the worker's BadSample, as in every mode
-        return
-    got, bad = dali.device_batch(batch, spec, CPU)
-    want, _ = gpu.device_batch(batch, spec, CPU, decode=dali.decode_on_cpu)
-    assert [b.key for b in bad] == ["bad"] and torch.equal(got["image"], want["image"])
+    whole = exif_jpeg(pixels, 1)
+    cut = whole[:whole.index(b"\xff\xda") + 20]  # its header whole (the worker takes it), its scan cut short
+    broken, bad = gpu.worker_batch([raws[0], RawSample("s", "bad", "jpg", cut, {"cls": 0}), raws[5]], [1, 2, 3], spec)
+    assert bad == []
+    (first, _), (fell_back, bad), (after, _) = dali.device_batches([(batch, spec), (broken, spec), (batch, spec)], CPU)
+    want, _ = gpu.device_batch(broken, spec, CPU, decode=dali.decode_on_cpu)
+    assert [b.key for b in bad] == ["bad"] and torch.equal(fell_back["image"], want["image"])
+    assert torch.equal(first["image"], got["image"]) and torch.equal(after["image"], got["image"])
     assert dali.FALLBACKS["in a batch DALI could not decode (decoded on the CPU)"] == 3
     assert "data.decode=dali: 1 image(s) off DALI's JPEG path" in capsys.readouterr().out
 
