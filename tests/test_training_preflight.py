@@ -184,22 +184,6 @@ def test_run_dir_whose_checkpoint_holds_another_model(stores, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 4
 
 
-def test_resuming_with_another_batch_is_one_line(stores, tmp_path):
-    # before, the run went on: its lr schedule, rebuilt over the new batch's steps, stopped part way (a cosine
-    # planned over 102 steps ended at step 57, its lr far above min_lr)
-    config = write(tmp_path, stores["both"])
-    cfg = load_config(config)
-    model = build_model(cfg.model, num_classes=6, cache_dir=tmp_path)
-    state = {"model": model.state_dict(), "step": 4, "epoch": 1, "config": to_dict(cfg),
-             "classes": [f"c{i}" for i in range(6)]}
-    ckpt = checkpoint.save(run_dir(cfg) / "checkpoints", state, keep=2)
-    assert refused(config, "data.batch_size=4") == (
-        f"run dir {run_dir(cfg)}: checkpoint {ckpt} was trained with data.batch_size=8, this config has 4: a resumed "
-        "run keeps the batch its steps and lr schedule were counted in; set it back, or give the run another name")
-    assert "train.accum_steps=1, this config has 2" in refused(config, "train.accum_steps=2")
-    preflight(load_config(config, ["train.epochs=9"]))  # more epochs, the nightly flow's change: resumed
-
-
 def test_a_worker_started_without_launch_names_the_other_model_in_one_line(stores, tmp_path):
     """`python -m training` (no checks before it) meets the other model's checkpoint when it loads it."""
     resnet18_checkpoint(tmp_path, stores["both"])

@@ -457,7 +457,9 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
     6 steps an epoch): the rest of epoch 2 (64 samples) in 4 steps, the cosine going on from 4 of 6 steps at 8 of 12
     and ending at min_lr with the run's 2 epochs. Before, the schedule was rebuilt over 12 steps from step 4 (its lr
     jumped from 7.5e-4 back up to 1.9e-3), the epoch took rank 1's samples again, and the run ended at step 9 of the
-    12 it planned, its lr at 4.4e-4. A run that train.max_steps ends is refused in one line."""
+    12 it planned, its lr at 4.4e-4. Resumed on 1 with train.accum_steps doubled instead, it keeps the global batch
+    32 and the 2-process run's steps (before, another accum_steps was refused). A run that train.max_steps ends is
+    refused in one line."""
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "run.yaml", store, optim={"lr": 3e-3, "warmup_epochs": 0},
                           train={**TWO_PROC, "log_every": 1}, checkpoint={"every_steps": 1, "keep": 10})
@@ -469,13 +471,18 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
             path.unlink()
 
     # A run that train.max_steps ends counts its length and schedule in optimizer steps, whose batch would change.
-    # It resumes a copy of the killed run, side by side with the resume below (each is one process).
-    shutil.copytree(runs, tmp_path / "capped-runs")
+    # It resumes a copy of the killed run, and another copy keeps the global batch with twice the accumulation
+    # (through the CLI, whose checks before torchrun refused it before), side by side with the resume below (each
+    # is one process).
+    for copy in ("capped-runs", "kept-runs"):
+        shutil.copytree(runs, tmp_path / copy)
     capped = write_config(tmp_path / "capped.yaml", store, runs_dir=str(tmp_path / "capped-runs"),
                           optim={"lr": 3e-3, "warmup_epochs": 0},
                           train={**TWO_PROC, "log_every": 1, "max_steps": 5}, checkpoint={"every_steps": 1, "keep": 10})
-    refused = start(capped, torchrun=False)
-    resumed = start(config, torchrun=False)
+    kept = write_config(tmp_path / "kept.yaml", store, runs_dir=str(tmp_path / "kept-runs"),
+                        optim={"lr": 3e-3, "warmup_epochs": 0},
+                        train={**TWO_PROC, "log_every": 1, "accum_steps": 4}, checkpoint={"every_steps": 1, "keep": 10})
+    refused, resumed, kept_batch = start(capped, torchrun=False), start(config, torchrun=False), start(kept)
     code, out = finish(refused)
     assert code == 2 and out.strip().splitlines()[-1] == (
         "error: train.max_steps 5 ends this run, and counts optimizer steps of 32 samples on 2 process(es) but of 16 "
@@ -491,3 +498,15 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
     assert lrs == {5: 4.39e-4, 6: 2.01e-4, 7: 5.11e-5, 8: 0.0}
     assert [(int(r["epoch"]), int(r["step"])) for r in results(runs)] == [(1, 3), (2, 8)]
     assert float(results(runs)[-1]["lr"]) == 0.0 and final_state(runs)["step"] == 8
+
+    code, out = finish(kept_batch)
+    assert code == 0, out[-3000:]
+    assert ("resumed on 1 process(es) from 2 (train.accum_steps 2 -> 4): global batch 32 -> 32, steps an epoch 3 -> "
+            "3, lr 0.003; epoch 2 goes on with its 64 samples not yet trained; the lr schedule goes on from the same "
+            "point of the data: its step 4 of 6 on 2 is step 4 of 6 on 1 (67% done); random streams restart from the "
+            "seed") in out, out[-3000:]
+    lrs = {int(m[0]): float(m[1]) for m in re.findall(r"step (\d+) epoch 2 loss \S+ lr (\S+)", out)}
+    assert lrs == {5: 2.01e-4, 6: 0.0}  # the 2-process run's: 5/6 and 6/6 of its steps
+    kept_runs = tmp_path / "kept-runs"
+    assert [(int(r["epoch"]), int(r["step"])) for r in results(kept_runs)] == [(1, 3), (2, 6)]
+    assert final_state(kept_runs)["step"] == 6

@@ -178,22 +178,6 @@ def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
     if other is not None:
         raise TrainError(f"{where}: checkpoint {path} holds another model ({other}): give the run another name, "
                          "or move its run dir away")
-    batch = changed_batch(ckpt["config"], cfg)
-    if batch is not None:
-        raise TrainError(f"{where}: checkpoint {path} was trained with {batch}: a resumed run keeps the batch its "
-                         "steps and lr schedule were counted in; set it back, or give the run another name")
-
-
-def changed_batch(stored: dict, cfg: RunConfig) -> str | None:
-    """How the checkpoint's per-process batch differs from this config's ("data.batch_size=8, this config has
-    4"), or None. A resumed run's schedule is rebuilt over this config's steps per epoch while its step count
-    is the old run's: with another batch the cosine would stop part way (or run past its end)."""
-    given = to_dict(cfg)
-    for section, key in (("data", "batch_size"), ("train", "accum_steps")):
-        old, new = stored.get(section, {}).get(key), given[section][key]
-        if old is not None and old != new:
-            return f"{section}.{key}={old}, this config has {new}"
-    return None
 
 
 def another_model(ckpt: dict, cfg: RunConfig, classes: list[str]) -> str | None:

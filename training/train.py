@@ -121,7 +121,7 @@ class Trainer:
         self.progress = Progress()
         self.stored_results: list[dict] | None = None  # the resumed checkpoint's results.csv rows
         self.stored_events: dict[str, bytes] | None = None  # and its TensorBoard event files
-        self.layout_change: str | None = None  # a resume on another process count: what that changed, in one line
+        self.layout_change: str | None = None  # a resume on another process count or batch: what changed, in one line
         self.source = dist.broadcast(world, str(resume.fetch(cfg) or "") if world.is_main else None)
         if self.source:
             self.load_state_dict(load_on_node(cfg, world, self.source))
@@ -329,6 +329,8 @@ class Trainer:
         if self.ema is not None and ckpt["ema"] is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
         old_world = ckpt.get("world_size", world.size)
+        old_layout = (old_world, ckpt["loader"].get("batch_size", cfg.data.batch_size),
+                      ckpt["config"]["train"].get("accum_steps", cfg.train.accum_steps))
         self.train_loader.load_state_dict({"world_size": old_world, **ckpt["loader"]})
         progress = {"step": ckpt["step"], **ckpt["progress"]}
         progress.pop("batch", None)  # checkpoints before the loader's own state kept its batch here too
@@ -339,29 +341,37 @@ class Trainer:
             checkpoint.set_rng_state(ckpt["rng"][world.rank])  # generator)
         else:
             self.progress.epoch_batches *= old_world / world.size  # the epoch's loss so far, in this count's batches
-            self.layout_change = self.layout_change_line(ckpt, old_world)
+        if old_layout != (world.size, cfg.data.batch_size, cfg.train.accum_steps):
+            self.layout_change = self.layout_change_line(ckpt, *old_layout)
         if world.is_main and ckpt["config"] != to_dict(cfg):
             diff = ", ".join(diff_keys(ckpt["config"], to_dict(cfg)))
             print(f"warning: config differs from the checkpoint's: {diff}")
 
-    def layout_change_line(self, ckpt: dict, old_world: int) -> str:
-        """What a resume on another process count changes, in one line: the global batch, the steps an epoch, the
-        lr (under optim.lr_base_batch), the rest of the epoch, the schedule's place, the random streams. A run that
-        train.max_steps ends is refused: its length and schedule count optimizer steps, whose batch would change."""
+    def layout_change_line(self, ckpt: dict, old_world: int, old_batch: int, old_accum: int) -> str:
+        """What a resume on another process count, data.batch_size or train.accum_steps changes, in one line: the
+        global batch, the steps an epoch, the lr (under optim.lr_base_batch), the rest of the epoch, the schedule's
+        place, the random streams. A run that train.max_steps ends is refused: its length and schedule count
+        optimizer steps, whose batch would change."""
         cfg, loader, world = self.cfg, self.train_loader, self.world
-        old_batch = ckpt["loader"].get("batch_size", cfg.data.batch_size)
-        old_global = old_batch * old_world * cfg.train.accum_steps
-        old_plan = dataclasses.replace(self.plan, batches_per_epoch=loader.num_samples // (old_world * old_batch))
+        old_global = old_batch * old_world * old_accum
+        old_plan = dataclasses.replace(self.plan, batches_per_epoch=loader.num_samples // (old_world * old_batch),
+                                       accum_steps=old_accum)
+        settings = [(key, old, new) for key, old, new in (("data.batch_size", old_batch, cfg.data.batch_size),
+                                                          ("train.accum_steps", old_accum, cfg.train.accum_steps))
+                    if old != new]
         if old_plan.by_steps or self.plan.by_steps:
+            back = "".join(f" with {key} {old}" for key, old, _ in settings)
             raise TrainError(f"train.max_steps {cfg.train.max_steps} ends this run, and counts optimizer steps of "
                              f"{old_global} samples on {old_world} process(es) but of {self.global_batch} on "
                              f"{world.size}: its length and lr schedule would not go on where they were; resume it on "
-                             f"{old_world} process(es)")
+                             f"{old_world} process(es){back}")
         old_at = (old_plan.step_at(ckpt["loader"]["epoch"], ckpt["loader"]["batch"])
                   - schedule_origin(cfg.optim, old_plan))
         old_lr, lr = scaled_lr(cfg.optim, old_global), scaled_lr(cfg.optim, self.global_batch)
         at, total = self.lr_step(self.schedule_step()), schedule_steps(cfg.optim, self.plan)
-        parts = [f"resumed on {world.size} process(es) from {old_world}: global batch {old_global} -> "
+        changed = ", ".join(f"{key} {old} -> {new}" for key, old, new in settings)
+        head = f"resumed on {world.size} process(es) from {old_world}" + (f" ({changed})" if changed else "")
+        parts = [f"{head}: global batch {old_global} -> "
                  f"{self.global_batch}, steps an epoch {old_plan.steps_in(loader.epoch)} -> "
                  f"{self.plan.steps_in(loader.epoch)}, "
                  + (f"lr {old_lr:g} -> {lr:g} (optim.lr_base_batch {cfg.optim.lr_base_batch})" if lr != old_lr
@@ -373,7 +383,9 @@ class Trainer:
         parts.append(f"the lr schedule goes on from the same point of the data: its step {old_at} of "
                      f"{schedule_steps(cfg.optim, old_plan)} on {old_world} is step {at} of {total} on {world.size} "
                      f"({at / total:.0%} done)")
-        return "; ".join([*parts, "random streams restart from the seed"])
+        if old_world != world.size:  # each rank's streams are in the checkpoint: restored on the same count
+            parts.append("random streams restart from the seed")
+        return "; ".join(parts)
 
     def save(self, best_info: dict | None = None) -> None:
         """A checkpoint in the background (best.pt too, with `best_info`), then to storage. Collective."""
