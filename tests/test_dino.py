@@ -185,6 +185,35 @@ def test_one_step_teacher_follows_the_ema_of_the_student(store):
     assert wds == pytest.approx([0.0, cosine(0.04, 0.4, 1, plan.total_steps)])
 
 
+def test_a_night_runs_the_teacher_momentum_and_weight_decay_cosines_again_with_its_lr(store):
+    """With optim.schedule_start_epoch (the nightly flow sets it each night), DINO's momentum and weight-decay
+    cosines span the night's steps, as its lr does: night 2's first step moves the teacher at 0.996 again. Before,
+    they spanned all nights, so night 2's steps took the last half of them (0.998 on), night n's the last 1/n."""
+    torch.manual_seed(0)
+    cfg = config(store, optim={"lr": 1e-3, "weight_decay": 0.04, "schedule_start_epoch": 1}, train={"epochs": 2})
+    task = DinoTask(cfg, [], ONE, Path("unused"))
+    model = task.build_model()
+    optimizer = build_optimizer(cfg.optim, model, cfg.optim.lr)
+    loader = build_loader(cfg.data, "train", train=True, task="dino", rank=0, world_size=1, seed=1, device=CPU)
+    plan = StepPlan(len(loader), 1, 0, 2, None)
+    night = plan.steps_in(1)
+    task.start(optimizer, plan, plan.steps_in(0))  # night 2 begins: night 1's steps done
+    assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == pytest.approx([0.0, 0.04])
+
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)  # the student moved away from its teacher copy
+    teacher_before = {k: v.clone() for k, v in model.teacher.module.state_dict().items()}
+    task.after_step(model, plan.steps_in(0) + 1)  # the night's first optimizer step
+    student = model.student.state_dict()
+    for key, old in teacher_before.items():
+        assert torch.allclose(model.teacher.module.state_dict()[key], 0.996 * old + 0.004 * student[key]), key
+    wds = sorted({g["weight_decay"] for g in optimizer.param_groups})
+    assert wds == pytest.approx([0.0, cosine(0.04, 0.4, 1, night)])
+    task.after_step(model, plan.total_steps)  # the night's last step ends both cosines
+    assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == pytest.approx([0.0, 0.4])
+
+
 def test_a_training_step_reads_nothing_back_from_the_device(store):
     """On the meta device any read of a device value raises (.item(), a tensor in an `if`, a boolean-mask index):
     the loss, the centre, KoLeo, clipping, the optimizer, the frozen prototypes, the teacher's EMA and the schedules

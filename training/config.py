@@ -177,10 +177,10 @@ class DinoConfig(Section):
         "global batch.")
     momentum_teacher: float = Field(
         default=0.996, ge=0, le=1, description="Teacher EMA momentum at the start, to 1 along a cosine over the "
-        "run's steps.")
+        "lr schedule's steps (from `optim.schedule_start_epoch`: each night of the nightly flow again).")
     weight_decay_end: float | None = Field(
-        default=0.4, ge=0, description="Weight decay goes from `optim.weight_decay` to this along a cosine; null = "
-        "constant.")
+        default=0.4, ge=0, description="Weight decay goes from `optim.weight_decay` to this along a cosine over the "
+        "lr schedule's steps; null = constant.")
     freeze_last_layer: float = Field(
         default=1.0, ge=0, description="Epochs the prototype layer is not updated (its gradient dropped: no "
         "update, no decay, no optimizer state).")

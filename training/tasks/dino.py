@@ -25,7 +25,7 @@ from training import knn
 from training.config import DinoConfig, RunConfig, TrainError
 from training.dist import World, sum_tensor
 from training.model import build_model
-from training.optim import StepPlan
+from training.optim import StepPlan, schedule_origin, schedule_steps
 from training.preflight import knn_store
 from training.tasks.base import Task
 
@@ -196,8 +196,16 @@ class DinoTask(Task):
 
     def after_step(self, model: nn.Module, step: int) -> None:
         assert self.plan is not None
-        cast(DinoModel, model).update_teacher(cosine(self.dino.momentum_teacher, 1.0, step - 1, self.plan.total_steps))
+        cast(DinoModel, model).update_teacher(self.cosine_at(self.dino.momentum_teacher, 1.0, step - 1))
         self.set_step(step)
+
+    def cosine_at(self, start: float, end: float, step: int) -> float:
+        """`cosine` over the lr schedule's steps (from optim.schedule_start_epoch), `step` counted from the run's
+        start: each night of the nightly flow runs the teacher's momentum and the weight decay again with its lr,
+        rather than the last sliver of a cosine over all nights, where the teacher barely moves."""
+        assert self.plan is not None
+        origin = schedule_origin(self.cfg.optim, self.plan)
+        return cosine(start, end, step - origin, schedule_steps(self.cfg.optim, self.plan))
 
     def set_step(self, step: int) -> None:
         """The schedules for the next optimizer step, `step` steps done."""
@@ -205,7 +213,7 @@ class DinoTask(Task):
         self.step = step
         end = self.dino.weight_decay_end
         if end is not None:
-            wd = cosine(self.cfg.optim.weight_decay, end, step, self.plan.total_steps)
+            wd = self.cosine_at(self.cfg.optim.weight_decay, end, step)
             for group in self.optimizer.param_groups:
                 if group["weight_decay"] > 0:  # the no-decay groups (biases, norms) stay at 0
                     group["weight_decay"] = wd
