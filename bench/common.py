@@ -49,24 +49,18 @@ def train_loader_rate(cfg, task: str, count: int) -> float:  # noqa: ANN001 (a p
 
 def profile_steps(step: Callable[[], object], steps: int = 5, top: int = 25) -> None:
     """Where `steps` calls of `step` spend the GPU's time: the share of the wall clock with a kernel or copy
-    running, and the `top` kernels by time, printed (each line starts with two spaces)."""
-    from torch.autograd import DeviceType
+    running, and the `top` kernels by time, printed (each kernel's line starts with two spaces)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from training.profiling import summary
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t) * 1e6
-    # the device's own events (kernels, copies): the ops that launched them carry the same time again
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-    busy = sum(e.self_device_time_total for e in kernels)
-    print(f"profile: {steps} steps, {wall_us / steps / 1e3:.1f} ms a step, GPU busy {busy / wall_us:.0%} "
-          f"({sum(e.count for e in kernels) // steps} kernels and copies a step); the top kernels:")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"  {e.self_device_time_total / busy:6.1%} {e.self_device_time_total / steps / 1e3:7.2f} ms "
-              f"x{e.count // steps:<4d} {e.key[:110]}")
+        wall = time.perf_counter() - t
+    print("\n".join(summary(prof, steps, wall, top)))
 
 
 def machine() -> dict:

@@ -162,7 +162,8 @@ def loader_rate(store: str, decode: str, batch: int, workers: int, batches: int 
 
 
 def run_config(name: str, store: str, model: str, decode: str, batch: int, workers: int, steps: int,
-               compile: bool, runs: Path, every_steps: int, storage: str | None, compile_mode: str = "default") -> dict:
+               compile: bool, runs: Path, every_steps: int, storage: str | None, compile_mode: str = "default",
+               profile_at: int | None = None) -> dict:
     return {
         "name": name,
         "runs_dir": str(runs),
@@ -173,7 +174,7 @@ def run_config(name: str, store: str, model: str, decode: str, batch: int, worke
         "model": {"name": model},
         "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.05},
         "train": {"epochs": 1000, "max_steps": steps, "amp": "bf16", "compile": compile, "compile_mode": compile_mode,
-                  "log_every": 10},
+                  "log_every": 10, "profile": None if profile_at is None else [profile_at, 5]},
         "checkpoint": {"every_steps": every_steps, "keep": 2, "storage": storage},
         "eval": {"every_epochs": 1000},
         "resume": "never",
@@ -268,6 +269,9 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile's mode for the ceiling, DALI's step and the runs (train.compile_mode)")
+    p.add_argument("--profile-at", type=int, default=None, metavar="STEP",
+                   help="each end-to-end run profiles its optimizer steps STEP..STEP+4 (train.profile): where the "
+                   "step's time goes beside its input path, in its log lines")
     p.add_argument("--scaling", default=None, help="comma-separated GPU counts for the DDP scaling runs")
     p.add_argument("--checkpoint", action="store_true", help="also measure checkpoint stall and resume time")
     args = p.parse_args()
@@ -331,7 +335,7 @@ def main() -> None:
                                                       args.warmup_steps, args.steps - args.warmup_steps)
                 else:
                     cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, args.steps, compile,
-                                     runs, 10**9, None, args.compile_mode)
+                                     runs, 10**9, None, args.compile_mode, args.profile_at)
                     lines, _ = launch(cfg, runs)
                     rate, wait = steady_rate(lines, args.warmup_steps)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))

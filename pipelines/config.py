@@ -51,9 +51,11 @@ def numbers_wanted(field: FieldInfo) -> str:
     """What a numeric field takes, in words: 'a number in [0, 1)', 'a whole number >= 1', 'a list of 3 numbers'."""
     found = kinds(field.annotation)
     number = "whole number" if int in found else "number"
-    if get_origin(field.annotation) is tuple:
-        args = get_args(field.annotation)
-        return f"a list of {'' if Ellipsis in args else f'{len(args)} '}{number}s"
+    null = ", or null" if type(None) in found else ""
+    tuples = [kind for kind in found if get_origin(kind) is tuple]
+    if tuples:
+        args = get_args(tuples[0])
+        return f"a list of {'' if Ellipsis in args else f'{len(args)} '}{number}s{null}"
     bound = {name: getattr(m, name) for m in field.metadata for name in ("gt", "ge", "lt", "le")
              if getattr(m, name, None) is not None}
     low = f"[{bound['ge']:g}" if "ge" in bound else f"({bound['gt']:g}" if "gt" in bound else ""
@@ -63,7 +65,7 @@ def numbers_wanted(field: FieldInfo) -> str:
     else:
         where = "".join(f" {op} {bound[name]:g}" for name, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
                         if name in bound)
-    return f"a {number}{where}" + (", or null" if type(None) in found else "")
+    return f"a {number}{where}{null}"
 
 
 class AugmentConfig(Section):

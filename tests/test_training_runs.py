@@ -250,6 +250,19 @@ def test_corrupt_samples_are_counted_or_stop_the_run(store, tmp_path, on_error):
         assert re.search(r"error: corrupt data in shard train-\d+\.tar", out), out[-2000:]
 
 
+def test_train_profile_writes_a_trace_and_logs_where_its_steps_went(store, tmp_path):
+    config = write_config(tmp_path / "run.yaml", store, train={"max_steps": 4, "profile": [2, 2]})
+    code, out = finish(start(config, torchrun=False))
+    assert code == 0, out[-3000:]
+    trace = tmp_path / "runs" / "t" / "profile" / "rank0-steps2-3.json"
+    assert f"profiled steps 2-3: trace {trace}" in out
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {"aten::convolution", "Optimizer.step#AdamW.step"} <= names, sorted(map(str, names))[:50]
+    summary = re.search(r"profile: 2 steps, ([\d.]+) ms a step \(no GPU kernels\); the top CPU ops:\n((?:  .*\n)+)",
+                        out)
+    assert summary and float(summary[1]) > 0 and len(summary[2].splitlines()) == 10, out[-3000:]
+
+
 def test_a_ranks_error_line_through_torchrun_is_the_last_line_with_its_exit_code(store, tmp_path):
     """A mistake only a rank finds (here: a batch larger than the split) ends `shardtrain train` with that rank's
     one line and exit code 2: no log line of torchrun's about the failed process, no summary after it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import pydantic
 import yaml
@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pipelines import DataConfig, Section
 from shards.layouts import yaml_problem
 from training.tasks import TASKS
+
+Step = Annotated[int, Field(ge=1)]  # an optimizer step's number, counted from 1
 
 
 class TrainError(Exception):
@@ -109,6 +111,10 @@ class TrainConfig(Section):
     deterministic: bool = Field(
         default=False, description="`torch.use_deterministic_algorithms`: a resume bitwise equal to an "
         "uninterrupted run (on GPUs at some speed cost).")
+    profile: tuple[Step, Step] | None = Field(
+        default=None, description="[first, count]: torch.profiler over optimizer steps first .. first + count - 1 "
+        "(first >= 1): a Chrome trace per process in the run dir's profile/, and in the log the time a step, the "
+        "GPU's busy share and the top kernels; null = off.")
     cudnn_benchmark: bool = Field(
         default=True, description="cuDNN times its convolution algorithms on the first batch of each input shape "
         "and keeps the fastest (as timm's train.py does). Off under `deterministic`.")

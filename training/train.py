@@ -35,6 +35,7 @@ from training.optim import (
     warmup_steps,
 )
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, preemption_signals
+from training.profiling import StepProfiler
 from training.progress import Reporter
 from training.storage import Uploader
 from training.tasks import build_task
@@ -141,6 +142,7 @@ class Trainer:
         self.writer = checkpoint.Writer(self.ckpt_dir, cfg.checkpoint.keep)
         self.total_steps = p.step + self.plan.steps_left(p.step, loader.epoch, loader.batch)  # the run's, all told
         self.reporter = Reporter(self.rdir, world, self.total_steps, p.step, cfg.train.log_every)
+        self.profiler = StepProfiler(cfg.train.profile, self.rdir / "profile", world.rank, world.device)
         self.tallied = 0  # this process's train_loader.skipped already in progress.skipped
         self.announce()
 
@@ -172,6 +174,7 @@ class Trainer:
     def train(self) -> RunSummary | None:
         p, loader = self.progress, self.train_loader
         self.optimizer.zero_grad(set_to_none=True)
+        self.profile()
         while not self.done():
             epoch, first, n_batches = loader.epoch, loader.batch, len(loader)
             batches = iter(loader) if first < n_batches else iter(())  # a trained epoch may wait for its eval
@@ -181,6 +184,7 @@ class Trainer:
                     batch = next(batches)
                 if not self.train_step(batch, i, first, n_batches):
                     continue  # a micro-batch: the optimizer steps on its group's last
+                self.profile()
                 if self.vote.poll(self.preemption.requested):
                     self.save()
                     self.finish_preempted()
@@ -252,6 +256,11 @@ class Trainer:
             self.ema.update(self.model, step=p.step)
         self.reporter.step(p.step, current_lr(self.optimizer), grad_norm, log_now)
         return True
+
+    def profile(self) -> None:
+        """train.profile's start or end at this step, and its summary in the log."""
+        for line in self.profiler.after_step(self.progress.step):
+            self.reporter.line(line)
 
     def end_epoch(self, epoch: int) -> None:
         """Evaluate (every eval.every_epochs, and after the last) and save; the loader moves to the next epoch."""
