@@ -5,6 +5,7 @@ mixed (hardware decoder) pipeline against nvJPEG's `gpu` mode through the loader
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 
@@ -165,3 +166,20 @@ def test_dali_on_cuda_matches_nvjpeg_through_the_loader(store):
         assert (a["image"] - b["image"]).abs().mean() < 0.05  # normalised: ~1 of 255, two decoders and filters
         batches += 1
     assert batches == len(ours) and ours.skipped == 0
+
+
+@needs_dali
+def test_dali_batches_larger_than_its_pipeline_or_of_another_size_come_out_in_order(store):
+    """A stream's pipeline holds its first batch's count: a larger batch after it (the first was short of rejected
+    samples), and another crop size, go to another pipeline after the batches in flight; each batch comes out as
+    it does alone."""
+    batches = list(worker_batches(store, 32))
+    (batch, spec), (big, _) = batches[0], batches[1]
+    short = {key: value[:3] if key != "data" else value for key, value in batch.items()}
+    short["data"] = batch["data"][:int(batch["length"][:3].sum())]
+    larger = dataclasses.replace(spec, size=48)
+    stream = [(short, spec), (big, spec), (short, spec), (big, larger)]
+    alone = [next(dali.device_batches([item], CPU))[0]["image"] for item in stream]
+    got = [out["image"] for out, bad in dali.device_batches(stream, CPU)]
+    assert [tuple(g.shape) for g in got] == [(3, 3, 32, 32), (8, 3, 32, 32), (3, 3, 32, 32), (8, 3, 48, 48)]
+    assert all(torch.equal(g, a) for g, a in zip(got, alone, strict=True))
