@@ -471,8 +471,8 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
     and ending at min_lr with the run's 2 epochs. Before, the schedule was rebuilt over 12 steps from step 4 (its lr
     jumped from 7.5e-4 back up to 1.9e-3), the epoch took rank 1's samples again, and the run ended at step 9 of the
     12 it planned, its lr at 4.4e-4. Resumed on 1 with train.accum_steps doubled instead, it keeps the global batch
-    32 and the 2-process run's steps (before, another accum_steps was refused). A run that train.max_steps ends is
-    refused in one line."""
+    32 and the 2-process run's steps, train.max_steps too (before, another accum_steps was refused). A run that
+    train.max_steps ends is refused in one line where the global batch changes."""
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "run.yaml", store, optim={"lr": 3e-3, "warmup_epochs": 0},
                           train={**TWO_PROC, "log_every": 1}, checkpoint={"every_steps": 1, "keep": 10})
@@ -494,7 +494,8 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
                           train={**TWO_PROC, "log_every": 1, "max_steps": 5}, checkpoint={"every_steps": 1, "keep": 10})
     kept = write_config(tmp_path / "kept.yaml", store, runs_dir=str(tmp_path / "kept-runs"),
                         optim={"lr": 3e-3, "warmup_epochs": 0},
-                        train={**TWO_PROC, "log_every": 1, "accum_steps": 4}, checkpoint={"every_steps": 1, "keep": 10})
+                        train={**TWO_PROC, "log_every": 1, "accum_steps": 4, "max_steps": 5},
+                        checkpoint={"every_steps": 1, "keep": 10})
     refused, resumed, kept_batch = start(capped, torchrun=False), start(config, torchrun=False), start(kept)
     code, out = finish(refused)
     assert code == 2 and out.strip().splitlines()[-1] == (
@@ -516,10 +517,10 @@ def test_a_run_killed_on_two_processes_goes_on_on_one_with_its_epochs_and_lr_sch
     assert code == 0, out[-3000:]
     assert ("resumed on 1 process(es) from 2 (train.accum_steps 2 -> 4): global batch 32 -> 32, steps an epoch 3 -> "
             "3, lr 0.003; epoch 2 goes on with its 64 samples not yet trained; the lr schedule goes on from the same "
-            "point of the data: its step 4 of 6 on 2 is step 4 of 6 on 1 (67% done); random streams restart from the "
+            "point of the data: its step 4 of 5 on 2 is step 4 of 5 on 1 (80% done); random streams restart from the "
             "seed") in out, out[-3000:]
     lrs = {int(m[0]): float(m[1]) for m in re.findall(r"step (\d+) epoch 2 loss \S+ lr (\S+)", out)}
-    assert lrs == {5: 2.01e-4, 6: 0.0}  # the 2-process run's: 5/6 and 6/6 of its steps
+    assert lrs == {5: 0.0}  # the 2-process run's step 5 of its 5 (train.max_steps)
     kept_runs = tmp_path / "kept-runs"
-    assert [(int(r["epoch"]), int(r["step"])) for r in results(kept_runs)] == [(1, 3), (2, 6)]
-    assert final_state(kept_runs)["step"] == 6
+    assert [(int(r["epoch"]), int(r["step"])) for r in results(kept_runs)] == [(1, 3), (1, 5)]
+    assert final_state(kept_runs)["step"] == 5

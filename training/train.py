@@ -359,8 +359,8 @@ class Trainer:
     def layout_change_line(self, ckpt: dict, old_world: int, old_batch: int, old_accum: int) -> str:
         """What a resume on another process count, data.batch_size or train.accum_steps changes, in one line: the
         global batch, the steps an epoch, the lr (under optim.lr_base_batch), the rest of the epoch, the schedule's
-        place, the random streams. A run that train.max_steps ends is refused: its length and schedule count
-        optimizer steps, whose batch would change."""
+        place, the random streams. A run that train.max_steps ends is refused where the global batch changes: its
+        length and schedule count optimizer steps."""
         cfg, loader, world = self.cfg, self.train_loader, self.world
         old_global = old_batch * old_world * old_accum
         old_plan = dataclasses.replace(self.plan, batches_per_epoch=loader.num_samples // (old_world * old_batch),
@@ -368,7 +368,7 @@ class Trainer:
         settings = [(key, old, new) for key, old, new in (("data.batch_size", old_batch, cfg.data.batch_size),
                                                           ("train.accum_steps", old_accum, cfg.train.accum_steps))
                     if old != new]
-        if old_plan.by_steps or self.plan.by_steps:
+        if (old_plan.by_steps or self.plan.by_steps) and old_global != self.global_batch:
             back = "".join(f" with {key} {old}" for key, old, _ in settings)
             raise TrainError(f"train.max_steps {cfg.train.max_steps} ends this run, and counts optimizer steps of "
                              f"{old_global} samples on {old_world} process(es) but of {self.global_batch} on "
