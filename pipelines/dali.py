@@ -56,16 +56,7 @@ FALLBACKS: Counter[str] = Counter()  # images of this process not decoded by DAL
 @functools.cache
 def unavailable(device: torch.device) -> str | None:
     """Why data.decode=dali cannot run on `device`, or None where it can."""
-    if device.type != "cuda":
-        return f"no CUDA GPU (the device is {device.type})"
-    try:
-        import nvidia.dali  # noqa: F401
-        from nvidia.dali.plugin import pytorch  # noqa: F401
-    except ImportError:
-        return "NVIDIA DALI is not installed (pip install 'shardtrain[dali]')"
-    except Exception as e:  # a wheel for another CUDA major fails to load its libraries
-        return f"NVIDIA DALI does not load: {type(e).__name__}: {e}"
-    return None
+    return hw.extra_missing(device, "nvidia.dali.plugin.pytorch", "NVIDIA DALI", "dali")
 
 
 def describe(device: torch.device) -> str:

@@ -17,6 +17,7 @@ sample (skipped and counted, or the run's error, by `data.on_error`).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -37,14 +38,10 @@ def unavailable(device: torch.device) -> str | None:
     """Why the hardware decoder cannot decode on `device`, or None where it can: nvImageCodec imports and
     decodes a small JPEG with its HW_GPU_ONLY backend (GPUs without the engines return no image). Probed once
     per device and process."""
-    if device.type != "cuda":
-        return f"no CUDA GPU (the device is {device.type})"
-    try:
-        from nvidia import nvimgcodec
-    except ImportError:
-        return "nvImageCodec is not installed (pip install 'shardtrain[gpu]')"
-    except Exception as e:  # a wheel for another CUDA major fails to load its libraries
-        return f"nvImageCodec does not load: {type(e).__name__}: {e}"
+    if why := extra_missing(device, "nvidia.nvimgcodec", "nvImageCodec", "gpu"):
+        return why
+    from nvidia import nvimgcodec
+
     probe = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 64, 3))
     data = cv2.imencode(".jpg", probe)[1].tobytes()
     try:
@@ -53,6 +50,20 @@ def unavailable(device: torch.device) -> str | None:
         return f"nvImageCodec's hardware decoder failed on {torch.cuda.get_device_name(device)}: {e}"
     if image is None:
         return f"{torch.cuda.get_device_name(device)} has no hardware JPEG decoder that nvImageCodec can use"
+    return None
+
+
+def extra_missing(device: torch.device, module: str, name: str, extra: str) -> str | None:
+    """Why an optional extra's GPU decode cannot start on `device`: no CUDA device, or its package `module` not
+    installed or not loading; None where it imports."""
+    if device.type != "cuda":
+        return f"no CUDA GPU (the device is {device.type})"
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"{name} is not installed (pip install 'shardtrain[{extra}]')"
+    except Exception as e:  # a wheel for another CUDA major fails to load its libraries
+        return f"{name} does not load: {type(e).__name__}: {e}"
     return None
 
 
