@@ -49,7 +49,6 @@ from pipelines.store import BadSample
 JPEG_EXTS = ("jpg", "jpeg")
 THREADS = 4  # DALI's CPU threads per pipeline (bench/train_throughput.py sets it from --dali-threads)
 HW_DECODER_LOAD = 0.9  # the share of the JPEGs that DALI's mixed decoder gives the hardware decoder
-STREAM_PRIORITY = -1  # DALI's CUDA streams above the step's (0): its small kernels run between the step's
 FALLBACKS: Counter[str] = Counter()  # images of this process not decoded by DALI's JPEG path, by reason
 
 
@@ -94,9 +93,8 @@ def build(capacity: int, size: int, dev: int | None, threads: int = THREADS, hw_
     from nvidia.dali import fn, pipeline_def, types
 
     decode = {"device": "cpu"} if dev is None else {"device": "mixed", "hw_decoder_load": hw_load}
-    priority = {} if dev is None else {"default_cuda_stream_priority": STREAM_PRIORITY}
 
-    @pipeline_def(batch_size=capacity, num_threads=threads, device_id=dev, prefetch_queue_depth=PREFETCH, **priority)
+    @pipeline_def(batch_size=capacity, num_threads=threads, device_id=dev, prefetch_queue_depth=PREFETCH)
     def crops():
         data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=True)
         start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
