@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,15 @@ def test_cuda_graphs_train_as_the_default_compile_does(store, tmp_path):
     for key, value in default["model"].items():
         if value.is_floating_point():
             assert torch.allclose(graphs["model"][key], value, rtol=1e-3, atol=1e-5), key
+
+
+def test_train_profile_on_a_gpu_says_how_busy_it_was_and_its_busiest_stream(store, tmp_path):
+    """With the decode on the GPU (a stream of its own) the step's stream is not the only one: the busy share counts
+    time any stream runs once, the busiest stream's is at most that (before: kernel time summed over streams, which
+    read 100% for a step whose own stream idled 10%)."""
+    _, out, _ = train_once(tmp_path, store, "data.decode=gpu", "train.profile=[3,3]")
+    summary = re.search(r"profile: 3 steps, [\d.]+ ms a step, GPU busy (\d+)% \(its busiest stream (\d+)%; \d+ "
+                        r"kernels and copies a step\); the top kernels:\n((?:  .*\n)+)", out)
+    assert summary, out[-3000:]
+    anything, busiest = int(summary[1]), int(summary[2])
+    assert 0 < busiest <= anything <= 100 and len(summary[3].splitlines()) == 10, summary[0]

@@ -7,6 +7,7 @@ import torch
 
 from training import metrics
 from training.dist import World
+from training.profiling import covered
 from training.progress import Reporter
 
 LR = 0.0005075000000000002  # what a schedule hands over: printed raw before
@@ -66,3 +67,10 @@ def test_the_plot_of_a_run_with_no_rows_yet_warns_nothing(tmp_path):
         metrics.plot([], tmp_path / "plot.png")
         metrics.plot([{"step": 4, "train_loss": 1.5, "val_loss": 1.2, "val_top1": 40.0}], tmp_path / "plot2.png")
     assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "plot2.png").stat().st_size > 0
+
+
+def test_profiled_kernels_that_overlap_on_two_streams_count_once():
+    # a step's stream busy 0-10 and 12-20; a decode stream's kernel at 8-13 covers part of the gap
+    assert covered([(0, 10), (12, 20), (8, 13)]) == 20
+    assert covered([(5, 6), (0, 10)]) == 10  # one inside another
+    assert covered([(0, 1), (2, 3)]) == 2 and covered([]) == 0

@@ -1,9 +1,9 @@
 """train.profile: torch.profiler over a few optimizer steps of a run, to see where a step's time goes.
 
 Each process writes a Chrome trace (Perfetto and TensorBoard's profiler read it) to the run dir's `profile/`; the
-main process logs the steps' wall time, the share of it the GPU spent running kernels and copies, and the top
-kernels (the top CPU ops on a CPU run). A step the GPU leaves idle waits for the host: for its data, its Python, or
-a sync.
+main process logs the steps' wall time, the share of it the GPU ran kernels or copies on any stream and on its
+busiest one (the step's, where an input pipeline has streams of its own), and the top kernels (the top CPU ops on a
+CPU run). A step whose stream idles waits for the host: for its data, its kernel launches, or a sync.
 """
 
 from __future__ import annotations
@@ -16,17 +16,35 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
+def covered(spans: list[tuple[float, float]]) -> float:
+    """The time at least one of `spans` (start, end) runs: kernels of several streams that overlap count once."""
+    total, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reached:
+            total += end - max(start, reached)
+            reached = end
+    return total
+
+
 def summary(prof: profile, steps: int, wall_s: float, top: int = 10) -> list[str]:
-    """Lines on `steps` steps profiled over `wall_s` seconds: the time a step, the GPU's busy share and the `top`
-    kernels by time (on a CPU run: the top ops by their own CPU time)."""
+    """Lines on `steps` steps profiled over `wall_s` seconds: the time a step, the share of it the GPU ran anything
+    and the share its busiest stream (the step's, beside an input pipeline's) ran, and the `top` kernels by time (on
+    a CPU run: the top ops by their own CPU time)."""
     events = prof.key_averages()
     # the device's own events (kernels, copies): the ops that launched them carry the same time again
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
     wall_us = wall_s * 1e6
     if kernels:
         busy = sum(e.self_device_time_total for e in kernels)
-        head = (f"profile: {steps} steps, {wall_us / steps / 1e3:.1f} ms a step, GPU busy {busy / wall_us:.0%} "
-                f"({sum(e.count for e in kernels) // steps} kernels and copies a step); the top kernels:")
+        streams: dict[int, list[tuple[float, float]]] = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                streams.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
+        anything = covered([span for spans in streams.values() for span in spans])
+        busiest = max(covered(spans) for spans in streams.values())
+        head = (f"profile: {steps} steps, {wall_us / steps / 1e3:.1f} ms a step, GPU busy {anything / wall_us:.0%} "
+                f"(its busiest stream {busiest / wall_us:.0%}; {sum(e.count for e in kernels) // steps} kernels and "
+                "copies a step); the top kernels:")
         rows = [(e.self_device_time_total, e) for e in kernels]
     else:
         busy = sum(e.self_cpu_time_total for e in events)
