@@ -28,6 +28,7 @@ The last line is one JSON object, also appended to bench/results/train_throughpu
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import re
@@ -230,6 +231,14 @@ def steady_rate(lines: list[tuple[float, str]], skip_steps: int) -> tuple[float,
     return statistics.median(rates), statistics.median(waits)
 
 
+def profile_lines(lines: list[tuple[float, str]]) -> list[str]:
+    """train.profile's summary among a run's log lines (--profile-at): its trace, its step, the top kernels."""
+    start = next((i for i, (_, text) in enumerate(lines) if text.startswith("profiled steps")), len(lines))
+    summary = lines[start:start + 2]
+    summary += itertools.takewhile(lambda line: line[1].startswith("  "), lines[start + 2:])
+    return [text for _, text in summary]
+
+
 def checkpoint_costs(lines: list[tuple[float, str]]) -> list[float]:
     """Stall of each checkpoint save, from the loop's own `checkpoint ... stalled X.XXXs` lines."""
     return [float(m.group(1)) for _, text in lines if (m := re.search(r"stalled ([\d.]+)s", text))]
@@ -338,6 +347,7 @@ def main() -> None:
                                      runs, 10**9, None, args.compile_mode, args.profile_at)
                     lines, _ = launch(cfg, runs)
                     rate, wait = steady_rate(lines, args.warmup_steps)
+                    print("\n".join(profile_lines(lines)), flush=True)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))
                 print(
                     f"{name}: {rate:.0f} images/s, {rate / ceil:.3f} of the ceiling, data wait {wait:.0%}", flush=True
