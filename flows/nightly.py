@@ -58,10 +58,14 @@ def ensure_nightly_limit() -> None:
 def continue_from_latest(config: str, overrides: list[str], epochs: int) -> list[str]:
     """Overrides that resume from the newest complete checkpoint and train `epochs` more epochs, over an lr
     schedule of their own: a warm restart (warm-up, then cosine) from the weights, optimizer state and EMA the
-    checkpoint holds."""
+    checkpoint holds. Where that checkpoint's run had epochs left (a night killed mid-way), they finish it on its
+    own schedule instead."""
     latest = training.latest_checkpoint(training.load_config(config, overrides))
     if latest is None:
         return [*overrides, f"train.epochs={epochs}", "optim.schedule_start_epoch=0", "resume=never"]
+    if latest.epochs is not None and latest.epoch < latest.epochs:
+        return [*overrides, f"train.epochs={latest.epochs}",
+                f"optim.schedule_start_epoch={latest.schedule_start_epoch}", f"resume={latest.path}"]
     return [*overrides, f"train.epochs={latest.epoch + epochs}", f"optim.schedule_start_epoch={latest.epoch}",
             f"resume={latest.path}"]
 

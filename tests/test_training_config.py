@@ -196,10 +196,12 @@ def test_local_checkpoints_keep_last_k_and_latest(tmp_path):
     ckpt_dir = run_dir(cfg) / "checkpoints"
     assert latest_checkpoint(cfg) is None
     for step in (2, 4, 6):
-        checkpoint.save(ckpt_dir, {"step": step, "epoch": step // 4, "model": {}}, keep=2)
+        plan = {"train": {"epochs": 3}, "optim": {"schedule_start_epoch": 0}}
+        checkpoint.save(ckpt_dir, {"step": step, "epoch": step // 4, "model": {}, "config": plan}, keep=2)
     (ckpt_dir / checkpoint.step_name(8)).write_bytes(b"partial")  # no marker: never counts
     assert sorted(p.name for p in ckpt_dir.glob("step_*.pt")) == [f"step_0000000{s}.pt" for s in (4, 6, 8)]
-    assert latest_checkpoint(cfg) == CheckpointRef(str(ckpt_dir / "step_00000006.pt"), step=6, epoch=1)
+    assert latest_checkpoint(cfg) == CheckpointRef(str(ckpt_dir / "step_00000006.pt"), step=6, epoch=1, epochs=3,
+                                                   schedule_start_epoch=0)  # the marker holds the run's plan
     assert checkpoint.load(ckpt_dir / "last.pt")["step"] == 6
 
 

@@ -37,6 +37,27 @@ class CheckpointRef:
     epoch: int  # epochs trained and evaluated
     remote: bool = False
     sha256: str | None = None  # from a storage marker: what the downloaded bytes must hash to
+    # the run's plan when it was written (None in markers from before they held it): train.epochs, where it ends,
+    # and optim.schedule_start_epoch, where its lr schedule began
+    epochs: int | None = None
+    schedule_start_epoch: int | None = None
+
+    @classmethod
+    def from_marker(cls, path: str, info: dict, **extra: Any) -> CheckpointRef:
+        return cls(path, int(info["step"]), int(info["epoch"]), epochs=info.get("epochs"),
+                   schedule_start_epoch=info.get("schedule_start_epoch"), **extra)
+
+    def marker(self) -> dict:
+        """Its marker's content, as `marker(state)` wrote it."""
+        plan = {"epochs": self.epochs, "schedule_start_epoch": self.schedule_start_epoch}
+        return {"step": self.step, "epoch": self.epoch, **{k: v for k, v in plan.items() if v is not None}}
+
+
+def marker(state: dict) -> dict:
+    """What a checkpoint's marker says of it: its step and epochs done, and the plan of the run that wrote it, so
+    that a rerun of a killed nightly night can finish that night (flows.nightly.continue_from_latest)."""
+    return {"step": state["step"], "epoch": state["epoch"], "epochs": state["config"]["train"]["epochs"],
+            "schedule_start_epoch": state["config"]["optim"]["schedule_start_epoch"]}
 
 
 def step_name(step: int) -> str:
@@ -104,8 +125,8 @@ def save(ckpt_dir: Path, state: dict, keep: int) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / step_name(state["step"])
     atomic_save(state, path)
-    write_marker(path, {"step": state["step"], "epoch": state["epoch"]})
-    point_last(ckpt_dir, path, {"step": state["step"], "epoch": state["epoch"]})
+    write_marker(path, marker(state))
+    point_last(ckpt_dir, path, marker(state))
     for old in step_files(ckpt_dir)[:-keep]:
         old.with_name(old.name + MARKER).unlink(missing_ok=True)  # marker first: never a marker without its file
         old.unlink(missing_ok=True)
@@ -137,7 +158,7 @@ def latest_local(ckpt_dir: Path) -> CheckpointRef | None:
     for path in reversed(files):
         info = read_marker(path)
         if info is not None:
-            return CheckpointRef(str(path), int(info["step"]), int(info["epoch"]))
+            return CheckpointRef.from_marker(str(path), info)
     return None
 
 

@@ -33,7 +33,7 @@ def fetch(cfg: RunConfig) -> Path | None:
         if latest is None or not latest.remote:
             return None if latest is None else Path(latest.path)
         dest = storage.download(latest.path, checkpoint_dir(cfg) / Path(latest.path).name, latest.sha256)
-        info = {"step": latest.step, "epoch": latest.epoch}
+        info = latest.marker()
         checkpoint.write_marker(dest, info)  # complete here too
         checkpoint.point_last(checkpoint_dir(cfg), dest, info)  # the newest here: a finished run is whole again
         return dest

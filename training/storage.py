@@ -173,7 +173,7 @@ def latest_remote(storage: str, name: str) -> CheckpointRef | None:
         return None
     info = json.loads(fs.cat_file(f"{folder}/{steps[-1]}{MARKER}"))
     url = f"{remote_dir(storage, name)}/checkpoints/{steps[-1]}"
-    return CheckpointRef(url, int(info["step"]), int(info["epoch"]), remote=True, sha256=info["sha256"])
+    return CheckpointRef.from_marker(url, info, remote=True, sha256=info["sha256"])
 
 
 def download(url: str, dest: Path, sha256: str | None) -> Path:

@@ -404,7 +404,7 @@ class Trainer:
         state = self.state_dict()
         if not self.world.is_main:
             return
-        info = {"step": self.progress.step, "epoch": self.train_loader.epoch}
+        info = checkpoint.marker(state)
 
         def then(path: Path) -> None:  # in the writer's thread, once the file is in place
             if self.uploader:
