@@ -6,6 +6,8 @@ Run on a GPU host, from the repo root (everything that belongs together, in one 
     python bench/train_throughput.py --models resnet50    # one model
     torchrun is not needed: each end-to-end run is `python -m training CONFIG` in a subprocess
     python bench/train_throughput.py --scaling 1,2        # DDP: images/s per GPU on 1 and 2 GPUs, each model
+    python bench/train_throughput.py --models resnet50 --paths wds-dali --workers 4 --profile-at 70 \
+        --set 'data.pin_memory=false'                     # a setting's effect on a path, and where its steps go
 
 What it does:
 1. Makes `--images` JPEGs of ImageNet-like size (~500x375) from the bundled real photos (one class
@@ -48,6 +50,7 @@ import dali_peer
 from common import machine, print_table, record, train_loader_rate
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
+from training.config import apply_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,6 +284,9 @@ def main() -> None:
     p.add_argument("--profile-at", type=int, default=None, metavar="STEP",
                    help="each end-to-end run profiles its optimizer steps STEP..STEP+4 (train.profile): where the "
                    "step's time goes beside its input path, in its log lines")
+    p.add_argument("--set", default="", metavar="OVERRIDES",
+                   help="space-separated dotted overrides (shardtrain train's) for the end-to-end runs of our paths, "
+                   "e.g. 'data.pin_memory=false data.prefetch_factor=2'")
     p.add_argument("--scaling", default=None, help="comma-separated GPU counts for the DDP scaling runs")
     p.add_argument("--checkpoint", action="store_true", help="also measure checkpoint stall and resume time")
     args = p.parse_args()
@@ -295,7 +301,7 @@ def main() -> None:
     num_classes = len(photo_paths())
     out: dict = {"bench": "train_throughput", "machine": machine(), "images": args.images,
                  "max_side": args.max_side, "batch": args.batch, "workers": args.workers, "compile": compile,
-                 "compile_mode": args.compile_mode}
+                 "compile_mode": args.compile_mode, "set": args.set}
     table: list[tuple[str, float, float | None, float | None]] = []
 
     if args.scaling:
@@ -345,6 +351,8 @@ def main() -> None:
                 else:
                     cfg = run_config(name, stores[fmt], model, decode, args.batch, args.workers, args.steps, compile,
                                      runs, 10**9, None, args.compile_mode, args.profile_at)
+                    for item in args.set.split():
+                        apply_override(cfg, item)
                     lines, _ = launch(cfg, runs)
                     rate, wait = steady_rate(lines, args.warmup_steps)
                     print("\n".join(profile_lines(lines)), flush=True)
