@@ -31,14 +31,16 @@ def summary(prof: profile, steps: int, wall_s: float, top: int = 10) -> list[str
     and the share its busiest stream (the step's, beside an input pipeline's) ran, and the `top` kernels by time (on
     a CPU run: the top ops by their own CPU time)."""
     events = prof.key_averages()
-    # the device's own events (kernels, copies): the ops that launched them carry the same time again
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    # the device's own events (kernels, copies): the ops that launched them carry the same time again, and a
+    # record_function range projected onto the GPU's timeline (a user annotation) spans its kernels
+    kernels = [e for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation and e.self_device_time_total > 0]
     wall_us = wall_s * 1e6
     if kernels:
         busy = sum(e.self_device_time_total for e in kernels)
         streams: dict[int, list[tuple[float, float]]] = {}
         for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation:
                 streams.setdefault(e.device_resource_id, []).append((e.time_range.start, e.time_range.end))
         anything = covered([span for spans in streams.values() for span in spans])
         busiest = max(covered(spans) for spans in streams.values())
