@@ -47,7 +47,7 @@ from pipelines.decode import probe_image
 from pipelines.store import BadSample
 
 JPEG_EXTS = ("jpg", "jpeg")
-THREADS = 4  # DALI's CPU threads per pipeline (bench/train_throughput.py sets it from --dali-threads)
+THREADS = 4  # DALI's CPU threads per pipeline: the host side of its mixed decoder, and the JPEGs off the engines
 HW_DECODER_LOAD = 0.9  # the share of the JPEGs that DALI's mixed decoder gives the hardware decoder
 FALLBACKS: Counter[str] = Counter()  # images of this process not decoded by DALI's JPEG path, by reason
 
@@ -87,14 +87,14 @@ def device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def build(capacity: int, size: int, dev: int | None, threads: int = THREADS, hw_load: float = HW_DECODER_LOAD):
+def build(capacity: int, size: int, dev: int | None):
     """The pipeline: encoded bytes + whole-pixel slice (start, end: (x, y)) + sub-pixel ROI within it (roi_start,
     roi_end: (y, x)) + mirror flag per sample -> float 0..255 (3, size, size)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    decode = {"device": "cpu"} if dev is None else {"device": "mixed", "hw_decoder_load": hw_load}
+    decode = {"device": "cpu"} if dev is None else {"device": "mixed", "hw_decoder_load": HW_DECODER_LOAD}
 
-    @pipeline_def(batch_size=capacity, num_threads=threads, device_id=dev, prefetch_queue_depth=PREFETCH)
+    @pipeline_def(batch_size=capacity, num_threads=THREADS, device_id=dev, prefetch_queue_depth=PREFETCH)
     def crops():
         data = fn.external_source(name="data", dtype=types.UINT8, ndim=1, no_copy=True)
         start = fn.external_source(name="start", dtype=types.INT32, ndim=1)
