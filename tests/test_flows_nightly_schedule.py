@@ -81,7 +81,7 @@ def test_each_night_warms_up_again_and_a_killed_night_goes_on_with_its_own_sched
 def test_a_night_of_two_epochs_killed_in_its_second_is_finished_by_the_rerun_on_its_own_schedule(config, tmp_path):
     """Night 2 of two epochs (steps 25 to 48), killed after step 40, in its second epoch: the rerun goes on from step
     40 with night 2's lr and ends at step 48, with the night. Before, it took the checkpoint's 3 epochs done for the
-    night's start: a new warm-up from step 40 and two more epochs, to step 64."""
+    night's start: a new warm-up from step 40 and two more epochs, to step 60."""
     runs = tmp_path / "runs"
     train(config, *night(config, runs, 2), torchrun=False)  # night 1: steps 1 to 24
     proc = start(config, *night(config, runs, 2), torchrun=False)
