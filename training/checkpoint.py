@@ -125,8 +125,9 @@ def save(ckpt_dir: Path, state: dict, keep: int) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / step_name(state["step"])
     atomic_save(state, path)
-    write_marker(path, marker(state))
-    point_last(ckpt_dir, path, marker(state))
+    info = marker(state)
+    write_marker(path, info)
+    point_last(ckpt_dir, path, info)
     for old in step_files(ckpt_dir)[:-keep]:
         old.with_name(old.name + MARKER).unlink(missing_ok=True)  # marker first: never a marker without its file
         old.unlink(missing_ok=True)
