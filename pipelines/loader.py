@@ -157,9 +157,10 @@ def describe(bad: BadSample) -> str:
 
 
 def init_worker(_: int) -> None:
-    # the workers are the parallelism; threads of their own (torch's, OpenCV's resize) would oversubscribe the cores
+    # The workers are the parallelism; threads of their own would oversubscribe the cores. OpenCV's are off in the
+    # parent already (pipelines.presets), and setting its count again here, in a fork, waits forever on the pool
+    # threads that fork left behind where the parent had run an OpenCV op in parallel before that.
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
     keep_freed_heap()
     forget_parent_exit_hooks()
     outlive_stop_signals()

@@ -449,6 +449,36 @@ def test_stop_signals_while_workers_start_do_not_kill_them(store):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+AFTER_OPENCV_THREADS = """
+import sys
+import cv2, numpy as np
+cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # OpenCV's thread pool runs in this process
+import torch
+from pipelines import DataConfig, build_loader
+
+cfg = DataConfig(path=sys.argv[1], image_size=32, batch_size=4, workers=2, persistent_workers=False)
+loader = build_loader(cfg, "val", train=False, task="classify", rank=0, world_size=1, seed=0,
+                      device=torch.device("cpu"))
+for _ in range(3):
+    for batch in loader:  # not persistent: each pass forks its workers anew
+        pass
+print("done", flush=True)
+"""
+
+
+def test_workers_start_in_a_process_whose_opencv_threads_ran_before_pipelines_was_imported(store):
+    # A script that made its images with OpenCV, then trained (the task bench's store, then its loader): the
+    # workers hung at their start, setting OpenCV's thread count that fork had left a pool of dead threads for.
+    proc = subprocess.Popen([sys.executable, "-c", AFTER_OPENCV_THREADS, store], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)  # a few seconds; it hung before
+        assert proc.returncode == 0 and out == "done\n", err[-2000:]
+    finally:  # a hung worker (or pytest's timeout) leaves nothing of it running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 EXITING_WITH_LIVE_WORKERS = """
 import multiprocessing, sys
 import torch
