@@ -165,6 +165,9 @@ class DataConfig(Section):
     persistent_workers: bool = pydantic.Field(
         default=True, description="Keep the workers (and their shard indexes) across epochs.")
     prefetch_factor: int = pydantic.Field(default=4, ge=1, description="Batches each worker prepares ahead.")
+    stall_notice_s: float = pydantic.Field(
+        default=300, ge=0, description="A line in the run's log when the loader has waited this many seconds for "
+        "its next batch (a stuck worker, a stalled read), and again after each further such wait; 0: none.")
     cache_dir: str | None = pydantic.Field(
         default=None, description="A wds store on object storage (s3://...): each shard is copied whole into "
         "this local folder the first time a worker reads from it, and read there from then on, as MosaicML "

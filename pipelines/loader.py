@@ -36,6 +36,7 @@ from pipelines import gpu, hw, plan
 from pipelines.batches import BatchFn, BatchSpec
 from pipelines.config import DataConfig, DataError
 from pipelines.readers import ShardReader, make_reader
+from pipelines.stall import StallWatch
 from pipelines.store import BadSample, StoreSplit, open_split
 from pipelines.tasks import TASKS, Batch, TaskData
 
@@ -243,6 +244,9 @@ class Loader:
         self._normalise = normalise
         self._items: Iterator[tuple[dict | None, int, str | None]] = iter(())  # the live iteration of dataloader
         self._items_at: tuple[int, int] | None = None  # (epoch, batch) of its next item
+        self._stall = StallWatch(cfg.stall_notice_s, f"data: no batch from split {store.split!r} for {{s:.0f}} s "
+                                 f"({cfg.workers} worker(s)); still waiting: a stuck worker or a stalled read "
+                                 "(data.stall_notice_s)")
         LIVE.add(self)
 
     def __len__(self) -> int:
@@ -333,7 +337,11 @@ class Loader:
         """The live iteration's next `n` items; `_items_at` follows what was taken (run_ahead takes ahead of what
         was yielded, so a consumer that leaves mid-epoch leaves the iteration elsewhere, and the next starts anew)."""
         for _ in range(n):
-            item = next(self._items)
+            self._stall.started()
+            try:
+                item = next(self._items)
+            finally:
+                self._stall.ended()
             epoch, batch = self._items_at  # type: ignore[misc]  # set with _items
             self._items_at = (epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0)
             yield item

@@ -11,11 +11,13 @@ import gc
 import hashlib
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -475,6 +477,58 @@ def test_workers_start_in_a_process_whose_opencv_threads_ran_before_pipelines_wa
         out, err = proc.communicate(timeout=60)  # a few seconds; it hung before
         assert proc.returncode == 0 and out == "done\n", err[-2000:]
     finally:  # a hung worker (or pytest's timeout) leaves nothing of it running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+WAITING_ON_STOPPED_WORKERS = """
+import multiprocessing, sys
+import torch
+from pipelines import DataConfig, build_loader
+
+cfg = DataConfig(path=sys.argv[1], image_size=32, batch_size=4, workers=2, stall_notice_s=1)
+loader = build_loader(cfg, "train", train=True, task="classify", rank=0, world_size=1, seed=0,
+                      device=torch.device("cpu"))
+batches = iter(loader)
+next(batches)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+sys.stdin.readline()  # the workers are stopped now
+for _ in batches:
+    pass
+for epoch in range(1, 5):  # past what the workers had made ahead
+    loader.set_epoch(epoch)
+    for _ in loader:
+        pass
+print("done", flush=True)
+"""
+
+
+def test_a_loader_waiting_long_on_its_workers_says_so_and_goes_on_when_they_do(store):
+    # A worker that hung at its start (the OpenCV case above) left the run silent for good: nothing said that
+    # no batch was coming. Stopped workers stand in for stuck ones.
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_ON_STOPPED_WORKERS, store], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None and proc.stdin is not None
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        workers = [int(pid) for pid in lines.get(timeout=60).split()]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        notice = lines.get(timeout=60)
+        assert notice.startswith("data: no batch from split 'train' for "), notice
+        assert "(2 worker(s)); still waiting" in notice
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+        reader.join(timeout=10)
+        rest = list(lines.queue)
+        assert rest[-1:] == ["done\n"] and all(line.startswith("data: no batch") for line in rest[:-1]), rest
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
 
