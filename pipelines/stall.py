@@ -36,16 +36,16 @@ def watch(ref: weakref.ref[StallWatch], after_s: float) -> None:
     told_since, told = None, 0  # the wait last told of, and how many lines it got
     while True:
         time.sleep(min(after_s / 4, 5.0))
-        w = ref()
+        w = ref()  # held only between two sleeps
         if w is None:
             return
-        since = w.since
+        since, line = w.since, w.line
+        del w
         if since is None:
             continue
         if since != told_since:
             told_since, told = since, 0
         waited = time.monotonic() - since
         if waited >= after_s * (told + 1):
-            print(w.line.format(s=waited), flush=True)
+            print(line.format(s=waited), flush=True)
             told += 1
-        del w
