@@ -1,12 +1,12 @@
 """Does a Python thread in the training process slow the step's kernel launches? (issue 19: the GPU decode paths
 lose ~10% of ResNet-50's ceiling with 4 workers, in gaps where the step's stream waits for the host to launch.)
 
-    python bench/launch_contention.py --duties 0.07,0.25,0.5,1.0
+    python bench/launch_contention.py --duties 0.07,0.15,0.3,0.5
 
 ResNet-50's compiled step (`train_throughput.make_step`, batch 256 on the GPU, as the ceiling) alone, then beside one
 thread of each kind, side by side in one process:
 - `python_<duty>`: pure Python (it holds the interpreter lock) for `duty` of every 45 ms, then asleep; 0.07 is
-  about the DALI feeding thread's 3 ms a batch, 1.0 never sleeps;
+  about the DALI feeding thread's 3 ms a batch, 1.0 never sleeps (the step then ran 100x slower: minutes);
 - `launches`: tiny copies on a side stream in a loop (CUDA API calls, each releasing the lock), as an input
   pipeline's own small kernels are launched.
 Each rate is against the mean of the step alone before and after them.
@@ -57,7 +57,7 @@ def beside(side: Callable[[threading.Event], None], rate: Callable[[], float]) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duties", default="0.07,0.25,0.5,1.0", help="the Python threads' shares of each 45 ms")
+    p.add_argument("--duties", default="0.07,0.15,0.3,0.5", help="the Python threads' shares of each 45 ms")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=256)
     args = p.parse_args()
