@@ -10,6 +10,7 @@ import albumentations as A
 import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -21,7 +22,7 @@ from pipelines.presets import PAD_VALUE, detect_eval, detect_train
 from training.config import TrainError, validate
 from training.dist import World
 from training.predict import Placement, letterbox, to_yolo
-from training.tasks.detect import DetectTask, build_detector
+from training.tasks.detect import DetectTask, HeadGroupNorm, build_detector
 
 
 def test_yolo_to_pixels_hand_case():
@@ -252,6 +253,36 @@ def test_training_step_reads_nothing_back_from_the_device(head):
     losses = model(images, crowded_targets(128, [2, 0, 9]))  # targets on the host, as the loader leaves them
     sum(losses.values()).backward()
     assert {v.device.type for v in losses.values()} == {"meta"}
+
+
+@pytest.mark.parametrize("head", ["fcos", "retinanet"])
+def test_head_norms_keep_the_channels_last_layout_and_torchs_values(head):
+    """On CUDA, nn.GroupNorm gives a channels_last map back in NCHW (and its gradient), so each channels_last
+    convolution of the head's towers copied its input and gradient back in its backward: 17 whole-map copies a
+    pyramid level. The head's norms keep the layout (seen through fake CUDA tensors, as torch.compile traces a
+    step; their gradient on the meta device, whose autograd runs without a GPU) and give GroupNorm's values."""
+    tower = small_detector(head, 64).head.classification_head.conv
+    assert [type(m) for m in tower.modules() if isinstance(m, torch.nn.GroupNorm)] == [HeadGroupNorm] * 4
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(2, 32, 8, 8, device="cuda").to(memory_format=torch.channels_last)
+        for layer in tower.to("cuda", memory_format=torch.channels_last):  # as data.channels_last leaves it
+            x = layer(x)
+            assert x.is_contiguous(memory_format=torch.channels_last), layer
+
+    norm = HeadGroupNorm(8, 32)
+    x = torch.empty(2, 32, 6, 5, device="meta").to(memory_format=torch.channels_last).requires_grad_()
+    y = norm.to("meta")(x)
+    assert torch.autograd.grad(y, x, torch.empty_like(y))[0].is_contiguous(memory_format=torch.channels_last)
+
+    norm = HeadGroupNorm(8, 32)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        x = (torch.randn(2, 32, 6, 5) * 3 + 1).to(memory_format=layout).requires_grad_()
+        ours, theirs = norm(x), torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(ours, theirs)
+        g = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
 
 
 @pytest.mark.parametrize("size", [128, 100])

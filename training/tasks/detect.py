@@ -21,7 +21,7 @@ from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -94,6 +94,31 @@ class SizedAnchors(AnchorGenerator):
         return [self.made[key]] * len(image_list.image_sizes)
 
 
+class HeadGroupNorm(nn.GroupNorm):
+    """GroupNorm that keeps a channels_last input's layout. torch's own returns a contiguous (NCHW) map and
+    gradient on CUDA, so each channels_last convolution of the head's towers copied its gradient and input back in
+    its backward: 17 whole-map copies a pyramid level, a tenth of the FCOS step (bench/RESULTS.md, issue 18).
+    Statistics in fp32; the output in the input's dtype (the next convolution's, under autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        groups = x.permute(0, 2, 3, 1).reshape(n, h * w, self.num_groups, c // self.num_groups)
+        var, mean = torch.var_mean(groups.float(), dim=(1, 3), keepdim=True, correction=0)
+        y = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(n, h, w, c) * self.weight + self.bias
+        return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
+def fcos_head(channels: int, num_classes: int, num_convs: int) -> FCOSHead:
+    """torchvision's FCOS head (which takes no norm layer) with `HeadGroupNorm` in its towers."""
+    head = FCOSHead(channels, 1, num_classes, num_convs=num_convs)
+    norm = partial(HeadGroupNorm, 32)
+    head.classification_head = FCOSClassificationHead(channels, 1, num_classes, num_convs, norm_layer=norm)
+    head.regression_head = FCOSRegressionHead(channels, 1, num_convs, norm_layer=norm)
+    return head
+
+
 class BatchFCOS(FCOS):
     """torchvision's FCOS with its training loss over the whole batch at once, without host syncs
     (training/tasks/fcos.py); the same losses. `batch_loss` is swapped for its compiled self by `train.compile`."""
@@ -139,14 +164,14 @@ def build_detector(cfg: RunConfig, num_classes: int, cache_dir: Path) -> nn.Modu
     if d.head == "fcos":
         # FCOS assigns objects to levels by anchor size, so one anchor per location, the size of its stride.
         anchors = SizedAnchors(tuple((s,) for s in strides), ((1.0,),) * len(strides))
-        head = FCOSHead(d.fpn_channels, 1, num_classes, num_convs=d.head_convs)
+        head = fcos_head(d.fpn_channels, num_classes, d.head_convs)
         return letterboxed(BatchFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **common))
     # RetinaNet: 3 scales x 3 ratios per level from 4x the stride (the paper's 32 px at stride 8), GIoU loss as
     # in torchvision's retinanet_resnet50_fpn_v2.
     sizes = tuple(tuple(round(4 * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
     anchors = SizedAnchors(sizes, ((0.5, 1.0, 2.0),) * len(strides))
     head = RetinaNetHead(d.fpn_channels, anchors.num_anchors_per_location()[0], num_classes,
-                         norm_layer=partial(nn.GroupNorm, 32))
+                         norm_layer=partial(HeadGroupNorm, 32))
     head.regression_head._loss_type = "giou"
     return letterboxed(BatchRetinaNet(backbone, num_classes, anchor_generator=anchors, head=head, **common))
 
