@@ -22,7 +22,7 @@ from pipelines.presets import PAD_VALUE, detect_eval, detect_train
 from training.config import TrainError, validate
 from training.dist import World
 from training.predict import Placement, letterbox, to_yolo
-from training.tasks.detect import DetectTask, HeadGroupNorm, build_detector
+from training.tasks.detect import DetectTask, HeadGroupNorm, build_detector, group_norm_channels_last
 
 
 def test_yolo_to_pixels_hand_case():
@@ -256,33 +256,43 @@ def test_training_step_reads_nothing_back_from_the_device(head):
 
 
 @pytest.mark.parametrize("head", ["fcos", "retinanet"])
-def test_head_norms_keep_the_channels_last_layout_and_torchs_values(head):
+def test_compiled_head_norms_keep_the_channels_last_layout_and_torchs_values(head):
     """On CUDA, nn.GroupNorm gives a channels_last map back in NCHW (and its gradient), so each channels_last
     convolution of the head's towers copied its input and gradient back in its backward: 17 whole-map copies a
-    pyramid level. The head's norms keep the layout (seen through fake CUDA tensors, as torch.compile traces a
-    step; their gradient on the meta device, whose autograd runs without a GPU) and give GroupNorm's values."""
-    tower = small_detector(head, 64).head.classification_head.conv
-    assert [type(m) for m in tower.modules() if isinstance(m, torch.nn.GroupNorm)] == [HeadGroupNorm] * 4
+    pyramid level. Compiled, the head's norms trace a GroupNorm that keeps the layout (seen through fake CUDA
+    tensors, as torch.compile traces a step; its gradient on the meta device, whose autograd runs without a GPU)
+    and gives GroupNorm's values; eager, they run torch's."""
+    tower = small_detector(head, 64).head.classification_head.conv.to(memory_format=torch.channels_last)
+    norms = [m for m in tower.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert [type(m) for m in norms] == [HeadGroupNorm] * 4
+    traced: list = []
+
+    def record(gm: torch.fx.GraphModule, inputs: list) -> object:
+        traced.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    x = torch.randn(2, 32, 8, 8).to(memory_format=torch.channels_last)
+    eager = tower(x)
+    torch.testing.assert_close(torch.compile(tower, backend=record, fullgraph=True)(x), eager)
+    assert traced.count(torch.var_mean) == 4 and torch.nn.functional.group_norm not in traced
+    assert eager.grad_fn.next_functions[0][0].name() == "NativeGroupNormBackward0"  # the tower ends norm, ReLU
+
+    norm = norms[0]
     with FakeTensorMode(allow_non_fake_inputs=True):
         x = torch.empty(2, 32, 8, 8, device="cuda").to(memory_format=torch.channels_last)
-        for layer in tower.to("cuda", memory_format=torch.channels_last):  # as data.channels_last leaves it
-            x = layer(x)
-            assert x.is_contiguous(memory_format=torch.channels_last), layer
-
-    norm = HeadGroupNorm(8, 32)
+        y = group_norm_channels_last(x, 8, norm.weight.to("cuda"), norm.bias.to("cuda"), norm.eps)
+        assert y.is_contiguous(memory_format=torch.channels_last)
     x = torch.empty(2, 32, 6, 5, device="meta").to(memory_format=torch.channels_last).requires_grad_()
-    y = norm.to("meta")(x)
+    y = group_norm_channels_last(x, 8, norm.weight.to("meta"), norm.bias.to("meta"), norm.eps)
     assert torch.autograd.grad(y, x, torch.empty_like(y))[0].is_contiguous(memory_format=torch.channels_last)
 
-    norm = HeadGroupNorm(8, 32)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
-    for layout in (torch.channels_last, torch.contiguous_format):
-        x = (torch.randn(2, 32, 6, 5) * 3 + 1).to(memory_format=layout).requires_grad_()
-        ours, theirs = norm(x), torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, norm.eps)
-        torch.testing.assert_close(ours, theirs)
-        g = torch.randn_like(ours)
-        torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
+    weight, bias = torch.randn(32), torch.randn(32)
+    x = (torch.randn(2, 32, 6, 5) * 3 + 1).to(memory_format=torch.channels_last).requires_grad_()
+    ours = group_norm_channels_last(x, 8, weight, bias, 1e-5)
+    theirs = torch.nn.functional.group_norm(x, 8, weight, bias, 1e-5)
+    torch.testing.assert_close(ours, theirs)
+    g = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
 
 
 @pytest.mark.parametrize("size", [128, 100])

@@ -94,20 +94,28 @@ class SizedAnchors(AnchorGenerator):
         return [self.made[key]] * len(image_list.image_sizes)
 
 
+def group_norm_channels_last(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                             eps: float) -> torch.Tensor:
+    """GroupNorm of a channels_last (N, C, H, W) map that keeps its layout, forward and backward: statistics in
+    fp32 over an NHWC view, the output in `x`'s dtype."""
+    n, c, h, w = x.shape
+    grouped = x.permute(0, 2, 3, 1).reshape(n, h * w, groups, c // groups)
+    var, mean = torch.var_mean(grouped.float(), dim=(1, 3), keepdim=True, correction=0)
+    y = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(n, h, w, c) * weight + bias
+    return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
 class HeadGroupNorm(nn.GroupNorm):
-    """GroupNorm that keeps a channels_last input's layout. torch's own returns a contiguous (NCHW) map and
-    gradient on CUDA, so each channels_last convolution of the head's towers copied its gradient and input back in
-    its backward: 17 whole-map copies a pyramid level, a tenth of the FCOS step (bench/RESULTS.md, issue 18).
-    Statistics in fp32; the output in the input's dtype (the next convolution's, under autocast)."""
+    """The head towers' GroupNorm. torch's returns a channels_last map and its gradient in NCHW on CUDA, so each
+    channels_last tower convolution copied both back in its backward: 120 whole-map copies an FCOS step, gone
+    with `group_norm_channels_last` (bench/RESULTS.md, stop 40). Only under torch.compile, which fuses it into
+    one reduction and one pointwise kernel; eager, its several kernels would keep fp32 maps for backward (more
+    memory; the speed not measured), so eager runs torch's, as measured before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
-        n, c, h, w = x.shape
-        groups = x.permute(0, 2, 3, 1).reshape(n, h * w, self.num_groups, c // self.num_groups)
-        var, mean = torch.var_mean(groups.float(), dim=(1, 3), keepdim=True, correction=0)
-        y = ((groups - mean) * torch.rsqrt(var + self.eps)).reshape(n, h, w, c) * self.weight + self.bias
-        return y.to(x.dtype).permute(0, 3, 1, 2)
+        if torch.compiler.is_compiling() and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 def fcos_head(channels: int, num_classes: int, num_convs: int) -> FCOSHead:
