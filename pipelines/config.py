@@ -150,15 +150,15 @@ class DataConfig(Section):
     batch_size: int = pydantic.Field(default=64, ge=1, description="Samples per batch, per process.")
     workers: int = pydantic.Field(default=4, ge=0, description="DataLoader worker processes per training process.")
     decode: Literal["auto", "cpu", "gpu", "hw", "dali"] = pydantic.Field(
-        default="cpu", description="cpu: the workers decode and augment. gpu (classify and dino): the workers send "
+        default="auto", description="cpu: the workers decode and augment. gpu (classify and dino): the workers send "
         "the JPEG bytes and each view's crop box, flip (and for dino colour parameters), decoded with nvJPEG, cropped "
         "and augmented on the device (on the CPU without CUDA); classify gets no colour jitter. hw (classify and "
         "dino): as gpu, decoded by the GPU's hardware JPEG decoder through nvImageCodec (`pip install "
         "'shardtrain[gpu]'`), other images on the CPU. dali (classify): as gpu, the decode (hardware decoder "
         "first), crop, resize and flip run by NVIDIA DALI's engine in its own threads (`pip install "
-        "'shardtrain[dali]'`; only when set, never by auto). auto: hw where that works and nothing is lost by it "
-        "(classify with `augment.color_jitter: 0`, dino), else cpu; the run's log says which and why. The default "
-        "stays cpu until hw is faster end to end (bench/RESULTS.md, issue 19).")
+        "'shardtrain[dali]'`; only when set, never by auto). auto: hw where it works, nothing is lost by it "
+        "(classify with `augment.color_jitter: 0`, dino) and `workers` is few (classify 6 or fewer, dino 8: more "
+        "decode as fast on the CPU, bench/RESULTS.md, issue 19), else cpu; the run's log says which and why.")
     pin_memory: bool = pydantic.Field(
         default=True, description="Worker batches in pinned memory (on CUDA), for non-blocking copies to the "
         "device.")

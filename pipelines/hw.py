@@ -165,21 +165,24 @@ device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
 dino_device_batch = functools.partial(gpu.dino_device_batch, decode=decode_batch)
 
 
-def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.device, *, given: bool
-           ) -> tuple[str, str]:
-    """The decode mode a loader runs for `data.decode` (`given`: set in the config, not the default), and why, in
-    words for the run's log. auto is hw where the task has it, the hardware decoder works on `device` and nothing
-    would be lost (`lost`: the setting that the task applies in the CPU workers only, e.g. classify's colour
-    jitter; None for none); else cpu, with the first of those reasons that holds. An explicit hw that cannot work
-    is a one-line error, and so is an explicit dali (pipelines/dali.py: never chosen by auto) that cannot."""
+def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.device, workers: int,
+           max_workers: int) -> tuple[str, str]:
+    """The decode mode a loader runs for `data.decode`, and why, in words for the run's log. auto is hw where the
+    task has it, the process has at most the task's `max_workers` CPU `workers` (more decode as fast), the hardware
+    decoder works on `device` and nothing would be lost (`lost`: the setting that the task applies in the CPU
+    workers only, e.g. classify's colour jitter; None for none); else cpu, with the first of those reasons that
+    holds. An explicit hw that cannot work is a one-line error, and so is an explicit dali (pipelines/dali.py:
+    never chosen by auto) that cannot."""
     if decode == "hw" and (why := unavailable(device)):
         raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
     if decode == "dali" and (why := dali.unavailable(device)):
         raise DataError(f"data.decode=dali: {why}; use data.decode=auto or cpu")
     if decode != "auto":
-        return decode, "set in the config" if given else "the default"
+        return decode, "set in the config"
     if "hw" not in modes:
         return "cpu", "auto: this task decodes in the CPU workers only"
+    if workers > max_workers:
+        return "cpu", f"auto: {workers} CPU workers decode as fast (hw with {max_workers} or fewer)"
     if why := unavailable(device):
         return "cpu", f"auto: {why}"
     if lost:

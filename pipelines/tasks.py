@@ -51,6 +51,9 @@ class TaskData:
     per_image: tuple[str, ...] = ()
     # the augment setting that only the cpu mode applies, if set (data.decode: auto keeps such a run on the CPU)
     cpu_only: Callable[[AugmentConfig], str | None] = lambda aug: None
+    # data.decode: auto picks hw with at most this many CPU workers a process: where the workers decode slower than
+    # the hardware decoder feeds the step (the crossover measured for each task, bench/RESULTS.md, issue 19)
+    auto_hw_workers: int = 0
 
     def spec(self, train: bool, size: int, aug: AugmentConfig) -> BatchSpec:
         """What the workers' batch function gets besides the samples."""
@@ -91,6 +94,7 @@ TASKS: dict[str, TaskData] = {
                   "dali": Decoder(gpu.worker_batch, dali.device_batches)},
         images="image",
         cpu_only=lambda aug: f"data.augment.color_jitter={aug.color_jitter}" if aug.color_jitter else None,
+        auto_hw_workers=6,  # ResNet-50 on an H100: 6 workers decode as fast as hw feeds it, 8 at its full rate
     ),
     "dino": TaskData(
         layouts=("imagefolder", "unlabeled", "yolo"),
@@ -98,6 +102,7 @@ TASKS: dict[str, TaskData] = {
         decoders={"cpu": Decoder(dino_batch), "gpu": Decoder(gpu.dino_worker_batch, each(gpu.dino_device_batch)),
                   "hw": Decoder(gpu.dino_worker_batch, each(hw.dino_device_batch))},
         images="crops",
+        auto_hw_workers=8,  # ViT-S/16 on an H200: the GPU views fed it faster than 7 CPU workers, slower than 10
     ),
     "detect": TaskData(
         layouts=("yolo",),

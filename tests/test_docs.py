@@ -32,7 +32,7 @@ def test_config_reference_lists_every_key_of_every_section():
                 "checkpoint.preempt_timeout", "eval.knn_temperature", "detect.head", "dino.koleo_weight"]:
         assert f"| `{key}` |" in text
     assert "| `optim.lr` | float, > 0 | `0.001` |" in text
-    assert "| `data.decode` | auto \\| cpu \\| gpu \\| hw \\| dali | `cpu` |" in text
+    assert "| `data.decode` | auto \\| cpu \\| gpu \\| hw \\| dali | `auto` |" in text
     assert "Only in `task: dino` runs" in text and "Only in `task: detect` runs" in text
 
 

@@ -33,8 +33,8 @@ def encoded(fmt: str, seed: int, **save) -> torch.Tensor:
     return torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
 
 
-def test_decode_defaults_to_cpu_and_takes_only_known_modes():
-    assert DataConfig(path="x").decode == "cpu"  # until hw is faster end to end
+def test_decode_defaults_to_auto_and_takes_only_known_modes():
+    assert DataConfig(path="x").decode == "auto"
     for mode in ("auto", "cpu", "gpu", "hw"):
         assert DataConfig(path="x", decode=mode).decode == mode
     with pytest.raises(pydantic.ValidationError, match="decode"):
@@ -50,9 +50,24 @@ def test_auto_falls_to_cpu_decode_with_the_reason(store):
     (cpu,) = loaders(cfg_for(store, workers=0, decode="cpu"), "val", train=False, world_size=1)
     assert cpu.decode_choice == "data.decode: cpu (set in the config)"
     (default,) = loaders(cfg_for(store, workers=0), "val", train=False, world_size=1)
-    assert default.decode_choice == "data.decode: cpu (the default)"
+    assert default.decode_choice == auto.decode_choice
     for a, b in zip(auto, cpu, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_auto_leaves_decode_to_many_cpu_workers_on_any_device(store):
+    # with more than the task's bound the workers decode full-size JPEGs as fast as the hardware decoder feeds the
+    # step, without taking a share of the GPU and of the training process (bench/RESULTS.md, issue 19)
+    for task, bound in (("classify", 6), ("dino", 8)):
+        data = TASKS[task]
+        assert data.auto_hw_workers == bound
+        for device in (CPU, CUDA):
+            mode, why = hw.choose("auto", data.decoders, None, device, bound + 1, data.auto_hw_workers)
+            assert (mode, why) == ("cpu", f"auto: {bound + 1} CPU workers decode as fast (hw with {bound} or fewer)")
+        mode, why = hw.choose("auto", data.decoders, None, CPU, bound, data.auto_hw_workers)
+        assert (mode, why) == ("cpu", "auto: no CUDA GPU (the device is cpu)")
+    (many,) = loaders(cfg_for(store, workers=12), "val", train=False, world_size=1)
+    assert many.decode_choice == "data.decode: cpu (auto: 12 CPU workers decode as fast (hw with 6 or fewer))"
 
 
 @pytest.fixture(scope="module")
