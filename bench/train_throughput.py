@@ -357,6 +357,11 @@ def main() -> None:
                     rate, wait = steady_rate(lines, args.warmup_steps)
                     print("\n".join(profile_lines(lines)), flush=True)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))
+                alone = out[f"loader_images_per_s_{fmt}_{decode}"]
+                if rate > 1.05 * alone:  # a short run's windows can all fall before the prefetched batches run out
+                    print(f"{name}: above its input alone ({alone:.0f}): the workers' prefetched batches lasted the "
+                          "run, so this is not a steady rate; raise --steps", flush=True)
+                    out[f"above_input_alone_{key}_{fmt}_{decode}"] = True
                 print(
                     f"{name}: {rate:.0f} images/s, {rate / ceil:.3f} of the ceiling, data wait {wait:.0%}", flush=True
                 )
