@@ -1,7 +1,8 @@
 """decode: dali. Classification's device half run by NVIDIA DALI's engine (`pip install 'shardtrain[dali]'`).
 
-The loader keeps what it owns: which samples, their order, exact resume, the crop boxes and flips its seeded workers
-draw (`gpu.worker_batch`) and the samples it rejects. Only the per-image work of the training process moves into
+The loader keeps what it owns: which samples, their order, exact resume, the crop boxes, flips and colour jitter its
+seeded workers draw (`gpu.worker_batch`; the jitter applied after DALI, as `gpu` mode does) and the samples it
+rejects. Only the per-image work of the training process moves into
 DALI's C++ threads, where `gpu`/`hw` mode run it in Python under the GIL: per batch, a DALI pipeline takes the
 workers' encoded bytes (`fn.external_source`, numpy views of the batch's pinned buffer, not copied), decodes only each
 image's crop region (`fn.decoders.image_slice`, device "mixed" with its hardware-decoder share on a GPU, "cpu" with
@@ -268,7 +269,7 @@ class Ahead:
             count("in a batch DALI could not decode (decoded on the CPU)", len(entry.batch["keys"]))
             return gpu.device_batch(entry.batch, entry.spec, self.device, decode=decode_on_cpu)
         label = entry.batch["label"].to(self.device, non_blocking=True)
-        return {"image": oriented(images, entry.batch), "label": label}, []
+        return {"image": gpu.classify_colour(oriented(images, entry.batch), entry.batch), "label": label}, []
 
     def outputs(self, entry: Fed) -> torch.Tensor | None:
         """The batch's crops, copied onto the caller's stream; None where DALI failed on it."""

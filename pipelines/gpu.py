@@ -4,7 +4,7 @@ flips it with one `torchvision.ops.roi_align` per group of images, in a thread o
 batch ahead of the step (`run_ahead`). Without CUDA the same code decodes on the CPU, which is
 how the tests run it.
 
-Classification: crop, flip and resize (no colour jitter in this mode). DINO: every view of an image is cropped
+Classification: crop, flip and resize, then the colour jitter its worker drew. DINO: every view of an image is cropped
 from its one decode, then flipped, colour-jittered, greyed, blurred and solarized with the parameters its
 worker drew (`pipelines/gpu_color.py`), as `presets.dino_views` does in the CPU workers.
 `data.decode: hw` (pipelines/hw.py) runs the same code with the hardware decoder's `decode_batch`.
@@ -99,16 +99,40 @@ def encoded_batch(samples: list[RawSample], seeds: list[int],
     return batch, good, bad
 
 
+def jitter_draw(strengths: tuple[float, float, float, float], rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """ColorJitter's factors (brightness, contrast, saturation, hue) for `strengths` in those ranges, and the order
+    of its four ops (random per image, as albumentations and torchvision apply them)."""
+    b, c, s, hue = strengths
+    factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-hue, hue)]
+    return np.array(factors, np.float32), rng.permutation(4).astype(np.int64)
+
+
 def classify_draw(spec: BatchSpec, w: int, h: int, seed: int) -> dict[str, np.ndarray]:
+    """A crop box and a flip; in training with `augment.color_jitter`, its factors and order too (the preset's
+    ColorJitter, on every image)."""
     if not spec.train:
         return {"box": np.array(center_crop_box(w, h, spec.aug.eval_crop_pct), np.float32), "flip": np.array(False)}
     rng = np.random.default_rng(seed)
     box = random_resized_crop_box(w, h, spec.aug.scale, spec.aug.ratio, rng)
-    return {"box": np.array(box, np.float32), "flip": np.array(rng.random() < spec.aug.hflip)}
+    drawn = {"box": np.array(box, np.float32), "flip": np.array(rng.random() < spec.aug.hflip)}
+    if cj := spec.aug.color_jitter:
+        drawn["factors"], drawn["order"] = jitter_draw((cj, cj, cj, 0.0), rng)
+    return drawn
+
+
+def classify_colour(images: torch.Tensor, batch: dict, rows: list[int] | None = None) -> torch.Tensor:
+    """The worker batch's colour jitter, where it drew one, on its decoded images (`rows`: the batch's images
+    they are, None for all)."""
+    if "factors" not in batch:
+        return images
+    factors, order = (batch[k] if rows is None else batch[k][rows] for k in ("factors", "order"))
+    return gpu_color.jitter(images, order, factors, torch.ones(len(order), dtype=torch.bool))
 
 
 def worker_batch(samples: list[RawSample], seeds: list[int], spec: BatchSpec) -> tuple[dict, list[BadSample]]:
-    """Classification's worker half: a crop box and a flip per image, and its label."""
+    """Classification's worker half: a crop box and a flip (and colour jitter) per image, and its label."""
     batch, good, bad = encoded_batch(samples, seeds, functools.partial(classify_draw, spec))
     batch["label"] = torch.tensor([raw.meta["cls"] for raw in good], dtype=torch.int64)
     return batch, bad
@@ -121,16 +145,13 @@ def dino_view_params(view: presets.DinoView, hflip: float, w: int, h: int,
     box = random_resized_crop_box(w, h, view.scale, presets.DINO_RATIO, rng)
     flip = rng.random() < hflip
     jitter = rng.random() < presets.DINO_JITTER_P
-    b, c, s, hue = presets.DINO_JITTER
-    factors = [rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
-               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-hue, hue)]
-    order = rng.permutation(4)  # ColorJitter's ops in a random order per image, as albumentations and torchvision
+    factors, order = jitter_draw(presets.DINO_JITTER, rng)
     gray = rng.random() < presets.DINO_GRAY_P
     sigma = rng.uniform(*presets.DINO_SIGMA)
     blur = rng.random() < view.blur
     solarize = rng.random() < view.solarize
     return {"box": np.array(box, np.float32), "flip": np.array(flip), "jitter": np.array(jitter),
-            "factors": np.array(factors, np.float32), "order": order.astype(np.int64), "gray": np.array(gray),
+            "factors": factors, "order": order, "gray": np.array(gray),
             "sigma": np.array(sigma if blur else 0.0, np.float32), "solarize": np.array(solarize)}
 
 
@@ -297,15 +318,16 @@ def decode_images(batch: dict, device: torch.device, decode: DecodeFn) -> tuple[
 
 def device_batch(batch: dict, spec: BatchSpec, device: torch.device,
                  decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
-    """Classification's device half: decode, orient, crop+resize, flip. Returns float 0..255 images and labels
-    on the device. The small tensors go over from the batch's pinned memory: a copy from pageable memory would
-    wait for the training step queued before it."""
+    """Classification's device half: decode, orient, crop+resize, flip, colour jitter. Returns float 0..255 images
+    and labels on the device. The small tensors go over from the batch's pinned memory: a copy from pageable
+    memory would wait for the training step queued before it."""
     images, keep, bad = decode_images(batch, device, decode)
-    rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep, device=device)
+    whole = len(keep) == len(batch["keys"])
+    rows = slice(None) if whole else torch.tensor(keep, device=device)
     box, flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("box", "flip", "label"))
     out = crop_resize(images, [(box[:, None], spec.size)])[0][:, 0]
     out = torch.where(flip[:, None, None, None], out.flip(-1), out)
-    return {"image": out, "label": label}, bad
+    return {"image": classify_colour(out, batch, None if whole else keep), "label": label}, bad
 
 
 def on_rows(x: torch.Tensor, mask: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:

@@ -1,10 +1,10 @@
 """Colour ops with one parameter per image, on a batch of float 0..255 (N,3,H,W) images on any device.
 
 torchvision's functional ops take one factor per call; these are their formulas with a factor per image
-(tests/test_pipelines_gpu_dino.py holds each against torchvision's one-image function). They serve DINO's
-views in `data.decode: gpu` and `hw` (pipelines/gpu.py), as albumentations' ColorJitter, ToGray,
-GaussianBlur and Solarize do in the CPU workers; `jitter` applies each image's four jitter ops in its own order
-in a fixed number of passes over the whole batch.
+(tests/test_pipelines_gpu_dino.py holds each against torchvision's one-image function). They serve DINO's views in
+`data.decode: gpu` and `hw` (pipelines/gpu.py), and classify's colour jitter there and in `dali`, as albumentations'
+ColorJitter, ToGray, GaussianBlur and Solarize do in the CPU workers; `jitter` applies each image's four jitter ops
+in its own order in a fixed number of passes over the whole batch.
 """
 
 from __future__ import annotations
@@ -69,9 +69,14 @@ def jitter_slots(order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -
 def jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """ColorJitter on the images where `on` (CPU tensors, as `jitter_slots` takes them), each with its own factors
     in its own order, in SLOTS full-batch passes: no gathers, no host syncs. An image with nothing in a slot keeps
-    its pixels exactly (a hue turn by 0 would not: HSV and back rounds)."""
-    ops, factor = (upload(t, x.device) for t in jitter_slots(order, factors, on))
+    its pixels exactly (a hue turn by 0 would not: HSV and back rounds), and a batch with no hue to turn (classify's
+    jitter) skips the hue pass."""
+    ops, factor = jitter_slots(order, factors, on)
+    turns = bool(factor[:, SLOTS // 2].any())
+    ops, factor = upload(ops, x.device), upload(factor, x.device)
     for s in range(SLOTS):
+        if s == SLOTS // 2 and not turns:
+            continue
         y = hue(x, factor[:, s]) if s == SLOTS // 2 else blend_op(x, ops[:, s], factor[:, s])
         x = torch.where(per_image(ops[:, s] >= 0), y, x)
     return x

@@ -165,14 +165,13 @@ device_batch = functools.partial(gpu.device_batch, decode=decode_batch)
 dino_device_batch = functools.partial(gpu.dino_device_batch, decode=decode_batch)
 
 
-def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.device, workers: int,
-           max_workers: int) -> tuple[str, str]:
+def choose(decode: str, modes: Iterable[str], device: torch.device, workers: int, max_workers: int
+           ) -> tuple[str, str]:
     """The decode mode a loader runs for `data.decode`, and why, in words for the run's log. auto is hw where the
-    task has it, the process has at most the task's `max_workers` CPU `workers` (more decode as fast), the hardware
-    decoder works on `device` and nothing would be lost (`lost`: the setting that the task applies in the CPU
-    workers only, e.g. classify's colour jitter; None for none); else cpu, with the first of those reasons that
-    holds. An explicit hw that cannot work is a one-line error, and so is an explicit dali (pipelines/dali.py:
-    never chosen by auto) that cannot."""
+    task has it, the process has at most the task's `max_workers` CPU `workers` (more decode as fast) and the
+    hardware decoder works on `device`; else cpu, with the first of those reasons that holds. An explicit hw that
+    cannot work is a one-line error, and so is an explicit dali (pipelines/dali.py: never chosen by auto) that
+    cannot."""
     if decode == "hw" and (why := unavailable(device)):
         raise DataError(f"data.decode=hw: {why}; use data.decode=auto or cpu")
     if decode == "dali" and (why := dali.unavailable(device)):
@@ -185,6 +184,4 @@ def choose(decode: str, modes: Iterable[str], lost: str | None, device: torch.de
         return "cpu", f"auto: {workers} CPU workers decode as fast (hw with {max_workers} or fewer)"
     if why := unavailable(device):
         return "cpu", f"auto: {why}"
-    if lost:
-        return "cpu", f"auto: {lost} runs in the CPU workers only"
     return "hw", f"auto: {describe(device)}"

@@ -415,8 +415,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
     data = TASKS[task]
-    decode, why = hw.choose(cfg.decode, data.decoders, data.cpu_only(cfg.augment), device, cfg.workers,
-                            data.auto_hw_workers)
+    decode, why = hw.choose(cfg.decode, data.decoders, device, cfg.workers, data.auto_hw_workers)
     cfg = cfg.model_copy(update={"decode": decode})
     dataset = StoreBatches(make_reader(store, cfg.cache_dir), data.decoders[cfg.decode].worker,
                            data.spec(train, cfg.image_size, cfg.augment), seed=seed, rank=rank, on_error=cfg.on_error)

@@ -49,8 +49,6 @@ class TaskData:
     host: tuple[str, ...] = ()  # batch keys left in (pinned) host memory: the task's model moves them itself
     # batch keys the workers send concatenated over the batch's images, with each image's rows in `counts`
     per_image: tuple[str, ...] = ()
-    # the augment setting that only the cpu mode applies, if set (data.decode: auto keeps such a run on the CPU)
-    cpu_only: Callable[[AugmentConfig], str | None] = lambda aug: None
     # data.decode: auto picks hw with at most this many CPU workers a process: where the workers decode slower than
     # the hardware decoder feeds the step (the crossover measured for each task, bench/RESULTS.md, issue 19)
     auto_hw_workers: int = 0
@@ -93,7 +91,6 @@ TASKS: dict[str, TaskData] = {
                   "hw": Decoder(gpu.worker_batch, each(hw.device_batch)),
                   "dali": Decoder(gpu.worker_batch, dali.device_batches)},
         images="image",
-        cpu_only=lambda aug: f"data.augment.color_jitter={aug.color_jitter}" if aug.color_jitter else None,
         auto_hw_workers=6,  # ResNet-50 on an H100: 6 workers decode as fast as hw feeds it, 8 at its full rate
     ),
     "dino": TaskData(

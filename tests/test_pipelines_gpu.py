@@ -12,7 +12,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.ops import roi_align
 
-from pipelines.gpu import crop_resize
+from pipelines import AugmentConfig, gpu_color
+from pipelines.batches import BatchSpec
+from pipelines.gpu import classify_draw, crop_resize, device_batch, worker_batch
+from pipelines.store import RawSample
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -45,3 +48,27 @@ def test_a_crop_to_a_smaller_images_bottom_right_edge_is_that_crop_of_the_image_
     got = crop_resize([big, small], [(torch.tensor([[(0.0, 0.0, 35.0, 27.0)]] * 2), 48)])[0][1, 0]
     want = TF.resize(small.float(), [48, 48], antialias=True)
     assert torch.allclose(got, want, atol=1e-3), (got - want).abs().amax(dim=(0, 1))
+
+
+def test_classify_colour_jitter_on_the_device_is_the_drawn_factors_in_the_drawn_order(imagefolder_src):
+    # classify's gpu/hw/dali device half applies the preset's ColorJitter (brightness, contrast, saturation; no hue)
+    # with the factors and order each worker drew, on top of the same crop and flip as without jitter
+    paths = sorted(imagefolder_src.rglob("*.jpg"))[:6]
+    samples = [RawSample("s", p.stem, "jpg", p.read_bytes(), {"cls": i % 2}) for i, p in enumerate(paths)]
+    seeds = list(range(100, 100 + len(samples)))
+    specs = {cj: BatchSpec(size=24, train=True, aug=AugmentConfig(color_jitter=cj), transforms=[]) for cj in (0.0, 0.4)}
+    plain, jittered = (device_batch(worker_batch(samples, seeds, spec)[0], spec, torch.device("cpu"))[0]["image"]
+                       for spec in specs.values())
+    assert "factors" not in worker_batch(samples, seeds, specs[0.0])[0]
+    reference = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i, seed in enumerate(seeds):
+        w, h = cv2.imdecode(np.frombuffer(samples[i].image, np.uint8), cv2.IMREAD_COLOR).shape[1::-1]
+        drawn = classify_draw(specs[0.4], w, h, seed)
+        assert np.array_equal(drawn["box"], classify_draw(specs[0.0], w, h, seed)["box"])
+        factors = drawn["factors"]
+        assert factors[3] == 0 and all(0.6 <= f <= 1.4 for f in factors[:3])
+        want = plain[i] / 255
+        for op in drawn["order"].tolist():
+            want = want if op == gpu_color.HUE else reference[op](want, float(factors[op]))
+        assert torch.allclose(jittered[i], want * 255, atol=0.05), (i, (jittered[i] - want * 255).abs().max())
+    assert not torch.allclose(jittered, plain, atol=1.0)
