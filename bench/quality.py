@@ -14,7 +14,9 @@ batch size and augmentation:
   `DataLoader(shuffle=True, drop_last=True)`, torchvision's RandomResizedCrop, flip and ColorJitter
   with our preset's numbers (eval: resize to size/crop_pct, centre crop), timm's model,
   `create_optimizer_v2`, `CosineLRScheduler` stepped per step, cross entropy;
-- `wds`, `lmdb`: `shardtrain train` (torchrun, one process) on the stores.
+- `wds`, `lmdb`: `shardtrain train` (torchrun, one process) on the stores, CPU decode;
+- `wds-gpu`, `wds-hw` (with `--ways`): the same with `data.decode` gpu or hw: crops, flips and colour jitter drawn
+  by the workers and applied in the training process (gpu runs on the CPU where there is no GPU).
 
 Each run's val top-1 is measured on the same held-out images (the val split, centre crop). The
 aim is both stores within 0.5 points of the plain loop (mean over seeds). The last line is one
@@ -51,7 +53,7 @@ def recipe(args) -> dict:
     """The run config both ways share (the plain loop reads its numbers from it)."""
     return {
         "task": "classify",
-        "data": {"image_size": args.size, "batch_size": args.batch_size, "workers": args.workers,
+        "data": {"image_size": args.size, "batch_size": args.batch_size, "workers": args.workers, "decode": "cpu",
                  "pin_memory": args.device == "cuda", "channels_last": False},
         "model": {"name": args.model},
         "optim": {"name": "adamw", "lr": args.lr, "weight_decay": 0.05, "warmup_epochs": 1, "min_lr": 1.0e-5},
@@ -116,10 +118,11 @@ def plain_loop(raw: Path, cfg: dict, seed: int, device: torch.device) -> float:
     return 100 * hits / len(val)
 
 
-def shardtrain(store: str, cfg: dict, seed: int, work: Path, name: str) -> float:
-    """`shardtrain train` on a store (`training.launch`: torchrun, one process). Returns the final val top-1 (%)."""
+def shardtrain(store: str, decode: str, cfg: dict, seed: int, work: Path, name: str) -> float:
+    """`shardtrain train` on a store (`training.launch`: torchrun, one process) with `data.decode` `decode`.
+    Returns the final val top-1 (%)."""
     config = {"name": name, "runs_dir": str(work / "runs"), "seed": seed, **cfg,
-              "data": {**cfg["data"], "path": store}}
+              "data": {**cfg["data"], "path": store, "decode": decode}}
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     log: list[str] = []
@@ -133,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "quality")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--ways", default="imagefolder,wds,lmdb", help="of imagefolder, wds, lmdb, wds-gpu, wds-hw")
     parser.add_argument("--grid", type=int, default=4, help="regions per photo side: 6 photos x grid^2 classes")
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--val-per-class", type=int, default=15)
@@ -150,28 +154,29 @@ def main() -> None:
     data = make_data(args.work, args)
     cfg = recipe(args)
     seeds = [int(s) for s in args.seeds.split(",")]
-    top1: dict[str, list[float]] = {"imagefolder": [], "wds": [], "lmdb": []}
+    top1: dict[str, list[float]] = {way: [] for way in args.ways.split(",")}
     for seed in seeds:
         for way in top1:
             start = time.perf_counter()
             if way == "imagefolder":
                 top1[way].append(plain_loop(Path(data["raw"]), cfg, seed, torch.device(args.device)))
             else:
-                top1[way].append(shardtrain(data[way], cfg, seed, args.work, f"{way}-seed{seed}"))
+                fmt, _, decode = way.partition("-")
+                top1[way].append(shardtrain(data[fmt], decode or "cpu", cfg, seed, args.work, f"{way}-seed{seed}"))
             print(f"seed {seed} {way:12s} val top-1 {top1[way][-1]:6.2f}  ({time.perf_counter() - start:.0f}s)",
                   flush=True)
     mean = {way: float(np.mean(v)) for way, v in top1.items()}
-    for way in ("wds", "lmdb"):
-        print(f"{way}: mean top-1 {mean[way]:.2f} vs imagefolder {mean['imagefolder']:.2f} "
-              f"({mean[way] - mean['imagefolder']:+.2f} points; aim within 0.5)")
+    base = "imagefolder" if "imagefolder" in mean else "wds"
+    for way in (w for w in mean if w != base):
+        print(f"{way}: mean top-1 {mean[way]:.2f} vs {base} {mean[base]:.2f} "
+              f"({mean[way] - mean[base]:+.2f} points; aim within 0.5)")
     classes = 6 * args.grid**2
     record("quality", {
         "bench": "quality", "model": args.model, "size": args.size, "epochs": args.epochs, "classes": classes,
         "train_images": classes * args.train_per_class, "val_images": classes * args.val_per_class, "seeds": seeds,
         **{f"top1_{way}": [round(v, 2) for v in values] for way, values in top1.items()},
         **{f"mean_top1_{way}": round(m, 2) for way, m in mean.items()},
-        "delta_wds": round(mean["wds"] - mean["imagefolder"], 2),
-        "delta_lmdb": round(mean["lmdb"] - mean["imagefolder"], 2),
+        **{f"delta_{way}": round(m - mean[base], 2) for way, m in mean.items() if way != base}, "delta_from": base,
         "device": args.device, **machine(),
     })
 
