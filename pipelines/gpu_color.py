@@ -54,30 +54,33 @@ def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(torch.cat([h[:, None], hsv[:, 1:]], dim=1)).mul_(255)
 
 
-def jitter_slots(order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's jitter spread over SLOTS passes: its op (-1: none) and factor in each slot, (N, SLOTS) each.
+def jitter_slots(order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Each image's jitter spread over passes: its op (-1: none) and factor in each slot, (N, slots) each, and the
+    slot of the hue pass.
 
-    Every jittered image turns its hue exactly once; with each order shifted so that hue lands in the middle slot,
-    that slot is one hue pass over the batch and every other slot one blend pass (`blend_op`), in each image's
-    own order. order: (N,4) op indices; factors: (N,4) by op; on: (N,) the images jittered."""
+    Every jittered image turns its hue exactly once; with each order shifted so that hue lands in the middle of
+    SLOTS, that slot is one hue pass over the batch and every other slot one blend pass (`blend_op`), in each
+    image's own order. Where no image turns its hue (classify's jitter), each image's three other ops fill three
+    blend passes and there is no hue pass (None). order: (N,4) op indices; factors: (N,4) by op; on: (N,) the
+    images jittered."""
+    if not factors[on, HUE].any():
+        kept = order[order != HUE].reshape(-1, 3)
+        return kept.masked_fill(~on[:, None], -1), factors.gather(1, kept), None
     slot = torch.arange(4) + (SLOTS // 2 - (order == HUE).int().argmax(1, keepdim=True))
     ops = torch.full((len(order), SLOTS), -1).scatter_(1, slot, order)
     ops[~on] = -1
-    return ops, torch.zeros(ops.shape).scatter_(1, slot, factors.gather(1, order))
+    return ops, torch.zeros(ops.shape).scatter_(1, slot, factors.gather(1, order)), SLOTS // 2
 
 
 def jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """ColorJitter on the images where `on` (CPU tensors, as `jitter_slots` takes them), each with its own factors
-    in its own order, in SLOTS full-batch passes: no gathers, no host syncs. An image with nothing in a slot keeps
-    its pixels exactly (a hue turn by 0 would not: HSV and back rounds), and a batch with no hue to turn (classify's
-    jitter) skips the hue pass."""
-    ops, factor = jitter_slots(order, factors, on)
-    turns = bool(factor[:, SLOTS // 2].any())
+    in its own order, in a fixed number of full-batch passes: no gathers, no host syncs. An image with nothing in
+    a slot keeps its pixels exactly (a hue turn by 0 would not: HSV and back rounds)."""
+    ops, factor, hue_at = jitter_slots(order, factors, on)
     ops, factor = upload(ops, x.device), upload(factor, x.device)
-    for s in range(SLOTS):
-        if s == SLOTS // 2 and not turns:
-            continue
-        y = hue(x, factor[:, s]) if s == SLOTS // 2 else blend_op(x, ops[:, s], factor[:, s])
+    for s in range(ops.shape[1]):
+        y = hue(x, factor[:, s]) if s == hue_at else blend_op(x, ops[:, s], factor[:, s])
         x = torch.where(per_image(ops[:, s] >= 0), y, x)
     return x
 
