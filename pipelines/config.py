@@ -152,13 +152,12 @@ class DataConfig(Section):
     decode: Literal["auto", "cpu", "gpu", "hw", "dali"] = pydantic.Field(
         default="auto", description="cpu: the workers decode and augment. gpu (classify and dino): the workers send "
         "the JPEG bytes and each view's crop box, flip (and for dino colour parameters), decoded with nvJPEG, cropped "
-        "and augmented on the device (on the CPU without CUDA). hw (classify and "
-        "dino): as gpu, decoded by the GPU's hardware JPEG decoder through nvImageCodec (`pip install "
-        "'shardtrain[gpu]'`), other images on the CPU. dali (classify): as gpu, the decode (hardware decoder "
-        "first), crop, resize and flip run by NVIDIA DALI's engine in its own threads (`pip install "
-        "'shardtrain[dali]'`; only when set, never by auto). auto: hw where it works and `workers` is few "
-        "(classify 6 or fewer, dino 8: more decode as fast on the CPU, bench/RESULTS.md, issue 19), else cpu; the "
-        "run's log says which and why.")
+        "and augmented on the device (on the CPU without CUDA). hw (classify and dino): as gpu, decoded by the GPU's "
+        "hardware JPEG decoder through nvImageCodec (`pip install 'shardtrain[gpu]'`), other images on the CPU. "
+        "dali (classify): as gpu, the decode (hardware decoder first), crop, resize and flip run by NVIDIA DALI's "
+        "engine in its own threads (`pip install 'shardtrain[dali]'`; only when set, never by auto). auto: hw where "
+        "it works and `workers` is few (classify 6 or fewer, dino 8: more decode as fast on the CPU, "
+        "bench/RESULTS.md, issue 19), else cpu; the run's log says which and why.")
     pin_memory: bool = pydantic.Field(
         default=True, description="Worker batches in pinned memory (on CUDA), for non-blocking copies to the "
         "device.")

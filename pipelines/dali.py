@@ -2,18 +2,17 @@
 
 The loader keeps what it owns: which samples, their order, exact resume, the crop boxes, flips and colour jitter its
 seeded workers draw (`gpu.worker_batch`; the jitter applied after DALI, as `gpu` mode does) and the samples it
-rejects. Only the per-image work of the training process moves into
-DALI's C++ threads, where `gpu`/`hw` mode run it in Python under the GIL: per batch, a DALI pipeline takes the
-workers' encoded bytes (`fn.external_source`, numpy views of the batch's pinned buffer, not copied), decodes only each
-image's crop region (`fn.decoders.image_slice`, device "mixed" with its hardware-decoder share on a GPU, "cpu" with
-`device_id=None`), resizes it to S x S (`fn.resize`, the sub-pixel box as its ROI, float output; linear when
-enlarging, DALI's antialiased Gaussian when shrinking: the nearest of DALI's filters to roi_align's averaged bilinear
-samples, about half the difference of its default antialiased linear one, which blurs more) and flips it
-(`fn.crop_mirror_normalize`, float CHW 0..255). The result is copied into a torch tensor on the caller's stream
-(`feed_ndarray`, after the event DALI's outputs are bound to): the caller is `gpu.run_ahead`'s thread, which hands
-it to the training stream with an event, so neither thread waits for DALI's work. Two batches are in DALI at once
-(`Ahead`): each is fed and scheduled before the outputs of the one before it are taken, so that its CPU, decoder and
-GPU stages overlap across batches.
+rejects. Only the per-image work of the training process moves into DALI's C++ threads, where `gpu`/`hw` mode run it
+in Python under the GIL: per batch, a DALI pipeline takes the workers' encoded bytes (`fn.external_source`, numpy
+views of the batch's pinned buffer, not copied), decodes only each image's crop region (`fn.decoders.image_slice`,
+device "mixed" with its hardware-decoder share on a GPU, "cpu" with `device_id=None`), resizes it to S x S
+(`fn.resize`, the sub-pixel box as its ROI, float output; linear when enlarging, DALI's antialiased Gaussian when
+shrinking: the nearest of DALI's filters to roi_align's averaged bilinear samples, about half the difference of its
+default antialiased linear one, which blurs more) and flips it (`fn.crop_mirror_normalize`, float CHW 0..255). The
+result is copied into a torch tensor on the caller's stream (`feed_ndarray`, after the event DALI's outputs are
+bound to): the caller is `gpu.run_ahead`'s thread, which hands it to the training stream with an event, so neither
+thread waits for DALI's work. Two batches are in DALI at once (`Ahead`): each is fed and scheduled before the
+outputs of the one before it are taken, so that its CPU, decoder and GPU stages overlap across batches.
 
 EXIF orientation: the boxes are drawn on the oriented image (as for every decoder). DALI decodes the stored pixels
 (`adjust_orientation=False`); the box is mapped onto them (`stored_box`), and the S x S crop is oriented afterwards
