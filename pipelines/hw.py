@@ -16,11 +16,16 @@ sample (skipped and counted, or the run's error, by `data.on_error`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import importlib.util
 import math
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -38,8 +43,9 @@ def unavailable(device: torch.device) -> str | None:
     """Why the hardware decoder cannot decode on `device`, or None where it can: nvImageCodec imports and
     decodes a small JPEG with its HW_GPU_ONLY backend (GPUs without the engines return no image). Probed once
     per device and process."""
-    if why := extra_missing(device, "nvidia.nvimgcodec", "nvImageCodec", "gpu"):
-        return why
+    with jpeg_extension_only():
+        if why := extra_missing(device, "nvidia.nvimgcodec", "nvImageCodec", "gpu"):
+            return why
     from nvidia import nvimgcodec
 
     probe = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[:, None, None], (1, 64, 3))
@@ -51,6 +57,29 @@ def unavailable(device: torch.device) -> str | None:
     if image is None:
         return f"{torch.cuda.get_device_name(device)} has no hardware JPEG decoder that nvImageCodec can use"
     return None
+
+
+@contextlib.contextmanager
+def jpeg_extension_only() -> Iterator[None]:
+    """nvImageCodec loads every extension in its folder when it is imported, and the JPEG 2000 and TIFF ones
+    print six error lines in every run where their libraries (which hw does not need) are missing. While inside,
+    the import sees a folder holding the JPEG extension alone, unless the user set NVIMGCODEC_EXTENSIONS_PATH.
+    The variable is unset again after: DALI's own nvImageCodec must not see it."""
+    try:
+        spec = importlib.util.find_spec("nvidia.nvimgcodec")
+    except ModuleNotFoundError:  # no nvidia packages at all
+        spec = None
+    if spec is None or spec.origin is None or "NVIMGCODEC_EXTENSIONS_PATH" in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="shardtrain-nvimgcodec-") as folder:
+        for extension in (Path(spec.origin).parent / "extensions").glob("libnvjpeg_ext.so*"):
+            (Path(folder) / extension.name).symlink_to(extension)
+        os.environ["NVIMGCODEC_EXTENSIONS_PATH"] = folder
+        try:
+            yield
+        finally:
+            del os.environ["NVIMGCODEC_EXTENSIONS_PATH"]
 
 
 def extra_missing(device: torch.device, module: str, name: str, extra: str) -> str | None:

@@ -4,6 +4,9 @@ per-image CPU fallback; on a GPU with the engines (`pytest -m gpu`), the decode 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pydantic
@@ -157,3 +160,16 @@ def test_hw_decode_on_cuda_matches_nvjpeg_and_falls_back_per_image(store):
     assert out[1].is_cuda and out[1].shape == (3, 24, 40)
     assert isinstance(out[2], RuntimeError)
     assert hw.FALLBACKS["png is not a JPEG"] == 1 and hw.FALLBACKS["the hardware decoder refused the jpg"] >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(HW_WHY_NOT is not None, reason=f"no hardware decoder: {HW_WHY_NOT}")
+def test_the_hardware_decoder_starts_without_the_jpeg2000_and_tiff_extensions_errors():
+    # A fresh process: nvImageCodec loads its extensions once, at its import.
+    probe = ("import os, torch; from pipelines import hw; print(hw.unavailable(torch.device('cuda'))); "
+             "print('NVIMGCODEC_EXTENSIONS_PATH' in os.environ)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "NVIMGCODEC_EXTENSIONS_PATH"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-2:] == ["None", "False"]
+    assert "nvjpeg2k" not in (run.stdout + run.stderr).lower() and "nvtiff" not in (run.stdout + run.stderr).lower()
