@@ -23,7 +23,6 @@ from typing import TypeVar
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-from torchvision.ops import roi_align
 
 from pipelines import gpu_color, presets
 from pipelines.batches import BatchSpec
@@ -296,7 +295,10 @@ def crop_resize(images: list[torch.Tensor], crops: list[tuple[torch.Tensor, int]
             views = boxes.shape[1]
             idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
             rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
-            crop = roi_align(canvas, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+            # The op itself, not `torchvision.ops.roi_align`: under deterministic algorithms on CUDA that swaps in
+            # a torch.compiled version (for its backward; we take none), whose compile in this thread fails while
+            # the main thread compiles the step ("FX to symbolically trace a dynamo-optimized function").
+            crop = torch.ops.torchvision.roi_align(canvas, rois, 1.0, size, size, 0, True)
             out.append(crop.unflatten(0, (stop - start, views)))
     return [torch.cat(out) if out else torch.zeros((0, boxes.shape[1], 3, size, size))
             for out, (boxes, size) in zip(parts, crops)]
