@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -26,15 +27,25 @@ class WorkerDied(Exception):
     """A worker process ended before sending all its results."""
 
 
-def ordered_map(work: Callable[[T], R], tasks: Sequence[T], workers: int, chunksize: int) -> Iterator[R]:
-    """`work(task)` for each task, on `workers` forked processes, yielded in task order.
+def start_method() -> str:
+    """fork, unless this process has started CUDA (a notebook or a test run that used the GPU before converting):
+    a forked child aborts when it frees a CUDA tensor it inherited, so there the workers come from a fork server."""
+    torch = sys.modules.get("torch")
+    return "forkserver" if torch is not None and torch.cuda.is_initialized() else "fork"
+
+
+def ordered_map(work: Callable[[T], R], tasks: Sequence[T], workers: int, chunksize: int,
+                start: str | None = None) -> Iterator[R]:
+    """`work(task)` for each task, on `workers` processes (forked, or from a fork server with `start="forkserver"`;
+    by default as `start_method()` says), yielded in task order.
 
     `work` goes to each worker pickled, so what it holds (an fsspec filesystem) is made afresh there, not
     inherited mid-state through fork. Chunk c goes to worker c % workers. Raises WorkerDied when a worker
     ends early (a kill -9, the OOM killer); the other workers are killed then, and on any other way out.
     """
     chunks = [tasks[i:i + chunksize] for i in range(0, len(tasks), chunksize)]
-    ctx = multiprocessing.get_context("fork")
+    fork = (start or start_method()) == "fork"
+    ctx = multiprocessing.get_context("fork") if fork else multiprocessing.get_context("forkserver")
     procs: list[BaseProcess] = []
     sends: list[Connection] = []
     recvs: list[Connection] = []

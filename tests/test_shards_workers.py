@@ -1,5 +1,5 @@
-"""shards.workers.ordered_map with real forked workers: a death mid-message is reported, not waited on; a
-dead parent takes its workers with it; a task's exception reaches the caller."""
+"""shards.workers.ordered_map with real worker processes (forked, or from a fork server): a death mid-message is
+reported, not waited on; a dead parent takes its workers with it; a task's exception reaches the caller."""
 
 from __future__ import annotations
 
@@ -62,10 +62,11 @@ def test_a_worker_killed_mid_message_is_an_error_at_once():
     assert not any(p.is_alive() for p in workers)  # the other one too
 
 
-def test_results_come_in_task_order_and_a_task_error_reaches_the_caller():
-    assert list(ordered_map(abs, list(range(-40, 0)), workers=3, chunksize=3)) == list(range(40, 0, -1))
+@pytest.mark.parametrize("start", [None, "forkserver"])  # forkserver: where this process has started CUDA
+def test_results_come_in_task_order_and_a_task_error_reaches_the_caller(start):
+    assert list(ordered_map(abs, list(range(-40, 0)), workers=3, chunksize=3, start=start)) == list(range(40, 0, -1))
     with pytest.raises(ValueError, match="'seven'"):
-        list(ordered_map(int, ["1", "2", "seven", "4"], workers=2, chunksize=1))
+        list(ordered_map(int, ["1", "2", "seven", "4"], workers=2, chunksize=1, start=start))
     assert not multiprocessing.active_children()
 
 
