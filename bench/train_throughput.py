@@ -8,6 +8,8 @@ Run on a GPU host, from the repo root (everything that belongs together, in one 
     python bench/train_throughput.py --scaling 1,2        # DDP: images/s per GPU on 1 and 2 GPUs, each model
     python bench/train_throughput.py --models resnet50 --paths wds-dali --workers 4 --profile-at 70 \
         --set 'data.pin_memory=false'                     # a setting's effect on a path, and where its steps go
+    python bench/train_throughput.py --models resnet50 --paths wds-hw --workers 4 --steps 400 --py-spy-at 150
+                                                          # which threads of the trainer hold its interpreter lock
 
 What it does:
 1. Makes `--images` JPEGs of ImageNet-like size (~500x375) from the bundled real photos (one class
@@ -185,8 +187,10 @@ def run_config(name: str, store: str, model: str, decode: str, batch: int, worke
     }
 
 
-def launch(cfg: dict, runs: Path, nproc: int = 1) -> tuple[list[tuple[float, str]], float]:
-    """Run the config (under torchrun when nproc > 1); returns (seconds since start, line) pairs and the total."""
+def launch(cfg: dict, runs: Path, nproc: int = 1,
+           py_spy_at: int | None = None) -> tuple[list[tuple[float, str]], float]:
+    """Run the config (under torchrun when nproc > 1); returns (seconds since start, line) pairs and the total.
+    With `py_spy_at` (one process), who holds the trainer's interpreter lock from that step on (`py_spy_lock`)."""
     if cfg["resume"] == "never":
         shutil.rmtree(runs / cfg["name"], ignore_errors=True)  # a fresh run, not the last bench's checkpoints
     path = runs / f"{cfg['name']}.yaml"
@@ -200,13 +204,47 @@ def launch(cfg: dict, runs: Path, nproc: int = 1) -> tuple[list[tuple[float, str
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     assert proc.stdout is not None
+    spy, spied = None, runs / f"{cfg['name']}.py-spy.txt"
     for line in proc.stdout:
         lines.append((time.perf_counter() - start, line.rstrip()))
         print(f"  [{cfg['name']} {lines[-1][0]:6.1f}s] {line.rstrip()}", flush=True)
+        if py_spy_at is not None and spy is None and (m := STEP_LINE.match(line)) and int(m.group(1)) >= py_spy_at:
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(proc.pid), "-d", str(PY_SPY_SECONDS), "-r",
+                                    str(PY_SPY_RATE), "--gil", "--threads", "--nonblocking", "-f", "raw", "-o",
+                                    str(spied)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if spy is not None:
+        said = spy.communicate()[0].strip().splitlines()
+        print("\n".join(py_spy_lock(spied.read_text())) if spy.returncode == 0 else
+              f"py-spy failed (exit {spy.returncode}): {said[-1] if said else ''}", flush=True)
     if proc.wait() != 0:
         tail = "\n".join(text for _, text in lines[-30:])
         raise RuntimeError(f"{cfg['name']} failed:\n{tail}")
     return lines, time.perf_counter() - start
+
+
+PY_SPY_SECONDS, PY_SPY_RATE = 8, 100
+
+
+def py_spy_lock(raw: str, top: int = 6) -> list[str]:
+    """py-spy's raw `--gil --threads` samples summed by thread name (a checkpoint writer is a new thread each
+    time): the share of the window each held the interpreter lock, and the frames it held it in most (lines to
+    print)."""
+    held: dict[str, int] = {}
+    frames: dict[tuple[str, str], int] = {}
+    for line in raw.splitlines():
+        stack, count = line.rsplit(" ", 1)
+        thread, *calls = stack.split(";")
+        thread = thread.split(": ", 1)[-1]  # "thread (1718): MainThread"
+        held[thread] = held.get(thread, 0) + int(count)
+        leaf = (thread, calls[-1] if calls else "?")
+        frames[leaf] = frames.get(leaf, 0) + int(count)
+    window = PY_SPY_SECONDS * PY_SPY_RATE
+    out = [f"interpreter lock held (py-spy, {PY_SPY_SECONDS} s): {sum(held.values()) / window:.0%} of the time"]
+    for thread, n in sorted(held.items(), key=lambda kv: -kv[1]):
+        out.append(f"  {n / window:4.0%} {thread}")
+        leaves = sorted(((n, leaf) for (t, leaf), n in frames.items() if t == thread), reverse=True)[:top]
+        out += [f"        {n / window:4.0%} {leaf}" for n, leaf in leaves]
+    return out
 
 
 STEP_LINE = re.compile(r"^step (\d+) epoch (\d+) .* ([\d.]+) img/s data-wait (\d+)%")
@@ -284,6 +322,9 @@ def main() -> None:
     p.add_argument("--profile-at", type=int, default=None, metavar="STEP",
                    help="each end-to-end run profiles its optimizer steps STEP..STEP+4 (train.profile): where the "
                    "step's time goes beside its input path, in its log lines")
+    p.add_argument("--py-spy-at", type=int, default=None, metavar="STEP",
+                   help=f"each end-to-end run of ours: which threads of the training process hold its interpreter "
+                   f"lock for {PY_SPY_SECONDS} s from step STEP on (py-spy, installed apart: pip install py-spy)")
     p.add_argument("--set", default="", metavar="OVERRIDES",
                    help="space-separated dotted overrides (shardtrain train's) for the end-to-end runs of our paths, "
                    "e.g. 'data.pin_memory=false data.prefetch_factor=2'")
@@ -292,6 +333,8 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU")
+    if args.py_spy_at is not None and not shutil.which("py-spy"):
+        sys.exit("error: --py-spy-at needs py-spy on the PATH (pip install py-spy)")
 
     work = Path(args.work)
     runs = work / "runs"
@@ -353,7 +396,7 @@ def main() -> None:
                                      runs, 10**9, None, args.compile_mode, args.profile_at)
                     for item in args.set.split():
                         apply_override(cfg, item)
-                    lines, _ = launch(cfg, runs)
+                    lines, _ = launch(cfg, runs, py_spy_at=args.py_spy_at)
                     rate, wait = steady_rate(lines, args.warmup_steps)
                     print("\n".join(profile_lines(lines)), flush=True)
                 table.append((f"{model} {fmt} {decode}-decode", rate, rate / ceil, wait))
