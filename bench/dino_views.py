@@ -57,10 +57,10 @@ def augment_before(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
 def cropped(batch: dict, size: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """One view size's crops of a worker batch, their augment parameters, as `dino_device_batch` makes them, and
     the number of images."""
-    images, _, _ = gpu.decode_images(batch, device, gpu.decode_batch)
     group = [v for v, view in enumerate(presets.dino_view_specs(SPEC.size, SPEC.aug)) if view.size == size]
-    x = gpu.crop_resize(images, [(gpu_color.upload(batch["box"][:, group], device), size)])[0].flatten(0, 1)
-    return x, {k: batch[k][:, group].flatten(0, 1) for k in gpu.DINO_PARAMS}, len(images)
+    (x,), keep, _ = gpu.decoded_crops(batch, [(gpu_color.upload(batch["box"][:, group], device), size)], device,
+                                      gpu.decode_batch)
+    return x.flatten(0, 1), {k: batch[k][:, group].flatten(0, 1) for k in gpu.DINO_PARAMS}, len(keep)
 
 
 def with_augment(augment, fn):

@@ -8,12 +8,11 @@
    pool's release threshold raised (the pool then keeps the memory the freed Images had).
 2. device batch: the training process's half as the loader runs it (decode on its own stream, orient, crop and
    resize, flip) on worker batches already in memory: the baseline (per-image copies out of nvImageCodec's
-   Images, the code before issue 19's fix), shardtrain's now, and nvJPEG's; and a candidate, `canvas_device_batch`:
-   decoded straight into one padded canvas, no copy op per image (with its mean difference from shardtrain's).
+   Images, the code before issue 19's fix), shardtrain's now (straight into the batch's padded canvas), and
+   nvJPEG's.
 3. input alone: `train_throughput.loader_rate` through the real loader and its workers, hw and cpu decode.
 4. step beside decode (`--stages step`): ResNet-50's compiled step (`train_throughput.make_step`) on one batch
-   already on the GPU, then fed by the device half in its thread (`gpu.run_ahead`) from worker batches in memory
-   (shardtrain's and the canvas candidate),
+   already on the GPU, then fed by the device half in its thread (`gpu.run_ahead`) from worker batches in memory,
    with the interpreter's default GIL switch interval (5 ms) and a tenth of it, with the decoder's CPU threads cut
    to 2, and beside a thread that only calls the decoder: which of them slows the step itself. Last, the fed
    step profiled (the GPU's busy share and top kernels): the profiler slows what runs after it.
@@ -34,10 +33,9 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.ops import roi_align
 
 from common import machine, profile_steps, record
-from pipelines import AugmentConfig, DataConfig, build_loader, gpu, gpu_color, hw
+from pipelines import AugmentConfig, DataConfig, build_loader, gpu, hw
 from pipelines.tasks import TASKS, Decoder, each
 from shards import ConvertOptions, convert
 from train_throughput import ceiling, loader_rate, make_raw, make_step
@@ -99,58 +97,21 @@ def raise_release_threshold(device: torch.device) -> None:
     assert cuda.cuMemPoolSetAttribute(pool, ctypes.c_int(4), ctypes.byref(value)) == 0  # RELEASE_THRESHOLD
 
 
-def decode_before(data, keys, device):
+def decode_before(data, keys, slots):
     """The baseline: pipelines/hw.py's decode_batch before issue 19's fix, new Images from nvImageCodec, each
-    copied to a contiguous CHW tensor in torch's memory (and freed)."""
+    copied into torch's memory (and freed)."""
     from nvidia import nvimgcodec
 
     jpegs = [i for i, key in enumerate(keys) if key[2] in hw.JPEG_EXTS]
-    out = [None] * len(data)
-    stream = torch.cuda.current_stream(device)
-    images = hw.decoder(device).decode([nvimgcodec.CodeStream(data[i].numpy()) for i in jpegs],
+    done = [False] * len(data)
+    stream = torch.cuda.current_stream(DEVICE)
+    images = hw.decoder(DEVICE).decode([nvimgcodec.CodeStream(data[i].numpy()) for i in jpegs],
                                        params=hw.params(), cuda_stream=stream.cuda_stream)
     for i, image in zip(jpegs, images):
-        out[i] = None if image is None else torch.from_dlpack(image).permute(2, 0, 1).contiguous()
-    return hw.cpu_fallback(data, keys, out, device)
-
-
-def canvas_device_batch(batch: dict, spec=SPEC, device: torch.device = DEVICE) -> tuple[dict, list]:
-    """Candidate for issue 19 (not in pipelines/ yet): the JPEGs decoded straight into one padded uint8 canvas
-    (nvImageCodec writes each image into a view of its slot, rows pitched at the canvas's width), then one float
-    conversion, edges and one roi_align: no copy op per image. The bench store has no EXIF orientation and no
-    image the hardware refuses, which the product path also handles."""
-    from nvidia import nvimgcodec
-
-    streams = [nvimgcodec.CodeStream(d.numpy()) for d in batch["data"].split(batch["length"].tolist())]
-    sizes = torch.tensor([(s.height, s.width) for s in streams])
-    h, w = (int(v) for v in sizes.max(0).values)
-
-    # on the decode's own drained stream, as the product decodes
-    def into_canvas(*_: object) -> list[torch.Tensor | Exception]:
-        cuda_stream = torch.cuda.current_stream(device).cuda_stream
-        canvas = torch.empty((len(streams), h, w, 3), dtype=torch.uint8, device=device)
-        slots = [canvas[i, : s.height, : s.width] for i, s in enumerate(streams)]
-        images = hw.decoder(device).decode(streams, params=hw.params(), cuda_stream=cuda_stream,
-                                           images=nvimgcodec.as_images(slots, cuda_stream=cuda_stream))
-        assert all(image is not None for image in images), "the hardware decoder refused a slot"
-        return [canvas]
-
-    canvas = gpu.decode_on_own_stream([], [], device, into_canvas)[0]
-    assert isinstance(canvas, torch.Tensor)
-    x = canvas.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    gpu.replicate_edges(x, gpu_color.upload(sizes, device))
-    box, flip, label = (batch[k].to(device, non_blocking=True) for k in ("box", "flip", "label"))
-    rois = torch.cat([torch.arange(len(streams), device=device, dtype=torch.float32)[:, None], box], dim=1)
-    out = roi_align(x, rois, output_size=spec.size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-    return {"image": torch.where(flip[:, None, None, None], out.flip(-1), out), "label": label}, []
-
-
-def attempt(put, key: str, measure) -> None:
-    """put(key, measure()), or the error in its place: a candidate that fails leaves the other figures."""
-    try:
-        put(key, measure())
-    except Exception as e:
-        put(key, f"{type(e).__name__}: {e}")
+        if image is not None:
+            slots[i].copy_(torch.from_dlpack(image))
+            done[i] = True
+    return hw.cpu_fallback(data, keys, slots, done)
 
 
 def gil_share(fn) -> float:
@@ -219,7 +180,6 @@ def step_beside_decode(batches: list[dict], streams: list, batch: int, mode: str
     step = make_step("resnet50", 1000, compile=True, mode=mode)
     put("step_ceiling", ceiling(step, batch, 1000, warmup=10, steps=30))
     put("step_fed_hw", fed_rate(step, device_feed(batches), batch))
-    attempt(put, "step_fed_hw_canvas", lambda: fed_rate(step, device_feed(batches, canvas_device_batch), batch))
     default = sys.getswitchinterval()
     sys.setswitchinterval(default / 10)
     put("step_fed_hw_switch_0.5ms", fed_rate(step, device_feed(batches), batch))
@@ -330,7 +290,11 @@ def device_half(batches: list[dict], put) -> None:
     variants = {"before": decode_before, "now": hw.decode_batch, "nvjpeg": gpu.decode_batch}
 
     def decode_only(decode, b):
-        return len(gpu.decode_on_own_stream(list(b["data"].split(b["length"].tolist())), b["keys"], DEVICE, decode))
+        data, stored = list(b["data"].split(b["length"].tolist())), [tuple(s) for s in b["size"].tolist()]
+        shape = tuple(b["size"].amax(0).tolist())
+        gpu.decode_on_own_stream(DEVICE, functools.partial(gpu.decode_canvas, data, b["keys"], stored, shape,
+                                                           DEVICE, decode))
+        return len(data)
 
     for name, decode in variants.items():
         put(f"decode_{name}", rate(functools.partial(decode_only, decode), batches))
@@ -338,17 +302,10 @@ def device_half(batches: list[dict], put) -> None:
 
     def ahead(decode, bs):
         fn = functools.partial(gpu.device_batch, spec=SPEC, device=DEVICE, decode=decode)
-        return sum(len(o[0]["label"]) for o in gpu.run_ahead(bs, fn, DEVICE))
+        return sum(len(o[0]["label"]) for o in gpu.run_ahead(map(fn, bs), DEVICE))
 
     for name in ("before", "now"):
         put(f"run_ahead_{name}", rate(functools.partial(ahead, variants[name]), [batches]))
-    attempt(put, "device_batch_canvas", lambda: rate(lambda b: len(canvas_device_batch(b)[0]["label"]), batches))
-
-    def difference() -> float:  # 0: the same pixels
-        now = hw.device_batch(batches[0], SPEC, DEVICE)[0]["image"]
-        return (canvas_device_batch(batches[0])[0]["image"] - now).abs().mean().item()
-
-    attempt(put, "canvas_minus_now_mean_abs", difference)
 
 
 def loader_alone(store: str, batch: int, worker_counts: list[int], put) -> None:

@@ -43,7 +43,6 @@ import torch
 
 from pipelines import gpu, hw
 from pipelines.batches import BatchSpec
-from pipelines.decode import probe_image
 from pipelines.store import BadSample
 
 JPEG_EXTS = ("jpg", "jpeg")
@@ -167,15 +166,9 @@ def count(reason: str, n: int = 1) -> None:
 
 
 def decode_on_cpu(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
-                  device: torch.device) -> list[torch.Tensor | Exception]:
-    """Each image decoded on the CPU and moved to `device`; an error in its slot where it cannot be."""
-    out: list[torch.Tensor | Exception] = []
-    for image, key in zip(data, keys):
-        try:
-            out.append(gpu.decode_one(image, key[2], torch.device("cpu")).to(device))
-        except RuntimeError as e:
-            out.append(e)
-    return out
+                  slots: list[torch.Tensor]) -> list[Exception | None]:
+    """Each image decoded on the CPU into its canvas slot; an error in its place where it cannot be."""
+    return [gpu.decode_on_cpu_into(slot, image, key[2]) for image, key, slot in zip(data, keys, slots)]
 
 
 def inputs(batch: dict) -> dict[str, Any]:
@@ -186,9 +179,9 @@ def inputs(batch: dict) -> dict[str, Any]:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     data = [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
     boxes = batch["box"].numpy().astype(np.float64)
-    orientation = batch["orientation"].numpy()
-    for i in np.flatnonzero(orientation != 1).tolist():  # rare: the oriented size, read from the header again
-        w, h, _ = probe_image(data[i].tobytes())
+    orientation, stored = batch["orientation"].numpy(), batch["size"].tolist()
+    for i in np.flatnonzero(orientation != 1).tolist():  # rare
+        h, w = stored[i]
         ow, oh = (h, w) if orientation[i] in gpu.SWAPS_AXES else (w, h)
         boxes[i] = stored_box(tuple(boxes[i]), int(orientation[i]), ow, oh)
     start, end, roi_start, roi_end = slices(boxes)

@@ -1,8 +1,7 @@
-"""decode: gpu. Workers send encoded bytes and crop boxes; the training process decodes the
-batch with nvjpeg (`torchvision.io.decode_jpeg(..., device="cuda")`) and crops, resizes and
-flips it with one `torchvision.ops.roi_align` per group of images, in a thread of its own one
-batch ahead of the step (`run_ahead`). Without CUDA the same code decodes on the CPU, which is
-how the tests run it.
+"""decode: gpu. Workers send encoded bytes, their sizes and crop boxes; the training process decodes the
+batch with nvjpeg (`torchvision.io.decode_jpeg(..., device="cuda")`) into one padded canvas and crops, resizes
+and flips it with one `torchvision.ops.roi_align` per crop size, in a thread of its own one batch ahead of the
+step (`run_ahead`). Without CUDA the same code decodes on the CPU, which is how the tests run it.
 
 Classification: crop, flip and resize, then the colour jitter its worker drew. DINO: every view of an image is cropped
 from its one decode, then flipped, colour-jittered, greyed, blurred and solarized with the parameters its
@@ -30,7 +29,7 @@ from pipelines.decode import probe_image
 from pipelines.store import BadSample, RawSample
 
 SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
-CANVAS_BYTES = 512 << 20  # float32 budget of one roi_align call's padded input
+CANVAS_BYTES = 1 << 30  # float32 budget of one canvas: 256 photos of up to 500x500 in one (one decode call)
 U = TypeVar("U")
 
 
@@ -68,17 +67,19 @@ def encoded_batch(samples: list[RawSample], seeds: list[int],
     """The worker half: probe headers and draw each image's parameters (`draw`, from its oriented size and its
     seed); no pixel decoding. Returns the batch, the samples in it and the unreadable ones.
 
+    The stored (h, w) of each image travels with it: the device half lays out its canvas before decoding.
     The encoded images travel as one flat uint8 tensor with their lengths: a DataLoader worker
     passes every tensor through a shared-memory segment of its own, and hundreds of small
     segments per batch cost more than decoding them does.
     """
-    payload, orient, drawn, good, bad = [], [], [], [], []
+    payload, stored, orient, drawn, good, bad = [], [], [], [], [], []
     for raw, seed in zip(samples, seeds):
         try:
             w, h, o = probe_image(raw.image)
         except Exception as e:  # unreadable header: a corrupt sample
             bad.append(BadSample(raw.shard, raw.key, f"cannot read {raw.ext} header: {type(e).__name__}: {e}"))
             continue
+        stored.append((h, w))
         if o in SWAPS_AXES:
             w, h = h, w
         drawn.append(draw(w, h, seed))
@@ -90,6 +91,7 @@ def encoded_batch(samples: list[RawSample], seeds: list[int],
         "data": torch.frombuffer(bytearray().join(payload), dtype=torch.uint8) if payload
         else torch.zeros(0, dtype=torch.uint8),
         "length": torch.tensor([len(p) for p in payload], dtype=torch.int64),
+        "size": torch.tensor(stored, dtype=torch.int64).reshape(-1, 2),  # (h, w) of the stored pixels
         "orientation": torch.tensor(orient, dtype=torch.int64),
         **{key: torch.from_numpy(np.stack([d[key] for d in drawn]) if drawn
                                  else np.zeros((0, *value.shape), value.dtype)) for key, value in template.items()},
@@ -192,9 +194,32 @@ def decode_one(data: torch.Tensor, ext: str, device: torch.device) -> torch.Tens
     return decode_image(data, mode=ImageReadMode.RGB).to(device)  # png/webp: CPU decode
 
 
+def put(slot: torch.Tensor, image: torch.Tensor | Exception) -> Exception | None:
+    """A decoded (3, h, w) image copied into its canvas slot ((h, w, 3), the size its header gave the worker), or
+    why not."""
+    if isinstance(image, Exception):
+        return image
+    if image.shape[1:] != slot.shape[:2]:
+        (h, w), (sh, sw) = image.shape[1:], slot.shape[:2]
+        return RuntimeError(f"decoded {w}x{h}, its header says {sw}x{sh}")
+    slot.copy_(image.permute(1, 2, 0))
+    return None
+
+
+def decode_on_cpu_into(slot: torch.Tensor, data: torch.Tensor, ext: str) -> Exception | None:
+    """One image decoded on the CPU and copied into its slot (a PNG, or a JPEG another decoder refused), or why
+    not."""
+    try:
+        return put(slot, decode_one(data, ext, torch.device("cpu")).to(slot.device))
+    except RuntimeError as e:
+        return e
+
+
 def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
-                 device: torch.device) -> list[torch.Tensor | Exception]:
-    """Decode all JPEGs in one batched call; if one is corrupt, retry one by one to find it."""
+                 slots: list[torch.Tensor]) -> list[Exception | None]:
+    """nvJPEG (on the slots' device) or libjpeg (on the CPU): every JPEG in one batched call, one by one if that
+    fails to find the corrupt one; PNG and WebP on the CPU. Each image is copied into its slot."""
+    device = slots[0].device if slots else torch.device("cpu")
     out: list[torch.Tensor | Exception] = [None] * len(data)  # type: ignore[list-item]  # every slot is filled below
     jpegs = [i for i, k in enumerate(keys) if k[2] in ("jpg", "jpeg")]
     try:
@@ -209,46 +234,66 @@ def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
             out[i] = decode_one(data[i], keys[i][2], device)
         except RuntimeError as e:
             out[i] = e
-    return out
+    return [put(slot, image) for slot, image in zip(slots, out)]
 
 
 _DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-DecodeFn = Callable[[list[torch.Tensor], list[tuple[str, str, str]], torch.device], list[torch.Tensor | Exception]]
+# decode(encoded images, their keys, their canvas slots): writes each image into its slot; None per image written,
+# else why not
+DecodeFn = Callable[[list[torch.Tensor], list[tuple[str, str, str]], list[torch.Tensor]], list[Exception | None]]
 
 
-def decode_on_own_stream(data: list[torch.Tensor], keys: list[tuple[str, str, str]], device: torch.device,
-                         decode: DecodeFn = decode_batch) -> list[torch.Tensor | Exception]:
-    """`decode` (nvJPEG's `decode_batch`, or hw's) on CUDA, made safe against the hardware decoder.
+def decode_canvas(data: list[torch.Tensor], keys: list[tuple[str, str, str]], stored: list[tuple[int, int]],
+                  shape: tuple[int, int], device: torch.device,
+                  decode: DecodeFn) -> tuple[torch.Tensor, list[Exception | None]]:
+    """The images decoded into one uint8 (N, H, W, 3) canvas of `shape` (H, W), each at its top left at its stored
+    size: a decoder writes them there itself (hw), no copy op per image. The padding is left as it was: only a
+    pixel past each edge is ever read, and `replicate_edges` writes it."""
+    canvas = torch.empty((len(data), *shape, 3), dtype=torch.uint8, device=device)
+    return canvas, decode(data, keys, [canvas[i, :h, :w] for i, (h, w) in enumerate(stored)])
+
+
+def decode_on_own_stream(device: torch.device, fill: Callable[[], U]) -> U:
+    """`fill()` (a decode and the memory it writes) on CUDA, made safe against the hardware decoder.
 
     That decoder writes its outputs before the work already queued on its stream has run
     (pytorch/vision#9606), so on the training stream it can overwrite memory a queued kernel
     still reads (seen here as NaN losses under torch.compile). On a stream of its own that we
     drain first, nothing is queued ahead of it; `record_stream` keeps the caching allocator
-    from handing its outputs to the decoder again before the training stream is done with them.
+    from handing its outputs to the decoder again before the current stream is done with them.
     """
     if device.type != "cuda":
-        return decode(data, keys, device)
+        return fill()
     stream = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
     consumer = torch.cuda.current_stream(device)
     stream.synchronize()  # waits for this stream's own last decode only, never for the training step
     with torch.cuda.stream(stream):
-        out = decode(data, keys, device)
+        out = fill()
     consumer.wait_stream(stream)
-    for img in out:
-        if isinstance(img, torch.Tensor):
-            img.record_stream(consumer)
+    for t in tensors(out):
+        t.record_stream(consumer)
     return out
 
 
+def turn_upright(canvas: torch.Tensor, stored: list[tuple[int, int]], orientation: list[int]) -> None:
+    """Each image with an EXIF orientation turned in its slot (sized for both ways round), as PIL's
+    exif_transpose: the crop boxes were drawn on the upright image. Rare in photo sets: an op or two an image."""
+    for i, o in enumerate(orientation):
+        if o not in (0, 1):
+            h, w = stored[i]
+            upright = apply_orientation(canvas[i, :h, :w].permute(2, 0, 1).clone(), o)
+            canvas[i, : upright.shape[1], : upright.shape[2]] = upright.permute(1, 2, 0)
+
+
 def replicate_edges(canvas: torch.Tensor, sizes: torch.Tensor) -> None:
-    """Repeat each pasted image's last column, then its last row, once into the canvas's padding.
+    """Repeat each image's last column, then its last row, once into the canvas's padding.
 
     roi_align interpolates a sample point past the last pixel centre (x in (W-1, W]) with the next column; on the
-    lone image it clamps to the edge, on the canvas that column would be the zero padding and darken every crop
-    that reaches the right or bottom edge. One pixel is all a bilinear sample can reach past the edge. Two gathers
-    and two scatters for the whole canvas, not ops per image: the decode thread launches every op.
+    lone image it clamps to the edge, on the canvas that column would be padding and tint every crop that reaches
+    the right or bottom edge. One pixel is all a bilinear sample can reach past the edge. Two gathers and two
+    scatters for the whole canvas, not ops per image: the decode thread launches every op.
     canvas: (N,3,H,W); sizes: (N,2) each image's (h, w), on the canvas's device. An image that fills the canvas in
     a dimension copies its edge onto itself there."""
     n, c, h, w = canvas.shape
@@ -259,13 +304,14 @@ def replicate_edges(canvas: torch.Tensor, sizes: torch.Tensor) -> None:
     canvas.scatter_(2, ih.clamp(max=h - 1).expand(n, c, 1, w), row)
 
 
-def canvas_spans(images: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Runs of consecutive images whose padded float canvas fits CANVAS_BYTES (an image too big alone gets its own)."""
+def canvas_spans(slots: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Runs of consecutive images whose padded float canvas fits CANVAS_BYTES, from each slot's (h, w); an image
+    too big alone gets its own."""
     spans, start = [], 0
-    while start < len(images):
+    while start < len(slots):
         stop, h, w = start, 0, 0
-        while stop < len(images):
-            nh, nw = max(h, images[stop].shape[1]), max(w, images[stop].shape[2])
+        while stop < len(slots):
+            nh, nw = max(h, slots[stop][0]), max(w, slots[stop][1])
             if stop > start and (stop - start + 1) * 3 * nh * nw * 4 > CANVAS_BYTES:
                 break
             h, w, stop = nh, nw, stop + 1
@@ -274,48 +320,55 @@ def canvas_spans(images: list[torch.Tensor]) -> list[tuple[int, int]]:
     return spans
 
 
-def padded(images: list[torch.Tensor]) -> torch.Tensor:
-    """The images pasted into one float (N, 3, H, W) canvas at their top left, their edges replicated once."""
-    h, w = max(img.shape[1] for img in images), max(img.shape[2] for img in images)
-    canvas = images[0].new_zeros((len(images), 3, h, w), dtype=torch.float32)
-    for i, img in enumerate(images):
-        canvas[i, :, : img.shape[1], : img.shape[2]] = img
-    replicate_edges(canvas, gpu_color.upload(torch.tensor([img.shape[1:] for img in images]), canvas.device))
-    return canvas
+def crop_resize(canvas: torch.Tensor, crops: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """For each (boxes, size) of `crops`, each image's boxes ((N, V, 4): V per image) cut from the float (N, 3, H, W)
+    canvas (edges replicated) and resized to size x size (bilinear, averaging when shrinking): (N, V, 3, size,
+    size), one roi_align per size."""
+    out = []
+    for boxes, size in crops:
+        n, views = boxes.shape[:2]
+        idx = torch.arange(n, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
+        rois = torch.cat([idx[:, None], boxes.reshape(-1, 4).to(canvas.device)], dim=1)
+        # The op itself, not `torchvision.ops.roi_align`: under deterministic algorithms on CUDA that swaps in
+        # a torch.compiled version (for its backward; we take none), whose compile in this thread fails while
+        # the main thread compiles the step ("FX to symbolically trace a dynamo-optimized function").
+        out.append(torch.ops.torchvision.roi_align(canvas, rois, 1.0, size, size, 0, True).unflatten(0, (n, views)))
+    return out
 
 
-def crop_resize(images: list[torch.Tensor], crops: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-    """For each (boxes, size) of `crops`, each image's boxes ((N, V, 4): V per image) cut and resized to size x size
-    (bilinear, averaging when shrinking): (N, V, 3, size, size). One roi_align per size and canvas, each canvas
-    (as many images as fit CANVAS_BYTES of padded float input) pasted once for all sizes."""
+def decoded_crops(batch: dict, crops: list[tuple[torch.Tensor, int]], device: torch.device,
+                  decode: DecodeFn) -> tuple[list[torch.Tensor], list[int], list[BadSample]]:
+    """A worker batch's images decoded (nvJPEG's `decode_batch`, or hw's) into padded canvases on `device`, turned
+    upright, and for each (boxes (N, V, 4) on `device`, size) of `crops` their boxes cut and resized: float 0..255
+    (kept, V, 3, size, size). Also the positions of the images that decoded, and the samples that did not.
+
+    Each canvas holds as many images as fit CANVAS_BYTES of float input (a batch of ImageNet-size photos: one),
+    laid out from the sizes the workers read in the headers, and is decoded into, turned, converted to float and
+    edged once for all crop sizes."""
+    data, keys = list(batch["data"].split(batch["length"].tolist())), batch["keys"]
+    stored, orientation = [tuple(s) for s in batch["size"].tolist()], batch["orientation"].tolist()
+    upright = [(w, h) if o in SWAPS_AXES else (h, w) for (h, w), o in zip(stored, orientation)]
+    slots = [(max(a[0], b[0]), max(a[1], b[1])) for a, b in zip(stored, upright)]
     parts: list[list[torch.Tensor]] = [[] for _ in crops]
-    for start, stop in canvas_spans(images):
-        canvas = padded(images[start:stop])
-        for out, (boxes, size) in zip(parts, crops):
-            views = boxes.shape[1]
-            idx = torch.arange(stop - start, dtype=torch.float32, device=canvas.device).repeat_interleave(views)
-            rois = torch.cat([idx[:, None], boxes[start:stop].reshape(-1, 4).to(canvas.device)], dim=1)
-            # The op itself, not `torchvision.ops.roi_align`: under deterministic algorithms on CUDA that swaps in
-            # a torch.compiled version (for its backward; we take none), whose compile in this thread fails while
-            # the main thread compiles the step ("FX to symbolically trace a dynamo-optimized function").
-            crop = torch.ops.torchvision.roi_align(canvas, rois, 1.0, size, size, 0, True)
-            out.append(crop.unflatten(0, (stop - start, views)))
-    return [torch.cat(out) if out else torch.zeros((0, boxes.shape[1], 3, size, size))
-            for out, (boxes, size) in zip(parts, crops)]
-
-
-def decode_images(batch: dict, device: torch.device, decode: DecodeFn) -> tuple[list[torch.Tensor], list[int],
-                                                                                list[BadSample]]:
-    """A worker batch's images decoded (nvJPEG's `decode_batch`, or hw's) and oriented on `device`, the positions
-    of those that decoded, and the samples that did not."""
-    data = list(batch["data"].split(batch["length"].tolist()))
-    decoded = decode_on_own_stream(data, batch["keys"], device, decode)
-    keep = [i for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
-    bad = [BadSample(key[0], key[1], f"cannot decode: {img}")
-           for key, img in zip(batch["keys"], decoded) if isinstance(img, Exception)]
-    orientation = batch["orientation"].tolist()
-    images = [apply_orientation(img, orientation[i]) for i, img in enumerate(decoded) if isinstance(img, torch.Tensor)]
-    return images, keep, bad
+    failed: list[Exception | None] = []
+    for start, stop in canvas_spans(slots):
+        shape = (max(h for h, _ in slots[start:stop]), max(w for _, w in slots[start:stop]))
+        canvas, errors = decode_on_own_stream(device, functools.partial(
+            decode_canvas, data[start:stop], keys[start:stop], stored[start:stop], shape, device, decode))
+        turn_upright(canvas, stored[start:stop], orientation[start:stop])
+        x = canvas.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        replicate_edges(x, gpu_color.upload(torch.tensor(upright[start:stop]), device))
+        for out, cut in zip(parts, crop_resize(x, [(boxes[start:stop], size) for boxes, size in crops])):
+            out.append(cut)
+        failed += errors
+    keep = [i for i, error in enumerate(failed) if error is None]
+    bad = [BadSample(key[0], key[1], f"cannot decode: {error}") for key, error in zip(keys, failed) if error]
+    whole = [torch.cat(out) if out else torch.zeros((0, boxes.shape[1], 3, size, size), device=device)
+             for out, (boxes, size) in zip(parts, crops)]
+    if len(keep) < len(failed):
+        rows = torch.tensor(keep, device=device)
+        whole = [x[rows] for x in whole]
+    return whole, keep, bad
 
 
 def device_batch(batch: dict, spec: BatchSpec, device: torch.device,
@@ -323,12 +376,12 @@ def device_batch(batch: dict, spec: BatchSpec, device: torch.device,
     """Classification's device half: decode, orient, crop+resize, flip, colour jitter. Returns float 0..255 images
     and labels on the device. The small tensors go over from the batch's pinned memory: a copy from pageable
     memory would wait for the training step queued before it."""
-    images, keep, bad = decode_images(batch, device, decode)
+    box = batch["box"].to(device, non_blocking=True)
+    (out,), keep, bad = decoded_crops(batch, [(box[:, None], spec.size)], device, decode)
     whole = len(keep) == len(batch["keys"])
     rows = slice(None) if whole else torch.tensor(keep, device=device)
-    box, flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("box", "flip", "label"))
-    out = crop_resize(images, [(box[:, None], spec.size)])[0][:, 0]
-    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("flip", "label"))
+    out = torch.where(flip[:, None, None, None], out[:, 0].flip(-1), out[:, 0])
     return {"image": classify_colour(out, batch, None if whole else keep), "label": label}, bad
 
 
@@ -356,21 +409,20 @@ DINO_PARAMS = ("box", "flip", "jitter", "factors", "order", "gray", "sigma", "so
 
 def dino_device_batch(batch: dict, spec: BatchSpec, device: torch.device,
                       decode: DecodeFn = decode_batch) -> tuple[dict, list[BadSample]]:
-    """DINO's device half: each image decoded once, all its views cropped from it (one roi_align per view size
-    and canvas, the canvas pasted once), then augmented (`dino_augment`). Returns {"crops": one float 0..255
+    """DINO's device half: each image decoded once, all its views cropped from it (`decoded_crops`: one roi_align
+    per view size and canvas), then augmented (`dino_augment`). Returns {"crops": one float 0..255
     (N,3,S,S) per view}."""
-    images, keep, bad = decode_images(batch, device, decode)
-    rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep)
-    params = {k: batch[k][rows] for k in DINO_PARAMS}  # (N, views, ...), on the CPU
     views = presets.dino_view_specs(spec.size, spec.aug)
     groups = {size: [v for v, view in enumerate(views) if view.size == size]
               for size in dict.fromkeys(view.size for view in views)}
-    cut = crop_resize(images, [(gpu_color.upload(params["box"][:, group], device), size)
-                               for size, group in groups.items()])
+    cut, keep, bad = decoded_crops(batch, [(gpu_color.upload(batch["box"][:, group], device), size)
+                                           for size, group in groups.items()], device, decode)
+    rows = slice(None) if len(keep) == len(batch["keys"]) else torch.tensor(keep)
+    params = {k: batch[k][rows] for k in DINO_PARAMS}  # (N, views, ...), on the CPU
     crops: list[torch.Tensor] = [None] * len(views)  # type: ignore[list-item]  # every slot is filled below
     for x, group in zip(cut, groups.values()):
         x = dino_augment(x.flatten(0, 1), {k: params[k][:, group].flatten(0, 1) for k in DINO_PARAMS})
-        x = x.unflatten(0, (len(images), len(group)))  # image-major, as cut
+        x = x.unflatten(0, (len(keep), len(group)))  # image-major, as cut
         for j, v in enumerate(group):
             crops[v] = x[:, j]
     return {"crops": crops}, bad

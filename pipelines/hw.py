@@ -4,7 +4,8 @@ hw: the GPU's hardware JPEG decoder (the NVJPG engines of A100, H100, H200, L4, 
 (`pip install shardtrain[gpu]`). The workers send encoded bytes and crop boxes as in `gpu` mode
 (`gpu.worker_batch`, `gpu.dino_worker_batch`); the training process decodes each batch's JPEGs in one call to
 nvImageCodec's HW_GPU_ONLY backend, one batch ahead on a stream of its own (`gpu.run_ahead`,
-`gpu.decode_on_own_stream`), then crops, resizes, flips (and for DINO colours) them with `gpu` mode's code.
+`gpu.decode_on_own_stream`), the decoder writing each image straight into its slot of the padded canvas that
+`gpu.decoded_crops` then crops, resizes, flips (and for DINO colours) as `gpu` mode does.
 The engines use no SMs, so the decode does not compete with the training step for them, as nvJPEG's CUDA
 kernels do.
 
@@ -20,7 +21,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import math
 import os
 import tempfile
 from collections import Counter
@@ -122,56 +122,52 @@ def params():
 
 
 def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
-                 device: torch.device) -> list[torch.Tensor | Exception]:
-    """The JPEGs in one hardware call on the current stream, written straight into torch's memory: one buffer
-    for the batch from the caching allocator, an HWC view of it per image, handed on as CHW views. (Left to
-    nvImageCodec, each image is a cudaMallocAsync and a free, and a copy into torch's memory.) The rest are
-    decoded on the CPU (`cpu_fallback`)."""
+                 slots: list[torch.Tensor]) -> list[Exception | None]:
+    """The JPEGs in one hardware call on the current stream, each written by the decoder straight into its canvas
+    slot (rows pitched at the canvas's width; left to nvImageCodec, each image is a cudaMallocAsync and a free, and a
+    copy into torch's memory). The rest are decoded on the CPU (`cpu_fallback`)."""
     from nvidia import nvimgcodec
 
-    streams = {i: stream for i, key in enumerate(keys) if key[2] in JPEG_EXTS and (stream := code_stream(data[i]))}
-    hw: list[torch.Tensor | None] = [None] * len(data)
+    streams = {i: stream for i, key in enumerate(keys)
+               if key[2] in JPEG_EXTS and (stream := code_stream(data[i], slots[i]))}
+    done = [False] * len(data)
     if streams:
-        shapes = [(s.height, s.width, 3) for s in streams.values()]
-        flat = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=torch.uint8, device=device)
-        buffers = [b.view(shape) for b, shape in zip(flat.split([math.prod(shape) for shape in shapes]), shapes)]
-        stream = torch.cuda.current_stream(device).cuda_stream
+        stream = torch.cuda.current_stream(slots[0].device).cuda_stream
         try:
-            images = decoder(device).decode(list(streams.values()), params=params(), cuda_stream=stream,
-                                            images=nvimgcodec.as_images(buffers, cuda_stream=stream))
+            images = decoder(slots[0].device).decode(
+                list(streams.values()), params=params(), cuda_stream=stream,
+                images=nvimgcodec.as_images([slots[i] for i in streams], cuda_stream=stream))
         except Exception:  # the batch as a whole refused: each of its images goes to the CPU
             images = [None] * len(streams)
-        for i, buffer, image in zip(streams, buffers, images):
-            hw[i] = None if image is None else buffer.permute(2, 0, 1)
-    return cpu_fallback(data, keys, hw, device)
+        for i, image in zip(streams, images):
+            done[i] = image is not None
+    return cpu_fallback(data, keys, slots, done)
 
 
-def code_stream(data: torch.Tensor):
-    """nvImageCodec's view of one encoded image, or None where it cannot read the header."""
+def code_stream(data: torch.Tensor, slot: torch.Tensor):
+    """nvImageCodec's view of one encoded image, or None where it cannot read the header or the header's size is
+    not its slot's (the worker's reading, which laid out the canvas)."""
     from nvidia import nvimgcodec
 
     try:
         stream = nvimgcodec.CodeStream(data.numpy())
-        return stream if stream.height > 0 and stream.width > 0 else None
+        return stream if (stream.height, stream.width, 3) == slot.shape else None
     except Exception:
         return None
 
 
-def cpu_fallback(data: list[torch.Tensor], keys: list[tuple[str, str, str]], hw: list[torch.Tensor | None],
-                 device: torch.device) -> list[torch.Tensor | Exception]:
-    """Each image the hardware gave none for (None in `hw`), decoded on the CPU and moved to `device`;
-    counted in FALLBACKS, an error in its slot where the CPU cannot decode it either."""
-    out: list[torch.Tensor | Exception] = []
-    for i, image in enumerate(hw):
-        if image is not None:
-            out.append(image)
+def cpu_fallback(data: list[torch.Tensor], keys: list[tuple[str, str, str]], slots: list[torch.Tensor],
+                 done: list[bool]) -> list[Exception | None]:
+    """Each image the hardware did not decode (False in `done`) decoded on the CPU into its slot; counted in
+    FALLBACKS, an error in its place where the CPU cannot decode it either."""
+    out: list[Exception | None] = []
+    for i, hardware in enumerate(done):
+        if hardware:
+            out.append(None)
             continue
         ext = keys[i][2]
         count(f"the hardware decoder refused the {ext}" if ext in JPEG_EXTS else f"{ext} is not a JPEG")
-        try:
-            out.append(gpu.decode_one(data[i], ext, torch.device("cpu")).to(device))
-        except RuntimeError as e:
-            out.append(e)
+        out.append(gpu.decode_on_cpu_into(slots[i], data[i], ext))
     return out
 
 

@@ -106,23 +106,26 @@ def test_images_the_hardware_gave_none_for_are_decoded_on_the_cpu_and_counted(ca
     hw.FALLBACKS.clear()
     jpeg, png, webp = encoded("JPEG", 1, quality=95), encoded("PNG", 2), encoded("WEBP", 3, lossless=True)
     corrupt = jpeg[: len(jpeg) // 3]
-    from_hw = torch.zeros(3, 24, 40, dtype=torch.uint8)
-    data = [jpeg, png, from_hw, webp, corrupt]
-    keys = [("s", f"k{i}", ext) for i, ext in enumerate(["jpg", "png", "jpg", "webp", "jpeg"])]
-    out = hw.cpu_fallback(data, keys, [None, None, from_hw, None, None], CPU)
+    data = [jpeg, png, jpeg, webp, corrupt, png]
+    keys = [("s", f"k{i}", ext) for i, ext in enumerate(["jpg", "png", "jpg", "webp", "jpeg", "png"])]
+    canvas = torch.full((6, 30, 50, 3), 7, dtype=torch.uint8)
+    slots = [canvas[i, :24, :40] for i in range(5)] + [canvas[5, :20, :40]]  # the last: its header misread
+    out = hw.cpu_fallback(data, keys, slots, [False, False, True, False, False, False])
 
-    assert torch.equal(out[0], decode_jpeg(jpeg, mode=ImageReadMode.RGB))
-    png_pixels = np.array(Image.open(io.BytesIO(png.numpy().tobytes())))
-    assert torch.equal(out[1], torch.from_numpy(png_pixels).permute(2, 0, 1))
-    assert out[2] is from_hw  # what the hardware decoded is kept as it is
-    assert out[3].shape == (3, 24, 40)
+    assert out[:4] == [None] * 4
+    assert torch.equal(slots[0], decode_jpeg(jpeg, mode=ImageReadMode.RGB).permute(1, 2, 0))
+    assert torch.equal(slots[1], torch.from_numpy(np.array(Image.open(io.BytesIO(png.numpy().tobytes())))))
+    assert (slots[2] == 7).all()  # what the hardware decoded is left as it is
+    assert not (slots[3] == 7).all()
+    assert (canvas[:, 24:] == 7).all() and (canvas[:, :, 40:] == 7).all()  # nothing written past a slot
     assert isinstance(out[4], RuntimeError)  # the CPU cannot decode it either: a corrupt sample
-    assert hw.FALLBACKS == {"the hardware decoder refused the jpg": 1, "png is not a JPEG": 1,
+    assert str(out[5]) == "decoded 40x24, its header says 40x20"
+    assert hw.FALLBACKS == {"the hardware decoder refused the jpg": 1, "png is not a JPEG": 2,
                             "webp is not a JPEG": 1, "the hardware decoder refused the jpeg": 1}
     assert capsys.readouterr().out == "data.decode=hw: 1 image(s) decoded on the CPU instead " \
                                       "(1 the hardware decoder refused the jpg)\n"
-    for _ in range(6):  # the line again at the 10th
-        hw.cpu_fallback([png], [("s", "k", "png")], [None], CPU)
+    for _ in range(5):  # the line again at the 10th
+        hw.cpu_fallback([png], [("s", "k", "png")], [canvas[0, :24, :40]], [False])
     assert "data.decode=hw: 10 image(s) decoded on the CPU instead (7 png is not a JPEG," in capsys.readouterr().out
 
 
@@ -153,12 +156,15 @@ def test_hw_decode_on_cuda_matches_nvjpeg_and_falls_back_per_image(store):
     # Not a JPEG at all: neither decoder takes it. (A truncated JPEG the hardware decodes, grey where data is
     # missing, as nvJPEG does; the CPU's libjpeg refuses it.)
     garbage = torch.frombuffer(bytearray(b"\xff\xd8\xff" + bytes(range(256)) * 4), dtype=torch.uint8)
-    out = hw.decode_batch([jpeg, png, garbage], keys, CUDA)
+    canvas = torch.zeros((3, 30, 50, 3), dtype=torch.uint8, device=CUDA)
+    slots = [canvas[0, :24, :40], canvas[1, :24, :40], canvas[2, :10, :10]]
+    out = hw.decode_batch([jpeg, png, garbage], keys, slots)
     torch.cuda.synchronize()
-    assert out[0].is_cuda and out[0].shape == (3, 24, 40)
-    assert (out[0].cpu().float() - decode_jpeg(jpeg, mode=ImageReadMode.RGB).float()).abs().mean() < 3
-    assert out[1].is_cuda and out[1].shape == (3, 24, 40)
-    assert isinstance(out[2], RuntimeError)
+    assert out[:2] == [None, None] and isinstance(out[2], RuntimeError)
+    want = decode_jpeg(jpeg, mode=ImageReadMode.RGB).permute(1, 2, 0).float()
+    assert (slots[0].cpu().float() - want).abs().mean() < 3  # written in its slot, rows pitched at the canvas's
+    assert torch.equal(slots[1].cpu(), torch.from_numpy(np.array(Image.open(io.BytesIO(png.numpy().tobytes())))))
+    assert not canvas[:2, 24:].any() and not canvas[:2, :, 40:].any()
     assert hw.FALLBACKS["png is not a JPEG"] == 1 and hw.FALLBACKS["the hardware decoder refused the jpg"] >= 1
 
 
