@@ -153,12 +153,12 @@ def fed_rate(step, feed, batch: int, warmup: int = 5, steps: int = 30) -> float:
     return batch * steps / (time.perf_counter() - t)
 
 
-def device_feed(batches: list[dict], half=hw.device_batch):
-    """Normalised (images, labels) from a device half (the product's hw one), one batch ahead in its thread, the
-    batches cycled."""
+def device_feed(batches: list[dict]):
+    """Normalised (images, labels) from the product's hw device half, one batch ahead in its thread, the batches
+    cycled."""
     mean = torch.tensor([0.485, 0.456, 0.406], device=DEVICE).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=DEVICE).view(1, 3, 1, 1) * 255
-    for out, _ in gpu.run_ahead((half(b, SPEC, DEVICE) for b in itertools.cycle(batches)), DEVICE):
+    for out, _ in gpu.run_ahead((hw.device_batch(b, SPEC, DEVICE) for b in itertools.cycle(batches)), DEVICE):
         x = ((out["image"] - mean) / std).contiguous(memory_format=torch.channels_last)
         yield x, out["label"]
 
