@@ -366,7 +366,7 @@ def decoded_crops(batch: dict, crops: list[tuple[torch.Tensor, int]], device: to
     whole = [torch.cat(out) if out else torch.zeros((0, boxes.shape[1], 3, size, size), device=device)
              for out, (boxes, size) in zip(parts, crops)]
     if len(keep) < len(failed):
-        rows = torch.tensor(keep, device=device)
+        rows = gpu_color.upload(torch.tensor(keep), device)
         whole = [x[rows] for x in whole]
     return whole, keep, bad
 
@@ -379,7 +379,7 @@ def device_batch(batch: dict, spec: BatchSpec, device: torch.device,
     box = batch["box"].to(device, non_blocking=True)
     (out,), keep, bad = decoded_crops(batch, [(box[:, None], spec.size)], device, decode)
     whole = len(keep) == len(batch["keys"])
-    rows = slice(None) if whole else torch.tensor(keep, device=device)
+    rows = slice(None) if whole else gpu_color.upload(torch.tensor(keep), device)
     flip, label = (batch[k].to(device, non_blocking=True)[rows] for k in ("flip", "label"))
     out = torch.where(flip[:, None, None, None], out[:, 0].flip(-1), out[:, 0])
     return {"image": classify_colour(out, batch, None if whole else keep), "label": label}, bad
