@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import tarfile
+import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -325,23 +326,32 @@ class LmdbReader(ShardReader):
 
 
 _ENVS: dict[str, lmdb.Environment] = {}
-_ENVS_PID = -1
+_ENVS_LOCK = threading.Lock()
 
 
 def open_env(path: str):
-    """The process's one environment for `path`: LMDB allows only one per file and process,
-    and one inherited over fork must not be used, so a new process closes the parent's."""
-    global _ENVS_PID
+    """The process's one environment for `path`: LMDB allows only one per file and process. Under a lock: two
+    threads reading a shard for the first time (gpu decode's thread with workers=0, and an eval loop) would both
+    open it, and the second open fails ("already open in this process")."""
     import lmdb
 
-    if _ENVS_PID != os.getpid():
-        for env in _ENVS.values():
-            env.close()
-        _ENVS.clear()
-        _ENVS_PID = os.getpid()
-    if path not in _ENVS:
-        _ENVS[path] = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False)
-    return _ENVS[path]
+    with _ENVS_LOCK:
+        if path not in _ENVS:
+            _ENVS[path] = lmdb.open(path, subdir=False, readonly=True, lock=False, readahead=False)
+        return _ENVS[path]
+
+
+def forget_envs_after_fork() -> None:
+    """A forked child (a DataLoader worker) must not use its parent's environments, nor a lock the fork may have
+    caught held by another thread."""
+    global _ENVS_LOCK
+    for env in _ENVS.values():
+        env.close()
+    _ENVS.clear()
+    _ENVS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=forget_envs_after_fork)
 
 
 def parse_lmdb_value(shard: str, i: int, value: bytes) -> RawSample | BadSample:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import AugmentConfig, DataConfig, DataError, build_loader
+from pipelines import AugmentConfig, DataConfig, DataError, build_loader, readers
 from pipelines.loader import EpochBatches
 from pipelines.readers import make_reader, store_key
 from pipelines.store import open_split
@@ -627,6 +627,31 @@ def test_truncated_lmdb_shard_is_a_bad_shard_not_a_crash(tmp_path):
     (ld,) = loaders(cfg_for(path, workers=0, on_error="fail"), "val", train=False, world_size=1)
     with pytest.raises(DataError, match=f"corrupt data in shard {shard.name}, .*the manifest says"):
         list(ld)
+
+
+def test_two_threads_opening_an_lmdb_shard_at_once_share_one_environment(tmp_path):
+    # gpu decode's thread with workers=0 beside an eval loop reading the same store: LMDB refuses a second open of
+    # a file in one process, which read as a whole unreadable shard (its samples skipped as corrupt)
+    path = make_store(tmp_path, "lmdb", {"train": 2, "val": 3}, "5")
+    shard = str(sorted(Path(path).glob("val-*.lmdb"))[0])
+
+    def open_it(barrier: threading.Barrier, envs: list, errors: list) -> None:
+        barrier.wait()
+        try:
+            envs.append(readers.open_env(shard))
+        except lmdb.Error as e:
+            errors.append(e)
+
+    for _ in range(50):
+        readers.forget_envs_after_fork()  # closes them: each round opens the shard afresh
+        barrier, envs, errors = threading.Barrier(2), [], []
+        threads = [threading.Thread(target=open_it, args=(barrier, envs, errors)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and envs[0] is envs[1]
+    readers.forget_envs_after_fork()
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, store):
