@@ -251,7 +251,7 @@ class TarReader(ShardReader):
         # named by content too: a store rewritten within the second of its `created` shares the folder
         path = os.path.join(self.cache, f"{self.split.digests[shard][:16]}-{self.names[shard]}")
         if not os.path.exists(path) or os.path.getsize(path) != self.split.sizes[shard]:
-            part = f"{path}.{os.getpid()}.part"
+            part = f"{path}.{os.getpid()}.{threading.get_ident()}.part"  # another thread may fetch it too
             try:
                 self.fs.get_file(self.paths[shard], part)
             except BaseException:  # an outage or a full disk leaves no partial copy behind
