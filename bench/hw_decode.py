@@ -103,15 +103,15 @@ def decode_before(data, keys, slots):
     from nvidia import nvimgcodec
 
     jpegs = [i for i, key in enumerate(keys) if key[2] in hw.JPEG_EXTS]
-    done = [False] * len(data)
+    why: list[str | None] = ["not decoded"] * len(data)
     stream = torch.cuda.current_stream(DEVICE)
     images = hw.decoder(DEVICE).decode([nvimgcodec.CodeStream(data[i].numpy()) for i in jpegs],
                                        params=hw.params(), cuda_stream=stream.cuda_stream)
     for i, image in zip(jpegs, images):
         if image is not None:
             slots[i].copy_(torch.from_dlpack(image))
-            done[i] = True
-    return hw.cpu_fallback(data, keys, slots, done)
+            why[i] = None
+    return hw.cpu_fallback(data, keys, slots, why)
 
 
 def gil_share(fn) -> float:

@@ -128,46 +128,51 @@ def decode_batch(data: list[torch.Tensor], keys: list[tuple[str, str, str]],
     copy into torch's memory). The rest are decoded on the CPU (`cpu_fallback`)."""
     from nvidia import nvimgcodec
 
-    streams = {i: stream for i, key in enumerate(keys)
-               if key[2] in JPEG_EXTS and (stream := code_stream(data[i], slots[i]))}
-    done = [False] * len(data)
-    if streams:
+    streams = [code_stream(d, key[2], slot) for d, key, slot in zip(data, keys, slots)]
+    taken = [i for i, stream in enumerate(streams) if not isinstance(stream, str)]
+    why: list[str | None] = [stream if isinstance(stream, str) else None for stream in streams]
+    if taken:
         stream = torch.cuda.current_stream(slots[0].device).cuda_stream
         try:
             images = decoder(slots[0].device).decode(
-                list(streams.values()), params=params(), cuda_stream=stream,
-                images=nvimgcodec.as_images([slots[i] for i in streams], cuda_stream=stream))
+                [streams[i] for i in taken], params=params(), cuda_stream=stream,
+                images=nvimgcodec.as_images([slots[i] for i in taken], cuda_stream=stream))
         except Exception:  # the batch as a whole refused: each of its images goes to the CPU
-            images = [None] * len(streams)
-        for i, image in zip(streams, images):
-            done[i] = image is not None
-    return cpu_fallback(data, keys, slots, done)
+            images = [None] * len(taken)
+        for i, image in zip(taken, images):
+            if image is None:
+                why[i] = f"the hardware decoder refused the {keys[i][2]}"
+    return cpu_fallback(data, keys, slots, why)
 
 
-def code_stream(data: torch.Tensor, slot: torch.Tensor):
-    """nvImageCodec's view of one encoded image, or None where it cannot read the header or the header's size is
-    not its slot's (the worker's reading, which laid out the canvas)."""
+def code_stream(data: torch.Tensor, ext: str, slot: torch.Tensor):
+    """nvImageCodec's view of one encoded image, or why the hardware decoder does not get it: not a JPEG, a header
+    nvImageCodec cannot read, or one whose size is not its slot's (the worker's reading, which laid out the
+    canvas)."""
     from nvidia import nvimgcodec
 
+    if ext not in JPEG_EXTS:
+        return f"{ext} is not a JPEG"
     try:
         stream = nvimgcodec.CodeStream(data.numpy())
-        return stream if (stream.height, stream.width, 3) == slot.shape else None
     except Exception:
-        return None
+        return f"nvImageCodec cannot read the {ext}'s header"
+    if (stream.height, stream.width, 3) != slot.shape:
+        return f"nvImageCodec reads another size in the {ext}'s header"
+    return stream
 
 
 def cpu_fallback(data: list[torch.Tensor], keys: list[tuple[str, str, str]], slots: list[torch.Tensor],
-                 done: list[bool]) -> list[Exception | None]:
-    """Each image the hardware did not decode (False in `done`) decoded on the CPU into its slot; counted in
-    FALLBACKS, an error in its place where the CPU cannot decode it either."""
+                 why: list[str | None]) -> list[Exception | None]:
+    """Each image the hardware did not decode (a reason in `why`, None where it did) decoded on the CPU into its
+    slot; counted in FALLBACKS by that reason, an error in its place where the CPU cannot decode it either."""
     out: list[Exception | None] = []
-    for i, hardware in enumerate(done):
-        if hardware:
+    for i, reason in enumerate(why):
+        if reason is None:
             out.append(None)
             continue
-        ext = keys[i][2]
-        count(f"the hardware decoder refused the {ext}" if ext in JPEG_EXTS else f"{ext} is not a JPEG")
-        out.append(gpu.decode_on_cpu_into(slots[i], data[i], ext))
+        count(reason)
+        out.append(gpu.decode_on_cpu_into(slots[i], data[i], keys[i][2]))
     return out
 
 
