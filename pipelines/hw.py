@@ -153,11 +153,12 @@ def code_stream(data: torch.Tensor, ext: str, slot: torch.Tensor):
 
     if ext not in JPEG_EXTS:
         return f"{ext} is not a JPEG"
-    try:
+    try:  # the header is parsed when its size is first read
         stream = nvimgcodec.CodeStream(data.numpy())
+        size = (stream.height, stream.width, 3)
     except Exception:
         return f"nvImageCodec cannot read the {ext}'s header"
-    if (stream.height, stream.width, 3) != slot.shape:
+    if size != slot.shape:
         return f"nvImageCodec reads another size in the {ext}'s header"
     return stream
 
