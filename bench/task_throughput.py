@@ -335,7 +335,7 @@ def main() -> None:
                 out |= {f"images_per_s_{task}": round(rate, 1), f"ceiling_{task}": round(ceil, 1),
                         f"ratio_{task}": round(rate / ceil, 3), f"tflops_{task}": round(gflop * rate / 1e3, 1),
                         f"gflop_per_image_{task}": round(gflop, 2), f"config_{task}": label,
-                        f"workers_{task}": workers}
+                        f"workers_{task}": workers, f"train_images_{task}": n_train}
                 out[f"data_variants_{task}"] = []
                 for j, extra in enumerate(v for v in args.data_variants.split(";") if v):
                     name = f"{label} {extra}"
