@@ -17,16 +17,21 @@
    to 2, and beside a thread that only calls the decoder: which of them slows the step itself. Last, the fed
    step profiled (the GPU's busy share and top kernels): the profiler slows what runs after it.
    `--compile-mode reduce-overhead` runs the step as CUDA graphs (a few launches a step instead of hundreds).
+5. the device half in a process of its own (`--stages process`): the same step, fed by the device half in a
+   thread of its own process (as the loader runs it), then by the device half in a second process whose batches
+   reach the step through CUDA IPC: what the device half's Python costs the step by sharing its interpreter.
 Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import itertools
 import os
+import queue
 import sys
 import threading
 import time
@@ -163,6 +168,42 @@ def device_feed(batches: list[dict]):
         yield x, out["label"]
 
 
+def feed_in_process(batches: list[dict], out, stop) -> None:
+    """Stage 5's producer, in a spawned process: the device half's batches put on `out` (CUDA IPC: the consumer's
+    stream waits for an event recorded when each is put; torch keeps each batch's memory here until the consumer
+    frees it)."""
+    for x, y in device_feed(batches):
+        if stop.is_set():
+            return
+        out.put((x, y))
+
+
+def process_feed(batches: list[dict]):
+    """(images, labels) from the device half in a second process (`feed_in_process`), two batches in flight."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    out, stop = ctx.Queue(2), ctx.Event()
+    proc = ctx.Process(target=feed_in_process, args=(batches, out, stop), daemon=True)
+    proc.start()
+    try:
+        while True:
+            yield out.get(timeout=300)
+    finally:
+        stop.set()
+        while proc.is_alive():  # a producer blocked on a full queue sees the stop after a get
+            with contextlib.suppress(queue.Empty):
+                out.get(timeout=0.1)
+        proc.join()
+
+
+def step_fed_from_process(batches: list[dict], batch: int, mode: str, put) -> None:
+    """Stage 5: the step fed by the device half in its own process against in a thread of the step's process."""
+    step = make_step("resnet50", 1000, compile=True, mode=mode)
+    put("step_ceiling", ceiling(step, batch, 1000, warmup=10, steps=30))
+    for name, feed in (("step_fed_hw", device_feed(batches)), ("step_fed_hw_process", process_feed(batches))):
+        put(name, fed_rate(step, feed, batch, steps=60))
+        feed.close()
+
+
 def decoding_beside(streams: list, stop: threading.Event) -> None:
     """The decoder alone, looping in a thread: no per-image Python around it."""
     stream = torch.cuda.Stream(DEVICE)
@@ -210,7 +251,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=12, help="worker batches held in memory for stages 1-2")
     p.add_argument("--workers", default="15,4")
-    p.add_argument("--stages", default="bare,device,loader", help="any of bare, device, loader, step (1-4 above)")
+    p.add_argument("--stages", default="bare,device,loader",
+                   help="any of bare, device, loader, step, process (1-5 above)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile's mode for stage 4's step (reduce-overhead: CUDA graphs, few launches)")
     args = p.parse_args()
@@ -230,6 +272,8 @@ def main() -> None:
     streams = [[nvimgcodec.CodeStream(d.numpy()) for d in ds] for ds in data]
     if "step" in stages:
         step_beside_decode(batches, streams, args.batch, args.compile_mode, put)
+    if "process" in stages:
+        step_fed_from_process(batches, args.batch, args.compile_mode, put)
     if "bare" in stages:
         bare_decoder(streams, data, put)
     if "device" in stages:
