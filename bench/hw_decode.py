@@ -20,6 +20,11 @@
 5. the device half in a process of its own (`--stages process`): the same step, fed by the device half in a
    thread of its own process (as the loader runs it), then by the device half in a second process whose batches
    reach the step through CUDA IPC: what the device half's Python costs the step by sharing its interpreter.
+6. decoder options (`--stages options`): with nvImageCodec's `options` string of `--decoder-options` (for every
+   stage), how far its decode is from libjpeg's (mean absolute difference a pixel value on one batch, against
+   torchvision's CPU decode), the device half alone, and the step fed by it. Compare option strings in separate
+   runs, in turn: two decoders with different options in one process crash nvImageCodec 0.9 once one of them
+   has decoded in another thread.
 Every figure is images/s; the last line is one JSON object, also appended to bench/results/hw_decode.jsonl.
 """
 
@@ -38,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from common import machine, profile_steps, record
 from pipelines import AugmentConfig, DataConfig, build_loader, gpu, hw
@@ -252,7 +258,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=12, help="worker batches held in memory (stages 1, 2, 4, 5)")
     p.add_argument("--workers", default="15,4")
     p.add_argument("--stages", default="bare,device,loader",
-                   help="any of bare, device, loader, step, process (1-5 above)")
+                   help="any of bare, device, loader, step, process, options (1-6 above)")
+    p.add_argument("--decoder-options", default="",
+                   help="nvImageCodec's options string for the hw decoder in every stage (empty: as shipped)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile's mode for stage 4's step (reduce-overhead: CUDA graphs, few launches)")
     args = p.parse_args()
@@ -261,7 +269,10 @@ def main() -> None:
 
     store = make_store(Path(args.work), args.images)
     out: dict = {"bench": "hw_decode", "machine": machine(), "batch": args.batch,
-                 "nvimgcodec": nvimgcodec.__version__, "compile_mode": args.compile_mode}
+                 "nvimgcodec": nvimgcodec.__version__, "compile_mode": args.compile_mode,
+                 "decoder_options": args.decoder_options}
+    if args.decoder_options:
+        hw.decoder = functools.cache(functools.partial(hw.decoder, options=args.decoder_options))
 
     def put(key: str, value: float) -> None:
         out[key] = round(value, 1) if isinstance(value, float) else value
@@ -274,6 +285,8 @@ def main() -> None:
         step_beside_decode(batches, streams, args.batch, args.compile_mode, put)
     if "process" in stages:
         step_fed_from_process(batches, args.batch, args.compile_mode, put)
+    if "options" in stages:
+        fed_with_options(batches, args.batch, args.compile_mode, put)
     if "bare" in stages:
         bare_decoder(streams, data, put)
     if "device" in stages:
@@ -283,6 +296,31 @@ def main() -> None:
     if {"bare", "device", "loader"} <= stages:
         pool_kept(store, streams, batches, args.batch, put)
     record("hw_decode", out)
+
+
+def pixel_difference(batch: dict) -> float:
+    """Mean absolute difference a pixel value between the hw decode of `batch` (with `hw.decoder` as set) and
+    libjpeg's (torchvision on the CPU), over the images' own pixels."""
+    data, stored = list(batch["data"].split(batch["length"].tolist())), [tuple(s) for s in batch["size"].tolist()]
+    shape = tuple(batch["size"].amax(0).tolist())
+    canvas, _ = gpu.decode_on_own_stream(DEVICE, functools.partial(
+        gpu.decode_canvas, data, batch["keys"], stored, shape, DEVICE, hw.decode_batch))
+    total, pixels = 0.0, 0
+    for i, (d, (h, w)) in enumerate(zip(data, stored)):
+        cpu = decode_jpeg(d, mode=ImageReadMode.RGB).permute(1, 2, 0).to(DEVICE)
+        total += (canvas[i, :h, :w].float() - cpu.float()).abs().sum().item()
+        pixels += cpu.numel()
+    return total / pixels
+
+
+def fed_with_options(batches: list[dict], batch: int, mode: str, put) -> None:
+    """Stage 6: with `--decoder-options`, the decode's distance from libjpeg's, the device half alone and
+    ResNet-50's compiled step fed by it."""
+    step = make_step("resnet50", 1000, compile=True, mode=mode)
+    put("step_ceiling", ceiling(step, batch, 1000, warmup=10, steps=30))
+    put("pixel_difference", pixel_difference(batches[0]))
+    put("device_batch_now", rate(functools.partial(device_batch, hw.decode_batch), batches))
+    put("step_fed_hw", fed_rate(step, device_feed(batches), batch, steps=60))
 
 
 def bare_decoder(streams: list, data: list, put) -> None:

@@ -104,11 +104,14 @@ def describe(device: torch.device) -> str:
 
 
 @functools.cache
-def decoder(device: torch.device):
+def decoder(device: torch.device, options: str = ""):
+    """nvImageCodec's HW_GPU_ONLY decoder on `device`, with its `options` string (bench/hw_decode.py compares
+    them)."""
     from nvidia import nvimgcodec
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return nvimgcodec.Decoder(device_id=index, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+    return nvimgcodec.Decoder(device_id=index, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)],
+                              options=options)
 
 
 @functools.cache
