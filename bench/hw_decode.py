@@ -255,7 +255,7 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/shardtrain-hw")
     p.add_argument("--images", type=int, default=6144)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--batches", type=int, default=12, help="worker batches held in memory (stages 1, 2, 4, 5)")
+    p.add_argument("--batches", type=int, default=12, help="worker batches held in memory (stages 1, 2, 4-6)")
     p.add_argument("--workers", default="15,4")
     p.add_argument("--stages", default="bare,device,loader",
                    help="any of bare, device, loader, step, process, options (1-6 above)")
