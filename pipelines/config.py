@@ -148,7 +148,10 @@ class DataConfig(Section):
         default=224, ge=1, description="The side of the images in a batch (dino: of the global views; detect: of the "
         "letterbox square).")
     batch_size: int = pydantic.Field(default=64, ge=1, description="Samples per batch, per process.")
-    workers: int = pydantic.Field(default=4, ge=0, description="DataLoader worker processes per training process.")
+    workers: int | Literal["auto"] = pydantic.Field(
+        default=4, description="DataLoader worker processes per training process, >= 0. auto: the process's share "
+        "of the CPUs it may use (its affinity and cgroup quota, over torchrun's processes on the host) less 2, at "
+        "least 1: 14 on a 16-core one-GPU host, 12 for each of 8 GPUs on 112 cores. The run's log says how many.")
     decode: Literal["auto", "cpu", "gpu", "hw", "dali"] = pydantic.Field(
         default="auto", description="cpu: the workers decode and augment. gpu (classify and dino): the workers send "
         "the JPEG bytes and each view's crop box, flip (and for dino colour parameters), decoded with nvJPEG, cropped "
@@ -187,3 +190,11 @@ class DataConfig(Section):
     val_split: str = pydantic.Field(default="val", description="The split the run evaluates on.")
     augment: AugmentConfig = pydantic.Field(
         default=AugmentConfig(), description="Tuning of the augmentation presets (`pipelines/presets.py`).")
+
+    @pydantic.field_validator("workers", mode="before")
+    @classmethod
+    def _whole_or_auto(cls, v: object) -> object:
+        # one message for both halves of the union, not pydantic's one for each
+        if v != "auto" and (not isinstance(v, int) or v < 0):
+            raise ValueError("expected a whole number >= 0 or auto")
+        return v

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from pipelines import gpu, hw, plan
 from pipelines.batches import BatchFn, BatchSpec
 from pipelines.config import DataConfig, DataError
+from pipelines.cpus import worker_count
 from pipelines.readers import ShardReader, make_reader
 from pipelines.stall import StallWatch
 from pipelines.store import BadSample, StoreSplit, open_split
@@ -233,9 +234,11 @@ class Loader:
     """One split for one process; see the package docstring for what an epoch covers."""
 
     def __init__(self, cfg: DataConfig, store: StoreSplit, sampler: EpochBatches, dataloader: DataLoader, *,
-                 task: TaskData, device: torch.device, normalise: Normalise, decode_choice: str):
+                 task: TaskData, device: torch.device, normalise: Normalise, workers_choice: str,
+                 decode_choice: str):
         self.cfg, self.sampler, self.dataloader = cfg, sampler, dataloader
-        self.decode_choice = decode_choice  # the mode data.decode came to and why, a line for the run's log
+        # what data.workers and data.decode came to and why, lines for the run's log
+        self.workers_choice, self.decode_choice = workers_choice, decode_choice
         self.task, self.decoder, self.device = task, task.decoders[cfg.decode], device
         self.num_samples = store.num_samples
         self.classes = store.classes
@@ -410,20 +413,21 @@ def check_settings(cfg: DataConfig, store: StoreSplit, task: str, *, train: bool
 
 
 def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: int, world_size: int, seed: int,
-                 device: torch.device) -> Loader:
-    """The loader of one split for this process (rank of world_size); see docs/data-pipelines.md."""
+                 device: torch.device, host_processes: int = 1) -> Loader:
+    """The loader of one split for this process (rank of world_size, one of host_processes on its host); see
+    docs/data-pipelines.md."""
     store = open_split(cfg.path, split)
     check_settings(cfg, store, task, train=train, world_size=world_size)
     data = TASKS[task]
-    decode, why = hw.choose(cfg.decode, data.decoders, device, cfg.workers, data.auto_hw_workers)
-    cfg = cfg.model_copy(update={"decode": decode})
+    workers, workers_why = worker_count(cfg.workers, host_processes)
+    decode, why = hw.choose(cfg.decode, data.decoders, device, workers, data.auto_hw_workers)
+    cfg = cfg.model_copy(update={"decode": decode, "workers": workers})
     dataset = StoreBatches(make_reader(store, cfg.cache_dir), data.decoders[cfg.decode].worker,
                            data.spec(train, cfg.image_size, cfg.augment), seed=seed, rank=rank, on_error=cfg.on_error)
     sampler = EpochBatches(
         store, train=train, seed=seed, rank=rank, world_size=world_size,
         batch_size=cfg.batch_size, shuffle_block=cfg.shuffle_block,
     )
-    workers = cfg.workers
     dataloader = DataLoader(
         dataset,
         batch_size=None,
@@ -436,4 +440,5 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, task: str, rank: i
         generator=torch.Generator().manual_seed(seed),  # its base seed is not drawn from the training's RNG
     )
     return Loader(cfg, store, sampler, dataloader, task=data, device=device, normalise=make_normalise(cfg, device),
+                  workers_choice=f"data.workers: {workers} ({workers_why})",
                   decode_choice=f"data.decode: {decode} ({why})")

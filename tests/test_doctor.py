@@ -15,6 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from pipelines.cpus import auto_workers
 from training import doctor
 
 runner = CliRunner()
@@ -158,6 +159,16 @@ def test_workers_beyond_cpus_warn(tmp_path):
 def test_workers_within_cpus_do_not_warn(tmp_path):
     code, report = run_doctor("--config", str(write_config(tmp_path, data={"workers": 1})))
     assert code == 0 and report["cpu"]["warning"] is None
+
+
+def test_auto_workers_are_counted_as_each_process_gets_them(tmp_path):
+    code, report = run_doctor("--config", str(write_config(tmp_path, data={"workers": "auto"})))
+    cpu = report["cpu"]
+    assert code == 0 and cpu["setting"] == "auto" and cpu["warning"] is None
+    assert cpu["workers"] == auto_workers(cpu["count"], cpu["processes"]) >= 1
+    assert cpu["workers_total"] == cpu["workers"] * cpu["processes"]
+    table = runner.invoke(doctor.app, ["--config", str(tmp_path / "run.yaml")]).stdout
+    assert f"for {cpu['workers_total']} DataLoader workers (data.workers auto)" in table
 
 
 def test_small_shm_warns():

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from pipelines import AugmentConfig, DataConfig, DataError, build_loader, readers
+from pipelines.cpus import worker_count
 from pipelines.loader import EpochBatches
 from pipelines.readers import make_reader, store_key
 from pipelines.store import open_split
@@ -86,6 +87,20 @@ def test_eval_yields_every_sample_exactly_once_across_ranks_and_workers(store):
     assert sorted(got) == sorted(reference)
     assert got == reference  # eval keeps store order: rank 0 then rank 1, no shuffling
     assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+
+
+@pytest.mark.parametrize("host_processes", [1, 2])
+def test_auto_workers_come_to_a_number_the_loader_runs_and_names(store, host_processes):
+    """data.workers: auto becomes this machine's count (pipelines/cpus.py) for a process among host_processes:
+    the DataLoader runs that many, its log line names them, and the split is still read whole."""
+    loader = build_loader(cfg_for(store, workers="auto"), "val", train=False, task="classify", rank=0, world_size=1,
+                          seed=0, device=CPU, host_processes=host_processes)
+    count, why = worker_count("auto", host_processes)
+    assert loader.dataloader.num_workers == loader.cfg.workers == count >= 1
+    assert loader.workers_choice == f"data.workers: {count} ({why})"
+    assert sum(len(batch) for batch in epoch_digests(loader, 0)) == loader.num_samples
+    (fixed,) = loaders(cfg_for(store, workers=2), "val", train=False, world_size=1)
+    assert fixed.workers_choice == "data.workers: 2 (set in the config)"
 
 
 def test_train_ranks_get_equal_full_batches_and_a_new_order_each_epoch(store):

@@ -26,6 +26,7 @@ import torch
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
+from pipelines.cpus import worker_count
 from shards import ConvertOptions, convert
 from training.processes import descendants
 
@@ -405,15 +406,19 @@ def test_s3_outage_mid_run_uploads_catch_up(store, moto_server, s3_bucket, tmp_p
 
 @pytest.fixture(scope="module")
 def baseline_2proc(store, tmp_path_factory) -> tuple[Path, str]:
-    """A 2-process gloo DDP run through the CLI, with a NAS-style storage folder and gradient accumulation."""
+    """A 2-process gloo DDP run through the CLI, with a NAS-style storage folder, gradient accumulation and
+    data.workers: auto (the runs that must match it load in the training process)."""
     tmp = tmp_path_factory.mktemp("baseline2")
-    config = write_config(tmp / "run.yaml", store, train=TWO_PROC, checkpoint={"storage": str(tmp / "nas")})
+    config = write_config(tmp / "run.yaml", store, data={"workers": "auto"}, train=TWO_PROC,
+                          checkpoint={"storage": str(tmp / "nas")})
     out = train(config, "--nproc-per-node", "2")
     return tmp, out
 
 
 def test_ddp_two_processes_learns_and_records(baseline_2proc):
     tmp, out = baseline_2proc
+    count, why = worker_count("auto", 2)  # each of torchrun's 2 processes takes its share of this host's CPUs
+    assert f"data.workers: {count} ({why})" in out and "over 2 process(es)" in why
     rows = results(tmp / "runs")
     assert [int(r["step"]) for r in rows] == [3, 6]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])

@@ -24,6 +24,7 @@ class World:
     device: torch.device
     # A CPU (gloo) group for control flags, so agreeing on "stop now" never syncs the GPU.
     control: dist.ProcessGroup | None = None
+    local_size: int = 1  # processes on this host
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +40,7 @@ def setup() -> World:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     size = int(os.environ.get("WORLD_SIZE", 1))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -50,8 +52,8 @@ def setup() -> World:
                                 timeout=datetime.timedelta(minutes=30))
         control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
         control = cast(dist.ProcessGroup, control)  # every rank is a member, so never NON_GROUP_MEMBER
-        return World(rank, local_rank, size, device, control)
-    return World(rank, local_rank, size, device)
+        return World(rank, local_rank, size, device, control, local_size)
+    return World(rank, local_rank, size, device, local_size=local_size)
 
 
 def die_with_launcher() -> None:

@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.cpus import auto_workers, usable_cpus
 from shards.layouts import yaml_problem
 
 app = typer.Typer()
@@ -142,29 +143,20 @@ def shm_info(path: str = "/dev/shm", min_bytes: int = SHM_MIN_BYTES) -> dict[str
     }
 
 
-def usable_cpus() -> float:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (docker --cpus)."""
-    count: float = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        return count
-    if quota != "max":
-        count = min(count, int(quota) / int(period))
-    return count
-
-
-def cpu_info(workers: int | None, processes: int) -> dict[str, Any]:
-    """CPUs against DataLoader workers: torchrun starts one process per GPU, each with `workers`."""
+def cpu_info(setting: int | str | None, processes: int) -> dict[str, Any]:
+    """CPUs against DataLoader workers: torchrun starts one process per GPU, each with data.workers `setting`
+    (auto: its share of the CPUs, pipelines/cpus.py)."""
     cpus = usable_cpus()
-    wanted = None if workers is None else workers * processes
+    workers = auto_workers(cpus, processes) if setting == "auto" else setting
+    wanted = None if workers is None else int(workers) * processes
     warning = None
     if wanted is not None and wanted > cpus:
         warning = (
             f"data.workers={workers} x {processes} process(es) = {wanted} workers on {cpus:g} CPUs: "
             "lower data.workers"
         )
-    return {"count": cpus, "workers": workers, "processes": processes, "workers_total": wanted, "warning": warning}
+    return {"count": cpus, "setting": setting, "workers": workers, "processes": processes, "workers_total": wanted,
+            "warning": warning}
 
 
 def storage_check(url: str) -> dict[str, Any]:
@@ -224,17 +216,17 @@ def config_value(config: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def checked_settings(config: dict[str, Any]) -> tuple[int | None, str | None]:
+def checked_settings(config: dict[str, Any]) -> tuple[int | str | None, str | None]:
     """The two keys doctor checks against this machine: data.workers and checkpoint.storage."""
     workers, storage = config_value(config, "data.workers"), config_value(config, "checkpoint.storage")
-    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
-        raise ValueError(f"data.workers: expected a whole number >= 0, got {workers!r}")
+    if workers not in (None, "auto") and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise ValueError(f"data.workers: expected a whole number >= 0 or auto, got {workers!r}")
     if storage is not None and not isinstance(storage, str):
         raise ValueError(f"checkpoint.storage: expected a path or URL, got {storage!r}")
     return workers, storage
 
 
-def diagnose(workers: int | None = None, storage: str | None = None, require_gpu: bool = False) -> dict[str, Any]:
+def diagnose(workers: int | str | None = None, storage: str | None = None, require_gpu: bool = False) -> dict[str, Any]:
     """Every check, and the lists of required things missing (`problems`) and warnings."""
     report: dict[str, Any] = {"python": python_info(), "torch": torch_info()}
     problems: list[str] = []
@@ -291,6 +283,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         table.add_row("decode: dali", f"{'usable' if report['dali']['usable'] else 'no'}: {report['dali']['detail']}")
     table.add_row("shm", f"{shm['path']} {shm['total_gb']} GB")
     workers = "" if cpu["workers"] is None else f" for {cpu['workers_total']} DataLoader workers"
+    workers += " (data.workers auto)" if cpu["setting"] == "auto" else ""
     table.add_row("cpus", f"{cpu['count']:g}{workers}")
     if report["storage"]:
         s = report["storage"]

@@ -99,7 +99,7 @@ class Trainer:
         self.vote = dist.StopVote(world)
 
         loader_args: dict[str, Any] = dict(task=cfg.task, rank=world.rank, world_size=world.size, seed=cfg.seed,
-                                           device=world.device)
+                                           device=world.device, host_processes=world.local_size)
         self.train_loader = build_loader(cfg.data, cfg.data.train_split, train=True, **loader_args)
         self.task = build_task(cfg, self.train_loader.classes, world, self.rdir / "pretrained")
         self.val_loader = self.task.val_loader(**loader_args)
@@ -158,6 +158,7 @@ class Trainer:
                                f"{scaled_lr(self.cfg.optim, self.global_batch):g}, and does not decay")
         if self.cfg.train.compile:
             self.reporter.line(f"compiled: {self.task.compiled}")
+        self.reporter.line(self.train_loader.workers_choice)
         self.reporter.line(self.train_loader.decode_choice)
         if self.source:
             if self.world.is_main:

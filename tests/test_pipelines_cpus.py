@@ -1,0 +1,28 @@
+"""pipelines.cpus: the CPUs a process may use, and what `data.workers: auto` makes of them."""
+
+from __future__ import annotations
+
+import os
+
+from pipelines.cpus import auto_workers, usable_cpus, worker_count
+
+
+def test_auto_workers_are_a_process_share_of_the_cpus_less_two_and_at_least_one():
+    hosts = [(16, 1), (112, 8), (64, 8), (7.5, 1), (2, 1), (4, 2)]  # (CPUs, torchrun processes on the host)
+    assert [auto_workers(cpus, processes) for cpus, processes in hosts] == [14, 12, 6, 5, 1, 1]
+
+
+def test_usable_cpus_follow_the_affinity_mask():
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(mask)})
+        assert usable_cpus() == 1
+        assert worker_count("auto", 1) == (1, "auto: 1 usable CPUs over 1 process(es) on this host, less 2 each")
+    finally:
+        os.sched_setaffinity(0, mask)
+    assert usable_cpus() <= len(mask)
+
+
+def test_a_number_of_workers_is_taken_as_set():
+    assert worker_count(3, 8) == (3, "set in the config")
+    assert worker_count(0, 1) == (0, "set in the config")
