@@ -55,6 +55,7 @@ import torch
 import yaml
 
 from common import machine, print_table, profile_steps, record, train_loader_rate
+from pipelines.cpus import auto_workers, usable_cpus, worker_count
 from shards import ConvertOptions, convert, samples
 from train_throughput import launch, make_raw, steady_rate
 from training.config import apply_override
@@ -223,14 +224,14 @@ def run_ceiling(cfg: dict, runs: Path, warmup: int, steps: int, n_batches: int, 
 def end_to_end(task: str, variant: str, name: str, store: str, runs: Path, args: argparse.Namespace,
                n_train: int) -> tuple[float, float, int]:
     """images/s and data wait of `python -m training` on the variant's config (train_throughput's `steady_rate`),
-    and its data.workers."""
+    and the data.workers it ran (auto as a number: one process)."""
     cfg = bench_config(task, variant, name, store, runs, args.steps, args.workers)
     skip = max(args.warmup_steps, steps_per_epoch(cfg, n_train))
     # the windows after the skipped ones are the measurement: a run that ends first measures nothing
     cfg["train"]["max_steps"] = max(args.steps, skip + 100)
     rate, wait = steady_rate(launch(cfg, runs)[0], skip)
     print(f"{task} [{variant.strip() or 'shipped'}] end to end {rate:.0f} images/s, data wait {wait:.0%}", flush=True)
-    return rate, wait, cfg["data"]["workers"]
+    return rate, wait, worker_count(cfg["data"]["workers"], 1)[0]
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -281,8 +282,8 @@ def main() -> None:
         store = make_store(work, task, n_train, 512 if task == "dino" else 64)
         if args.gpus:
             counts = [int(c) for c in args.gpus.split(",")]
-            # The same CPU share per GPU in every run: each rank's main process and pin thread get 2 cores.
-            workers = max(1, (os.cpu_count() or 2) // max(counts) - 2)
+            # The same CPU share per GPU in every run: data.workers: auto for the most GPUs.
+            workers = auto_workers(usable_cpus(), max(counts))
             variant = args.variants.split(";")[0]
             out.update(variant=variant, workers=workers)
             per_gpu = {}
@@ -306,7 +307,8 @@ def main() -> None:
                 rate = input_alone(task, raw, args.input_alone)
                 print(f"{task} [{label}] input alone {rate:.0f} images/s", flush=True)
                 table.append((f"{task} [{label}] input alone", rate, None, None, None))
-                out[f"input_alone_{task}"].append({"variant": label, "workers": raw["data"]["workers"],
+                workers = worker_count(raw["data"]["workers"], 1)[0]
+                out[f"input_alone_{task}"].append({"variant": label, "workers": workers,
                                                    "images_per_s": round(rate, 1)})
         out[f"variants_{task}"] = []
         for i, variant in enumerate(args.variants.split(";")):

@@ -50,6 +50,7 @@ import yaml
 
 import dali_peer
 from common import machine, print_table, record, train_loader_rate
+from pipelines.cpus import auto_workers, usable_cpus
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
 from training.config import apply_override
@@ -349,8 +350,8 @@ def main() -> None:
 
     if args.scaling:
         counts = [int(c) for c in args.scaling.split(",")]
-        # The same CPU share per GPU in every run: each rank's main process and pin thread get 2 cores.
-        workers = max(1, (os.cpu_count() or 2) // max(counts) - 2)
+        # The same CPU share per GPU in every run: data.workers: auto for the most GPUs.
+        workers = auto_workers(usable_cpus(), max(counts))
         out["workers"] = workers
         fmt, decode = args.paths.split(",")[0].split("-")
         out["path"] = f"{fmt}-{decode}"
