@@ -10,16 +10,28 @@ from pathlib import Path
 KEPT_CPUS = 2
 
 
-def usable_cpus() -> float:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (docker --cpus)."""
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota (docker --cpus, a
+    Kubernetes CPU limit)."""
     count: float = len(os.sched_getaffinity(0))
+    quota = cgroup_quota(cgroup)
+    return count if quota is None else min(count, quota)
+
+
+def cgroup_quota(cgroup: Path) -> float | None:
+    """The CPUs a cgroup's quota allows: v2's cpu.max ("200000 100000"), else v1's cpu.cfs_quota_us over
+    cpu.cfs_period_us; None when there is no limit ("max", -1) or no such files."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = (cgroup / "cpu.max").read_text().split()
     except (OSError, ValueError):
-        return count
-    if quota != "max":
-        count = min(count, int(quota) / int(period))
-    return count
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / int(period)
 
 
 def auto_workers(cpus: float, host_processes: int) -> int:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from pipelines.cpus import auto_workers, usable_cpus, worker_count
+import pytest
+
+from pipelines.cpus import auto_workers, cgroup_quota, usable_cpus, worker_count
 
 
 def test_auto_workers_are_a_process_share_of_the_cpus_less_two_and_at_least_one():
@@ -26,3 +29,23 @@ def test_usable_cpus_follow_the_affinity_mask():
 def test_a_number_of_workers_is_taken_as_set():
     assert worker_count(3, 8) == (3, "set in the config")
     assert worker_count(0, 1) == (0, "set in the config")
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(("files", "quota"), [
+    ({"cpu.max": "max 100000\n"}, None),                                          # cgroup v2, no limit
+    ({"cpu.max": "250000 100000\n"}, 2.5),                                        # docker --cpus 2.5
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # cgroup v1, no limit
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ({}, None),                                                                   # no cgroup files
+])
+def test_a_cgroup_cpu_quota_caps_the_usable_cpus(tmp_path, files, quota):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    assert cgroup_quota(tmp_path) == quota
+    cpus = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (cpus if quota is None else min(cpus, quota))
