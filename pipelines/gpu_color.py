@@ -9,6 +9,9 @@ in its own order in a fixed number of passes over the whole batch.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -76,13 +79,26 @@ def jitter_slots(order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor
 def jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """ColorJitter on the images where `on` (CPU tensors, as `jitter_slots` takes them), each with its own factors
     in its own order, in a fixed number of full-batch passes: no gathers, no host syncs. An image with nothing in
-    a slot keeps its pixels exactly (a hue turn by 0 would not: HSV and back rounds)."""
+    a slot keeps its pixels exactly (a hue turn by 0 would not: HSV and back rounds). On a GPU the passes run
+    compiled (`fused_passes`)."""
     ops, factor, hue_at = jitter_slots(order, factors, on)
     ops, factor = upload(ops, x.device), upload(factor, x.device)
+    return (fused_passes() if x.is_cuda else passes)(x, ops, factor, hue_at)
+
+
+def passes(x: torch.Tensor, ops: torch.Tensor, factor: torch.Tensor, hue_at: int | None) -> torch.Tensor:
+    """`jitter`'s passes over the batch: slot s applies each image's op ops[:, s] (-1: none) with factor[:, s]."""
     for s in range(ops.shape[1]):
         y = hue(x, factor[:, s]) if s == hue_at else blend_op(x, ops[:, s], factor[:, s])
         x = torch.where(per_image(ops[:, s] >= 0), y, x)
     return x
+
+
+@functools.cache
+def fused_passes() -> Callable[..., torch.Tensor]:
+    """`passes` compiled: ~100 elementwise ops over the whole batch, each a kernel and a round trip through memory
+    in eager mode, fused by inductor into a few. Made on first use (importing torch.compile costs a second)."""
+    return torch.compile(passes)
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,22 @@ def test_jitter_in_batch_passes_is_each_images_ops_one_image_at_a_time_in_its_ow
         assert torch.equal(got[i], want[0]), (i, orders[i], on[i], (got[i] - want[0]).abs().max())
 
 
+@pytest.mark.parametrize("hue", [0.1, 0.0])  # DINO's jitter turns hues; classify's does not (no hue pass)
+def test_compiled_jitter_passes_give_the_eager_passes_pixels(photos, hue):
+    """On a GPU `jitter` runs its passes compiled (`gpu_color.fused_passes`); inductor's CPU build of the same
+    graph gives eager's pixels."""
+    n = 24
+    x = photos.repeat(n // len(photos), 1, 1, 1)
+    rng = np.random.default_rng(1)
+    factors = torch.from_numpy(rng.uniform([0.6, 0.6, 0.8, -hue], [1.4, 1.4, 1.2, hue], (n, 4)).astype(np.float32))
+    orders = torch.from_numpy(np.stack([rng.permutation(4) for _ in range(n)]))
+    ops, factor, hue_at = gpu_color.jitter_slots(orders, factors, torch.arange(n) % 5 != 0)
+    assert (hue_at is None) == (hue == 0)
+    eager = gpu_color.passes(x, ops, factor, hue_at)
+    assert not torch.allclose(eager, x, atol=1.0)
+    assert (gpu_color.fused_passes()(x, ops, factor, hue_at) - eager).abs().max() < 0.01
+
+
 def test_gray_and_solarize_as_albumentations(photos):
     as_uint8 = photos.permute(0, 2, 3, 1).numpy().astype(np.uint8)
     gray = gpu_color.gray(photos)
