@@ -79,11 +79,19 @@ def jitter_slots(order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor
 def jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """ColorJitter on the images where `on` (CPU tensors, as `jitter_slots` takes them), each with its own factors
     in its own order, in a fixed number of full-batch passes: no gathers, no host syncs. An image with nothing in
-    a slot keeps its pixels exactly (a hue turn by 0 would not: HSV and back rounds). On a GPU the passes run
-    compiled (`fused_passes`)."""
+    a slot keeps its pixels exactly (a hue turn by 0 would not: HSV and back rounds). On a GPU that Triton
+    supports the passes run compiled (`fused_passes`)."""
     ops, factor, hue_at = jitter_slots(order, factors, on)
     ops, factor = upload(ops, x.device), upload(factor, x.device)
-    return (fused_passes() if x.is_cuda else passes)(x, ops, factor, hue_at)
+    return (fused_passes() if fusable(x.device) else passes)(x, ops, factor, hue_at)
+
+
+@functools.cache
+def fusable(device: torch.device) -> bool:
+    """Whether inductor builds kernels for `device`: its GPU kernels are Triton's, which need compute capability
+    7.0 (Volta) or newer. On the CPU (the tests, small runs) they stay eager: inductor's C++ build takes longer
+    than such runs gain."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 def passes(x: torch.Tensor, ops: torch.Tensor, factor: torch.Tensor, hue_at: int | None) -> torch.Tensor:

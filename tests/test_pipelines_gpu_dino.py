@@ -90,6 +90,7 @@ def test_compiled_jitter_passes_give_the_eager_passes_pixels(photos, hue):
     eager = gpu_color.passes(x, ops, factor, hue_at)
     assert not torch.allclose(eager, x, atol=1.0)
     assert (gpu_color.fused_passes()(x, ops, factor, hue_at) - eager).abs().max() < 0.01
+    assert not gpu_color.fusable(CPU)  # `jitter` itself runs the eager passes here
 
 
 def test_gray_and_solarize_as_albumentations(photos):
