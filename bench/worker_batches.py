@@ -54,8 +54,11 @@ def measure(task: str, batch: int, raw: Path, repeats: int) -> dict:
 def in_tree(tree: Path, task: str, batch: int, raw: Path, repeats: int) -> dict:
     """`measure` run from `tree`'s code, in a process of its own."""
     cmd = [sys.executable, __file__, "--measure", f"{task},{batch}", "--raw", str(raw), "--repeats", str(repeats)]
-    env = os.environ | {"PYTHONPATH": str(tree)}
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=True)
+    # the tree first, then whatever path the caller's packages came from
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{tree}: {task} batch {batch} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.splitlines()[-1])
 
 
