@@ -105,7 +105,13 @@ def passes(x: torch.Tensor, ops: torch.Tensor, factor: torch.Tensor, hue_at: int
 @functools.cache
 def fused_passes() -> Callable[..., torch.Tensor]:
     """`passes` compiled: ~100 elementwise ops over the whole batch, each a kernel and a round trip through memory
-    in eager mode, fused by inductor into a few. Made on first use (importing torch.compile costs a second)."""
+    in eager mode, fused by inductor into a few. Made on first use (importing torch.compile costs a second).
+
+    It runs in the decode thread while the main thread may be compiling the train step, and the other way round.
+    Torch 2.11 keeps FX's tracing flag process-wide (2.14 keeps it per thread), so dynamo took one thread's compile
+    for an FX trace of the other's compiled call and raised (H100, `train.compile_mode=reduce-overhead`). With that
+    error off, such a call runs its function eager instead."""
+    torch._dynamo.config.error_on_nested_fx_trace = False
     return torch.compile(passes)
 
 

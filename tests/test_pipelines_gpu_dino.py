@@ -93,6 +93,17 @@ def test_compiled_jitter_passes_give_the_eager_passes_pixels(photos, hue):
     assert not gpu_color.fusable(CPU)  # `jitter` itself runs the eager passes here
 
 
+def test_compiled_jitter_runs_eager_while_fx_traces(photos):
+    """The decode thread's compiled jitter while the main thread compiles the step: torch 2.11 set FX's tracing
+    flag for the whole process, and dynamo raised in the decode thread. Here the flag is set in this thread, as
+    that torch's flag read everywhere."""
+    ops, factor, hue_at = gpu_color.jitter_slots(torch.tensor([[1, 0, 2, 3]] * 4), torch.full((4, 4), 0.1),
+                                                 torch.ones(4, dtype=torch.bool))
+    with torch.fx._symbolic_trace._is_fx_tracing_context(True):
+        got = gpu_color.fused_passes()(photos, ops, factor, hue_at)
+    assert torch.equal(got, gpu_color.passes(photos, ops, factor, hue_at))
+
+
 def test_gray_and_solarize_as_albumentations(photos):
     as_uint8 = photos.permute(0, 2, 3, 1).numpy().astype(np.uint8)
     gray = gpu_color.gray(photos)
