@@ -3,7 +3,8 @@
 Each process writes a Chrome trace (Perfetto and TensorBoard's profiler read it) to the run dir's `profile/`; the
 main process logs the steps' wall time, the share of it the GPU ran kernels or copies on any stream and on its
 busiest one (the step's, where an input pipeline has streams of its own), and the top kernels (the top CPU ops on a
-CPU run). A step whose stream idles waits for the host: for its data, its kernel launches, or a sync.
+CPU run). A step whose stream idles waits for the host: for its data, its kernel launches, or a sync. The profiler
+adds host time to every launch, so part of that idle time can be its own (docs/training.md).
 """
 
 from __future__ import annotations
