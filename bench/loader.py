@@ -10,9 +10,11 @@ workers and batch size: ours via `build_loader` (OpenCV JPEG decode, DCT-scaled 
 allows, uint8 batches from the workers, normalised as the trainer gets them); the baseline is
 `ImageFolder` with PIL decode and the same albumentations preset plus Normalize/ToTensorV2 in
 the workers (the common recipe). All three keep their workers; after one untimed epoch each
-(worker start, page cache, tar index) they take turns, one timed epoch each per round, in an
-order that rotates, so that load from other processes and the loader run just before fall on
-all three alike; a ratio is the median over rounds of ours/ImageFolder within the round.
+(worker start, page cache, tar index) they take turns, one timed epoch each per round, in a
+new random order each round, so that load from other processes falls on all alike. A turn's
+time runs until the workers (and the S3 server) are idle again: work a loader left running
+(ours starts its next epoch's first batches) is its own, not the next loader's. A ratio is
+the median over rounds of ours/ImageFolder within the round.
 With --device cuda (a GPU host) every loader hands its batches to the GPU as a trainer gets them
 (pinned memory, non-blocking copies), and two more loaders join: ours in GPU decode mode
 (`data.decode: gpu`, nvJPEG) on the same wds and lmdb stores, reported against CPU decode with
@@ -97,14 +99,36 @@ def interleaved_rates(epoch_fns: dict, rounds: int) -> tuple[dict[str, list[floa
         first[name] = fn(0) / (time.perf_counter() - start)
         workers[name] = child_pids() - before
     rates: dict[str, list[float]] = {name: [] for name in epoch_fns}
-    names = list(epoch_fns)
+    order = random.Random(0)
     for e in range(1, rounds + 1):
-        turn = e % len(names)  # each round starts with the next loader: none always follows the same one
-        for name in names[turn:] + names[:turn]:
+        for name in order.sample(list(epoch_fns), len(epoch_fns)):  # a new order each round: no fixed neighbours
             start = time.perf_counter()
             n = epoch_fns[name](e)
+            settle()
             rates[name].append(n / (time.perf_counter() - start))
     return rates, first, workers
+
+
+def settle(quiet_s: float = 0.05, limit_s: float = 5.0) -> None:
+    """Returns once this process's children (loader workers, the S3 server) have used under a fifth of a core for
+    `quiet_s`, or after `limit_s`. Work a loader left running when its epoch returned (ours starts the next epoch's
+    first batches, a request may still be in the server) is then timed as its own, not in the next loader's turn."""
+    deadline = time.perf_counter() + limit_s
+    used = children_cpu_s()
+    while time.perf_counter() < deadline:
+        time.sleep(quiet_s)
+        before, used = used, children_cpu_s()
+        if used - before < quiet_s / 5:
+            return
+
+
+def children_cpu_s() -> float:
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def child_pids() -> set[int]:
