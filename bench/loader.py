@@ -96,7 +96,9 @@ def interleaved_rates(epoch_fns: dict, rounds: int) -> tuple[dict[str, list[floa
     for name, fn in epoch_fns.items():
         before = child_pids()
         start = time.perf_counter()
-        first[name] = fn(0) / (time.perf_counter() - start)
+        n = fn(0)
+        settle()
+        first[name] = n / (time.perf_counter() - start)
         workers[name] = child_pids() - before
     rates: dict[str, list[float]] = {name: [] for name in epoch_fns}
     order = random.Random(0)
