@@ -94,9 +94,9 @@ def test_compiled_jitter_passes_give_the_eager_passes_pixels(photos, hue):
 
 
 def test_compiled_jitter_runs_eager_while_fx_traces(photos):
-    """The decode thread's compiled jitter while the main thread compiles the step: torch 2.11 set FX's tracing
-    flag for the whole process, and dynamo raised in the decode thread. Here the flag is set in this thread, as
-    that torch's flag read everywhere."""
+    """The decode thread's compiled jitter while the main thread compiles the step: torch 2.11 sets FX's tracing
+    flag for the whole process, and dynamo raised in the decode thread. This torch keeps the flag per thread, so
+    the test sets it in its own."""
     ops, factor, hue_at = gpu_color.jitter_slots(torch.tensor([[1, 0, 2, 3]] * 4), torch.full((4, 4), 0.1),
                                                  torch.ones(4, dtype=torch.bool))
     with torch.fx._symbolic_trace._is_fx_tracing_context(True):
