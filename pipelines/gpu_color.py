@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from torch.utils._triton import has_triton
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 
@@ -88,10 +89,12 @@ def jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor, on: torc
 
 @functools.cache
 def fusable(device: torch.device) -> bool:
-    """Whether inductor builds kernels for `device`: its GPU kernels are Triton's, which need compute capability
-    7.0 (Volta) or newer. On the CPU (the tests, small runs) they stay eager: inductor's C++ build takes longer
-    than such runs gain."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+    """Whether inductor builds kernels for `device`: its GPU kernels are Triton's, so Triton must be installed
+    (Linux wheels of torch bring it; Windows ones do not) and the GPU new enough for it (compute capability 7.0);
+    elsewhere the passes run eager rather than fail. This is the input path's choice, apart from `train.compile`
+    (the model's). On the CPU (the tests, small runs) they stay eager: inductor's C++ build takes longer than such
+    runs gain."""
+    return device.type == "cuda" and has_triton()
 
 
 def passes(x: torch.Tensor, ops: torch.Tensor, factor: torch.Tensor, hue_at: int | None) -> torch.Tensor:
