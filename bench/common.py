@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,6 +84,17 @@ def record(bench: str, result: dict) -> None:
     with open(RESULTS_DIR / f"{bench}.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps(result))
+
+
+def record_if_stopped(bench: str, result: dict) -> None:
+    """From here on, a SIGTERM (`timeout`, a device call's limit) first records `result` as measured so far, marked
+    partial, then ends the bench as it would have: a cut run's figures land in the jsonl, not only in its log."""
+    def stop(signum: int, _frame: object) -> None:
+        record(bench, {**result, "partial": True})
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def print_table(columns: dict[str, str], rows: list[tuple]) -> None:

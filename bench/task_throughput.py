@@ -35,7 +35,8 @@ runs each end to end against the first variant's ceiling:
   windows (train_throughput's `steady_rate`) after --warmup-steps and after the first epoch: while the model
   compiles, the loader's workers fill their prefetch queues, which the first epoch then drains faster than
   the workers could produce (a run is lengthened to 100 steps past the skipped ones).
-The last line is one JSON object, also appended to bench/results/task_throughput.jsonl.
+The last line is one JSON object, also appended to bench/results/task_throughput.jsonl (with `"partial": true`
+when a SIGTERM cut the run: the figures measured until then).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from typing import Any
 import torch
 import yaml
 
-from common import machine, print_table, profile_steps, record, train_loader_rate
+from common import machine, print_table, profile_steps, record, record_if_stopped, train_loader_rate
 from pipelines.cpus import auto_workers, usable_cpus, worker_count
 from shards import ConvertOptions, convert, samples
 from train_throughput import launch, make_raw, steady_rate
@@ -276,6 +277,7 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     out: dict = {"bench": "task_throughput", "machine": machine(), "gpu": machine()["gpu"], "images": args.images}
     table: list[tuple[str, float, float | None, float | None, float | None]] = []  # rate, ratio, wait, TFLOP/s
+    record_if_stopped("task_throughput", out)
     tasks = ["dino"] if args.gpus else args.tasks.split(",")
     for task in tasks:
         n_train = args.images if task == "dino" else args.images // 4
@@ -321,6 +323,7 @@ def main() -> None:
             ceil = c["images_per_s"]
             row = {"variant": label, "ceiling": round(ceil, 1), "gflop_per_image": round(gflop, 2),
                    "ceiling_tflops": round(gflop * ceil / 1e3, 1)}
+            out[f"variants_{task}"].append(row)  # filled in below: a cut run records its ceiling already
             if "images_per_s_torchvision_loss" in c:
                 stock = c["images_per_s_torchvision_loss"]
                 row |= {"ceiling_torchvision_loss": round(stock, 1), "batch_loss_speedup": round(ceil / stock, 3)}
@@ -352,7 +355,6 @@ def main() -> None:
                     out[f"data_variants_{task}"].append(
                         {"variant": name, "workers": workers, "images_per_s": round(rate, 1),
                          "ratio": round(rate / ceil, 3), "data_wait": wait})
-            out[f"variants_{task}"].append(row)
 
     print_table({"images/s": ".0f", "ratio": ".3f", "wait": ".0%", "TFLOP/s": ".0f"}, table)
     record("task_throughput", out)

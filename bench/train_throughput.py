@@ -49,7 +49,7 @@ import torch
 import yaml
 
 import dali_peer
-from common import machine, print_table, record, train_loader_rate
+from common import machine, print_table, record, record_if_stopped, train_loader_rate
 from pipelines.cpus import auto_workers, usable_cpus
 from shards import ConvertOptions, convert
 from shards.samples import photo_paths
@@ -347,6 +347,7 @@ def main() -> None:
                  "max_side": args.max_side, "batch": args.batch, "workers": args.workers, "compile": compile,
                  "compile_mode": args.compile_mode, "set": args.set}
     table: list[tuple[str, float, float | None, float | None]] = []
+    record_if_stopped("train_throughput", out)
 
     if args.scaling:
         counts = [int(c) for c in args.scaling.split(",")]
