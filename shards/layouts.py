@@ -16,11 +16,13 @@ from shards.storage import StoreError, is_local, join, special_file
 
 Layout = Literal["imagefolder", "unlabeled", "yolo"]
 
-# torchvision's ImageFolder extensions, plus GIF; anything else in SRC is not an input.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-# Photo formats that cameras and phones write and convert does not read: skipped, but counted and named, as a
-# folder of iPhone HEICs would otherwise convert to nothing without a word.
-UNREAD_PHOTO_EXTENSIONS = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+# torchvision's ImageFolder extensions, plus GIF and JPEG's other names (.jfif, .jpe: what browsers save); anything
+# else in SRC is not an input. The format is read from the bytes, not the name.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Photo formats that cameras, phones and browsers write and convert does not read: skipped, but counted and named,
+# as a folder of iPhone HEICs would otherwise convert to nothing without a word.
+UNREAD_PHOTO_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf",
+                           ".rw2")
 SPLIT_DIRS = ("train", "val", "test")
 YOLO_YAMLS = ("data.yaml", "data.yml")
 # A labeled source without split folders holds out this share of its inputs as val by default.
@@ -145,7 +147,7 @@ def holdout_split(key: str, fraction: float) -> str:
 
 def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
     """Sorted posix paths relative to `root` of the files with image extensions, hidden ones left out;
-    and the folders that were not read, each as "relpath: why".
+    and what was not read, each as "relpath: why": folders, photos in formats convert does not read, hidden images.
 
     Broken symlinks are listed too: they become `unreadable` rejects rather than vanishing.
     """
@@ -153,12 +155,19 @@ def image_relpaths(fs: fsspec.AbstractFileSystem, root: str) -> tuple[list[str],
         what = "is not a directory" if fs.exists(root) else "does not exist"
         raise StoreError(f"source {root} {what}")
     skipped: list[str] = []
-    visible = sorted(r for r in file_relpaths(fs, root, root, skipped)
-                     if not any(part.startswith(".") for part in r.split("/")))
+    found = file_relpaths(fs, root, root, skipped)
+    visible = sorted(r for r in found if not any(part.startswith(".") for part in r.split("/")))
     relpaths = [r for r in visible if r.lower().endswith(IMAGE_EXTENSIONS)]
     unread = [r for r in visible if r.lower().endswith(UNREAD_PHOTO_EXTENSIONS)]
     if unread:
         skipped.append(unread_photos(unread))
+    # hidden folders are never read (local ones not even walked); a hidden image in a visible one is named
+    hidden = sorted(r for r in found if r.lower().endswith(IMAGE_EXTENSIONS) and r.rsplit("/", 1)[-1].startswith(".")
+                    and not any(part.startswith(".") for part in r.split("/")[:-1]))
+    if hidden:
+        more = f" and {len(hidden) - 1} more" if len(hidden) > 1 else ""
+        skipped.append(f"{hidden[0]}{more}: hidden files (a name starting with '.', as macOS's ._ copies), not read; "
+                       "rename them to convert them")
     return relpaths, sorted(skipped)
 
 

@@ -3,11 +3,13 @@ each named, rather than changing the layout or vanishing silently."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -45,7 +47,28 @@ def test_photos_in_formats_convert_does_not_read_are_counted_and_named(tmp_path)
     assert summary.added + summary.rejected == 6
     assert summary.skipped == [
         "chelsea/IMG_0001.HEIC and 2 more: photos in formats convert does not read (.heic 2, .dng 1); save them as "
-        "JPEG (or another of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .gif) to convert them"]
+        "JPEG (or another of .jpg, .jpeg, .jfif, .jpe, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .gif) to convert "
+        "them"]
+
+
+def test_jpegs_by_their_other_names_convert_and_hidden_images_are_named(tmp_path):
+    # .jfif and .jpe (what browsers save) are JPEGs; a class of hidden files alone would vanish without a word
+    flat = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, flat=True,
+                                    classes=["chelsea", "rocket"])
+    jpeg = next((flat / "chelsea").glob("*.jpg")).read_bytes()
+    (flat / "saved").mkdir()
+    for name, quality in (("a.JFIF", 50), ("b.jpe", 60)):  # not duplicates of the class folders' images
+        Image.open(io.BytesIO(jpeg)).save(flat / "saved" / name, format="JPEG", quality=quality)
+    for name in ("rocket/._IMG_1.jpg", "rocket/.IMG_2.jpg"):
+        (flat / name).write_bytes(jpeg)
+    (flat / ".Trash").mkdir()
+    (flat / ".Trash" / "old.jpg").write_bytes(jpeg)
+    summary = convert(ConvertOptions(src=str(flat), dest=str(tmp_path / "s"), workers=1, val_fraction=0),
+                      progress=False)
+    assert read_manifest(str(tmp_path / "s")).classes == ["chelsea", "rocket", "saved"]
+    assert (summary.added, summary.rejected) == (6, 0)
+    assert summary.skipped == ["rocket/.IMG_2.jpg and 1 more: hidden files (a name starting with '.', as macOS's ._ "
+                               "copies), not read; rename them to convert them"]
 
 
 def test_loops_through_two_symlinks_end(tmp_path):
