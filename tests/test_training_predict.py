@@ -175,6 +175,29 @@ def test_same_named_images_clash_only_where_each_writes_a_file(trained, imagefol
         check_one_output_each(list_images(inputs[1:]))
 
 
+def test_a_folder_is_read_as_convert_reads_a_source_and_what_it_leaves_out_is_named(trained, imagefolder_src,
+                                                                                     tmp_path):
+    """Before, predict's own extension list left out GIF, PPM and .jfif files that convert takes, and its
+    rglob left out symlinked folders, without a word."""
+    config, best = trained
+    jpg = next((imagefolder_src / "val").rglob("*.jpg"))
+    folder = tmp_path / "new"
+    (folder / "phone").mkdir(parents=True)
+    for name in ("a.gif", "b.ppm", "c.JFIF"):
+        Image.open(jpg).save(folder / name, format={"gif": "GIF", "ppm": "PPM", "jfif": "JPEG"}[name[2:].lower()])
+    (folder / "phone" / "d.jpg").write_bytes(jpg.read_bytes())
+    (folder / "phone" / "._d.jpg").write_bytes(b"\0" * 64)
+    (folder / "linked").symlink_to(folder / "phone", target_is_directory=True)
+    result = CliRunner().invoke(app, ["predict", str(config), str(best), str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted(Path(r["image"]).relative_to(folder).as_posix() for r in records) == [
+        "a.gif", "b.ppm", "c.JFIF", "linked/d.jpg", "phone/d.jpg"]
+    assert all("classes" in r for r in records), records
+    assert (f"warning: skipped {folder}/linked/._d.jpg and 1 more: hidden files (a name starting with '.', as "
+            "macOS's ._ copies), not read; rename them to convert them") in result.stdout.splitlines()
+
+
 def test_the_checkpoints_model_and_input_settings_overrule_the_configs(trained, imagefolder_src, tmp_path):
     """A config that differs from the run's in what defines the model and its input (a training override left
     out, another eval crop, another model name, EMA weights the run did not keep) is overruled by the config the

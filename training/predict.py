@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import albumentations as A
+import fsspec
 import numpy as np
 import torch
 from rich.progress import track
@@ -22,11 +23,10 @@ from torchvision.utils import draw_bounding_boxes
 
 from pipelines import decode_image, detect_eval
 from pipelines.presets import classify_eval
+from shards.layouts import IMAGE_EXTENSIONS, image_relpaths
 from training.config import RunConfig, TrainError
 from training.export import load_model
 from training.tasks.detect import detect_settings
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,23 @@ def to_yolo(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return box_convert(boxes, "xyxy", "cxcywh") / boxes.new_tensor([width, height, width, height])
 
 
-def list_images(paths: list[Path]) -> list[tuple[Path, Path]]:
-    """(file, output name) for each image: a file by its name, a folder's images by their path inside it."""
+def list_images(paths: list[Path], log=print) -> list[tuple[Path, Path]]:
+    """(file, output name) for each image: a file by its name, a folder's images by their path inside it, found
+    as `convert` finds a source's (its extensions, symlinked folders followed, hidden files left out; what it
+    leaves out is logged)."""
     found: list[tuple[Path, Path]] = []
     for path in paths:
         if path.is_dir():
-            found += [(f, f.relative_to(path)) for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+            relpaths, skipped = image_relpaths(fsspec.filesystem("file"), str(path.absolute()))
+            found += [(path / r, Path(r)) for r in relpaths]
+            for line in skipped:
+                log(f"warning: skipped {path}/{line}")  # the line starts with a path inside the folder
         elif path.is_file():
             found.append((path, Path(path.name)))
         else:
             raise TrainError(f"no such image or folder: {path}")
     if not found:
-        raise TrainError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+        raise TrainError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
     return found
 
 
@@ -145,7 +150,7 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
         raise TrainError(f"--format must be json or yolo, not {fmt}")
     if top < 1:
         raise TrainError(f"--top must be at least 1, not {top}")
-    found = list_images(images)
+    found = list_images(images, log)
     if draw_boxes or fmt == "yolo":
         check_one_output_each(found)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
