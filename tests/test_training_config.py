@@ -92,6 +92,11 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["optim.schedule_start_epoch=-1"], "bad value for optim.schedule_start_epoch: Input should be greater than"),
         (["train=3"], "bad value for train"),
         (["max_steps"], "override 'max_steps' must look like key.sub=value"),
+        # before, PyYAML's traceback
+        (["data.batch_size=[1"], "override 'data.batch_size=[1': the value is not valid YAML (line 1, column 3: "
+                                 "expected ',' or ']'"),
+        (["name=@x"], "override 'name=@x': the value is not valid YAML (line 1, column 1: found character '@' that "
+                      "cannot start any token); a string that YAML reads otherwise goes in quotes: name='\"...\"'"),
         (["train.compile=true", "train.compile_mode=reduce-overhead", "train.accum_steps=2"],
          "bad config: train.compile_mode=reduce-overhead runs CUDA graphs, which do not accumulate gradients"),
         (["task=detect", "train.compile=true", "train.compile_mode=max-autotune"],
@@ -103,6 +108,16 @@ def test_bad_key_or_value_is_one_line_naming_the_key(tmp_path, overrides, messag
         load_config(write(tmp_path), overrides)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    """Before, a UnicodeDecodeError traceback from train, predict and export."""
+    path = write(tmp_path)
+    path.write_bytes(path.read_bytes() + "# données de test\n".encode("latin-1"))
+    with pytest.raises(TrainError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config {path} is not UTF-8 text: byte 0xe9 at offset ")
+    assert str(err.value).endswith("; save it as UTF-8")
 
 
 def test_knn_settings_at_their_defaults_load_in_any_task(tmp_path):

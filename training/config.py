@@ -320,6 +320,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raw = yaml.safe_load(Path(path).read_text())
     except OSError as e:
         raise TrainError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a comment saved in Latin-1, or not a text file at all
+        raise TrainError(f"config {path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start}; "
+                         "save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise TrainError(f"config {path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
@@ -341,7 +344,11 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise TrainError(f"override {item!r}: {part} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(value) if value else None
+    try:
+        node[leaf] = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as e:
+        raise TrainError(f"override {item!r}: the value is not valid YAML ({yaml_problem(e)}); a string that "
+                         f"YAML reads otherwise goes in quotes: {key}='\"...\"'") from None
 
 
 def validate(raw: dict) -> RunConfig:
