@@ -72,11 +72,16 @@ class DemoError(Exception):
 
 def prepare_out(out: Path) -> None:
     """Start from an empty `out`; refuse to clear a non-empty folder that no demo made."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file; pick a folder")
     if out.exists() and any(out.iterdir()):
         if not (out / STAMP).exists():
             raise DemoError(f"--out {out} is not empty and was not made by `shardtrain demo`; pick another folder")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in its path, no permission
+        raise DemoError(f"--out {out}: cannot make the folder: {e.strerror}") from None
     (out / STAMP).touch()
 
 

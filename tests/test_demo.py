@@ -72,6 +72,10 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith("error: --out") and "Traceback" not in result.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+    for out, what in ((tmp_path / "precious.txt", " is a file; pick a folder"),
+                      (tmp_path / "precious.txt" / "sub", ": cannot make the folder: Not a directory")):
+        result = run_demo("--out", str(out))
+        assert (result.returncode, result.stderr) == (1, f"error: --out {out}{what}\n")
 
 
 def test_the_temporary_servers_log_goes_to_its_file_and_the_demos_own_to_the_console(tmp_path):

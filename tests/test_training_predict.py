@@ -138,6 +138,25 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(trained, imagefolder_src, t
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_an_out_that_is_a_file_and_a_checkpoint_without_its_config_are_one_line(trained, imagefolder_src, tmp_path):
+    """Before, FileExistsError and NotADirectoryError from mkdir, and AttributeError on a checkpoint whose config
+    was None."""
+    config, best = trained
+    val = str(imagefolder_src / "val")
+    (tmp_path / "file").write_text("not a folder")
+    for command in (["predict", str(config), str(best), val], ["export", str(config), str(best)]):
+        for out, what in ((tmp_path / "file", " is a file; give a folder"),
+                          (tmp_path / "file" / "sub", ": a file stands in its path; give a folder")):
+            result = CliRunner().invoke(app, [*command, "--out", str(out)])
+            assert (result.exit_code, result.stderr) == (2, f"error: --out {out}{what}\n"), result.output
+    ckpt = torch.load(best, weights_only=True)
+    torch.save({**ckpt, "config": None}, tmp_path / "no_config.pt")
+    result = CliRunner().invoke(app, ["export", str(config), str(tmp_path / "no_config.pt"), "--out",
+                                      str(tmp_path / "out")])
+    assert (result.exit_code, result.stderr) == (
+        2, f"error: checkpoint {tmp_path / 'no_config.pt'} has no class names: is it a shardtrain checkpoint?\n")
+
+
 def test_an_empty_image_file_is_reported_as_empty(trained, tmp_path):
     """Before, a 0-byte file was "not an image (starts with )"."""
     config, best = trained

@@ -184,6 +184,21 @@ def test_run_dir_whose_checkpoint_holds_another_model(stores, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 4
 
 
+def test_resuming_from_a_file_without_a_run_config_is_one_line(stores, tmp_path):
+    """A dict of tensors saved by other code (before, KeyError: 'config' from the check above)."""
+    weights = tmp_path / "weights.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, weights)
+    assert refused(write(tmp_path, stores["both"]), f"resume={weights}") == (
+        f"resume: {weights} holds no run config, so it was not written by `shardtrain train`; resume from one of its "
+        "checkpoints (runs/NAME/checkpoints/*.pt)")
+
+
+def test_output_folders_that_are_files_are_one_line(stores, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    assert refused(write(tmp_path, stores["both"]), f"runs_dir={tmp_path / 'file'}") == (
+        f"run dir {tmp_path / 'file' / 't'}: a file stands in its path; give a folder")
+
+
 def test_a_worker_started_without_launch_names_the_other_model_in_one_line(stores, tmp_path):
     """`python -m training` (no checks before it) meets the other model's checkpoint when it loads it."""
     resnet18_checkpoint(tmp_path, stores["both"])

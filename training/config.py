@@ -314,6 +314,19 @@ def run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.runs_dir) / cfg.name
 
 
+def make_dir(path: Path, what: str) -> None:
+    """`path` made with its parents, or a one-line error naming the setting it came from (`what`: --out,
+    runs_dir) where a file stands in the way."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise TrainError(f"{what} {path} is a file; give a folder") from None
+    except NotADirectoryError:
+        raise TrainError(f"{what} {path}: a file stands in its path; give a folder") from None
+    except OSError as e:
+        raise TrainError(f"{what} {path}: cannot make the folder: {e.strerror}") from None
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read the YAML at `path`, apply dotted `key.sub=value` overrides, validate."""
     try:

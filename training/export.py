@@ -28,7 +28,7 @@ from timm.models._hub import save_config_for_hf  # what save_for_hf writes besid
 from torch import nn
 
 from pipelines.presets import PAD_VALUE
-from training.config import RunConfig, TrainError, to_dict
+from training.config import RunConfig, TrainError, make_dir, to_dict
 from training.model import build_model
 from training.preflight import MODEL_KEYS
 from training.tasks.detect import build_detector, detect_settings
@@ -78,7 +78,7 @@ def read_checkpoint(cfg: RunConfig, checkpoint: str,
     """The weights a checkpoint serves with (its EMA's when its run's eval.metric is an ema_ one), the config it
     was trained with (see `trained_config`) and its class names."""
     ckpt = load_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or "classes" not in ckpt or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or "classes" not in ckpt or not isinstance(ckpt.get("config"), dict):
         raise TrainError(f"checkpoint {checkpoint} has no class names: is it a shardtrain checkpoint?")
     task = ckpt["config"].get("task")
     if task != cfg.task:  # the config's task-specific settings (its thresholds) would not apply
@@ -222,7 +222,7 @@ def export(cfg: RunConfig, checkpoint: str, out: Path, fmt: str | None = None, l
         other = next(f for f, tasks in FORMATS.items() if cfg.task in tasks)
         raise TrainError(f"task {cfg.task} exports as {other}, not {fmt}")
     model, cfg, classes = load_model(cfg, checkpoint, log)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     size = cfg.data.image_size
     if cfg.task == "detect":
         to_onnx(Detections(model), torch.zeros(1, 3, size, size), out / "model.onnx", ["boxes", "scores", "labels"],

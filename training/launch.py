@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from training.config import TrainError, load_config, run_dir
+from training.config import TrainError, load_config, make_dir, run_dir
 from training.metrics import SUMMARY_FILE
 from training.preempt import EXIT_PREEMPTED, PREEMPTED_FILE, StopSignals, insist_message
 from training.processes import kill_tree
@@ -104,7 +104,7 @@ def run_dir_lock(directory: Path, node_rank: int) -> Iterator[None]:
     still saves after a Ctrl-C) trained beside the first, both writing and pruning the same checkpoints. The lock
     is the kernel's (flock), so it ends with the process however that ends; one per node rank, as nodes may share
     the run dir on a NAS."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dir(directory, "run dir")
     fd = os.open(directory / f".launch-node{node_rank}.lock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

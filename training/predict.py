@@ -24,7 +24,7 @@ from torchvision.utils import draw_bounding_boxes
 from pipelines import decode_image, detect_eval
 from pipelines.presets import classify_eval
 from shards.layouts import IMAGE_EXTENSIONS, image_relpaths
-from training.config import RunConfig, TrainError
+from training.config import RunConfig, TrainError, make_dir
 from training.export import load_model
 from training.tasks.detect import detect_settings
 
@@ -165,7 +165,7 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     else:
         transform = classify_eval(cfg.data.image_size, aug)
     records: list[dict[str, Any]] = []
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--out")
     for path, name in track(found, description="predict", transient=True):
         try:
             if not path.is_file():  # a FIFO or device named like an image: opening it could wait forever

@@ -173,8 +173,11 @@ def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    other = another_model(ckpt, cfg, classes)
     where = f"run dir {run_dir(cfg)}" if cfg.resume == "auto" else "resume"
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise TrainError(f"{where}: {path} holds no run config, so it was not written by `shardtrain train`; "
+                         "resume from one of its checkpoints (runs/NAME/checkpoints/*.pt)")
+    other = another_model(ckpt, cfg, classes)
     if other is not None:
         raise TrainError(f"{where}: checkpoint {path} holds another model ({other}): give the run another name, "
                          "or move its run dir away")
