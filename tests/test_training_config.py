@@ -92,6 +92,15 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
         (["optim.schedule_start_epoch=-1"], "bad value for optim.schedule_start_epoch: Input should be greater than"),
         (["train=3"], "bad value for train"),
         (["max_steps"], "override 'max_steps' must look like key.sub=value"),
+        # before, each a traceback in the first step (or in building the FPN)
+        (["model.kwargs={in_chans: 1}"], "bad value for model.kwargs: the data pipeline gives the model RGB images "
+                                         "(3 channels), so in_chans must be 3 (got 1)"),
+        (["task=detect", "detect.out_indices=[]"], "bad value for detect.out_indices: one or more feature levels >= "
+                                                   "0, in increasing order, each once (got [])"),
+        (["task=detect", "detect.out_indices=[2, 2, 3]"],
+         "bad value for detect.out_indices: one or more feature levels >= 0, in increasing order, each once (got [2, "
+         "2, 3])"),
+        (["task=detect", "detect.out_indices=[4, 3, 2]"], "bad value for detect.out_indices"),
         # before, PyYAML's traceback
         (["data.batch_size=[1"], "override 'data.batch_size=[1': the value is not valid YAML (line 1, column 3: "
                                  "expected ',' or ']'"),

@@ -46,6 +46,15 @@ class ModelConfig(Section):
     def _false_is_none(cls, v: bool | str | None) -> bool | str | None:
         return v or None
 
+    @field_validator("kwargs")
+    @classmethod
+    def _rgb_input(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # before, the first step's conv2d traceback: every store's images are decoded as RGB
+        if v.get("in_chans", 3) != 3:
+            raise ValueError(f"the data pipeline gives the model RGB images (3 channels), so in_chans must be 3 "
+                             f"(got {v['in_chans']}); grey images are stored and read as RGB")
+        return v
+
 
 class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field(
@@ -144,7 +153,8 @@ class DetectConfig(Section):
 
     head: Literal["fcos", "retinanet"] = Field(default="fcos", description="torchvision's `FCOS` or `RetinaNet`.")
     out_indices: tuple[int, ...] = Field(
-        default=(2, 3, 4), description="timm feature levels into the FPN (strides 8, 16, 32 on a resnet).")
+        default=(2, 3, 4), description="timm feature levels into the FPN (strides 8, 16, 32 on a resnet), from "
+        "fine to coarse, each once.")
     p6p7: bool = Field(
         default=True, description="Two more FPN levels (strides x2, x4) from the last one, as FCOS and RetinaNet "
         "do.")
@@ -158,6 +168,15 @@ class DetectConfig(Section):
     topk_candidates: int = Field(default=1000, ge=1, description="Candidates per FPN level, before NMS.")
     predict_score_thresh: float = Field(
         default=0.25, ge=0, le=1, description="`shardtrain predict`'s default `--conf`.")
+
+    @field_validator("out_indices")
+    @classmethod
+    def _fine_to_coarse(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        # the FPN builds its levels in this order, each from the next coarser one (before: IndexError,
+        # torchvision's anchor assertion or a channel mismatch in the first step)
+        if not v or any(b <= a for a, b in zip(v, v[1:])) or v[0] < 0:
+            raise ValueError(f"one or more feature levels >= 0, in increasing order, each once (got {list(v)})")
+        return v
 
 
 class DinoConfig(Section):
