@@ -184,13 +184,18 @@ def test_run_dir_whose_checkpoint_holds_another_model(stores, tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == 4
 
 
-def test_resuming_from_a_file_without_a_run_config_is_one_line(stores, tmp_path):
+def test_resuming_from_a_file_shardtrain_did_not_write_is_one_line(stores, tmp_path):
     """A dict of tensors saved by other code (before, KeyError: 'config' from the check above)."""
     weights = tmp_path / "weights.pt"
     torch.save({"model": {"w": torch.zeros(2)}}, weights)
     assert refused(write(tmp_path, stores["both"]), f"resume={weights}") == (
         f"resume: {weights} holds no run config, so it was not written by `shardtrain train`; resume from one of its "
         "checkpoints (runs/NAME/checkpoints/*.pt)")
+    # before, torch's "mmap can only be used with files saved with `torch.save(_use_new_zipfile_serialization=True)`"
+    (tmp_path / "notes.pt").write_bytes(b"not a checkpoint at all")
+    assert refused(write(tmp_path, stores["both"]), f"resume={tmp_path / 'notes.pt'}") == (
+        f"resume: {tmp_path / 'notes.pt'} is not a checkpoint file; resume from one that `shardtrain train` wrote "
+        "(runs/NAME/checkpoints/*.pt)")
 
 
 def test_output_folders_that_are_files_are_one_line(stores, tmp_path):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 MARKER = ".complete"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 
 

@@ -28,6 +28,7 @@ from timm.models._hub import save_config_for_hf  # what save_for_hf writes besid
 from torch import nn
 
 from pipelines.presets import PAD_VALUE
+from training.checkpoint import ZIP_MAGIC
 from training.config import RunConfig, TrainError, make_dir, to_dict
 from training.model import build_model
 from training.preflight import MODEL_KEYS
@@ -37,7 +38,6 @@ from training.train import diff_keys
 FORMATS: dict[str, tuple[str, ...]] = {"safetensors": ("classify", "dino"), "onnx": ("classify", "detect")}
 DINO_BACKBONE = "teacher.module.backbone."
 OPSET = 17
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
 # What defines the trained model, the input it takes and which of its weights (model, or ema when eval.metric is an
 # ema_ one) best.pt was chosen by, besides its task's MODEL_KEYS: predict and export take these from the config the
 # checkpoint stores, so that a setting of the run's (an override: data.image_size=48) is not lost to the config

@@ -169,11 +169,15 @@ def check_run_dir(cfg: RunConfig, classes: list[str]) -> None:
             raise TrainError(f"bad value for resume: no checkpoint file {cfg.resume}")
     if path is None:
         return  # nothing local to resume from (a remote checkpoint is checked when the run loads it)
+    where = f"run dir {run_dir(cfg)}" if cfg.resume == "auto" else "resume"
     try:
+        with open(path, "rb") as f:  # torch's own error for another file is about mmap and zipfile serialization
+            if f.read(4) != checkpoint.ZIP_MAGIC:
+                raise TrainError(f"{where}: {path} is not a checkpoint file; resume from one that `shardtrain "
+                                 "train` wrote (runs/NAME/checkpoints/*.pt)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError) as e:
         raise TrainError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
-    where = f"run dir {run_dir(cfg)}" if cfg.resume == "auto" else "resume"
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise TrainError(f"{where}: {path} holds no run config, so it was not written by `shardtrain train`; "
                          "resume from one of its checkpoints (runs/NAME/checkpoints/*.pt)")
