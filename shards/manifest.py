@@ -257,11 +257,28 @@ def write_index(fs: fsspec.AbstractFileSystem, root: str, index: ShardIndex) -> 
 
 
 def read_rejects(fs: fsspec.AbstractFileSystem, root: str) -> list[RejectRecord]:
+    """The store's reject records; StoreError naming the file and line where one is not a record (a hand edit)."""
+    path = join(root, REJECTS)
     try:
-        text = fs.cat_file(join(root, REJECTS)).decode()
+        text = fs.cat_file(path).decode()
     except FileNotFoundError:
         return []
-    return [load_json(RejectRecord, line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise StoreError(f"{shown(fs, path)} is not UTF-8 text (byte {e.start})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(load_json(RejectRecord, line))
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "(top)"
+            raise StoreError(f"{shown(fs, path)} line {number} is not a reject record: {field}: {first['msg']}"
+                             ) from None
+        except ValueError as e:
+            raise StoreError(f"{shown(fs, path)} line {number} is not valid JSON: {e}") from None
+    return records
 
 
 def write_rejects(fs: fsspec.AbstractFileSystem, root: str, rejects: list[RejectRecord]) -> None:

@@ -141,6 +141,18 @@ def test_a_conversion_that_rejects_every_input_fails_and_inspect_shows_why(tmp_p
     assert nothing_new.exit_code == 0 and "error" not in nothing_new.stderr
 
 
+def test_a_hand_edited_rejects_file_is_named_with_its_line(tmp_path):
+    """Before, inspect said `error: JSONDecodeError: ...` or `ValidationError: 3 validation errors`, naming neither."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea"], flat=True)
+    dest = tmp_path / "s"
+    assert shardtrain("convert", src, dest, "--workers", "1").exit_code == 0
+    (dest / "rejects.jsonl").write_text('\n{nope\n')
+    assert_one_line_error(shardtrain("inspect", dest), 1, f"{dest / 'rejects.jsonl'} line 2 is not valid JSON")
+    (dest / "rejects.jsonl").write_text('{"path": 3}\n')
+    assert_one_line_error(shardtrain("inspect", dest), 1, f"{dest / 'rejects.jsonl'} line 1 is not a reject record: "
+                                                          "path: Input should be a valid string")
+
+
 @pytest.mark.parametrize("fmt", ["wds", "lmdb"])
 def test_a_flipped_byte_is_caught(imagefolder_src, tmp_path, fmt):
     dest = tmp_path / "store"
