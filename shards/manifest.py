@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import ClassVar, Literal, TypeVar
 
 import fsspec
-from pydantic import BaseModel, SerializerFunctionWrapHandler, ValidationError, model_serializer
+from pydantic import BaseModel, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer
 
 from shards.storage import StoreError, join, open_fs, shown, storage_error, write_bytes_atomic
 
@@ -49,6 +49,14 @@ class ShardEntry(Recorded):
     index_sha256: str | None = None  # of _index/<name>.json; None in stores written before it was recorded
     idx_sha256: str | None = None  # of its .idx beside it (shards.tarindex, wds); None: none (lmdb, older stores)
     boxes: int | None = None  # yolo: the boxes its samples hold; None for other layouts and older stores
+
+    @field_validator("name")
+    @classmethod
+    def _in_the_store(cls, v: str) -> str:
+        # readers join it to the store's root: a hand-edited ../ or / would read (and verify) outside the store
+        if not v or v in (".", "..") or "/" in v or "\\" in v:
+            raise ValueError(f"a shard's name is a file name in the store's folder, not {v!r}")
+        return v
 
 
 class SplitEntry(Recorded):

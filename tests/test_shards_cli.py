@@ -153,6 +153,20 @@ def test_a_hand_edited_rejects_file_is_named_with_its_line(tmp_path):
                                                           "path: Input should be a valid string")
 
 
+def test_a_manifest_naming_a_shard_outside_the_store_is_refused(tmp_path):
+    """A hand-edited shard name joined to the store's root would read, and verify, a file elsewhere."""
+    src = samples.make_imagefolder(tmp_path / "src", per_class={"train": 2}, size=32, classes=["chelsea"], flat=True)
+    dest = tmp_path / "s"
+    assert shardtrain("convert", src, dest, "--workers", "1", "--val-fraction", "0").exit_code == 0
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["name"] = "../../etc/passwd"
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    for command in ("inspect", "verify"):
+        assert_one_line_error(shardtrain(command, dest), 1, f"{dest / 'manifest.json'} is not a valid manifest: "
+                              "splits.train.shards.0.name: Value error, a shard's name is a file name in the store's "
+                              "folder, not '../../etc/passwd'")
+
+
 @pytest.mark.parametrize("fmt", ["wds", "lmdb"])
 def test_a_flipped_byte_is_caught(imagefolder_src, tmp_path, fmt):
     dest = tmp_path / "store"
