@@ -100,6 +100,8 @@ def test_detect_only_options_and_other_tasks_are_one_line(trained, imagefolder_s
         assert error(config, *extra) == ("error: --format yolo, --draw and --conf are for detect runs; a classify "
                                          "run writes each image's top classes to predictions.json (--top)")
     assert error(config, "--top", "0") == "error: --top must be at least 1, not 0"
+    assert error(config, "--format", "xml") == "error: --format must be json or yolo, not xml"  # was the line above
+    assert error(config, "--conf", "2") == "error: --conf is a score between 0 and 1, not 2.0"
     result = CliRunner().invoke(app, ["predict", str(config), str(best), val, "--out", str(tmp_path), "--top", "2"])
     assert result.exit_code == 0, result.output
     assert all(len(r["classes"]) == 2 for r in json.loads((tmp_path / "predictions.json").read_text()))

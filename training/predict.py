@@ -140,14 +140,16 @@ def predict(cfg: RunConfig, checkpoint: str, images: list[Path], out: Path, *, f
     """Run a detect or classify checkpoint on `images` (files or folders); write `out`/predictions.json (detect:
     or `out`/labels/*.txt, and `out`/images/* with the boxes drawn); returns one record per image (`error` set
     where it could not be read)."""
+    if fmt not in ("json", "yolo"):
+        raise TrainError(f"--format must be json or yolo, not {fmt}")
+    if conf is not None and not 0 <= conf <= 1:
+        raise TrainError(f"--conf is a score between 0 and 1, not {conf}")
     if cfg.task == "classify" and (fmt != "json" or draw_boxes or conf is not None):
         raise TrainError("--format yolo, --draw and --conf are for detect runs; a classify run writes each "
                          "image's top classes to predictions.json (--top)")
     if cfg.task not in ("classify", "detect"):
         raise TrainError(f"predict needs a config with task: classify or detect, this one has task: {cfg.task} "
                          "(`shardtrain export` writes its backbone)")
-    if fmt not in ("json", "yolo"):
-        raise TrainError(f"--format must be json or yolo, not {fmt}")
     if top < 1:
         raise TrainError(f"--top must be at least 1, not {top}")
     found = list_images(images, log)
