@@ -69,7 +69,9 @@ def convert(
     except ValidationError as e:
         first = e.errors()[0]
         message = first["msg"].removeprefix("Value error, ")
-        raise fail(f"--{str(first['loc'][0]).replace('_', '-')}: {message}", 2) from None
+        name = str(first["loc"][0])
+        what = name.upper() if name in ("src", "dest") else f"--{name.replace('_', '-')}:"  # arguments, options
+        raise fail(f"{what} {message}", 2) from None
     summary = guarded(lambda: run_convert(opts))
     console.print(f"{public_url(dest)}: {summary.format} store, version {summary.version}")
     table = Table(show_header=False)

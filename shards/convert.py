@@ -128,6 +128,13 @@ class ConvertOptions(BaseModel):
     # write on, instead of `workers` processes here: shards.distributed.
     dask: str | None = None
 
+    @field_validator("src", "dest")
+    @classmethod
+    def _given(cls, v: str) -> str:
+        if not v:  # "" would be the current folder
+            raise ValueError("is empty (an unset shell variable?)")
+        return v
+
     @field_validator("shard_size")
     @classmethod
     def _valid_shard_size(cls, v: str) -> str:

@@ -100,6 +100,9 @@ def test_errors_are_one_line_with_exit_codes(tmp_path):
     assert_one_line_error(shardtrain("convert", tmp_path, tmp_path / "out", "--shard-size", "lots"), 2, "--shard-size")
     assert_one_line_error(shardtrain("verify", tmp_path / "nothing"), 1, "no shard store")
     assert shardtrain("convert", tmp_path, tmp_path / "out", "--format", "zip").exit_code == 2
+    # before, "" converted the current folder
+    assert_one_line_error(shardtrain("convert", "", tmp_path / "out"), 2, "SRC is empty (an unset shell variable?)")
+    assert_one_line_error(shardtrain("convert", tmp_path, ""), 2, "DEST is empty")
 
 
 def test_an_s3_store_without_credentials_says_which_variables_to_set(imagefolder_src, tmp_path, monkeypatch):
