@@ -339,7 +339,15 @@ def yolo_classes(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         names = [names[k] if k in names else names[str(k)] for k in ids]
     if not isinstance(names, list) or not names:
         raise StoreError(f"yolo layout: {path} has no `names` list or dict")
-    return [str(n) for n in names]
+    # YAML reads an empty entry as null and `3` as a number: the classes became "None" and "3" without a word
+    odd = next((i for i, n in enumerate(names) if not isinstance(n, (str, int)) or isinstance(n, bool)), None)
+    if odd is not None:
+        raise StoreError(f"yolo layout: {path} `names` entry {odd} is {names[odd]!r}, not a class name")
+    classes = [str(n) for n in names]
+    twice = next((n for i, n in enumerate(classes) if n in classes[:i]), None)
+    if twice is not None:
+        raise StoreError(f"yolo layout: {path} `names` has {twice!r} more than once: each class id needs its own name")
+    return classes
 
 
 def yaml_problem(e: yaml.YAMLError) -> str:

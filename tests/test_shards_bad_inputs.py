@@ -250,6 +250,21 @@ def test_yolo_special_label_and_data_yaml(tmp_path):
         convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s2"), workers=1), progress=False)
 
 
+@pytest.mark.parametrize(("names", "problem"), [
+    ("[coin, null, ring]", "entry 1 is None, not a class name"),  # as YAML reads an empty entry
+    ("[coin, {x: 1}]", "entry 1 is {'x': 1}, not a class name"),
+    ("[coin, true]", "entry 1 is True, not a class name"),
+    ("[coin, ring, coin]", "has 'coin' more than once: each class id needs its own name"),
+])
+def test_yolo_names_that_are_no_class_names_are_refused(tmp_path, names, problem):
+    """Before, they became the classes "None", "{'x': 1}" and "True", and a name twice two classes of one name."""
+    src = samples.make_yolo(tmp_path / "src", per_split={"train": 2}, size=64)
+    (src / "data.yaml").write_text(f"names: {names}\n")
+    with pytest.raises(StoreError) as e:
+        convert(ConvertOptions(src=str(src), dest=str(tmp_path / "s"), workers=1), progress=False)
+    assert str(e.value) == f"yolo layout: {src / 'data.yaml'} `names` {problem}"
+
+
 def test_yolo_bad_labels(tmp_path):
     src = samples.make_yolo(tmp_path / "src", per_split={"train": 8}, size=64)
     labels = src / "labels" / "train"
