@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -202,6 +203,29 @@ def test_output_folders_that_are_files_are_one_line(stores, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     assert refused(write(tmp_path, stores["both"]), f"runs_dir={tmp_path / 'file'}") == (
         f"run dir {tmp_path / 'file' / 't'}: a file stands in its path; give a folder")
+
+
+@pytest.mark.parametrize("endpoint", ["garbage", "host:abc", ":29500", "node0:0"])
+def test_a_rendezvous_endpoint_that_is_no_host_and_port_is_one_line(stores, tmp_path, endpoint):
+    """Before, torchrun's traceback: at once for a bad port, after ~150 s of c10d retries for no port at all."""
+    with pytest.raises(TrainError) as err:
+        launch(write(tmp_path, stores["both"]), nnodes=2, rdzv_endpoint=endpoint)
+    assert str(err.value) == f"--rdzv-endpoint must be HOST:PORT, such as node0:29500, not {endpoint}"
+
+
+def test_a_rendezvous_nobody_answers_ends_in_one_line(tmp_path):
+    """Before, torchrun's RendezvousTimeoutError traceback (after its own timeout, shortened here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "training.torchrun", "--nproc-per-node=1", "--nnodes=2",
+                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t",
+                           "--rdzv-conf=read_timeout=3,join_timeout=3", "-m", "training", str(tmp_path / "run.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the rendezvous at 127.0.0.1:{port} failed (RendezvousTimeoutError); is the launch on that host "
+        "running, and its port open from here?")
 
 
 def test_a_worker_started_without_launch_names_the_other_model_in_one_line(stores, tmp_path):

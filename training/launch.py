@@ -68,6 +68,9 @@ def launch(
     """
     if nproc_per_node < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise TrainError("need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes")
+    host, _, port = (rdzv_endpoint or "").rpartition(":")
+    if rdzv_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise TrainError(f"--rdzv-endpoint must be HOST:PORT, such as node0:29500, not {rdzv_endpoint}")
     cfg = load_config(config, overrides)
     from training.preflight import preflight  # timm and torch, for the model and checkpoint checks: only here
 

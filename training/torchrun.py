@@ -26,6 +26,7 @@ signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 from torch.distributed.elastic.multiprocessing.api import SignalException  # noqa: E402
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure  # noqa: E402
+from torch.distributed.elastic.rendezvous.api import RendezvousError  # noqa: E402
 from torch.distributed.run import parse_args, run  # noqa: E402
 
 from training.preempt import EXIT_PREEMPTED, StopSignals  # noqa: E402
@@ -85,6 +86,12 @@ def main(argv: list[str]) -> int:
         return first.exitcode if first.exitcode > 0 else 1
     except SignalException as e:
         return 128 + int(e.sigval)
+    except RendezvousError as e:  # no node answered at --rdzv-endpoint (after torchrun's own timeout)
+        said = str(e).strip() or str(e.__cause__ or "").strip()
+        why = type(e).__name__ + (f": {said.splitlines()[0]}" if said else "")
+        print(f"error: the rendezvous at {args.rdzv_endpoint} failed ({why}); is the launch on that host running, "
+              "and its port open from here?", file=sys.stderr)
+        return 1
     return 0
 
 
