@@ -23,9 +23,10 @@ import training
 from flows.artifacts import publish_decision, publish_no_op
 from flows.convert import convert_task, verify_task
 from flows.promote import NightlyDecision, beats, production_url, promote, read_production
-from flows.retries import STORAGE_RETRIES
+from flows.retries import STORAGE_RETRIES, storage_errors
 from flows.train import train
 from shards import ConvertOptions
+from shards.storage import StoreError, url_problem
 
 # A global concurrency limit of 1 (created on first use, in the server's database, so it also
 # binds runs in ephemeral mode and runs started outside the deployment).
@@ -105,18 +106,20 @@ def crash_unfinished(client: SyncPrefectClient, run_id: UUID, successor: str) ->
 @task(**STORAGE_RETRIES)
 def trained_on(storage: str) -> dict | None:
     """{"store", "version"} of the last night that trained and decided, or None before the first."""
-    fs, path = url_to_fs(f"{storage.rstrip('/')}/{TRAINED_MARKER}")
-    try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
+    with storage_errors(storage):
+        fs, path = url_to_fs(f"{storage.rstrip('/')}/{TRAINED_MARKER}")
+        try:
+            return json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
 
 
 @task(**STORAGE_RETRIES)
 def mark_trained(storage: str, store: str, version: int) -> None:
-    fs, path = url_to_fs(f"{storage.rstrip('/')}/{TRAINED_MARKER}")
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, json.dumps({"store": store, "version": version}).encode())
+    with storage_errors(storage):
+        fs, path = url_to_fs(f"{storage.rstrip('/')}/{TRAINED_MARKER}")
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps({"store": store, "version": version}).encode())
 
 
 def export_best(run_dir: Path, out: Path) -> list[Path]:
@@ -166,6 +169,8 @@ def nightly_retrain(
 
     `val_fraction`: convert's --val-fraction for a `raw_dir` without split folders (None: 0.05 when the store
     is made, then the store's own)."""
+    if problem := url_problem(storage):
+        raise StoreError(f"storage: {problem}")
     logger = get_run_logger()
     ensure_nightly_limit()
     logger.info("acquiring the %r concurrency slot (waits while another nightly run holds it)", NIGHTLY_LIMIT)

@@ -22,6 +22,15 @@ def storage_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def url_problem(url: str) -> str | None:
+    """What is wrong with a storage URL that fsspec would take for something else, or None: a scheme with nothing
+    after it (`s3://`) loses its slashes to joins and becomes the local folder `s3:`."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme and not rest.strip("/"):
+        return f"{url} names no bucket or folder after {scheme}://"
+    return None
+
+
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the path within it for a local path or URL.
 

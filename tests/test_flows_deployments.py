@@ -221,6 +221,16 @@ def test_train_refuses_a_missing_store_before_torchrun(deployed, client, tmp_pat
     assert not (tmp_path / "demo").exists()  # no run dir
 
 
+def test_nightly_refuses_storage_that_names_no_bucket(deployed, client, imagefolder_src, tmp_path):
+    """Before, `s3://` became the local folder ./s3:/: checkpoints and the production model went there unsaid."""
+    run_id = run_deployment(deployed, "nightly-retrain/nightly", raw_dir=str(imagefolder_src),
+                            store=str(tmp_path / "store"), config=CONFIG, storage="s3://")
+    run = wait_final(client, run_id)
+    assert run.state.is_failed()
+    assert "storage: s3:// names no bucket or folder after s3://" in run.state.message, run.state.message
+    assert not (tmp_path / "store").exists()  # refused before the night's convert
+
+
 def val_keys(store: Path) -> set[str]:
     return {
         it.key for idx in (store / "_index").glob("val-*.json") for it in load_json(ShardIndex, idx.read_text()).items

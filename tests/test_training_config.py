@@ -101,6 +101,8 @@ def test_overrides_are_dotted_and_parsed_as_yaml(tmp_path):
          "bad value for detect.out_indices: one or more feature levels >= 0, in increasing order, each once (got [2, "
          "2, 3])"),
         (["task=detect", "detect.out_indices=[4, 3, 2]"], "bad value for detect.out_indices"),
+        # before, written to the local folder ./s3:/ without a word
+        (["checkpoint.storage=s3://"], "bad value for checkpoint.storage: s3:// names no bucket or folder after s3://"),
         # before, PyYAML's traceback
         (["data.batch_size=[1"], "override 'data.batch_size=[1': the value is not valid YAML (line 1, column 3: "
                                  "expected ',' or ']'"),

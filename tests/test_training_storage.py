@@ -1,10 +1,14 @@
-"""The checkpoint uploader against a NAS path that fails, then recovers (found by tests/faults/train_faults.py)."""
+"""The checkpoint uploader against a NAS path that fails, then recovers (found by tests/faults/train_faults.py); storage
+that cannot be reached at all."""
 
 from __future__ import annotations
 
 import threading
 
-from training.storage import Uploader
+import pytest
+
+from training.config import TrainError
+from training.storage import Uploader, filesystem
 
 
 def test_a_failed_upload_superseded_while_storage_is_down_is_dropped(tmp_path):
@@ -35,3 +39,12 @@ def test_a_failed_upload_superseded_while_storage_is_down_is_dropped(tmp_path):
     remote = nas / "t" / "checkpoints"
     assert sorted(p.name for p in remote.iterdir()) == ["step_00000004.pt", "step_00000004.pt.complete"], lines
     assert any("step_00000002.pt dropped" in line for line in lines), lines
+
+
+def test_storage_that_connects_as_it_is_opened_and_fails_is_one_line():
+    """fsspec's FTP filesystem connects when it is made: before, the refusal (or an unknown host) was a traceback
+    from every rank."""
+    with pytest.raises(TrainError) as err:
+        filesystem("ftp://127.0.0.1:9/checkpoints")
+    assert str(err.value) == ("checkpoint.storage: cannot reach ftp://127.0.0.1:9/checkpoints: ConnectionRefusedError: "
+                              "[Errno 111] Connection refused")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pipelines import DataConfig, Section
 from shards.layouts import yaml_problem
+from shards.storage import url_problem
 from training.tasks import TASKS
 
 Step = Annotated[int, Field(ge=1)]  # an optimizer step's number, counted from 1
@@ -146,6 +147,13 @@ class CheckpointConfig(Section):
         default=600.0, ge=0, description="Seconds the run waits for its uploads at its end.")
     preempt_timeout: float = Field(
         default=60.0, ge=0, description="Seconds a preempted run waits for its last upload.")
+
+    @field_validator("storage")
+    @classmethod
+    def _names_a_place(cls, v: str | None) -> str | None:
+        if v is not None and (problem := url_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class DetectConfig(Section):

@@ -34,6 +34,8 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fsspec.core.url_to_fs(url, skip_instance_cache=True)
     except (ImportError, ValueError) as e:
         raise TrainError(f"checkpoint.storage: cannot use {url}: {e}") from None
+    except Exception as e:  # a filesystem that connects as it is made (ftp, sftp): an unknown host, a refusal
+        raise TrainError(f"checkpoint.storage: cannot reach {url}: {storage_error(e)}") from None
 
 
 def sha256_of(path: Path) -> str:
