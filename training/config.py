@@ -53,7 +53,7 @@ class ModelConfig(Section):
         # before, the first step's conv2d traceback: every store's images are decoded as RGB
         if v.get("in_chans", 3) != 3:
             raise ValueError(f"the data pipeline gives the model RGB images (3 channels), so in_chans must be 3 "
-                             f"(got {v['in_chans']}); grey images are stored and read as RGB")
+                             f"(got {v['in_chans']}); grey images are read as RGB too")
         return v
 
 
