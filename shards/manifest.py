@@ -174,6 +174,12 @@ def load_json(model: type[M], raw: bytes | str) -> M:
     return model.model_validate(json.loads(raw))
 
 
+def first_problem(e: ValidationError) -> str:
+    """A metadata file's first validation error in one line: its dotted field, then what is wrong there."""
+    first = e.errors()[0]
+    return f"{'.'.join(str(p) for p in first['loc']) or '(top)'}: {first['msg']}"
+
+
 def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -201,9 +207,7 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
     try:
         manifest = load_json(Manifest, raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top)"
-        raise StoreError(f"{where} is not a valid manifest: {field}: {first['msg']}") from None
+        raise StoreError(f"{where} is not a valid manifest: {first_problem(e)}") from None
     except ValueError as e:
         raise StoreError(f"{where} is not valid JSON: {e}") from None
     if manifest.format_version != FORMAT_VERSION:
@@ -280,10 +284,7 @@ def read_rejects(fs: fsspec.AbstractFileSystem, root: str) -> list[RejectRecord]
         try:
             records.append(load_json(RejectRecord, line))
         except ValidationError as e:
-            first = e.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "(top)"
-            raise StoreError(f"{shown(fs, path)} line {number} is not a reject record: {field}: {first['msg']}"
-                             ) from None
+            raise StoreError(f"{shown(fs, path)} line {number} is not a reject record: {first_problem(e)}") from None
         except ValueError as e:
             raise StoreError(f"{shown(fs, path)} line {number} is not valid JSON: {e}") from None
     return records
